@@ -1,0 +1,1 @@
+"""Prefect flows composing the stages, and the `sdrpn` command line."""

@@ -1,0 +1,36 @@
+"""Model adapters: the method talks to an MLLM only through these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from sdrpn_core.models.base import AdapterError, VLMAdapter, VLMInputs
+from sdrpn_core.models.llava import LlavaAdapter
+
+ADAPTERS: dict[str, type] = {"llava": LlavaAdapter}
+
+
+def load_adapter(
+    path: str | Path,
+    *,
+    family: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> VLMAdapter:
+    """Load a model folder or hub id with the adapter for its family ('auto' reads config.model_type)."""
+    if family == "auto":
+        model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+        family = {"llava": "llava"}.get(model_type, model_type)
+    if family not in ADAPTERS:
+        raise AdapterError(f"no adapter for model family {family!r} (known: {', '.join(sorted(ADAPTERS))})")
+    return ADAPTERS[family].from_pretrained(
+        path, dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+    )
+
+
+__all__ = ["ADAPTERS", "AdapterError", "LlavaAdapter", "VLMAdapter", "VLMInputs", "load_adapter"]

@@ -1,0 +1,217 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`) seen through the adapter protocol.
+
+The prompt is the authors' `vicuna_v1` template and the image is padded to a square with the CLIP mean colour before
+the processor's resize (method.md §3.2, §11): the stock processor's centre crop would cut content silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from sdrpn_core.models.base import AdapterError, VLMInputs
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """'auto' means bf16 on CUDA and fp32 on CPU (half precision is slower than fp32 on most CPUs)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise AdapterError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad to a centred square (LLaVA's `expand2square`): nothing is cut, the short side gets bands of `fill`."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def load_llava_processor(path: str | Path) -> LlavaProcessor:
+    """The saved processor, rebuilt from its parts with the PIL image backend (no torchvision here)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = CLIPImageProcessorPil.from_pretrained(path)
+    return LlavaProcessor.from_pretrained(path, tokenizer=tokenizer, image_processor=image_processor)
+
+
+class LlavaAdapter:
+    """LLaVA-1.5: a 24×24 raster of image tokens (from the vision config, never hard-coded), vicuna_v1 prompts."""
+
+    family = "llava"
+
+    def __init__(self, model: LlavaForConditionalGeneration, processor: LlavaProcessor):
+        self.model = model
+        self.processor = processor
+        cfg = model.config
+        image_token_id = getattr(cfg, "image_token_id", None)
+        if image_token_id is None:
+            raise AdapterError("model config has no image_token_id; it is not a LLaVA-style MLLM")
+        if cfg.vision_feature_select_strategy != "default":
+            raise AdapterError(
+                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: the RoI grid needs "
+                "'default' (patch tokens without CLS), as LLaVA-1.5 uses"
+            )
+        vision = cfg.vision_config
+        side = vision.image_size // vision.patch_size
+        self._grid = (side, side)
+        if processor.tokenizer.convert_tokens_to_ids(processor.image_token) != image_token_id:
+            raise AdapterError(
+                f"tokenizer's image token {processor.image_token!r} does not map to config image_token_id "
+                f"{image_token_id}"
+            )
+        self._image_token_id = int(image_token_id)
+        mean = processor.image_processor.image_mean
+        self._pad_fill = tuple(int(x * 255) for x in mean)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "cpu",
+        attn_implementation: str = "sdpa",
+        trust_remote_code: bool = False,
+    ) -> LlavaAdapter:
+        """Load from a local folder or a hub id (hub access fails on machines without internet)."""
+        torch_dtype = resolve_dtype(dtype, device)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+        return cls(model.to(device).eval(), load_llava_processor(path))
+
+    # -- structure ---------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.text_config, "head_dim", None) or self.text_config.hidden_size // self.num_heads
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self._grid
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self._grid[0] * self._grid[1]
+
+    @property
+    def image_token_id(self) -> int:
+        return self._image_token_id
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.language_model.norm
+
+    @property
+    def rotary_emb(self) -> nn.Module:
+        return self.language_model.rotary_emb
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.language_model.embed_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def vision_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+    def prompt(self, question: str) -> str:
+        return f"{VICUNA_SYSTEM} USER: {self.processor.image_token}\n{question} ASSISTANT:"
+
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        return expand_to_square(image, self._pad_fill)
+
+    def pixel_values(self, image: Image.Image) -> torch.Tensor:
+        """One image → [3, S, S] after pad-to-square; raises whatever the processor raises for a bad image."""
+        out = self.processor.image_processor(self.prepare_image(image), return_tensors="pt")
+        return out["pixel_values"][0]
+
+    def collate(self, pixel_values: list[torch.Tensor], questions: list[str]) -> VLMInputs:
+        """Tokenise prompts (left padding, for batched generation) with one image-token run each."""
+        n = self.num_image_tokens
+        image_token = self.processor.image_token
+        texts = [self.prompt(q).replace(image_token, image_token * n) for q in questions]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+        ids = enc["input_ids"]
+        positions = [row.eq(self._image_token_id).nonzero().squeeze(-1) for row in ids]
+        for i, pos in enumerate(positions):
+            if pos.numel() != n:
+                raise AdapterError(f"prompt {i} has {pos.numel()} image tokens, expected {n}")
+        return VLMInputs(
+            input_ids=ids,
+            attention_mask=enc["attention_mask"],
+            pixel_values=torch.stack(pixel_values),
+            image_positions=positions,
+            grids=[self._grid] * len(questions),
+        )
+
+    def build_inputs(self, images: list[Image.Image], questions: list[str]) -> VLMInputs:
+        return self.collate([self.pixel_values(im) for im in images], questions)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower (layer -2, patch tokens) + projector → [B, n_img, hidden]."""
+        cfg = self.model.config
+        feats = self.model.model.get_image_features(
+            pixel_values=pixel_values.to(self.device, self.dtype),
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        )
+        feats = getattr(feats, "pooler_output", feats)
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    def decode(self, token_ids: torch.Tensor | list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
