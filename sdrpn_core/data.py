@@ -60,6 +60,8 @@ def load_image(source: str | Image.Image) -> Image.Image:
                 image.load()
         except FileNotFoundError:
             raise BadSample(f"image not found: {source}") from None
+        except Image.DecompressionBombError as e:
+            raise BadSample(f"image too large to decode safely {source}: {e}") from None
         except UnidentifiedImageError:
             raise BadSample(f"not an image file: {source}") from None
         except (OSError, SyntaxError, ValueError) as e:

@@ -1,0 +1,143 @@
+"""Hand-made maps for every rule of the authors' label code (method.md §3.5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdrpn_core.pseudo_labels import (
+    hidden_norm_sinks,
+    make_pseudo_labels,
+    make_pseudo_labels_with_stats,
+    padding_mask,
+)
+
+G = (8, 8)
+
+
+def grid_map(cells: dict[tuple[int, int], float], base: float = 0.0) -> np.ndarray:
+    m = np.full(G, base)
+    for (r, c), v in cells.items():
+        m[r, c] = v
+    return m.reshape(-1)
+
+
+def label_at(labels, r, c):
+    return labels.reshape(G)[r, c]
+
+
+def test_foreground_is_strictly_above_fg_ratio_of_max():
+    a = grid_map({(2, 2): 1.0, (2, 3): 0.2, (3, 2): 0.2000001})
+    lab = make_pseudo_labels(a, None, grid=G)
+    assert label_at(lab, 2, 2) == 1
+    assert label_at(lab, 2, 3) != 1  # exactly 0.2·max is not foreground (strict >)
+    assert label_at(lab, 3, 2) == 1
+
+
+def test_background_is_outside_box_and_strictly_below_bg_ratio():
+    a = grid_map({(2, 2): 1.0, (3, 3): 0.5, (6, 6): 0.1, (6, 7): 0.0999, (0, 7): 0.15})
+    lab = make_pseudo_labels(a, None, grid=G)
+    # box is rows 2..3, cols 2..3; the non-FG cell inside it is ignored
+    assert label_at(lab, 2, 3) == -100 and label_at(lab, 3, 2) == -100
+    assert label_at(lab, 6, 6) == -100  # exactly 0.1·max is not background (strict <)
+    assert label_at(lab, 6, 7) == 0
+    assert label_at(lab, 0, 7) == -100  # between 0.1 and 0.2 of max, outside the box: ignored
+    assert label_at(lab, 7, 0) == 0
+
+
+def test_sinks_are_zeroed_so_a_sink_outside_the_box_becomes_background():
+    a = grid_map({(1, 1): 0.5, (6, 6): 5.0})  # (6,6) is the strongest cell but is a sink
+    s = grid_map({(6, 6): 2e-3, (1, 2): 1e-3})  # (1,2) exactly at τ_sink is a sink too (≥)
+    lab, st = make_pseudo_labels_with_stats(a, s, grid=G, sink_thresh=1e-3)
+    assert label_at(lab, 1, 1) == 1
+    assert label_at(lab, 6, 6) == 0
+    assert st.num_sink == 2 and st.max_attn == pytest.approx(0.5)
+
+
+def test_box_at_or_above_max_frac_ignores_the_whole_sample():
+    a = grid_map({(0, 0): 1.0, (7, 3): 1.0})  # box 8 rows × 4 cols = 32 = 0.5 · 64
+    lab, st = make_pseudo_labels_with_stats(a, None, grid=G, max_box_frac=0.5)
+    assert (lab == -100).all() and not st.valid and st.reason == "foreground box too large"
+    b = grid_map({(0, 0): 1.0, (6, 3): 1.0})  # 7 × 4 = 28 < 32: valid
+    assert make_pseudo_labels_with_stats(b, None, grid=G)[1].valid
+
+
+def test_empty_foreground_ignores_everything():
+    lab, st = make_pseudo_labels_with_stats(np.zeros(64), None, grid=G)
+    assert (lab == -100).all() and st.reason == "no foreground"
+    only_sinks = grid_map({(3, 3): 1.0})
+    lab2, st2 = make_pseudo_labels_with_stats(only_sinks, only_sinks, grid=G)
+    assert (lab2 == -100).all() and st2.reason == "no foreground"
+
+
+def test_counts_add_up_and_match_labels():
+    rng = np.random.default_rng(0)
+    a = rng.random(64) ** 8
+    lab, st = make_pseudo_labels_with_stats(a, None, grid=G)
+    assert st.num_fg + st.num_bg + st.num_ignore == 64
+    assert st.num_fg == (lab == 1).sum() and st.num_bg == (lab == 0).sum()
+    assert lab.dtype.kind == "i" and set(np.unique(lab)) <= {-100, 0, 1}
+
+
+def test_default_grid_is_24x24():
+    a = np.zeros(576)
+    a[100] = 1.0
+    lab = make_pseudo_labels(a, np.zeros(576))
+    assert lab.shape == (576,) and lab[100] == 1 and (lab == 0).sum() == 575
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [(np.zeros(63), "63 values"), (np.full(64, np.nan), "NaN"), (-np.ones(64), "negative")],
+)
+def test_bad_maps_raise_value_error_naming_the_problem(bad, match):
+    with pytest.raises(ValueError, match=match):
+        make_pseudo_labels(bad, None, grid=G)
+    with pytest.raises(ValueError, match="sink map"):
+        make_pseudo_labels(np.ones(64), bad, grid=G)
+
+
+def test_padding_mask_matches_authors_truncation():
+    # 40×20 image on an 8×8 grid: content 8 wide, int(20/40·8)=4 tall, rows 2..5
+    pad = padding_mask((40, 20), G).reshape(G)
+    assert pad[:2].all() and pad[6:].all() and not pad[2:6].any()
+    # 20×40: content cols 2..5
+    pad = padding_mask((20, 40), G).reshape(G)
+    assert pad[:, :2].all() and pad[:, 6:].all() and not pad[:, 2:6].any()
+    # 30×10 on 8: int(10/30·8)=2 rows; (8-2)//2=3 → rows 3..4, ceil keeps the extent at 2
+    pad = padding_mask((30, 10), G).reshape(G)
+    assert not pad[3:5].any() and pad[:3].all() and pad[5:].all()
+    assert not padding_mask((16, 16), G).any()
+
+
+def test_qwen_variant_padding_forced_background_and_dilated_box():
+    a = grid_map({(3, 3): 1.0, (3, 4): 0.5, (0, 0): 0.9}, base=0.05)  # (0,0) lies in the padding
+    s = np.zeros(64)
+    lab, st = make_pseudo_labels_with_stats(a, s, grid=G, sink_thresh=1e-2, variant="qwen", image_size=(40, 20))
+    pad = padding_mask((40, 20), G)
+    assert (lab[pad] == 0).all()  # padding: background, never foreground, even though (0,0) is strong
+    assert label_at(lab, 3, 3) == 1 and label_at(lab, 3, 4) == 1
+    assert st.box == (2, 2, 4, 5)  # FG box rows 3..3, cols 3..4 grown by one cell on each side by the blur
+    assert label_at(lab, 4, 5) == -100  # inside the dilated box, not FG: ignored (LLaVA rules would say BG)
+    llava = make_pseudo_labels(a, s, grid=G, sink_thresh=1e-2)
+    assert label_at(llava, 4, 5) == 0  # LLaVA's tight box (rows 0..3, cols 0..4) leaves it outside: background
+    assert label_at(llava, 0, 0) == 1  # LLaVA rules know nothing of padding
+
+
+def test_qwen_variant_needs_max_attention_of_5e_3():
+    a = grid_map({(3, 3): 4e-3})
+    lab, st = make_pseudo_labels_with_stats(a, None, grid=G, variant="qwen", image_size=(8, 8))
+    assert (lab == -100).all() and st.reason == "attention too weak"
+    lab2 = make_pseudo_labels(a * 2, None, grid=G, variant="qwen", image_size=(8, 8))
+    assert label_at(lab2, 3, 3) == 1
+    with pytest.raises(ValueError, match="image_size"):
+        make_pseudo_labels(a, None, grid=G, variant="qwen")
+
+
+def test_hidden_norm_sink_criterion():
+    norms = grid_map({(5, 5): 300.0}, base=10.0)
+    sinks = hidden_norm_sinks(norms, 100.0)
+    assert sinks.sum() == 1 and sinks.reshape(G)[5, 5]
+    a = grid_map({(5, 5): 1.0, (1, 1): 0.5})
+    lab = make_pseudo_labels(a, None, grid=G, sink_mask=sinks)
+    assert label_at(lab, 1, 1) == 1 and label_at(lab, 5, 5) == 0
