@@ -124,6 +124,11 @@ def capturing(adapter: VLMAdapter, heads: HeadMap, image_positions: torch.Tensor
 # -- maps from captured steps ---------------------------------------------------------------------------------------
 
 
+def _eos_ids(model: nn.Module, generation_kwargs: dict) -> list[int]:
+    eos = generation_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
 def valid_steps(generated: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
     """Decode steps that fed a real answer token, per row: (tokens up to and including the first EOS) − 1."""
     is_eos = torch.isin(generated, torch.tensor(list(eos_ids), device=generated.device))
@@ -201,8 +206,7 @@ def _generate_batch(
         if hook is not None:
             hook.remove()
     generated = out[:, inputs.input_ids.shape[1] :].cpu()
-    eos = model.generation_config.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    eos_ids = _eos_ids(model, generation_kwargs)
     n_valid = valid_steps(generated, eos_ids)
     n_img = positions.shape[1]
     steps = {
@@ -323,8 +327,7 @@ def reference_maps_output_attentions(
         model.set_attn_implementation({"text_config": previous})
     positions = torch.stack(inputs.image_positions).cpu()
     generated = out.sequences[:, inputs.input_ids.shape[1] :].cpu()
-    eos = model.generation_config.eos_token_id
-    n_valid = valid_steps(generated, [eos] if isinstance(eos, int) else list(eos or []))
+    n_valid = valid_steps(generated, _eos_ids(model, generation_kwargs))
     need = preset.heads_needed()
     read = {layer: list(range(adapter.num_heads)) if h is None else list(h) for layer, h in need.items()}
     n_img = positions.shape[1]

@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdrpn_core import teacher as teacher_mod
+from sdrpn_core.data import Sample
+from sdrpn_core.models import AdapterError, LlavaAdapter
+from sdrpn_core.presets import PRESETS, get_preset
+from sdrpn_core.teacher import extract_teacher_maps, reference_maps_output_attentions
+from tests.conftest import QUESTIONS, random_image
+
+MAX_NEW = 7
+
+
+@pytest.fixture(scope="module")
+def early_eos(tiny_llava, tiny_preset):
+    """A token that row 0 greedily emits at step 2 but others do not emit early: ragged answer lengths in a batch."""
+    images = [random_image(i, (24 + 9 * i, 40 - 5 * i)) for i in range(4)]
+    x = tiny_llava.build_inputs(images, QUESTIONS)
+    with torch.no_grad():
+        out = tiny_llava.model.generate(**x.model_kwargs(), max_new_tokens=MAX_NEW, do_sample=False)
+    gen = out[:, x.input_ids.shape[1] :]
+    for tok in gen[0, 1:4].tolist():
+        if not (gen[1:, :3] == tok).any():
+            return tok
+    return int(gen[0, 2])
+
+
+def samples_for(images):
+    return [Sample(f"s{i}", im, q) for i, (im, q) in enumerate(zip(images, QUESTIONS, strict=False))]
+
+
+def test_maps_equal_output_attentions_reference(tiny_llava, tiny_preset, images, early_eos):
+    kw = {"eos_token_id": early_eos}
+    out = extract_teacher_maps(
+        tiny_llava, samples_for(images), tiny_preset, batch_size=4, max_new_tokens=MAX_NEW, generation_kwargs=kw
+    )
+    assert not out.rejected
+    x = tiny_llava.build_inputs(images, QUESTIONS)
+    ref_g, ref_s, gen = reference_maps_output_attentions(tiny_llava, x, tiny_preset, MAX_NEW, **kw)
+    steps = [r.n_steps for r in out.records]
+    assert len(set(steps)) > 1, "test needs ragged answer lengths"
+    for i, rec in enumerate(out.records):
+        np.testing.assert_allclose(rec.grounding, ref_g[i].numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(rec.sink, ref_s[i].numpy(), rtol=1e-5, atol=1e-7)
+        assert rec.grounding.shape == (tiny_llava.num_image_tokens,) and rec.grid == tiny_llava.grid
+        assert rec.grounding.sum() > 0
+
+
+def test_batched_equals_batch_of_one(tiny_llava, tiny_preset, images, early_eos):
+    kw = {"eos_token_id": early_eos}
+    batched = extract_teacher_maps(
+        tiny_llava, samples_for(images), tiny_preset, batch_size=4, max_new_tokens=MAX_NEW, generation_kwargs=kw
+    )
+    single = extract_teacher_maps(
+        tiny_llava, samples_for(images), tiny_preset, batch_size=1, max_new_tokens=MAX_NEW, generation_kwargs=kw
+    )
+    assert [r.sample_id for r in batched.records] == [r.sample_id for r in single.records]
+    for a, b in zip(batched.records, single.records, strict=True):
+        assert a.answer == b.answer and a.n_steps == b.n_steps
+        np.testing.assert_allclose(a.grounding, b.grounding, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a.sink, b.sink, rtol=1e-4, atol=1e-6)
+
+
+def test_steps_are_every_generated_token_but_the_last(tiny_llava, tiny_preset, images):
+    # With no EOS in reach, MAX_NEW tokens are generated and MAX_NEW-1 of them are fed back.
+    out = extract_teacher_maps(
+        tiny_llava,
+        samples_for(images[:2]),
+        tiny_preset,
+        max_new_tokens=MAX_NEW,
+        generation_kwargs={"eos_token_id": 10**6 % len(tiny_llava.tokenizer)},
+    )
+    assert all(r.n_steps == MAX_NEW - 1 for r in out.records)
+
+
+def test_only_configured_layers_are_read(tiny_llava, tiny_preset, images, monkeypatch):
+    seen: list[tuple[int, int]] = []
+    original = teacher_mod._Capture.record
+
+    def spy(self, module, query, key, mask, scaling):
+        seen.append((self.layer_of[id(module)], query.shape[2]))
+        return original(self, module, query, key, mask, scaling)
+
+    monkeypatch.setattr(teacher_mod._Capture, "record", spy)
+    extract_teacher_maps(
+        tiny_llava,
+        samples_for(images[:2]),
+        tiny_preset,
+        max_new_tokens=4,
+        generation_kwargs={"eos_token_id": 10**6 % len(tiny_llava.tokenizer)},
+    )
+    assert {layer for layer, _ in seen} == set(tiny_preset.heads_needed()) == {0, 1, 2}
+    assert all(q == 1 for _, q in seen)  # decode steps only, never the prefill
+    assert len(seen) == 3 * (4 - 1)  # 3 layers × 3 decode steps
+    assert tiny_llava.model.config.text_config._attn_implementation == "sdpa"  # restored
+
+
+def test_preset_outside_the_model_fails_at_start_naming_index_and_size(tiny_llava, images):
+    with pytest.raises(AdapterError, match=r"layer 14 is outside the model's 4 layers"):
+        extract_teacher_maps(tiny_llava, samples_for(images), PRESETS["llava-1.5-7b"])
+    bad_head = get_preset("llava-1.5-7b", grounding={1: (7,)}, sink={}, K=1, T=2)
+    with pytest.raises(AdapterError, match=r"head 7 of layer 1 is outside the model's 4 heads"):
+        extract_teacher_maps(tiny_llava, samples_for(images), bad_head)
+
+
+def test_bad_samples_are_recorded_and_skipped(tiny_llava, tiny_preset, tmp_path, images):
+    good = tmp_path / "good.png"
+    images[0].save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    samples = [
+        Sample("ok1", str(good), "what is it ?"),
+        Sample("missing", str(tmp_path / "nope.jpg"), "what is it ?"),
+        Sample("truncated", str(truncated), "what is it ?"),
+        Sample("text", str(text), "what is it ?"),
+        Sample("empty-q", str(good), "   "),
+        Sample("ok2", images[1], "and this ?"),
+    ]
+    out = extract_teacher_maps(tiny_llava, samples, tiny_preset, batch_size=4, max_new_tokens=3)
+    assert [r.sample_id for r in out.records] == ["ok1", "ok2"]
+    reasons = {r.sample_id: r.reason for r in out.rejected}
+    assert set(reasons) == {"missing", "truncated", "text", "empty-q"}
+    assert "not found" in reasons["missing"] and "nope.jpg" in reasons["missing"]
+    assert "truncated.png" in reasons["truncated"]
+    assert "not an image" in reasons["text"]
+    assert reasons["empty-q"] == "empty question"
+
+
+class _PickyProcessorAdapter(LlavaAdapter):
+    """Fault injection: a processor that refuses very wide images, as real processors refuse some inputs."""
+
+    def pixel_values(self, image):
+        if image.width > 4 * image.height:
+            raise ValueError(f"aspect ratio {image.width / image.height:.0f} is not supported")
+        return super().pixel_values(image)
+
+
+def test_processor_rejection_is_recorded(tiny_llava, tiny_preset, images):
+    picky = _PickyProcessorAdapter(tiny_llava.model, tiny_llava.processor)
+    samples = [Sample("wide", random_image(9, (200, 10)), "q ?"), Sample("fine", images[0], "q ?")]
+    out = extract_teacher_maps(picky, samples, tiny_preset, max_new_tokens=3)
+    assert [r.sample_id for r in out.records] == ["fine"]
+    assert "image processor rejected" in out.rejected[0].reason and "aspect ratio" in out.rejected[0].reason
+
+
+def test_empty_answer_is_rejected(tiny_llava, tiny_preset, images):
+    x = tiny_llava.build_inputs(images[:1], QUESTIONS[:1])
+    with torch.no_grad():
+        first = int(tiny_llava.model(**x.model_kwargs()).logits[0, -1].argmax())
+    out = extract_teacher_maps(
+        tiny_llava, samples_for(images[:1]), tiny_preset, max_new_tokens=4, generation_kwargs={"eos_token_id": first}
+    )
+    assert not out.records and "empty answer" in out.rejected[0].reason
+
+
+def test_hidden_norms_match_hidden_states(tiny_llava, tiny_preset, images):
+    out = extract_teacher_maps(tiny_llava, samples_for(images[:1]), tiny_preset, max_new_tokens=2, hidden_norm_layer=1)
+    x = tiny_llava.build_inputs(images[:1], QUESTIONS[:1])
+    with torch.no_grad():
+        hs = tiny_llava.model(**x.model_kwargs(), output_hidden_states=True).hidden_states[2]
+    expected = hs[0, x.image_positions[0]].norm(dim=-1).numpy()
+    np.testing.assert_allclose(out.records[0].image_hidden_norms, expected, rtol=1e-5)
