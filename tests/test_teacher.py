@@ -47,6 +47,8 @@ def test_maps_equal_output_attentions_reference(tiny_llava, tiny_preset, images,
         np.testing.assert_allclose(rec.sink, ref_s[i].numpy(), rtol=1e-5, atol=1e-7)
         assert rec.grounding.shape == (tiny_llava.num_image_tokens,) and rec.grid == tiny_llava.grid
         assert rec.grounding.sum() > 0
+        tokens = gen[i, : rec.n_steps + 1]
+        assert rec.answer == tiny_llava.decode(tokens[tokens != early_eos])
 
 
 def test_batched_equals_batch_of_one(tiny_llava, tiny_preset, images, early_eos):
