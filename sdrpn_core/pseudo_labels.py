@@ -167,3 +167,41 @@ def make_pseudo_labels(
         grounding, sink, grid, sink_thresh, fg_ratio, bg_ratio, max_box_frac, **options
     )
     return labels
+
+
+@dataclass(frozen=True)
+class LabelParams:
+    """The label stage's parameters; cheap to change (the teacher maps are reused)."""
+
+    sink_thresh: float = 1e-3
+    fg_ratio: float = 0.2
+    bg_ratio: float = 0.1
+    max_box_frac: float = 0.5
+    variant: Literal["llava", "qwen"] = "llava"
+    min_max_attn: float = 5e-3
+
+    @classmethod
+    def from_preset(cls, preset, **overrides) -> LabelParams:
+        return cls(sink_thresh=preset.sink_thresh, variant=preset.label_variant, **overrides)
+
+    def apply(
+        self,
+        grounding: np.ndarray,
+        sink: np.ndarray | None,
+        grid: tuple[int, int],
+        image_size: tuple[int, int] | None = None,
+        sink_mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, LabelStats]:
+        return make_pseudo_labels_with_stats(
+            grounding,
+            sink,
+            grid,
+            self.sink_thresh,
+            self.fg_ratio,
+            self.bg_ratio,
+            self.max_box_frac,
+            variant=self.variant,
+            image_size=image_size,
+            min_max_attn=self.min_max_attn,
+            sink_mask=sink_mask,
+        )

@@ -1,0 +1,35 @@
+# Two entry points: `make demo` (set up, run the main job) and `make test` (set up, lint, run the tests).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is installed first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+# Outside these machines, add e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+TORCH_VERSION  ?= 2.13.0
+TORCH_PIP_ARGS ?=
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test lint bench-quick clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/sdrpn labels --demo --max-new-tokens 16 --out $(DEMO_OUT)
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+bench-quick: setup
+	$(BIN)/python benchmarks/teacher_memory.py --quick
+
+clean:
+	rm -rf $(VENV) runs
