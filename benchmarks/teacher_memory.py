@@ -12,6 +12,7 @@ via /proc VmHWM reset; CUDA: torch peak allocated). Both methods produce the sam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -31,10 +32,8 @@ def _rss_kb(field: str) -> int:
 
 
 def _reset_peak() -> None:
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
@@ -49,12 +48,22 @@ def worker(args: argparse.Namespace) -> dict:
     from sdrpn_core.teacher import extract_teacher_maps, reference_maps_output_attentions
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    spec = TinyLlavaSpec(image_size=336, patch_size=14, vision_hidden=32, vision_layers=1, text_hidden=128,
-                         text_intermediate=256, text_layers=args.layers, text_heads=8, text_kv_heads=8)
+    spec = TinyLlavaSpec(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=32,
+        vision_layers=1,
+        text_hidden=128,
+        text_intermediate=256,
+        text_layers=args.layers,
+        text_heads=8,
+        text_kv_heads=8,
+    )
     model, processor = build_tiny_llava(spec)
     adapter = LlavaAdapter(model.to(args.device), processor)
-    preset = get_preset("llava-1.5-7b", grounding={args.layers // 2 - 2: (1, 2, 5)}, sink={2: None},
-                        K=args.layers // 2 - 1, T=3)
+    preset = get_preset(
+        "llava-1.5-7b", grounding={args.layers // 2 - 2: (1, 2, 5)}, sink={2: None}, K=args.layers // 2 - 1, T=3
+    )
     rng = np.random.default_rng(0)
     from PIL import Image
 
@@ -63,8 +72,14 @@ def worker(args: argparse.Namespace) -> dict:
 
     def run_ours(n_tokens: int, n: int):
         samples = [Sample(str(i), images[i], questions[i]) for i in range(n)]
-        out = extract_teacher_maps(adapter, samples, preset, batch_size=n, max_new_tokens=n_tokens,
-                                   generation_kwargs={"min_new_tokens": n_tokens})
+        out = extract_teacher_maps(
+            adapter,
+            samples,
+            preset,
+            batch_size=n,
+            max_new_tokens=n_tokens,
+            generation_kwargs={"min_new_tokens": n_tokens},
+        )
         return np.stack([r.grounding for r in out.records])
 
     def run_theirs(n_tokens: int, n: int):
@@ -88,8 +103,12 @@ def worker(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_kb("VmHWM") * 1024
-    return {"seconds": seconds, "peak_increase_bytes": peak - base, "maps": maps.tolist(),
-            "seq_len": len(adapter.build_inputs(images[:1], questions[:1]).input_ids[0])}
+    return {
+        "seconds": seconds,
+        "peak_increase_bytes": peak - base,
+        "maps": maps.tolist(),
+        "seq_len": len(adapter.build_inputs(images[:1], questions[:1]).input_ids[0]),
+    }
 
 
 def main() -> None:
@@ -110,8 +129,20 @@ def main() -> None:
 
     results = {}
     for method in ("theirs", "ours"):
-        cmd = [sys.executable, __file__, "--worker", method, "--device", args.device, "--layers", str(args.layers),
-               "--batch", str(args.batch), "--tokens", str(args.tokens)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            method,
+            "--device",
+            args.device,
+            "--layers",
+            str(args.layers),
+            "--batch",
+            str(args.batch),
+            "--tokens",
+            str(args.tokens),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             sys.exit(f"{method} worker failed:\n{proc.stderr[-3000:]}")
@@ -120,14 +151,18 @@ def main() -> None:
     max_diff = float(np.abs(np.array(ours["maps"]) - np.array(theirs["maps"])).max())
     mem_ratio = ours["peak_increase_bytes"] / theirs["peak_increase_bytes"]
     time_ratio = ours["seconds"] / theirs["seconds"]
-    print(f"device={args.device} layers={args.layers} batch={args.batch} answer_tokens={args.tokens} "
-          f"seq_len={ours['seq_len']} (576 image tokens)")
+    print(
+        f"device={args.device} layers={args.layers} batch={args.batch} answer_tokens={args.tokens} "
+        f"seq_len={ours['seq_len']} (576 image tokens)"
+    )
     for name, r in (("output_attentions", theirs), ("sdrpn capture", ours)):
         print(f"  {name:18s} peak +{r['peak_increase_bytes'] / 2**20:9.1f} MiB   {r['seconds']:7.2f} s")
     print(f"  max |map difference| = {max_diff:.2e}")
-    print(f"RESULT memory_ratio={mem_ratio:.4f} time_ratio={time_ratio:.3f} "
-          f"ours_mib={ours['peak_increase_bytes'] / 2**20:.1f} theirs_mib={theirs['peak_increase_bytes'] / 2**20:.1f} "
-          f"map_max_diff={max_diff:.2e}")
+    print(
+        f"RESULT memory_ratio={mem_ratio:.4f} time_ratio={time_ratio:.3f} "
+        f"ours_mib={ours['peak_increase_bytes'] / 2**20:.1f} theirs_mib={theirs['peak_increase_bytes'] / 2**20:.1f} "
+        f"map_max_diff={max_diff:.2e}"
+    )
 
 
 if __name__ == "__main__":

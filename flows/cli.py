@@ -27,8 +27,9 @@ def read_samples(path: Path) -> list:
             image = row["image"]
             if "://" not in image and not Path(image).is_absolute():
                 image = str(path.parent / image)
-            samples.append(Sample(str(row.get("id", row.get("sample_id"))), image, row["question"],
-                                  row.get("domain", "default")))
+            samples.append(
+                Sample(str(row.get("id", row.get("sample_id"))), image, row["question"], row.get("domain", "default"))
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise SystemExit(f"{path}:{n}: bad manifest line ({type(e).__name__}: {e})") from None
     return samples
@@ -50,8 +51,15 @@ def write_demo_inputs(folder: Path, n: int = 12, seed: int = 0) -> Path:
         x, y = int(rng.integers(0, w - 12)), int(rng.integers(0, h - 12))
         ImageDraw.Draw(img).rectangle([x, y, x + 11, y + 11], fill=rgb)
         img.save(folder / f"scene{i:03d}.png")
-        lines.append(json.dumps({"id": f"demo-{i:03d}", "image": f"scene{i:03d}.png",
-                                 "question": f"what is the digit in the {name} box ?"}))
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"demo-{i:03d}",
+                    "image": f"scene{i:03d}.png",
+                    "question": f"what is the digit in the {name} box ?",
+                }
+            )
+        )
     manifest = folder / "samples.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
@@ -83,21 +91,26 @@ def cmd_labels(args: argparse.Namespace) -> int:
             raise SystemExit("sdrpn labels: give --model and --samples, or --demo")
         adapter = load_adapter(args.model, dtype=args.dtype, device=args.device)
         manifest = Path(args.samples)
-    overrides = {k: ({int(layer): v for layer, v in val.items()} if k in ("grounding", "sink") else val)
-                 for k, val in overrides.items()}
+    overrides = {
+        k: ({int(layer): v for layer, v in val.items()} if k in ("grounding", "sink") else val)
+        for k, val in overrides.items()
+    }
     preset = get_preset(args.preset, **overrides)
     samples = read_samples(manifest)
     t0 = time.perf_counter()
-    result = extract_teacher_maps(adapter, samples, preset, batch_size=args.batch_size,
-                                  max_new_tokens=args.max_new_tokens)
+    result = extract_teacher_maps(
+        adapter, samples, preset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+    )
     params = LabelParams.from_preset(preset)
     table = label_table(result.records, params, meta={"preset": asdict(preset), "labels": asdict(params)})
     write_table(table, str(out / "labels.parquet"))
     write_table(quarantine_table(result.rejected), str(out / "quarantine.parquet"))
     dt = time.perf_counter() - t0
     valid = np.asarray(table.column("valid").to_pylist(), dtype=bool)
-    print(f"labelled {table.num_rows} samples in {dt:.1f}s ({table.num_rows / dt:.2f}/s); "
-          f"{int(valid.sum())} usable, {int((~valid).sum())} all-ignore, {len(result.rejected)} rejected")
+    print(
+        f"labelled {table.num_rows} samples in {dt:.1f}s ({table.num_rows / dt:.2f}/s); "
+        f"{int(valid.sum())} usable, {int((~valid).sum())} all-ignore, {len(result.rejected)} rejected"
+    )
     print(f"wrote {out / 'labels.parquet'} and {out / 'quarantine.parquet'}")
     return 0
 
@@ -123,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return args.func(args)
 
 
