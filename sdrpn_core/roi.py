@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 from scipy import ndimage
 
@@ -25,3 +28,119 @@ def tight_box(mask2d: np.ndarray) -> tuple[int, int, int, int] | None:
     if rows.size == 0:
         return None
     return int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())
+
+
+# -- from the RPN's logit map to crop(s) (method.md §6.2) ---------------------------------------------------------
+
+GridBox = tuple[int, int, int, int]
+"""(x0, y0, x1, y1) on the token grid, upper bounds exclusive."""
+
+PixelBox = tuple[int, int, int, int]
+"""(x0, y0, x1, y1) in source-image pixels, upper bounds exclusive."""
+
+
+@dataclass(frozen=True)
+class RoIPlan:
+    """What pass 2 will do. kind: 'none' (answer as the baseline), 'box' (crop each of `boxes`, keep all their
+    tokens) or 'mask' (crop the union box, keep the crop tokens under `keep_mask`)."""
+
+    kind: Literal["none", "box", "mask"]
+    boxes: tuple[GridBox, ...] = ()
+    keep_mask: np.ndarray | None = None  # [grid_h, grid_w] bool, for kind == 'mask'
+    prob: np.ndarray | None = None  # blurred sigmoid map, for overlays
+    reason: str = ""
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+def component_boxes(binary: np.ndarray, min_area: int = 4, max_area: int | None = 225) -> list[GridBox]:
+    """8-connected components → boxes, with the authors' rules: drop 1-cell components (sinks, noise), drop
+    components of more than `max_area` cells, grow components under `min_area` cells to at least 3×3 around their
+    centre (the upper corner is clamped to the last cell index, as the authors do), else the tight box."""
+    h, w = binary.shape
+    labelled, n = ndimage.label(binary, structure=np.ones((3, 3), dtype=int))
+    boxes: list[GridBox] = []
+    for i, sl in enumerate(ndimage.find_objects(labelled), start=1):
+        area = int((labelled[sl] == i).sum())
+        y0, y1 = sl[0].start, sl[0].stop
+        x0, x1 = sl[1].start, sl[1].stop
+        if area == 1 or (max_area is not None and area > max_area):
+            continue
+        if area < min_area:
+            xc, yc = (x0 + x1) / 2, (y0 + y1) / 2
+            bw, bh = max(3, x1 - x0 + 1), max(3, y1 - y0 + 1)
+            x0, y0 = max(0, int(xc - bw / 2)), max(0, int(yc - bh / 2))
+            x1, y1 = min(w - 1, int(xc + bw / 2)), min(h - 1, int(yc + bh / 2))
+        boxes.append((x0, y0, x1, y1))
+    return boxes
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 0/1 mask (align_corners=False, as `F.interpolate`) then > 0.5."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+    return (F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0] > 0.5).numpy()
+
+
+def plan_roi(
+    logits: np.ndarray,
+    grid: tuple[int, int],
+    threshold: float = 0.15,
+    mode: Literal["mask", "box"] = "mask",
+    min_area: int = 4,
+    max_area: int | None = 225,
+    max_boxes: int = 2,
+) -> RoIPlan:
+    """The authors' LLaVA rules: sigmoid → 3×3 σ=1 blur → > τ → components.
+
+    mask mode: 0 boxes → none; 1 → box crop with all tokens; ≥ 2 → union box of *every* cell above τ, keep the
+    crop tokens inside the mask. box mode (the "Box Upscaling" ablation): each box up to `max_boxes`, else none.
+    A negative τ means "> |τ|·max" on the raw (not sigmoid) map, the authors' MSE-loss convention.
+    Degenerate maps (NaN, ±inf) give 'none' with a reason instead of an exception.
+    """
+    arr = np.asarray(logits, dtype=np.float64).reshape(grid)
+    if not np.all(np.isfinite(arr)):
+        return RoIPlan("none", reason="RoI map has NaN or infinite values")
+    if threshold < 0:
+        prob = gaussian_blur(arr)
+        binary = prob > prob.max() * -threshold
+    else:
+        prob = gaussian_blur(sigmoid(arr))
+        binary = prob > threshold
+    boxes = component_boxes(binary, min_area, max_area)
+    if mode == "box":
+        if not boxes or len(boxes) > max_boxes:
+            return RoIPlan("none", prob=prob, reason=f"{len(boxes)} boxes (box mode takes 1..{max_boxes})")
+        return RoIPlan("box", tuple(boxes), prob=prob)
+    if not boxes:
+        return RoIPlan("none", prob=prob, reason="no component of 2..max_area cells above the threshold")
+    if len(boxes) == 1:
+        return RoIPlan("box", tuple(boxes), prob=prob)
+    r0, c0, r1, c1 = tight_box(binary)  # type: ignore[misc]
+    union = (c0, r0, c1 + 1, r1 + 1)
+    keep = resize_mask(binary[r0 : r1 + 1, c0 : c1 + 1].astype(np.float32), grid)
+    return RoIPlan("mask", (union,), keep_mask=keep, prob=prob)
+
+
+def grid_box_to_pixels(
+    box: GridBox, image_size: tuple[int, int], grid: tuple[int, int], vision_size: int
+) -> PixelBox | None:
+    """Grid box → source pixels, undoing pad-to-square exactly as the authors' `get_bbox4src`: scale to the vision
+    input, remove the centred padding (vision − int(side·r))/2, divide by r = min(S/W, S/H), clamp, truncate.
+    None when nothing is left (a box wholly in the padding); otherwise at least 1×1 pixel."""
+    w, h = image_size
+    sx, sy = vision_size / grid[1], vision_size / grid[0]
+    r = min(vision_size / w, vision_size / h)
+    pad_x, pad_y = (vision_size - int(w * r)) / 2, (vision_size - int(h * r)) / 2
+    fx0, fx1 = (box[0] * sx - pad_x) / r, (box[2] * sx - pad_x) / r
+    fy0, fy1 = (box[1] * sy - pad_y) / r, (box[3] * sy - pad_y) / r
+    if fx1 <= 0 or fy1 <= 0 or fx0 >= w or fy0 >= h:
+        return None
+    x0, x1 = (int(min(max(v, 0.0), w)) for v in (fx0, fx1))
+    y0, y1 = (int(min(max(v, 0.0), h)) for v in (fy0, fy1))
+    x0, y0 = min(x0, w - 1), min(y0, h - 1)
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)

@@ -145,6 +145,10 @@ class LlavaAdapter:
         return self.language_model.layers
 
     @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
     def final_norm(self) -> nn.Module:
         return self.language_model.norm
 
@@ -212,6 +216,19 @@ class LlavaAdapter:
         )
         feats = getattr(feats, "pooler_output", feats)
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Text embeddings with the projected image features written over the image-token run of each row."""
+        input_ids = input_ids.to(self.device)
+        embeds = self.embed_tokens(input_ids)
+        feats = self.encode_images(pixel_values).to(embeds.dtype)
+        where = input_ids.eq(self._image_token_id)[..., None].expand_as(embeds)
+        return embeds.masked_scatter(where, feats)
+
+    def crop_pixel_values(self, crop: Image.Image) -> torch.Tensor:
+        """A crop resized to the vision input square (aspect not kept, as the authors do) → [3, S, S]."""
+        side = self.vision_size
+        return self.pixel_values(crop.resize((side, side), Image.BILINEAR))
 
     def decode(self, token_ids: torch.Tensor | list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()

@@ -1,0 +1,185 @@
+"""Answering with SD-RPN: pass 1 predicts the RoI, pass 2 answers with the crop's tokens inserted.
+
+Pass 1 is a partial prefill (backbone layers 0..K−1 + the RPN). The RoI plan (`roi.plan_roi`) picks crops from
+the original full-resolution image; their visual tokens go right after the original image tokens; pass 2 is a
+prefill over the longer sequence with contiguous positions, then greedy decoding (method.md §6).
+
+Beyond the authors: the prefix (system prompt + original image) is causal and identical in both passes, so
+with `reuse_kv=True` pass 2 takes layers 0..K−1 of the prefix from pass 1's KV cache and h^K of the prefix from
+pass 1's hidden states, and only runs the new tokens through those layers. `reuse_kv=False` recomputes
+everything, exactly as the authors do. Both give the same answer (tested).
+Single image, batch 1, like the authors' evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdrpn_core.data import load_image
+from sdrpn_core.models.base import VLMAdapter
+from sdrpn_core.models.decoder import layer_inputs, new_cache, run_layers, truncate_cache
+from sdrpn_core.roi import PixelBox, RoIPlan, grid_box_to_pixels, plan_roi
+from sdrpn_core.rpn import RoIPredictor, partial_prefill
+
+
+@dataclass
+class RoIOutcome:
+    plan: RoIPlan
+    logits: np.ndarray  # [grid_h, grid_w], raw RPN logits
+    pixel_boxes: list[PixelBox]
+    n_crop_tokens: int
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    roi: RoIOutcome | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _eos_ids(adapter: VLMAdapter) -> set[int]:
+    eos = adapter.model.generation_config.eos_token_id
+    return {eos} if isinstance(eos, int) else set(eos or [])
+
+
+def _next_logits(adapter: VLMAdapter, hidden: torch.Tensor) -> torch.Tensor:
+    return adapter.lm_head(adapter.final_norm(hidden[:, -1:]))[:, -1]
+
+
+def _full_prefill(adapter: VLMAdapter, embeds: torch.Tensor):
+    cache = new_cache(adapter)
+    pos = torch.arange(embeds.shape[1], device=embeds.device)[None]
+    mask, pe = layer_inputs(adapter, embeds, pos, None, cache)
+    hidden = run_layers(adapter.decoder_layers, embeds, mask, pe, pos, cache)
+    return _next_logits(adapter, hidden), cache
+
+
+def _greedy(adapter: VLMAdapter, cache, logits: torch.Tensor, start: int, max_new_tokens: int) -> list[int]:
+    """Greedy decoding with an explicit cache; the position of each new token is the current KV length."""
+    eos = _eos_ids(adapter)
+    tokens: list[int] = []
+    for step in range(max_new_tokens):
+        token = int(logits[0].argmax())
+        tokens.append(token)
+        if token in eos or step == max_new_tokens - 1:
+            break
+        emb = adapter.embed_tokens(torch.tensor([[token]], device=adapter.device))
+        pos = torch.tensor([[start + step]], device=adapter.device)
+        mask, pe = layer_inputs(adapter, emb, pos, None, cache)
+        logits = _next_logits(adapter, run_layers(adapter.decoder_layers, emb, mask, pe, pos, cache))
+    return tokens
+
+
+def _finish(adapter: VLMAdapter, tokens: list[int], roi: RoIOutcome | None, seconds: dict[str, float]) -> Answer:
+    text_ids = [t for t in tokens if t not in _eos_ids(adapter)]
+    return Answer(adapter.decode(text_ids), tokens, roi, seconds)
+
+
+def _inputs(adapter: VLMAdapter, image: Image.Image | str, question: str):
+    image = load_image(image)
+    x = adapter.collate([adapter.pixel_values(image)], [question])
+    embeds = adapter.embed(x.input_ids, x.pixel_values)
+    return image, x, embeds
+
+
+@torch.inference_mode()
+def answer_baseline(adapter: VLMAdapter, image: Image.Image | str, question: str, max_new_tokens: int = 128) -> Answer:
+    """The MLLM alone (same prompt and decoding as SD-RPN's pass 2, without an insertion)."""
+    t0 = time.perf_counter()
+    _, x, embeds = _inputs(adapter, image, question)
+    logits, cache = _full_prefill(adapter, embeds)
+    t1 = time.perf_counter()
+    tokens = _greedy(adapter, cache, logits, embeds.shape[1], max_new_tokens)
+    return _finish(adapter, tokens, None, {"prefill": t1 - t0, "decode": time.perf_counter() - t1})
+
+
+def crop_tokens(
+    adapter: VLMAdapter, image: Image.Image, plan: RoIPlan
+) -> tuple[torch.Tensor | None, list[PixelBox], str]:
+    """Crop the plan's boxes from the full-resolution image and encode them → [n, D] tokens to insert."""
+    if plan.kind == "none":
+        return None, [], plan.reason
+    pixel_boxes = [
+        b
+        for b in (grid_box_to_pixels(g, image.size, adapter.grid, adapter.vision_size) for g in plan.boxes)
+        if b is not None
+    ]
+    if not pixel_boxes:
+        return None, [], "RoI lies in the square padding, outside the image"
+    pixels = torch.stack([adapter.crop_pixel_values(image.crop(b)) for b in pixel_boxes])
+    feats = adapter.encode_images(pixels)  # [n_crops, n_img, D]
+    if plan.kind == "mask":
+        keep = torch.as_tensor(plan.keep_mask.reshape(-1), device=feats.device)
+        return feats[0, keep], pixel_boxes, ""
+    return feats.reshape(-1, feats.shape[-1]), pixel_boxes, ""
+
+
+@torch.inference_mode()
+def predict_roi(adapter: VLMAdapter, rpn: RoIPredictor, image: Image.Image | str, question: str) -> np.ndarray:
+    """Pass 1 alone: the RPN's logit map [grid_h, grid_w] for one image and question."""
+    _, x, embeds = _inputs(adapter, image, question)
+    hidden, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, rpn.config.K)
+    query = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
+    logits = rpn(hidden, mask, pe, pos, query, x.image_positions[0][None].to(embeds.device))
+    return logits[0].float().cpu().numpy().reshape(adapter.grid)
+
+
+@torch.inference_mode()
+def answer_sdrpn(
+    adapter: VLMAdapter,
+    rpn: RoIPredictor,
+    image: Image.Image | str,
+    question: str,
+    *,
+    threshold: float = 0.15,
+    mode: str = "mask",
+    reuse_kv: bool = True,
+    max_new_tokens: int = 128,
+) -> Answer:
+    K = rpn.config.K
+    t0 = time.perf_counter()
+    image, x, embeds = _inputs(adapter, image, question)
+    cache = new_cache(adapter) if reuse_kv else None
+    hidden_k, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, K, cache)
+    query = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
+    image_positions = x.image_positions[0].to(embeds.device)
+    logits_map = rpn(hidden_k, mask, pe, pos, query, image_positions[None])[0].float().cpu().numpy()
+    plan = plan_roi(logits_map, adapter.grid, threshold, mode)  # type: ignore[arg-type]
+    t1 = time.perf_counter()
+    crop, pixel_boxes, reason = crop_tokens(adapter, image, plan)
+    if crop is None and plan.kind != "none":
+        plan = RoIPlan("none", prob=plan.prob, reason=reason)
+    t2 = time.perf_counter()
+
+    prefix = int(image_positions[-1]) + 1 if crop is not None else embeds.shape[1]
+    crop = crop if crop is not None else embeds.new_zeros(0, embeds.shape[-1])
+    embeds2 = torch.cat([embeds[:, :prefix], crop[None].to(embeds.dtype), embeds[:, prefix:]], dim=1)
+    total = embeds2.shape[1]
+    if reuse_kv:
+        truncate_cache(cache, prefix)
+        layers = adapter.decoder_layers
+        new = embeds2[:, prefix:]
+        if new.shape[1] > 0:
+            pos_new = torch.arange(prefix, total, device=new.device)[None]
+            m_new, pe_new = layer_inputs(adapter, new, pos_new, None, cache, layer_idx=0)
+            h_new = run_layers(layers[:K], new, m_new, pe_new, pos_new, cache)
+            h_k = torch.cat([hidden_k[:, :prefix], h_new], dim=1)
+        else:
+            h_k = hidden_k
+        pos_all = torch.arange(total, device=new.device)[None]
+        m_all, pe_all = layer_inputs(adapter, h_k, pos_all, None, cache, layer_idx=K)
+        hidden = run_layers(layers[K:], h_k, m_all, pe_all, pos_all, cache)
+        next_logits = _next_logits(adapter, hidden)
+    else:
+        next_logits, cache = _full_prefill(adapter, embeds2)
+    t3 = time.perf_counter()
+    tokens = _greedy(adapter, cache, next_logits, total, max_new_tokens)
+    roi = RoIOutcome(plan, logits_map.reshape(adapter.grid), pixel_boxes, int(crop.shape[0]))
+    seconds = {"pass1": t1 - t0, "crop": t2 - t1, "pass2": t3 - t2, "decode": time.perf_counter() - t3}
+    return _finish(adapter, tokens, roi, seconds)
