@@ -92,7 +92,7 @@ def _inputs(adapter: VLMAdapter, image: Image.Image | str, question: str):
 def answer_baseline(adapter: VLMAdapter, image: Image.Image | str, question: str, max_new_tokens: int = 128) -> Answer:
     """The MLLM alone (same prompt and decoding as SD-RPN's pass 2, without an insertion)."""
     t0 = time.perf_counter()
-    _, x, embeds = _inputs(adapter, image, question)
+    _, _, embeds = _inputs(adapter, image, question)
     logits, cache = _full_prefill(adapter, embeds)
     t1 = time.perf_counter()
     tokens = _greedy(adapter, cache, logits, embeds.shape[1], max_new_tokens)

@@ -60,7 +60,7 @@ def component_boxes(binary: np.ndarray, min_area: int = 4, max_area: int | None 
     components of more than `max_area` cells, grow components under `min_area` cells to at least 3×3 around their
     centre (the upper corner is clamped to the last cell index, as the authors do), else the tight box."""
     h, w = binary.shape
-    labelled, n = ndimage.label(binary, structure=np.ones((3, 3), dtype=int))
+    labelled, _ = ndimage.label(binary, structure=np.ones((3, 3), dtype=int))
     boxes: list[GridBox] = []
     for i, sl in enumerate(ndimage.find_objects(labelled), start=1):
         area = int((labelled[sl] == i).sum())
