@@ -130,7 +130,70 @@ def predict_roi(adapter: VLMAdapter, rpn: RoIPredictor, image: Image.Image | str
     return logits[0].float().cpu().numpy().reshape(adapter.grid)
 
 
+@dataclass
+class Pass1:
+    """What pass 1 leaves for pass 2: the prompt's embeddings, h^K, the layers-0..K−1 cache (with reuse)."""
+
+    image: Image.Image
+    embeds: torch.Tensor
+    image_positions: torch.Tensor
+    hidden_k: torch.Tensor
+    cache: object | None
+    logits_map: np.ndarray
+    K: int
+
+
 @torch.inference_mode()
+def run_pass1(
+    adapter: VLMAdapter, rpn: RoIPredictor, image: Image.Image | str, question: str, *, reuse_kv: bool = True
+) -> Pass1:
+    """Partial prefill (backbone layers 0..K−1) + the RPN for the last prompt token → the RoI logit map."""
+    K = rpn.config.K
+    image, x, embeds = _inputs(adapter, image, question)
+    cache = new_cache(adapter) if reuse_kv else None
+    hidden_k, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, K, cache)
+    query = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
+    image_positions = x.image_positions[0].to(embeds.device)
+    logits = rpn(hidden_k, mask, pe, pos, query, image_positions[None])[0].float().cpu().numpy()
+    return Pass1(image, embeds, image_positions, hidden_k, cache, logits.reshape(adapter.grid), K)
+
+
+@torch.inference_mode()
+def run_pass2(adapter: VLMAdapter, p1: Pass1, plan: RoIPlan, max_new_tokens: int = 128) -> tuple[list[int], RoIOutcome]:
+    """Insert the plan's crop tokens after the original image tokens, prefill, decode greedily.
+
+    With a pass-1 cache (reuse), layers 0..K−1 run only over the tokens after the unchanged prefix and layers
+    K.. run over the whole sequence from h^K; without one, the whole prefill is recomputed (the authors' way).
+    """
+    K = p1.K
+    crop, pixel_boxes, reason = crop_tokens(adapter, p1.image, plan)
+    if crop is None and plan.kind != "none":
+        plan = RoIPlan("none", prob=plan.prob, reason=reason)
+    embeds = p1.embeds
+    prefix = int(p1.image_positions[-1]) + 1 if crop is not None else embeds.shape[1]
+    crop = crop if crop is not None else embeds.new_zeros(0, embeds.shape[-1])
+    embeds2 = torch.cat([embeds[:, :prefix], crop[None].to(embeds.dtype), embeds[:, prefix:]], dim=1)
+    total = embeds2.shape[1]
+    cache = p1.cache
+    if cache is not None:
+        truncate_cache(cache, prefix)
+        layers = adapter.decoder_layers
+        new = embeds2[:, prefix:]
+        h_k = p1.hidden_k
+        if new.shape[1] > 0:
+            pos_new = torch.arange(prefix, total, device=new.device)[None]
+            m_new, pe_new = layer_inputs(adapter, new, pos_new, None, cache, layer_idx=0)
+            h_new = run_layers(layers[:K], new, m_new, pe_new, pos_new, cache)
+            h_k = torch.cat([p1.hidden_k[:, :prefix], h_new], dim=1)
+        pos_all = torch.arange(total, device=embeds.device)[None]
+        m_all, pe_all = layer_inputs(adapter, h_k, pos_all, None, cache, layer_idx=K)
+        next_logits = _next_logits(adapter, run_layers(layers[K:], h_k, m_all, pe_all, pos_all, cache))
+    else:
+        next_logits, cache = _full_prefill(adapter, embeds2)
+    tokens = _greedy(adapter, cache, next_logits, total, max_new_tokens)
+    return tokens, RoIOutcome(plan, p1.logits_map, pixel_boxes, int(crop.shape[0]))
+
+
 def answer_sdrpn(
     adapter: VLMAdapter,
     rpn: RoIPredictor,
@@ -142,44 +205,10 @@ def answer_sdrpn(
     reuse_kv: bool = True,
     max_new_tokens: int = 128,
 ) -> Answer:
-    K = rpn.config.K
+    """SD-RPN's answer: pass 1 → RoI plan (τ = `threshold`, 'mask' or 'box' mode) → pass 2."""
     t0 = time.perf_counter()
-    image, x, embeds = _inputs(adapter, image, question)
-    cache = new_cache(adapter) if reuse_kv else None
-    hidden_k, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, K, cache)
-    query = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
-    image_positions = x.image_positions[0].to(embeds.device)
-    logits_map = rpn(hidden_k, mask, pe, pos, query, image_positions[None])[0].float().cpu().numpy()
-    plan = plan_roi(logits_map, adapter.grid, threshold, mode)  # type: ignore[arg-type]
+    p1 = run_pass1(adapter, rpn, image, question, reuse_kv=reuse_kv)
+    plan = plan_roi(p1.logits_map, adapter.grid, threshold, mode)  # type: ignore[arg-type]
     t1 = time.perf_counter()
-    crop, pixel_boxes, reason = crop_tokens(adapter, image, plan)
-    if crop is None and plan.kind != "none":
-        plan = RoIPlan("none", prob=plan.prob, reason=reason)
-    t2 = time.perf_counter()
-
-    prefix = int(image_positions[-1]) + 1 if crop is not None else embeds.shape[1]
-    crop = crop if crop is not None else embeds.new_zeros(0, embeds.shape[-1])
-    embeds2 = torch.cat([embeds[:, :prefix], crop[None].to(embeds.dtype), embeds[:, prefix:]], dim=1)
-    total = embeds2.shape[1]
-    if reuse_kv:
-        truncate_cache(cache, prefix)
-        layers = adapter.decoder_layers
-        new = embeds2[:, prefix:]
-        if new.shape[1] > 0:
-            pos_new = torch.arange(prefix, total, device=new.device)[None]
-            m_new, pe_new = layer_inputs(adapter, new, pos_new, None, cache, layer_idx=0)
-            h_new = run_layers(layers[:K], new, m_new, pe_new, pos_new, cache)
-            h_k = torch.cat([hidden_k[:, :prefix], h_new], dim=1)
-        else:
-            h_k = hidden_k
-        pos_all = torch.arange(total, device=new.device)[None]
-        m_all, pe_all = layer_inputs(adapter, h_k, pos_all, None, cache, layer_idx=K)
-        hidden = run_layers(layers[K:], h_k, m_all, pe_all, pos_all, cache)
-        next_logits = _next_logits(adapter, hidden)
-    else:
-        next_logits, cache = _full_prefill(adapter, embeds2)
-    t3 = time.perf_counter()
-    tokens = _greedy(adapter, cache, next_logits, total, max_new_tokens)
-    roi = RoIOutcome(plan, logits_map.reshape(adapter.grid), pixel_boxes, int(crop.shape[0]))
-    seconds = {"pass1": t1 - t0, "crop": t2 - t1, "pass2": t3 - t2, "decode": time.perf_counter() - t3}
-    return _finish(adapter, tokens, roi, seconds)
+    tokens, roi = run_pass2(adapter, p1, plan, max_new_tokens)
+    return _finish(adapter, tokens, roi, {"pass1": t1 - t0, "pass2+decode": time.perf_counter() - t1})

@@ -1,0 +1,244 @@
+"""Training the RPN on pseudo-labels (method.md §5): frozen backbone, BCE over the non-ignored tokens.
+
+The backbone, vision tower and projector run under no-grad; only the predictor learns. The loss is
+`BCEWithLogits` averaged over every valid token of the micro-batch pooled (no per-sample normalisation); a batch
+without a valid token contributes 0·Σlogits so the graph stays alive. AdamW β=(0.9, 0.98), weight decay 0,
+cosine schedule with 3% warm-up (HF's `get_cosine_schedule_with_warmup` formula), peak lr 5e-5 — the authors'
+LLaVA settings. A checkpoint (predictor + optimizer + step) is written atomically every `checkpoint_every`
+optimizer steps, and a run restarted on the same folder continues bit-for-bit: the data order is a pure
+function of (seed, epoch) and the learning rate a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdrpn_core.data import BadSample, Rejection, load_image
+from sdrpn_core.models.base import VLMAdapter
+from sdrpn_core.progress import Progress
+from sdrpn_core.pseudo_labels import IGNORE
+from sdrpn_core.rpn import RoIPredictor, partial_prefill
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    K: int
+    T: int = 3
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; default: all epochs
+    max_grad_norm: float | None = None  # the authors clip at 1.0 for Qwen, not for LLaVA
+    seed: int = 0
+    checkpoint_every: int = 50
+    metric_threshold: float = 0.5  # sigmoid threshold for token precision / recall in the log
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    sample_id: str
+    image: object  # path / URL / PIL image
+    question: str
+    labels: np.ndarray  # int, length grid_h·grid_w: 1 / 0 / −100
+
+
+@dataclass
+class TrainResult:
+    rpn: RoIPredictor
+    steps: int
+    skipped_all_ignore: int
+    rejected: list[Rejection]
+    history: list[dict] = field(default_factory=list)
+
+
+def rpn_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits over the non-ignored tokens of the whole batch; 0·Σlogits when there are none."""
+    valid = labels != IGNORE
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[valid].float(), labels[valid].float())
+
+
+def lr_at(step: int, total: int, config: TrainConfig) -> float:
+    warmup = math.ceil(config.warmup_ratio * total)
+    if step < warmup:
+        return config.lr * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return config.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def _save_checkpoint(folder: Path, rpn: RoIPredictor, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Write beside the live checkpoint, then swap: a crash leaves the previous checkpoint intact."""
+    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
+    rpn.save(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    old = folder.parent / f".{folder.name}.old"
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, rpn: RoIPredictor, optimizer: torch.optim.Optimizer) -> dict:
+    from safetensors.torch import load_file
+
+    rpn.load_state_dict(load_file(folder / "rpn.safetensors", device=str(next(rpn.parameters()).device)))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    return json.loads((folder / "state.json").read_text())
+
+
+def train_rpn(
+    adapter: VLMAdapter,
+    samples: Sequence[TrainSample],
+    config: TrainConfig,
+    *,
+    out_dir: str | Path | None = None,
+    rpn: RoIPredictor | None = None,
+    rpn_fields: dict | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Train (or resume, when `out_dir` holds a checkpoint) an RPN on labelled samples."""
+    torch.manual_seed(config.seed)
+    usable = [s for s in samples if np.any(np.asarray(s.labels) != IGNORE)]
+    skipped_ignore = len(samples) - len(usable)
+    if skipped_ignore:
+        log.info("skipping %d all-ignore samples of %d", skipped_ignore, len(samples))
+    if not usable:
+        raise ValueError(f"no trainable samples: all {len(samples)} are all-ignore")
+    n_img = adapter.grid[0] * adapter.grid[1]
+    for s in usable:
+        if np.asarray(s.labels).size != n_img:
+            raise ValueError(f"sample {s.sample_id}: {np.asarray(s.labels).size} labels for a {n_img}-token grid")
+
+    adapter.model.requires_grad_(False)
+    rpn = rpn or RoIPredictor.from_adapter(adapter, config.K, config.T, **(rpn_fields or {}))
+    rpn = rpn.float().train().requires_grad_(True)
+    params = [p for p in rpn.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    cuda = adapter.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+
+    micro_per_epoch = math.ceil(len(usable) / config.batch_size)
+    total = config.max_steps or math.ceil(config.epochs * micro_per_epoch / config.grad_accum)
+    step, history, bad_ids = 0, [], set()
+    rejected: list[Rejection] = []
+    ckpt = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
+    if ckpt is not None and (ckpt / "state.json").exists():
+        state = _load_checkpoint(ckpt, rpn, optimizer)
+        step, history = state["step"], state["history"]
+        rejected = [Rejection(**r) for r in state["rejected"]]
+        bad_ids = {r.sample_id for r in rejected}
+        log.info("resuming from %s at step %d/%d", ckpt, step, total)
+
+    bar = Progress(total, "train", log, callback=progress)
+    bar.done = step
+    while step < total:
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, tp, fp, fn, n_valid = 0.0, 0, 0, 0, 0
+        for micro in range(config.grad_accum):
+            m = step * config.grad_accum + micro
+            epoch, index = divmod(m, micro_per_epoch)
+            order = _order(len(usable), config.seed, epoch)
+            batch = [usable[i] for i in order[index * config.batch_size : (index + 1) * config.batch_size]]
+            pixels, questions, labels = [], [], []
+            for s in batch:
+                if s.sample_id in bad_ids:
+                    continue
+                try:
+                    pixels.append(adapter.pixel_values(load_image(s.image)))
+                except BadSample as e:
+                    bad_ids.add(s.sample_id)
+                    rejected.append(Rejection(s.sample_id, e.reason))
+                    continue
+                questions.append(s.question)
+                labels.append(torch.as_tensor(np.asarray(s.labels), dtype=torch.long))
+            if not pixels:
+                continue
+            x = adapter.collate(pixels, questions)
+            with torch.no_grad():
+                embeds = adapter.embed(x.input_ids, x.pixel_values.to(adapter.device, adapter.dtype))
+                hidden, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, config.K)
+            query = torch.full((len(pixels),), hidden.shape[1] - 1, device=hidden.device)  # left padding
+            with autocast:
+                logits = rpn(hidden, mask, pe, pos, query, torch.stack(x.image_positions).to(hidden.device))
+            target = torch.stack(labels).to(logits.device)
+            loss = rpn_loss(logits, target)
+            (loss / config.grad_accum).backward()
+            with torch.no_grad():
+                valid = target != IGNORE
+                pred = torch.sigmoid(logits.float()) > config.metric_threshold
+                truth = target == 1
+                tp += int((pred & truth & valid).sum())
+                fp += int((pred & ~truth & valid).sum())
+                fn += int((~pred & truth & valid).sum())
+                n_valid += int(valid.sum())
+                loss_sum += float(loss) / config.grad_accum
+        lr = lr_at(step, total, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        step += 1
+        record = {
+            "step": step,
+            "loss": loss_sum,
+            "precision": tp / (tp + fp) if tp + fp else float("nan"),
+            "recall": tp / (tp + fn) if tp + fn else float("nan"),
+            "valid_tokens": n_valid,
+            "lr": lr,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(record)
+        bar.update(1, loss=f"{loss_sum:.4f}", p=f"{record['precision']:.2f}", r=f"{record['recall']:.2f}")
+        if ckpt is not None and (step % config.checkpoint_every == 0 or step == total):
+            _save_checkpoint(
+                ckpt,
+                rpn,
+                optimizer,
+                {
+                    "step": step,
+                    "history": history,
+                    "rejected": [asdict(r) for r in rejected],
+                    "config": asdict(config),
+                },
+            )
+        if on_step is not None:
+            on_step(step, record)
+    rpn.eval().requires_grad_(False)
+    return TrainResult(rpn, step, skipped_ignore, rejected, history)
+
+
+def samples_from_rows(rows: Sequence[dict]) -> list[TrainSample]:
+    """Label-table rows (dicts with sample_id, image, question, labels) → training samples."""
+    return [
+        TrainSample(r["sample_id"], r["image"], r["question"], np.asarray(r["labels"], dtype=np.int64)) for r in rows
+    ]

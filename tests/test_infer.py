@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdrpn_core.infer import answer_baseline, answer_sdrpn, crop_tokens, run_pass1, run_pass2
+from sdrpn_core.models import LlavaAdapter
+from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
+from sdrpn_core.roi import RoIPlan, plan_roi
+from sdrpn_core.rpn import RoIPredictor
+from tests.conftest import random_image
+
+G = (8, 8)
+Q = "what is the digit in the red box ?"
+
+
+@pytest.fixture(scope="module")
+def nano():
+    model, processor = build_tiny_llava(TinyLlavaSpec(image_size=64, patch_size=8, seed=3))
+    adapter = LlavaAdapter(model, processor)
+    torch.manual_seed(0)
+    return adapter, RoIPredictor.from_adapter(adapter, K=2, T=2)
+
+
+def hand_map(*blocks):
+    m = np.full(G, -8.0)
+    for r0, c0, r1, c1 in blocks:
+        m[r0 : r1 + 1, c0 : c1 + 1] = 8.0
+    return m
+
+
+PLANS = {
+    "none": hand_map(),
+    "box": hand_map((3, 3, 4, 4)),
+    "mask": hand_map((1, 1, 2, 2), (5, 5, 6, 6)),
+}
+
+
+def test_baseline_matches_hf_generate(nano):
+    adapter, _ = nano
+    image = random_image(5, (80, 50))
+    ours = answer_baseline(adapter, image, Q, max_new_tokens=6)
+    x = adapter.build_inputs([image], [Q])
+    with torch.no_grad():
+        ref = adapter.model.generate(**x.model_kwargs(), max_new_tokens=6, do_sample=False)
+    assert ours.token_ids == ref[0, x.input_ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("branch", ["none", "box", "mask"])
+def test_kv_reuse_gives_the_same_answer_as_full_recompute(nano, branch):
+    adapter, rpn = nano
+    image = random_image(7, (90, 60))
+    plan = plan_roi(PLANS[branch], G, 0.5)
+    assert plan.kind == branch
+    answers, first_logits = [], []
+    for reuse in (True, False):
+        p1 = run_pass1(adapter, rpn, image, Q, reuse_kv=reuse)
+        tokens, roi = run_pass2(adapter, p1, plan, max_new_tokens=8)
+        answers.append((tokens, roi.n_crop_tokens, roi.pixel_boxes))
+    assert answers[0] == answers[1]
+    if branch == "box":
+        assert answers[0][1] == 64  # all crop tokens kept
+    if branch == "mask":
+        assert 0 < answers[0][1] < 64
+
+
+def test_reuse_keeps_logits_close_not_only_argmax(nano):
+    """Compare the first-token distribution too, so equality is not a coincidence of argmax."""
+    from sdrpn_core.infer import _full_prefill
+    from sdrpn_core.models.decoder import layer_inputs, run_layers, truncate_cache
+
+    adapter, rpn = nano
+    p1 = run_pass1(adapter, rpn, random_image(8, (64, 64)), Q, reuse_kv=True)
+    crop, _, _ = crop_tokens(adapter, p1.image, plan_roi(PLANS["box"], G, 0.5))
+    prefix = int(p1.image_positions[-1]) + 1
+    e2 = torch.cat([p1.embeds[:, :prefix], crop[None], p1.embeds[:, prefix:]], 1)
+    with torch.no_grad():
+        full, _ = _full_prefill(adapter, e2)
+        truncate_cache(p1.cache, prefix)
+        pos = torch.arange(prefix, e2.shape[1])[None]
+        m, pe = layer_inputs(adapter, e2[:, prefix:], pos, None, p1.cache, 0)
+        h_new = run_layers(adapter.decoder_layers[:2], e2[:, prefix:], m, pe, pos, p1.cache)
+        h = torch.cat([p1.hidden_k[:, :prefix], h_new], 1)
+        pos_all = torch.arange(e2.shape[1])[None]
+        m2, pe2 = layer_inputs(adapter, h, pos_all, None, p1.cache, 2)
+        h = run_layers(adapter.decoder_layers[2:], h, m2, pe2, pos_all, p1.cache)
+        reused = adapter.lm_head(adapter.final_norm(h[:, -1]))
+    assert torch.allclose(full, reused, atol=1e-5)
+
+
+def test_no_roi_answers_exactly_as_the_baseline(nano):
+    adapter, rpn = nano
+    image = random_image(9, (70, 70))
+    sd = answer_sdrpn(adapter, rpn, image, Q, threshold=0.9999, max_new_tokens=6)
+    base = answer_baseline(adapter, image, Q, max_new_tokens=6)
+    assert sd.roi.plan.kind == "none" and sd.token_ids == base.token_ids
+
+
+def test_box_in_the_padding_falls_back_to_baseline(nano):
+    adapter, _ = nano
+    wide = random_image(1, (128, 32))  # content rows ≈ 3..4 of 8; rows 0..1 are padding
+    plan = RoIPlan("box", ((0, 0, 8, 2),))
+    crop, boxes, reason = crop_tokens(adapter, wide, plan)
+    assert crop is None and boxes == [] and "padding" in reason
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("L", (40, 30), 128),
+        Image.new("RGBA", (30, 40), (10, 200, 30, 128)),
+        Image.fromarray(np.arange(36 * 24, dtype=np.uint16).reshape(24, 36) * 70),
+        Image.new("RGB", (3, 2), (255, 0, 0)),
+    ],
+    ids=["grayscale", "rgba", "16-bit", "3x2-pixels"],
+)
+def test_odd_images_have_a_defined_outcome(nano, image):
+    adapter, rpn = nano
+    p1 = run_pass1(adapter, rpn, image, Q)
+    tokens, roi = run_pass2(adapter, p1, plan_roi(PLANS["box"], G, 0.5), max_new_tokens=3)
+    assert len(tokens) == 3
+    if roi.plan.kind == "box":
+        (x0, y0, x1, y1) = roi.pixel_boxes[0]
+        assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
+    else:
+        assert roi.plan.reason
+
+
+def test_answer_records_timings_and_roi(nano):
+    adapter, rpn = nano
+    a = answer_sdrpn(adapter, rpn, random_image(2), Q, threshold=0.5, max_new_tokens=4)
+    assert set(a.seconds) == {"pass1", "pass2+decode"} and a.roi.logits.shape == G

@@ -1,0 +1,129 @@
+"""Every branch of the crop rules on hand-made maps (method.md §6.2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdrpn_core.roi import component_boxes, gaussian_blur, grid_box_to_pixels, plan_roi
+
+G = (24, 24)
+LOW, HIGH = -8.0, 8.0  # sigmoid ≈ 0.0003 / 0.9997
+
+
+def logit_map(*blocks: tuple[int, int, int, int]) -> np.ndarray:
+    """Rectangles (r0, c0, r1, c1 inclusive) of high logits on a low background."""
+    m = np.full(G, LOW)
+    for r0, c0, r1, c1 in blocks:
+        m[r0 : r1 + 1, c0 : c1 + 1] = HIGH
+    return m
+
+
+def test_blur_is_3x3_sigma1_with_reflect_padding():
+    m = np.zeros((5, 5))
+    m[2, 2] = 1.0
+    b = gaussian_blur(m)
+    k = np.exp(-0.5 * np.array([1.0, 0.0, 1.0]))
+    k /= k.sum()
+    np.testing.assert_allclose(b[1:4, 1:4], np.outer(k, k))
+    edge = np.zeros((3, 3))
+    edge[0, 0] = 1.0  # reflect (edge not repeated): the corner's mirror images are at (0,2),(2,0),(2,2)
+    assert gaussian_blur(edge)[0, 0] == pytest.approx(k[1] ** 2)
+
+
+def test_components_drop_singletons_and_giants_grow_small_ones():
+    b = np.zeros(G, dtype=bool)
+    b[2, 2] = True  # 1 cell: dropped
+    b[10, 10:12] = True  # 2 cells: grown to 3×3 around its centre
+    b[0:16, 20:24] = True  # 64 cells: kept as tight box
+    boxes = component_boxes(b, min_area=4, max_area=225)
+    assert (9, 9, 12, 12) in boxes  # x0,y0 = int(11 − 1.5)=9, int(10.5 − 1.5)=9; x1 = int(11 + 1.5)=12
+    assert (20, 0, 24, 16) in boxes and len(boxes) == 2
+    giant = np.zeros(G, dtype=bool)
+    giant[0:16, 0:15] = True  # 240 cells > 225
+    assert component_boxes(giant) == []
+    diagonal = np.zeros(G, dtype=bool)
+    diagonal[5, 5] = diagonal[6, 6] = diagonal[7, 7] = diagonal[8, 8] = True  # 8-connected: one component
+    assert component_boxes(diagonal) == [(5, 5, 9, 9)]
+
+
+def test_grown_box_is_clamped_to_last_index_at_the_border():
+    b = np.zeros(G, dtype=bool)
+    b[23, 22:24] = True
+    (box,) = component_boxes(b)
+    assert box[2] <= 23 and box[3] <= 23  # the authors clamp the exclusive upper corner to W−1 / H−1
+
+
+def test_no_component_gives_baseline():
+    plan = plan_roi(np.full(G, LOW), G, 0.15)
+    assert plan.kind == "none" and plan.reason
+    one_cell = logit_map((5, 5, 5, 5))
+    assert plan_roi(np.full(G, LOW) + 0 * one_cell, G, 0.9).kind == "none"
+
+
+def test_all_above_threshold_is_one_giant_component_hence_baseline():
+    plan = plan_roi(np.full(G, HIGH), G, 0.15)
+    assert plan.kind == "none"
+
+
+def test_nan_map_gives_baseline_with_reason():
+    m = logit_map((3, 3, 6, 6))
+    m[0, 0] = np.nan
+    plan = plan_roi(m, G, 0.15)
+    assert plan.kind == "none" and "NaN" in plan.reason
+
+
+def test_one_component_is_a_box_crop():
+    plan = plan_roi(logit_map((4, 6, 7, 9)), G, 0.15)
+    assert plan.kind == "box" and len(plan.boxes) == 1
+    x0, y0, x1, y1 = plan.boxes[0]
+    assert x0 <= 6 and y0 <= 4 and x1 >= 10 and y1 >= 8  # the blur widens the region by about a cell
+
+
+def test_two_components_give_union_box_and_keep_mask():
+    plan = plan_roi(logit_map((2, 2, 4, 4), (15, 15, 18, 18)), G, 0.5)
+    assert plan.kind == "mask"
+    (union,) = plan.boxes
+    assert union[0] <= 2 and union[1] <= 2 and union[2] >= 19 and union[3] >= 19
+    keep = plan.keep_mask
+    assert keep.shape == G and keep.dtype == bool
+    assert keep[0:3, 0:3].any() and keep[-3:, -3:].any()  # both blobs survive the resize
+    assert not keep[10:13, 10:13].any()  # the gap between them is dropped
+    assert keep.sum() < keep.size / 2
+
+
+def test_box_mode_takes_up_to_two_boxes():
+    two = plan_roi(logit_map((2, 2, 4, 4), (15, 15, 18, 18)), G, 0.5, mode="box")
+    assert two.kind == "box" and len(two.boxes) == 2
+    three = plan_roi(logit_map((2, 2, 4, 4), (15, 15, 18, 18), (2, 15, 4, 18)), G, 0.5, mode="box")
+    assert three.kind == "none"
+
+
+def test_negative_threshold_is_relative_to_max():
+    m = np.zeros(G)
+    m[5:8, 5:8] = 1.0
+    m[20, 20] = 0.1
+    plan = plan_roi(m, G, -0.5)
+    assert plan.kind == "box"
+
+
+def test_pixel_mapping_undoes_pad_to_square_on_a_wide_image():
+    # 672×336 image → 336 square: r = 0.5, content height int(336·0.5) = 168, padding (336−168)/2 = 84 on top
+    assert grid_box_to_pixels((0, 6, 24, 18), (672, 336), G, 336) == (0, 0, 672, 336)
+    # cells x 12..24, y 6..12 → 336-px (168, 84)..(336, 168) → minus pad (0, 84) → /0.5
+    assert grid_box_to_pixels((12, 6, 24, 12), (672, 336), G, 336) == (336, 0, 672, 168)
+
+
+def test_pixel_mapping_on_a_tall_image():
+    # 336×672 → r = 0.5, content width 168, pad_x = 84: cells x 6..12 → 84..168 px → 0..84 → /0.5
+    assert grid_box_to_pixels((6, 0, 12, 12), (336, 672), G, 336) == (0, 0, 168, 336)
+    # 300×600: r = 0.56 and int(300·0.56) = 167 in floating point, as in the authors' code → pad 84.5
+    assert grid_box_to_pixels((6, 0, 12, 12), (300, 600), G, 336) == (0, 0, 149, 299)
+
+
+def test_box_in_the_padding_gives_none_and_tiny_sources_give_at_least_one_pixel():
+    assert grid_box_to_pixels((0, 0, 24, 5), (672, 336), G, 336) is None  # rows 0..4 are all top padding
+    tiny = grid_box_to_pixels((10, 10, 11, 11), (3, 3), G, 336)
+    assert tiny is not None
+    x0, y0, x1, y1 = tiny
+    assert 0 <= x0 < x1 <= 3 and 0 <= y0 < y1 <= 3

@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdrpn_core.train import CHECKPOINT_DIR, TrainConfig, TrainSample, lr_at, rpn_loss, train_rpn
+from tests.conftest import QUESTIONS, random_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_samples(folder: Path, n: int = 10) -> list[TrainSample]:
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        path = folder / f"img{i}.png"
+        random_image(i).save(path)
+        labels = np.full(16, -100)
+        labels[rng.choice(16, 6, replace=False)] = 0
+        labels[i % 16] = 1
+        samples.append(TrainSample(f"s{i}", str(path), QUESTIONS[i % 4], labels))
+    return samples
+
+
+def test_loss_pools_valid_tokens_of_the_whole_batch():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]], requires_grad=True)
+    labels = torch.tensor([[1, -100, 0], [-100, -100, 1]])
+    loss = rpn_loss(logits, labels)
+    picked = torch.tensor([2.0, 0.5, -2.0])
+    target = torch.tensor([1.0, 0.0, 1.0])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(picked, target)
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert logits.grad[0, 1] == 0 and logits.grad[1, 0] == 0 and logits.grad[0, 0] != 0
+
+
+def test_batch_without_valid_tokens_is_zero_and_keeps_the_graph():
+    logits = torch.randn(2, 4, requires_grad=True)
+    loss = rpn_loss(logits, torch.full((2, 4), -100))
+    assert loss.item() == 0.0
+    loss.backward()  # no "does not require grad" error
+    assert torch.equal(logits.grad, torch.zeros(2, 4))
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = TrainConfig(K=1, lr=1e-3, warmup_ratio=0.03)
+    total = 100  # warm-up ceil(3) steps
+    assert lr_at(0, total, cfg) == 0.0
+    assert lr_at(1, total, cfg) == pytest.approx(1e-3 / 3)
+    assert lr_at(3, total, cfg) == pytest.approx(1e-3)
+    assert lr_at(3 + 97 // 2, total, cfg) == pytest.approx(0.5e-3, rel=0.02)
+    assert lr_at(99, total, cfg) < 1e-5
+
+
+def test_training_lowers_the_loss_and_skips_all_ignore_and_bad_images(tiny_llava, tmp_path):
+    samples = make_samples(tmp_path)
+    samples.append(TrainSample("ignored", samples[0].image, "q", np.full(16, -100)))
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    samples.append(TrainSample("bad", str(bad), "q", samples[1].labels))
+    cfg = TrainConfig(K=1, T=2, lr=2e-3, batch_size=4, epochs=6, checkpoint_every=100)
+    before = {k: v.clone() for k, v in tiny_llava.model.state_dict().items()}
+    result = train_rpn(tiny_llava, samples, cfg)
+    assert result.skipped_all_ignore == 1
+    assert [r.sample_id for r in result.rejected] == ["bad"] and "not an image" in result.rejected[0].reason
+    losses = [h["loss"] for h in result.history]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05
+    assert result.steps == math.ceil(6 * math.ceil(11 / 4))
+    after = tiny_llava.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the backbone never moves
+    assert all(0 <= h["precision"] <= 1 or math.isnan(h["precision"]) for h in result.history)
+
+
+def test_only_the_predictor_gets_gradients(tiny_llava, tmp_path):
+    samples = make_samples(tmp_path, 4)
+    seen = {}
+
+    def grab(step, record):
+        seen.update({n: p.grad is not None for n, p in result_rpn[0].named_parameters()})
+
+    from sdrpn_core.rpn import RoIPredictor
+
+    rpn = RoIPredictor.from_adapter(tiny_llava, K=1, T=2)
+    result_rpn = [rpn]
+    train_rpn(tiny_llava, samples, TrainConfig(K=1, T=2, batch_size=4, max_steps=1), rpn=rpn, on_step=grab)
+    assert seen["twig_layers.0.mlp.down_proj.weight"] and seen["twig_norm.weight"]
+    assert seen["twig_layers.1.self_attn.q_proj.weight"] and seen["twig_layers.1.input_layernorm.weight"]
+    assert not seen["twig_layers.1.self_attn.v_proj.weight"] and not seen["twig_layers.1.mlp.up_proj.weight"]
+    assert not any(p.requires_grad for p in tiny_llava.model.parameters())
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import numpy as np
+    sys.path.insert(0, {root!r})
+    from sdrpn_core.models import LlavaAdapter
+    from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
+    from sdrpn_core.train import TrainConfig, TrainSample, train_rpn
+
+    spec = json.loads({samples!r})
+    samples = [TrainSample(s["id"], s["image"], s["q"], np.array(s["labels"])) for s in spec]
+    adapter = LlavaAdapter(*build_tiny_llava(TinyLlavaSpec()))
+    cfg = TrainConfig(**json.loads({cfg!r}))
+
+    def die(step, record):
+        if step == {die_at}:
+            os.kill(os.getpid(), signal.SIGKILL)  # a crash mid-run: no cleanup, no final checkpoint
+
+    train_rpn(adapter, samples, cfg, out_dir={out!r}, on_step=die)
+    """
+)
+
+
+def test_killed_run_resumes_bit_for_bit(tmp_path):
+    from sdrpn_core.models import LlavaAdapter
+    from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
+
+    samples = make_samples(tmp_path, 10)
+    cfg = {"K": 1, "T": 2, "lr": 1e-3, "batch_size": 3, "grad_accum": 2, "epochs": 3, "checkpoint_every": 2}
+    spec = json.dumps(
+        [{"id": s.sample_id, "image": s.image, "q": s.question, "labels": s.labels.tolist()} for s in samples]
+    )
+    out = tmp_path / "run"
+    script = WORKER.format(root=str(ROOT), samples=spec, cfg=json.dumps(cfg), die_at=5, out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    state = json.loads((out / CHECKPOINT_DIR / "state.json").read_text())
+    assert state["step"] == 4  # the checkpoint of step 4 survived; step 5 was lost with the process
+    assert not list(out.glob(".*.tmp"))  # no half-written checkpoint where readers look
+
+    adapter = LlavaAdapter(*build_tiny_llava(TinyLlavaSpec()))
+    resumed = train_rpn(adapter, samples, TrainConfig(**cfg), out_dir=out)
+    straight = train_rpn(LlavaAdapter(*build_tiny_llava(TinyLlavaSpec())), samples, TrainConfig(**cfg))
+    assert resumed.steps == straight.steps == 6
+    for (name, a), (_, b) in zip(resumed.rpn.state_dict().items(), straight.rpn.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
