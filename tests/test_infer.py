@@ -54,7 +54,7 @@ def test_kv_reuse_gives_the_same_answer_as_full_recompute(nano, branch):
     image = random_image(7, (90, 60))
     plan = plan_roi(PLANS[branch], G, 0.5)
     assert plan.kind == branch
-    answers, first_logits = [], []
+    answers = []
     for reuse in (True, False):
         p1 = run_pass1(adapter, rpn, image, Q, reuse_kv=reuse)
         tokens, roi = run_pass2(adapter, p1, plan, max_new_tokens=8)

@@ -87,7 +87,7 @@ def test_load_refuses_another_grid_and_fingerprint(tiny_llava, tmp_path):
         RoIPredictor.load(tmp_path / "o", tiny_llava)
     with pytest.raises(AdapterError, match="base model abc123"):
         RoIPredictor.load(tmp_path / "o", other, check_fingerprint="fff000")
-    with pytest.raises(FileNotFoundError, match="rpn_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"rpn_config\.json"):
         RoIPredictor.load(tmp_path, tiny_llava)
 
 
