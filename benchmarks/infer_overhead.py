@@ -1,0 +1,135 @@
+"""Time per sample of baseline vs SD-RPN (pass 1 + crop + pass 2), with and without pass-1 KV reuse.
+
+Same model and inputs in one run. The model is LLaVA-1.5-shaped in sequence (336 px / patch 14 → 576 image
+tokens behind the vicuna_v1 prompt) and depth (32 layers, K=15, T=3 as the 7B preset) but narrower (hidden 1024,
+head_dim 128); answers are short, so the prefill dominates. Narrow models overweight attention against the
+linear layers (whose work KV reuse halves in layers 0..K−1), so the measured gain grows with width.
+The RoI is a fixed single box (the authors' one-component branch: a 336×336 re-encode, all 576 crop tokens
+inserted), so each path does the work a real RoI costs whatever a random RPN
+would predict. Beside each measured ratio, the theoretical one from token-layer counts (attention's quadratic
+term and the vision encoder ignored).
+
+    python benchmarks/infer_overhead.py [--quick] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="16 layers, hidden 512 (under a minute on 2 cores)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=4)
+    args = p.parse_args()
+    if args.quick:
+        args.layers, args.hidden = 16, 512
+
+    import numpy as np
+    import torch
+
+    from sdrpn_core.infer import answer_baseline, run_pass1, run_pass2
+    from sdrpn_core.models import LlavaAdapter
+    from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
+    from sdrpn_core.roi import RoIPlan
+    from sdrpn_core.rpn import RoIPredictor
+
+    torch.manual_seed(0)
+    spec = TinyLlavaSpec(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=64,
+        vision_layers=2,
+        text_hidden=args.hidden,
+        text_intermediate=int(args.hidden * 2.6875),
+        text_layers=args.layers,
+        text_heads=8,
+        text_kv_heads=8,
+    )
+    model, processor = build_tiny_llava(spec)
+    adapter = LlavaAdapter(model.to(args.device), processor)
+    K, T = args.layers // 2 - 1, 3
+    rpn = RoIPredictor.from_adapter(adapter, K=K, T=T)
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    image = Image.fromarray(rng.integers(0, 256, (600, 900, 3), dtype=np.uint8))
+    question = "what is the number written on the small sign at the left of the picture ?"
+    plan = RoIPlan("box", ((4, 8, 12, 16),))  # an 8×8-cell box inside the content area
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def baseline():
+        return answer_baseline(adapter, image, question, max_new_tokens=args.new_tokens)
+
+    def sdrpn(reuse: bool):
+        def run():
+            p1 = run_pass1(adapter, rpn, image, question, reuse_kv=reuse)
+            return run_pass2(adapter, p1, plan, max_new_tokens=args.new_tokens)
+
+        return run
+
+    paths = {"baseline": baseline, "sdrpn": sdrpn(True), "sdrpn_nokv": sdrpn(False)}
+    for fn in paths.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    outputs = {}
+    for _ in range(args.repeats):
+        for name, fn in paths.items():  # interleaved, so drifts in machine load hit all paths alike
+            sync()
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens_kv, roi_kv = outputs["sdrpn"]
+    tokens_nokv, _ = outputs["sdrpn_nokv"]
+    assert tokens_kv == tokens_nokv, "KV reuse changed the answer"
+
+    x = adapter.build_inputs([image], [question])
+    S = x.input_ids.shape[1]
+    P = int(x.image_positions[0][-1]) + 1
+    n_crop = roi_kv.n_crop_tokens
+    L = args.layers
+    base_cost = L * S
+    pass1 = (K + T - 1) * S
+    theory_nokv = (pass1 + L * (S + n_crop)) / base_cost
+    theory_kv = (pass1 + K * (S + n_crop - P) + (L - K) * (S + n_crop)) / base_cost
+
+    print(
+        f"device={args.device} layers={L} hidden={args.hidden} K={K} T={T} prompt_tokens={S} "
+        f"prefix={P} crop_tokens={n_crop} new_tokens={args.new_tokens} repeats={args.repeats}"
+    )
+    for name in paths:
+        runs = ", ".join(f"{t * 1000:.0f}" for t in times[name])
+        print(f"  {name:11s} median {med[name] * 1000:8.1f} ms  (runs: {runs})")
+    r_kv, r_nokv = med["sdrpn"] / med["baseline"], med["sdrpn_nokv"] / med["baseline"]
+    print(
+        f"  time ratio to baseline: sdrpn {r_kv:.3f} (theory {theory_kv:.3f}), "
+        f"sdrpn_nokv {r_nokv:.3f} (theory {theory_nokv:.3f})"
+    )
+    print(
+        f"  KV reuse speed-up over full recompute: {1 - med['sdrpn'] / med['sdrpn_nokv']:.1%} "
+        f"(theory {1 - theory_kv / theory_nokv:.1%}); answers identical"
+    )
+    print(
+        f"RESULT sdrpn_time_ratio={r_kv:.3f} sdrpn_nokv_time_ratio={r_nokv:.3f} "
+        f"theory_sdrpn_ratio={theory_kv:.3f} theory_sdrpn_nokv_ratio={theory_nokv:.3f} "
+        f"kv_speedup={1 - med['sdrpn'] / med['sdrpn_nokv']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
