@@ -70,8 +70,12 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_llava(spec: TinyLlavaSpec | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A random `LlavaForConditionalGeneration` and its processor, LLaVA-1.5-like in every rule we rely on."""
+def build_tiny_llava(
+    spec: TinyLlavaSpec | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random `LlavaForConditionalGeneration` and its processor, LLaVA-1.5-like in every rule we rely on.
+
+    `device` is where the weights are initialised (a 7B-sized random model initialises in seconds on a GPU)."""
     spec = spec or TinyLlavaSpec()
     tokenizer = build_tiny_tokenizer(spec.vocab_size)
     side = spec.image_size
@@ -111,7 +115,8 @@ def build_tiny_llava(spec: TinyLlavaSpec | None = None) -> tuple[LlavaForConditi
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration._from_config(config).eval()
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
