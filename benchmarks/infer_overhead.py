@@ -124,12 +124,12 @@ def main() -> None:
     )
     print(
         f"  KV reuse speed-up over full recompute: {1 - med['sdrpn'] / med['sdrpn_nokv']:.1%} "
-        f"(theory {1 - theory_kv / theory_nokv:.1%}); answers identical"
+        f"(theory {1 - theory_kv / theory_nokv:.1%}); answers identical: {identical}"
     )
     print(
         f"RESULT sdrpn_time_ratio={r_kv:.3f} sdrpn_nokv_time_ratio={r_nokv:.3f} "
         f"theory_sdrpn_ratio={theory_kv:.3f} theory_sdrpn_nokv_ratio={theory_nokv:.3f} "
-        f"kv_speedup={1 - med['sdrpn'] / med['sdrpn_nokv']:.3f}"
+        f"kv_speedup={1 - med['sdrpn'] / med['sdrpn_nokv']:.3f} answers_identical={identical}"
     )
 
 
