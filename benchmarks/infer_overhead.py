@@ -55,11 +55,13 @@ def main() -> None:
         text_hidden=args.hidden,
         text_intermediate=int(args.hidden * 2.6875),
         text_layers=args.layers,
-        text_heads=8,
-        text_kv_heads=8,
+        text_heads=args.heads,
+        text_kv_heads=args.heads,
     )
-    model, processor = build_tiny_llava(spec)
-    adapter = LlavaAdapter(model.to(args.device), processor)
+    from sdrpn_core.models.llava import resolve_dtype
+
+    model, processor = build_tiny_llava(spec, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
+    adapter = LlavaAdapter(model, processor)
     K, T = args.layers // 2 - 1, 3
     rpn = RoIPredictor.from_adapter(adapter, K=K, T=T)
     rng = np.random.default_rng(0)
@@ -111,7 +113,8 @@ def main() -> None:
     theory_kv = (pass1 + K * (S + n_crop - P) + (L - K) * (S + n_crop)) / base_cost
 
     print(
-        f"device={args.device} layers={L} hidden={args.hidden} K={K} T={T} prompt_tokens={S} "
+        f"device={args.device} dtype={adapter.dtype} heads={args.heads} layers={L} hidden={args.hidden} K={K} T={T} "
+        f"prompt_tokens={S} "
         f"prefix={P} crop_tokens={n_crop} new_tokens={args.new_tokens} repeats={args.repeats}"
     )
     for name in paths:
