@@ -11,16 +11,19 @@ from fsspec.core import url_to_fs
 
 
 def write_atomic(url: str, write: Callable[[IO[bytes]], None], **storage_options) -> None:
-    """Write to a hidden temporary name beside `url`, then move it into place.
-
-    On local disk the move is an atomic rename; on object stores a single PUT is already all-or-nothing, and
-    the temporary object is removed on failure.
+    """Local disk: write a hidden temporary file beside the target, then rename it into place (atomic).
+    Object stores: write the object directly — a PUT (or a multipart upload) becomes visible only when complete.
     """
     fs, path = url_to_fs(url, **storage_options)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     parent, _, name = path.rpartition("/")
-    tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp" if parent else f".{name}.{uuid.uuid4().hex}.tmp"
+    if protocol != "file":
+        with fs.open(path, "wb") as f:
+            write(f)
+        return
     if parent:
         fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp" if parent else f".{name}.{uuid.uuid4().hex}.tmp"
     try:
         with fs.open(tmp, "wb") as f:
             write(f)

@@ -1,9 +1,17 @@
-"""The label table: one row per sample with the teacher's raw maps and the three-state labels.
+"""The label store: teacher rows (raw maps) and label rows (three-state labels + statistics) as sharded Parquet.
 
-Schema version 1. Columns: sample_id, image, question, answer, grid_h, grid_w, image_w, image_h, n_steps,
-grounding (list<float32>), sink (list<float32>), labels (list<int8>), num_fg, num_bg, num_ignore, num_sink,
-box (list<int16>, inclusive row0,col0,row1,col1), valid, reason. The file's metadata carries the schema version
-and the parameters that produced it (JSON).
+Teacher and labels are separate stages on purpose: extraction is the expensive GPU step, thresholds are cheap to
+change, so new label parameters reuse the stored teacher rows.
+
+Schemas (version 1), one row per sample:
+
+* teacher: sample_id, image, question, answer, grid_h, grid_w, image_w, image_h, n_steps,
+  grounding (list<float32>, row-major over the grid), sink (list<float32>), image_hidden_norms (list<float32>, null
+  unless recorded).
+* labels: the teacher columns but image_hidden_norms, plus labels (list<int8>: 1 / 0 / −100), num_fg, num_bg,
+  num_ignore, num_sink, box (list<int16>, inclusive row0, col0, row1, col1), valid, reason.
+
+Readers refuse data of a newer schema version with a message saying to upgrade.
 """
 
 from __future__ import annotations
@@ -11,29 +19,37 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
-from sdrpn_core.data import Rejection
 from sdrpn_core.pseudo_labels import LabelParams
 from sdrpn_core.teacher import TeacherRecord
-from storage.files import write_atomic
+from storage.files import open_input, write_atomic
+from storage.sharded import QUARANTINE_SCHEMA, SchemaError, ShardedDataset
+from storage.store import Store
 
 SCHEMA_VERSION = 1
 
+_TEACHER_FIELDS = [
+    ("sample_id", pa.string()),
+    ("image", pa.string()),
+    ("question", pa.string()),
+    ("answer", pa.string()),
+    ("grid_h", pa.int16()),
+    ("grid_w", pa.int16()),
+    ("image_w", pa.int32()),
+    ("image_h", pa.int32()),
+    ("n_steps", pa.int16()),
+    ("grounding", pa.list_(pa.float32())),
+    ("sink", pa.list_(pa.float32())),
+]
+TEACHER_SCHEMA = pa.schema([*_TEACHER_FIELDS, ("image_hidden_norms", pa.list_(pa.float32()))])
 LABEL_SCHEMA = pa.schema(
     [
-        ("sample_id", pa.string()),
-        ("image", pa.string()),
-        ("question", pa.string()),
-        ("answer", pa.string()),
-        ("grid_h", pa.int16()),
-        ("grid_w", pa.int16()),
-        ("image_w", pa.int32()),
-        ("image_h", pa.int32()),
-        ("n_steps", pa.int16()),
-        ("grounding", pa.list_(pa.float32())),
-        ("sink", pa.list_(pa.float32())),
+        *_TEACHER_FIELDS,
         ("labels", pa.list_(pa.int8())),
         ("num_fg", pa.int32()),
         ("num_bg", pa.int32()),
@@ -45,45 +61,81 @@ LABEL_SCHEMA = pa.schema(
     ]
 )
 
-QUARANTINE_SCHEMA = pa.schema([("sample_id", pa.string()), ("reason", pa.string())])
+
+def teacher_dataset(store: Store, fingerprint: str) -> ShardedDataset:
+    return ShardedDataset(store, "teacher", fingerprint, TEACHER_SCHEMA, SCHEMA_VERSION)
 
 
-class SchemaError(ValueError):
-    pass
+def label_dataset(store: Store, fingerprint: str) -> ShardedDataset:
+    return ShardedDataset(store, "labels", fingerprint, LABEL_SCHEMA, SCHEMA_VERSION)
+
+
+def _teacher_columns(records: Sequence[TeacherRecord]) -> dict[str, list]:
+    return {
+        "sample_id": [r.sample_id for r in records],
+        "image": [r.image for r in records],
+        "question": [r.question for r in records],
+        "answer": [r.answer for r in records],
+        "grid_h": [r.grid[0] for r in records],
+        "grid_w": [r.grid[1] for r in records],
+        "image_w": [r.image_size[0] for r in records],
+        "image_h": [r.image_size[1] for r in records],
+        "n_steps": [r.n_steps for r in records],
+        "grounding": [np.asarray(r.grounding, dtype=np.float32) for r in records],
+        "sink": [np.asarray(r.sink, dtype=np.float32) for r in records],
+    }
+
+
+def teacher_table(records: Sequence[TeacherRecord]) -> pa.Table:
+    cols = _teacher_columns(records)
+    cols["image_hidden_norms"] = [
+        None if r.image_hidden_norms is None else np.asarray(r.image_hidden_norms, dtype=np.float32) for r in records
+    ]
+    return pa.Table.from_pydict(cols, schema=TEACHER_SCHEMA)
+
+
+def teacher_records(table: pa.Table) -> list[TeacherRecord]:
+    out = []
+    for r in table.to_pylist():
+        norms = r.get("image_hidden_norms")
+        out.append(
+            TeacherRecord(
+                sample_id=r["sample_id"],
+                image=r["image"],
+                question=r["question"],
+                answer=r["answer"],
+                grid=(r["grid_h"], r["grid_w"]),
+                grounding=np.asarray(r["grounding"], dtype=np.float32),
+                sink=np.asarray(r["sink"], dtype=np.float32),
+                n_steps=r["n_steps"],
+                image_size=(r["image_w"], r["image_h"]),
+                image_hidden_norms=None if norms is None else np.asarray(norms, dtype=np.float32),
+            )
+        )
+    return out
 
 
 def label_table(records: Sequence[TeacherRecord], params: LabelParams, meta: dict | None = None) -> pa.Table:
-    """Denoise every record with `params` and lay the rows out in the label schema."""
-    rows: dict[str, list] = {f.name: [] for f in LABEL_SCHEMA}
+    """Denoise every teacher record with `params` and lay the rows out in the label schema."""
+    cols = _teacher_columns(records)
+    extra: dict[str, list] = {
+        k: [] for k in ("labels", "num_fg", "num_bg", "num_ignore", "num_sink", "box", "valid", "reason")
+    }
     for r in records:
         labels, st = params.apply(r.grounding, r.sink, r.grid, image_size=r.image_size)
-        for key, value in (
-            ("sample_id", r.sample_id),
-            ("image", r.image),
-            ("question", r.question),
-            ("answer", r.answer),
-            ("grid_h", r.grid[0]),
-            ("grid_w", r.grid[1]),
-            ("image_w", r.image_size[0]),
-            ("image_h", r.image_size[1]),
-            ("n_steps", r.n_steps),
-            ("grounding", r.grounding.astype("float32")),
-            ("sink", r.sink.astype("float32")),
-            ("labels", labels.astype("int8")),
-            ("num_fg", st.num_fg),
-            ("num_bg", st.num_bg),
-            ("num_ignore", st.num_ignore),
-            ("num_sink", st.num_sink),
-            ("box", list(st.box)),
-            ("valid", st.valid),
-            ("reason", st.reason),
-        ):
-            rows[key].append(value)
+        extra["labels"].append(labels.astype(np.int8))
+        extra["num_fg"].append(st.num_fg)
+        extra["num_bg"].append(st.num_bg)
+        extra["num_ignore"].append(st.num_ignore)
+        extra["num_sink"].append(st.num_sink)
+        extra["box"].append(list(st.box))
+        extra["valid"].append(st.valid)
+        extra["reason"].append(st.reason)
     metadata = {"sdrpn.schema_version": str(SCHEMA_VERSION), "sdrpn.params": json.dumps(meta or {}, default=str)}
-    return pa.Table.from_pydict(rows, schema=LABEL_SCHEMA).replace_schema_metadata(metadata)
+    return pa.Table.from_pydict({**cols, **extra}, schema=LABEL_SCHEMA).replace_schema_metadata(metadata)
 
 
-def quarantine_table(rejected: Sequence[Rejection]) -> pa.Table:
+def quarantine_table(rejected: Sequence) -> pa.Table:
     return pa.Table.from_pydict(
         {"sample_id": [r.sample_id for r in rejected], "reason": [r.reason for r in rejected]},
         schema=QUARANTINE_SCHEMA,
@@ -91,13 +143,12 @@ def quarantine_table(rejected: Sequence[Rejection]) -> pa.Table:
 
 
 def write_table(table: pa.Table, url: str, **storage_options) -> None:
+    """One Parquet file, atomically (the single-file outputs of `sdrpn labels`)."""
     write_atomic(url, lambda f: pq.write_table(table, f), **storage_options)
 
 
 def read_label_table(url: str, **storage_options) -> pa.Table:
-    """Read a label file, refusing one written by a newer schema than this code knows."""
-    from storage.files import open_input
-
+    """Read a single label file, refusing one written by a newer schema than this code knows."""
     with open_input(url, **storage_options) as f:
         table = pq.read_table(f)
     version = int((table.schema.metadata or {}).get(b"sdrpn.schema_version", b"0"))
@@ -106,3 +157,25 @@ def read_label_table(url: str, **storage_options) -> pa.Table:
             f"{url} was written with label schema v{version}; this sdrpn reads up to v{SCHEMA_VERSION} — upgrade sdrpn"
         )
     return table
+
+
+class LabelTorchDataset(torch.utils.data.Dataset):
+    """Label rows as a torch Dataset: {sample_id, image, question, labels (int64 tensor), grid}."""
+
+    def __init__(self, table: pa.Table, *, valid_only: bool = True):
+        if valid_only:
+            table = table.filter(pc.field("valid"))
+        self._rows = table.select(["sample_id", "image", "question", "labels", "grid_h", "grid_w"]).to_pylist()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self._rows[i]
+        return {
+            "sample_id": r["sample_id"],
+            "image": r["image"],
+            "question": r["question"],
+            "labels": torch.tensor(r["labels"], dtype=torch.long),
+            "grid": (r["grid_h"], r["grid_w"]),
+        }

@@ -49,3 +49,57 @@ QUESTIONS = [
     "yes ?",
     "Who wrote this book ? Answer the question using a single word or phrase.",
 ]
+
+
+# -- stores: a temp dir and a real S3-compatible server over HTTP (moto's server on 127.0.0.1) -----------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield {"endpoint": f"http://127.0.0.1:{port}", "server": server, "port": port}
+    server.stop()
+
+
+@pytest.fixture
+def s3_settings(moto_server):
+    import uuid
+
+    import s3fs
+
+    from storage.store import StoreSettings
+
+    bucket = f"sdrpn-test-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": moto_server["endpoint"]}).mkdir(
+        bucket
+    )
+    return StoreSettings(
+        root=f"s3://{bucket}/sdrpn",
+        endpoint_url=moto_server["endpoint"],
+        key="testing",
+        secret="testing",
+        retries=3,
+        backoff_s=0.05,
+        backoff_max_s=0.2,
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    from storage.store import Store, StoreSettings
+
+    if request.param == "local":
+        return Store(StoreSettings(root=str(tmp_path / "store"), retries=2, backoff_s=0.01))
+    return Store(request.getfixturevalue("s3_settings"))
