@@ -91,12 +91,13 @@ def test_module_fingerprint_sees_weights(tiny_llava):
     fp = module_fingerprint(tiny_llava.model, adapter="llava")
     assert fp == module_fingerprint(tiny_llava.model, adapter="llava")
     p = next(tiny_llava.model.parameters())
+    original = p.detach().clone()
     with torch.no_grad():
         p.view(-1)[0] += 1.0
         try:
             assert module_fingerprint(tiny_llava.model, adapter="llava") != fp
         finally:
-            p.view(-1)[0] -= 1.0
+            p.copy_(original)  # exactly as before: the model is shared by other tests
 
 
 def _manifest(folder, n=4):
