@@ -5,8 +5,8 @@ change, so new label parameters reuse the stored teacher rows.
 
 Schemas (version 1), one row per sample:
 
-* teacher: sample_id, image, question, answer, grid_h, grid_w, image_w, image_h, n_steps,
-  grounding (list<float32>, row-major over the grid), sink (list<float32>), image_hidden_norms (list<float32>, null
+* teacher: sample_key (content hash; the row key), sample_id, image, question, answer, grid_h, grid_w, image_w,
+  image_h, n_steps, grounding (list<float32>, row-major over the grid), sink (list<float32>), image_hidden_norms (list<float32>, null
   unless recorded).
 * labels: the teacher columns but image_hidden_norms, plus labels (list<int8>: 1 / 0 / −100), num_fg, num_bg,
   num_ignore, num_sink, box (list<int16>, inclusive row0, col0, row1, col1), valid, reason.
@@ -28,10 +28,11 @@ import torch
 from sdrpn_core.pseudo_labels import LabelParams
 from sdrpn_core.teacher import TeacherRecord
 from storage.files import open_input, write_atomic
-from storage.sharded import QUARANTINE_SCHEMA, SchemaError, ShardedDataset
+from storage.sharded import SchemaError, ShardedDataset
 from storage.store import Store
 
 SCHEMA_VERSION = 1
+QUARANTINE_SCHEMA = pa.schema([("sample_id", pa.string()), ("reason", pa.string())])
 
 _TEACHER_FIELDS = [
     ("sample_id", pa.string()),
@@ -46,7 +47,9 @@ _TEACHER_FIELDS = [
     ("grounding", pa.list_(pa.float32())),
     ("sink", pa.list_(pa.float32())),
 ]
-TEACHER_SCHEMA = pa.schema([*_TEACHER_FIELDS, ("image_hidden_norms", pa.list_(pa.float32()))])
+TEACHER_SCHEMA = pa.schema(
+    [("sample_key", pa.string()), *_TEACHER_FIELDS, ("image_hidden_norms", pa.list_(pa.float32()))]
+)
 LABEL_SCHEMA = pa.schema(
     [
         *_TEACHER_FIELDS,
@@ -63,7 +66,9 @@ LABEL_SCHEMA = pa.schema(
 
 
 def teacher_dataset(store: Store, fingerprint: str) -> ShardedDataset:
-    return ShardedDataset(store, "teacher", fingerprint, TEACHER_SCHEMA, SCHEMA_VERSION)
+    """Teacher rows are keyed by `sample_key`, a hash of the sample's content (question + image bytes), so rows are
+    shared by every dataset that holds the sample: adding samples sends only the new ones through the teacher."""
+    return ShardedDataset(store, "teacher", fingerprint, TEACHER_SCHEMA, SCHEMA_VERSION, key="sample_key")
 
 
 def label_dataset(store: Store, fingerprint: str) -> ShardedDataset:
@@ -86,8 +91,10 @@ def _teacher_columns(records: Sequence[TeacherRecord]) -> dict[str, list]:
     }
 
 
-def teacher_table(records: Sequence[TeacherRecord]) -> pa.Table:
-    cols = _teacher_columns(records)
+def teacher_table(records: Sequence[TeacherRecord], keys: Sequence[str] | None = None) -> pa.Table:
+    """`keys`: each record's content key (default: its sample id)."""
+    cols = {"sample_key": list(keys) if keys is not None else [r.sample_id for r in records]}
+    cols.update(_teacher_columns(records))
     cols["image_hidden_norms"] = [
         None if r.image_hidden_norms is None else np.asarray(r.image_hidden_norms, dtype=np.float32) for r in records
     ]

@@ -33,7 +33,6 @@ from storage.store import Store, StoreError
 log = logging.getLogger(__name__)
 
 COMMITS = "_commits"
-QUARANTINE_SCHEMA = pa.schema([("sample_id", pa.string()), ("reason", pa.string())])
 
 
 class SchemaError(ValueError):
@@ -56,8 +55,13 @@ def _stamp() -> str:
 
 
 class ShardedDataset:
-    def __init__(self, store: Store, kind: str, fingerprint: str, schema: pa.Schema, schema_version: int):
+    def __init__(
+        self, store: Store, kind: str, fingerprint: str, schema: pa.Schema, schema_version: int, key: str = "sample_id"
+    ):
+        """`key` is the column that identifies a row (resume skips committed keys; first commit of a key wins)."""
         self.store = store
+        self.key = key
+        self.quarantine_schema = pa.schema([(key, pa.string()), ("reason", pa.string())])
         self.prefix = f"{kind}/{fingerprint}"
         self.schema = schema
         self.schema_version = schema_version
@@ -110,7 +114,7 @@ class ShardedDataset:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         self.store.write_bytes(buf.getvalue(), self.prefix, shard)
-        ids = tuple(table.column("sample_id").to_pylist())
+        ids = tuple(table.column(self.key).to_pylist())
         record = {
             "shard": shard,
             "kind": kind,
@@ -124,11 +128,11 @@ class ShardedDataset:
         return Commit(f"{stamp}.json", shard, kind, table.num_rows, ids, self.schema_version, meta or {})
 
     def write(self, table: pa.Table, meta: dict | None = None, *, skip_committed: bool = True) -> Commit | None:
-        """Commit one shard. Rows whose sample id is already committed (or repeated in `table`) are dropped."""
+        """Commit one shard. Rows whose key is already committed (or repeated in `table`) are dropped."""
         table = table.cast(self.schema) if table.schema != self.schema else table
         seen = self.committed_ids() if skip_committed else set()
         keep, fresh = [], set()
-        for i, sid in enumerate(table.column("sample_id").to_pylist()):
+        for i, sid in enumerate(table.column(self.key).to_pylist()):
             if sid not in seen and sid not in fresh:
                 keep.append(i)
                 fresh.add(sid)
@@ -141,12 +145,13 @@ class ShardedDataset:
             table = table.take(pa.array(keep, type=pa.int64()))
         return self._commit(table, "data", meta)
 
-    def quarantine(self, rejected: Iterable, meta: dict | None = None) -> Commit | None:
-        rows = [(r.sample_id, r.reason) for r in rejected]
+    def quarantine(self, rejected: Iterable[tuple[str, str]], meta: dict | None = None) -> Commit | None:
+        """Record rejected rows as (key, reason) pairs."""
+        rows = list(rejected)
         if not rows:
             return None
         table = pa.Table.from_pydict(
-            {"sample_id": [r[0] for r in rows], "reason": [r[1] for r in rows]}, schema=QUARANTINE_SCHEMA
+            {self.key: [r[0] for r in rows], "reason": [r[1] for r in rows]}, schema=self.quarantine_schema
         )
         return self._commit(table, "quarantine", meta)
 
@@ -184,11 +189,11 @@ class ShardedDataset:
             if commit.kind != "data":
                 continue
             table = self._read_shard(
-                commit, columns if columns is None or "sample_id" in columns else [*columns, "sample_id"]
+                commit, columns if columns is None or self.key in columns else [*columns, self.key]
             )
             if table is None:
                 continue
-            ids = table.column("sample_id").to_pylist()
+            ids = table.column(self.key).to_pylist()
             keep = [i for i, sid in enumerate(ids) if sid not in seen]
             seen.update(ids)
             table = table.take(pa.array(keep, type=pa.int64())) if len(keep) < len(ids) else table
@@ -226,12 +231,12 @@ class ShardedDataset:
         if not paths:
             return pl.from_arrow(self.schema.empty_table()).lazy()  # type: ignore[union-attr]
         dataset = pads.dataset(paths, schema=self.schema, format="parquet", filesystem=self.store.fs)
-        return pl.scan_pyarrow_dataset(dataset).unique(subset=["sample_id"], keep="first", maintain_order=True)
+        return pl.scan_pyarrow_dataset(dataset).unique(subset=[self.key], keep="first", maintain_order=True)
 
     def quarantined(self) -> pa.Table:
         self._strict = False
         tables = [t for c in self.commits() if c.kind == "quarantine" if (t := self._read_shard(c, None)) is not None]
-        return pa.concat_tables(tables) if tables else QUARANTINE_SCHEMA.empty_table()
+        return pa.concat_tables(tables) if tables else self.quarantine_schema.empty_table()
 
     def stats(self) -> dict:
         commits = self.commits()

@@ -52,7 +52,7 @@ def test_resume_skips_committed_ids_and_duplicates_are_impossible(store):
     commit = reopened.write(teacher_table(records([4, 5, 6, 7, 7])))
     assert commit.rows == 2 and set(commit.ids) == {"6", "7"}
     assert reopened.write(teacher_table(records([1, 2]))) is None  # nothing new: no empty shard
-    ids = reopened.read(columns=["sample_id"]).column("sample_id").to_pylist()
+    ids = reopened.read(columns=["sample_key"]).column("sample_key").to_pylist()
     assert sorted(ids, key=int) == [str(i) for i in range(8)]
 
 
@@ -134,13 +134,14 @@ def test_two_writers_lose_and_duplicate_nothing(store):
     for t in threads:
         t.join()
     assert not errors
-    ids = teacher_dataset(store, "fp6").read(columns=["sample_id"]).column("sample_id").to_pylist()
+    ids = teacher_dataset(store, "fp6").read(columns=["sample_key"]).column("sample_key").to_pylist()
     assert sorted(map(int, ids)) == list(range(50))  # every id once: none lost, none duplicated
 
 
 def test_quarantine_table(store):
     ds = label_dataset(store, "lab2")
-    ds.quarantine([Rejection("x", "image not found: x.png"), Rejection("y", "empty question")])
+    rejected = [Rejection("x", "image not found: x.png"), Rejection("y", "empty question")]
+    ds.quarantine((r.sample_id, r.reason) for r in rejected)
     q = ds.quarantined()
     assert q.num_rows == 2 and "empty question" in q.column("reason").to_pylist()
     assert ds.read().num_rows == 0 and ds.committed_ids() == {"x", "y"}
