@@ -6,8 +6,8 @@ change, so new label parameters reuse the stored teacher rows.
 Schemas (version 1), one row per sample:
 
 * teacher: sample_key (content hash; the row key), sample_id, image, question, answer, grid_h, grid_w, image_w,
-  image_h, n_steps, grounding (list<float32>, row-major over the grid), sink (list<float32>), image_hidden_norms (list<float32>, null
-  unless recorded).
+  image_h, n_steps, grounding (list<float32>, row-major over the grid), sink (list<float32>),
+  image_hidden_norms (list<float32>, null unless recorded).
 * labels: the teacher columns but image_hidden_norms, plus labels (list<int8>: 1 / 0 / −100), num_fg, num_bg,
   num_ignore, num_sink, box (list<int16>, inclusive row0, col0, row1, col1), valid, reason.
 
