@@ -7,158 +7,47 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 log = logging.getLogger("sdrpn")
 
 
-def read_samples(path: Path) -> list:
-    """A JSONL manifest: one {"id", "image", "question"[, "domain"]} per line; relative image paths are
-    resolved against the manifest's folder. A malformed line is an error naming the line."""
-    from sdrpn_core.data import Sample
+def _config(args: argparse.Namespace):
+    from flows.pipeline import DEFAULT_CONFIG
+    from stages.config import PipelineConfig
 
-    samples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            image = row["image"]
-            if "://" not in image and not Path(image).is_absolute():
-                image = str(path.parent / image)
-            samples.append(
-                Sample(str(row.get("id", row.get("sample_id"))), image, row["question"], row.get("domain", "default"))
-            )
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SystemExit(f"{path}:{n}: bad manifest line ({type(e).__name__}: {e})") from None
-    return samples
+    cfg = PipelineConfig.from_yaml(args.config or DEFAULT_CONFIG)
+    updates = {}
+    if args.store:
+        updates["store"] = cfg.store.model_copy(update={"root": args.store})
+    if args.runner:
+        updates["runner"] = cfg.runner.model_copy(update={"kind": args.runner, "address": args.dask_address})
+    return cfg.model_copy(update=updates)
 
 
-def write_demo_inputs(folder: Path, n: int = 12, seed: int = 0) -> Path:
-    """A few synthetic scenes (clutter + a small coloured box) and questions, for a run with no downloads."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+def cmd_flow(args: argparse.Namespace) -> int:
+    """Run a flow in this process (Prefect starts a temporary API unless PREFECT_API_URL points at a server)."""
+    from flows import pipeline
 
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    colours = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220)}
-    lines = []
-    for i in range(n):
-        w, h = int(rng.integers(48, 96)), int(rng.integers(48, 96))
-        img = Image.fromarray(rng.integers(90, 170, (h, w, 3), dtype=np.uint8))
-        name, rgb = list(colours.items())[i % 3]
-        x, y = int(rng.integers(0, w - 12)), int(rng.integers(0, h - 12))
-        ImageDraw.Draw(img).rectangle([x, y, x + 11, y + 11], fill=rgb)
-        img.save(folder / f"scene{i:03d}.png")
-        lines.append(
-            json.dumps(
-                {
-                    "id": f"demo-{i:03d}",
-                    "image": f"scene{i:03d}.png",
-                    "question": f"what is the digit in the {name} box ?",
-                }
-            )
-        )
-    manifest = folder / "samples.jsonl"
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest
-
-
-def cmd_labels(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from sdrpn_core.models import load_adapter
-    from sdrpn_core.presets import get_preset
-    from sdrpn_core.pseudo_labels import LabelParams
-    from sdrpn_core.teacher import extract_teacher_maps
-    from storage.labels import label_table, quarantine_table, write_table
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    overrides = json.loads(args.preset_overrides) if args.preset_overrides else {}
-    if args.demo:
-        from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
-
-        model_dir = out / "tiny-llava"
-        if not (model_dir / "config.json").exists():
-            model, processor = build_tiny_llava(TinyLlavaSpec(image_size=64, patch_size=8))
-            model.save_pretrained(model_dir)
-            processor.save_pretrained(model_dir)
-        adapter = load_adapter(model_dir)
-        manifest = write_demo_inputs(out / "demo-inputs")
-        # random weights: attention is diffuse, so every token would pass the 1e-3 sink test; read no sink map
-        overrides = {"grounding": {2: (0, 3)}, "sink": {}, "K": 1, "T": 2, **overrides}
-        log.info("demo: tiny random LLaVA (4 layers × 4 heads, %dx%d grid), %s", *adapter.grid, manifest)
-    else:
-        if not args.model or not args.samples:
-            raise SystemExit("sdrpn labels: give --model and --samples, or --demo")
-        manifest = Path(args.samples)
-    overrides = {
-        k: ({int(layer): v for layer, v in val.items()} if k in ("grounding", "sink") else val)
-        for k, val in overrides.items()
-    }
-    preset = get_preset(args.preset, **overrides)
-    samples = read_samples(manifest)
-    if not args.demo:
-        adapter = load_adapter(args.model, dtype=args.dtype, device=args.device)
+    cfg = _config(args)
     t0 = time.perf_counter()
-    result = extract_teacher_maps(
-        adapter, samples, preset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
-    )
-    params = LabelParams.from_preset(preset)
-    table = label_table(result.records, params, meta={"preset": asdict(preset), "labels": asdict(params)})
-    write_table(table, str(out / "labels.parquet"))
-    write_table(quarantine_table(result.rejected), str(out / "quarantine.parquet"))
-    dt = time.perf_counter() - t0
-    valid = np.asarray(table.column("valid").to_pylist(), dtype=bool)
-    print(
-        f"labelled {table.num_rows} samples in {dt:.1f}s ({table.num_rows / dt:.2f}/s); "
-        f"{int(valid.sum())} usable, {int((~valid).sum())} all-ignore, {len(result.rejected)} rejected"
-    )
-    print(f"wrote {out / 'labels.parquet'} and {out / 'quarantine.parquet'}")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    import pyarrow.compute as pc
-
-    from sdrpn_core.models import load_adapter
-    from sdrpn_core.presets import get_preset
-    from sdrpn_core.train import TrainConfig, samples_from_rows, train_rpn
-    from storage.labels import read_label_table
-
-    preset = get_preset(args.preset)
-    K = args.K if args.K is not None else preset.K
-    T = args.T if args.T is not None else preset.T
-    adapter = load_adapter(args.model, dtype=args.dtype, device=args.device)
-    table = read_label_table(args.labels)
-    table = table.filter(pc.field("valid"))
-    config = TrainConfig(
-        K=K,
-        T=T,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
-    result = train_rpn(
-        adapter,
-        samples_from_rows(table.to_pylist()),
-        config,
-        out_dir=args.out,
-        rpn_fields={"preset": preset.name, "base_model": str(args.model)},
-    )
-    result.rpn.save(Path(args.out) / "rpn")
-    last = result.history[-1]
-    print(
-        f"trained {result.steps} steps on {table.num_rows} samples; final loss {last['loss']:.4f}; "
-        f"{len(result.rejected)} unreadable samples skipped"
-    )
-    print(f"wrote {Path(args.out) / 'rpn'}")
+    if args.command == "run":
+        summary = pipeline.sdrpn(cfg)
+        for s in summary["scores"]:
+            rel = f"{s['relative_throughput']:.2f}x" if s.get("relative_throughput") else "-"
+            print(f"{s['method']:9s} accuracy {s['accuracy']:.3f}  {s['samples_per_s']:.2f} samples/s  ({rel})")
+        print(f"report: {summary['eval']}/report.md")
+    elif args.command == "labels":
+        ref = pipeline.labels_flow(cfg)
+        print(f"labels: {ref.url} ({ref.rows} samples, {ref.usable} usable) {ref.stats}")
+    elif args.command == "train":
+        ref = pipeline.train_flow(cfg)
+        print(f"RPN: {ref.url} ({ref.steps} steps, final loss {ref.final_loss:.4f})")
+    else:
+        ref = pipeline.eval_flow(cfg)
+        print(json.dumps(list(ref.scores), indent=1))
+        print(f"report: {ref.url}/report.md")
+    print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -209,36 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdrpn", description="SD-RPN: self-distilled RoI predictors for MLLMs")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    lab = sub.add_parser("labels", help="teacher attention → pseudo-labels for a sample manifest")
-    lab.add_argument("--model", help="model folder or hub id")
-    lab.add_argument("--samples", help="JSONL manifest of {id, image, question}")
-    lab.add_argument("--demo", action="store_true", help="tiny random LLaVA on synthetic scenes (no downloads)")
-    lab.add_argument("--preset", default="llava-1.5-7b")
-    lab.add_argument("--preset-overrides", help='JSON, e.g. \'{"grounding": {"14": [13, 24]}}\'')
-    lab.add_argument("--out", default="runs/labels")
-    lab.add_argument("--batch-size", type=int, default=8)
-    lab.add_argument("--max-new-tokens", type=int, default=None)
-    lab.add_argument("--device", default="cpu")
-    lab.add_argument("--dtype", default="auto")
-    lab.set_defaults(func=cmd_labels)
-
-    tr = sub.add_parser("train", help="train the RPN on a labels.parquet")
-    tr.add_argument("--model", required=True)
-    tr.add_argument("--labels", required=True, help="labels.parquet written by `sdrpn labels`")
-    tr.add_argument("--preset", default="llava-1.5-7b")
-    tr.add_argument("--K", type=int, default=None, help="backbone depth (default: the preset's)")
-    tr.add_argument("--T", type=int, default=None, help="RPN depth (default: the preset's)")
-    tr.add_argument("--lr", type=float, default=5e-5)
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--grad-accum", type=int, default=1)
-    tr.add_argument("--epochs", type=int, default=1)
-    tr.add_argument("--max-steps", type=int, default=None)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--checkpoint-every", type=int, default=50)
-    tr.add_argument("--out", default="runs/train", help="checkpoints here; a rerun resumes; final RPN in OUT/rpn")
-    tr.add_argument("--device", default="cpu")
-    tr.add_argument("--dtype", default="auto")
-    tr.set_defaults(func=cmd_train)
+    helps = {
+        "run": "the whole pipeline: teacher → labels → RPN → evaluation",
+        "labels": "teacher attention → pseudo-labels for the training data",
+        "train": "labels, then the RPN",
+        "eval": "evaluate baseline / SD-RPN with the newest RPN for the model",
+    }
+    for name, text in helps.items():
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("config", nargs="?", help="pipeline YAML (default: configs/default.yaml)")
+        sp.add_argument("--store", help="override store.root (a folder or s3://bucket/prefix)")
+        sp.add_argument("--runner", choices=["threads", "dask"], help="task runner for the teacher shards")
+        sp.add_argument("--dask-address", help="a running Dask scheduler (default: a temporary LocalCluster)")
+        sp.set_defaults(func=cmd_flow)
 
     pr = sub.add_parser("predict", help="answer one question about one image with SD-RPN")
     pr.add_argument("image")
@@ -262,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's per-request client log
     return args.func(args)
 
 

@@ -130,8 +130,10 @@ def make_pseudo_labels_with_stats(
 
     area = (r1 - r0 + 1) * (c1 - c0 + 1)
     reason = ""
-    if area >= max_box_frac * n:
-        reason = "no foreground" if not fg.any() else "foreground box too large"
+    if not fg.any():
+        reason = "no foreground"
+    elif area >= max_box_frac * n:
+        reason = "foreground box too large"
     elif variant == "qwen" and m < min_max_attn:
         reason = "attention too weak"
     labels = np.full(n, IGNORE, dtype=np.int64)

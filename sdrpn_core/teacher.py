@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -83,12 +84,22 @@ class _Capture:
         self.steps[layer].append(probs.gather(2, index))
 
 
-_ACTIVE: list[_Capture] = []  # the capture of the generate call in flight (one at a time per process)
+class _ActiveCaptures(threading.local):
+    """The capture of the generate call in flight, per thread: concurrent teacher runs (threaded task runners)
+    on one shared model must not see each other's attention."""
+
+    def __init__(self):
+        self.stack: list[_Capture] = []
+
+
+_ACTIVE = _ActiveCaptures()
+_SWITCH_LOCK = threading.Lock()
+_USERS: dict[int, tuple[int, str]] = {}  # id(model) → (threads capturing on it, implementation to restore)
 
 
 def _make_capture_fn(delegate):
     def capture_attention(module, query, key, value, attention_mask, **kwargs):
-        cap = _ACTIVE[-1] if _ACTIVE else None
+        cap = _ACTIVE.stack[-1] if _ACTIVE.stack else None
         if cap is not None and query.shape[2] == 1 and id(module) in cap.layer_of:
             cap.record(module, query, key, attention_mask, kwargs.get("scaling", module.scaling))
         return delegate(module, query, key, value, attention_mask, **kwargs)
@@ -104,21 +115,32 @@ for _base, _fn in _IMPLS.items():
 
 @contextlib.contextmanager
 def capturing(adapter: VLMAdapter, heads: HeadMap, image_positions: torch.Tensor) -> Iterator[_Capture]:
-    """Route the language model's attention through the capture function for the duration of one generate."""
+    """Route the language model's attention through the capture function for the duration of one generate.
+
+    The switch is reference-counted per model, so threads generating on the same model concurrently keep the
+    capture function installed until the last one leaves; outside a capture it behaves as the base kernel."""
     model = adapter.model
-    text_cfg = model.config.text_config
-    previous = text_cfg._attn_implementation
-    base = "eager" if previous == "eager" else "sdpa"
     modules = {id(adapter.decoder_layers[layer].self_attn): layer for layer in heads}
     resolved = {layer: list(range(adapter.num_heads)) if h is None else list(h) for layer, h in heads.items()}
     cap = _Capture(modules, resolved, image_positions)
-    model.set_attn_implementation({"text_config": f"sdrpn_capture_{base}"})
-    _ACTIVE.append(cap)
+    with _SWITCH_LOCK:
+        users, previous = _USERS.get(id(model), (0, model.config.text_config._attn_implementation))
+        if users == 0:
+            base = "eager" if previous == "eager" else "sdpa"
+            model.set_attn_implementation({"text_config": f"sdrpn_capture_{base}"})
+        _USERS[id(model)] = (users + 1, previous)
+    _ACTIVE.stack.append(cap)
     try:
         yield cap
     finally:
-        _ACTIVE.pop()
-        model.set_attn_implementation({"text_config": previous})
+        _ACTIVE.stack.pop()
+        with _SWITCH_LOCK:
+            users, previous = _USERS[id(model)]
+            if users == 1:
+                del _USERS[id(model)]
+                model.set_attn_implementation({"text_config": previous})
+            else:
+                _USERS[id(model)] = (users - 1, previous)
 
 
 # -- maps from captured steps ---------------------------------------------------------------------------------------

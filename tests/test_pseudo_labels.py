@@ -141,3 +141,8 @@ def test_hidden_norm_sink_criterion():
     a = grid_map({(5, 5): 1.0, (1, 1): 0.5})
     lab = make_pseudo_labels(a, None, grid=G, sink_mask=sinks)
     assert label_at(lab, 1, 1) == 1 and label_at(lab, 5, 5) == 0
+
+
+def test_empty_foreground_is_invalid_even_with_a_loose_box_limit():
+    lab, st = make_pseudo_labels_with_stats(np.zeros(64), None, grid=G, max_box_frac=1.5)
+    assert (lab == -100).all() and not st.valid and st.reason == "no foreground"

@@ -167,3 +167,31 @@ def test_hidden_norms_match_hidden_states(tiny_llava, tiny_preset, images):
         hs = tiny_llava.model(**x.model_kwargs(), output_hidden_states=True).hidden_states[2]
     expected = hs[0, x.image_positions[0]].norm(dim=-1).numpy()
     np.testing.assert_allclose(out.records[0].image_hidden_norms, expected, rtol=1e-5)
+
+
+def test_concurrent_threads_on_one_model_get_their_own_maps(tiny_llava, tiny_preset, images):
+    """Threaded task runners share one loaded model; each thread's capture must see only its own attention."""
+    import threading
+
+    samples = samples_for(images)
+    kw = {"eos_token_id": 10**6 % len(tiny_llava.tokenizer)}
+    sequential = [
+        extract_teacher_maps(tiny_llava, [s], tiny_preset, max_new_tokens=6, generation_kwargs=kw) for s in samples
+    ]
+    results: dict[int, object] = {}
+
+    def work(i):
+        for _ in range(3):
+            results[i] = extract_teacher_maps(
+                tiny_llava, [samples[i]], tiny_preset, max_new_tokens=6, generation_kwargs=kw
+            )
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(samples))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, seq in enumerate(sequential):
+        np.testing.assert_allclose(results[i].records[0].grounding, seq.records[0].grounding, rtol=1e-4, atol=1e-7)
+        assert results[i].records[0].grounding.sum() > 0
+    assert tiny_llava.model.config.text_config._attn_implementation == "sdpa"

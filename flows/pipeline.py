@@ -1,0 +1,217 @@
+"""The Prefect flows: `sdrpn` (the whole pipeline) and its sub-flows, each usable alone.
+
+sdrpn-labels:  model + samples → teacher shards (mapped, any task runner) → labels
+sdrpn-train:   sdrpn-labels → train
+sdrpn-eval:    model + RPN (trained here, or the store's latest for the model) + benchmark → evaluate
+sdrpn:         sdrpn-train → sdrpn-eval → score table, report and links as Prefect artifacts
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from stages.config import PipelineConfig, RunnerSection
+from stages.evaluate import EvalParams, eval_fingerprint
+from stages.labels import labels_fingerprint
+from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, RpnRef, ShardSummary
+from stages.teacher import teacher_fingerprint, teacher_ref
+from stages.train import train_fingerprint
+from tasks.stages import eval_task, labels_task, model_task, samples_task, teacher_shard_task, train_task
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def load_config(config: PipelineConfig | dict | None = None, config_path: str | None = None) -> PipelineConfig:
+    if config is not None:
+        return config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
+    return PipelineConfig.from_yaml(config_path or DEFAULT_CONFIG)
+
+
+def _result_storage(cfg: PipelineConfig):
+    """Where Prefect persists task results (its cache records): a local folder by default, or an S3 prefix.
+
+    The S3 variant is a RemoteFileSystem block holding only the endpoint; credentials stay in the AWS_* env."""
+    target = cfg.store.result_storage
+    if target is None and "://" not in cfg.store.root:
+        target = str(Path(cfg.store.root).resolve() / "_prefect")
+    if target is None:
+        target = cfg.store.root.rstrip("/") + "/_prefect"
+    if "://" not in target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        return Path(target)
+    from prefect.filesystems import RemoteFileSystem
+
+    from storage.fingerprint import hash_obj
+
+    settings = {"client_kwargs": {"endpoint_url": cfg.store.endpoint_url}} if cfg.store.endpoint_url else {}
+    name = f"sdrpn-results-{hash_obj({'target': target, 'settings': settings})}"
+    RemoteFileSystem(basepath=target, settings=settings).save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+def _runner(section: RunnerSection):
+    if section.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if section.address:
+            return DaskTaskRunner(address=section.address)
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": section.n_workers, "processes": section.processes, "threads_per_worker": 1}
+        )
+    return ThreadPoolTaskRunner(max_workers=2)
+
+
+@flow(name="sdrpn-teacher")
+def teacher_flow(cfg: PipelineConfig, model: ModelRef, dataset: DatasetRef, fp: str) -> list[ShardSummary]:
+    """The teacher shards, mapped over the flow's task runner; each shard commits to the store independently."""
+    storage = _result_storage(cfg)
+    t = cfg.teacher
+    n = max(1, min(t.shards, dataset.rows))
+    futures = teacher_shard_task.with_options(result_storage=storage).map(
+        cfg.store.settings(),
+        model,
+        dataset,
+        t.preset_obj(),
+        fp,
+        list(range(n)),
+        n,
+        t.batch_size,
+        t.chunk_size,
+        t.max_new_tokens,
+    )
+    return [f.result() for f in futures]
+
+
+def _labels(cfg: PipelineConfig) -> tuple[ModelRef, LabelsRef]:
+    settings = cfg.store.settings()
+    model = model_task(cfg.model, settings)
+    dataset = samples_task(cfg.train_data, settings)
+    preset = cfg.teacher.preset_obj()
+    t_fp = teacher_fingerprint(model, preset, cfg.teacher.max_new_tokens)
+    teacher_flow.with_options(task_runner=_runner(cfg.runner))(cfg, model, dataset, t_fp)
+    params = cfg.labels.params(preset)
+    labels = labels_task.with_options(result_storage=_result_storage(cfg))(
+        settings, dataset, t_fp, params, labels_fingerprint(t_fp, dataset, params)
+    )
+    get_run_logger().info("teacher rows at %s; labels %s", teacher_ref(_store(cfg), t_fp).url, labels.stats)
+    return model, labels
+
+
+def _train(cfg: PipelineConfig, model: ModelRef, labels: LabelsRef) -> RpnRef:
+    preset = cfg.teacher.preset_obj()
+    params = cfg.train.params(preset)
+    return train_task.with_options(result_storage=_result_storage(cfg))(
+        cfg.store.settings(), model, labels, params, preset.name, train_fingerprint(model, labels, params, preset.name)
+    )
+
+
+def _eval(cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None) -> EvalRef:
+    settings = cfg.store.settings()
+    dataset = samples_task(cfg.eval.dataset, settings)
+    e, preset = cfg.eval, cfg.teacher.preset_obj()
+    params = EvalParams(
+        tuple(e.methods),
+        e.threshold if e.threshold is not None else preset.roi_threshold,
+        e.mode,
+        e.reuse_kv,
+        e.max_new_tokens,
+        e.gallery,
+    )
+    return eval_task.with_options(result_storage=_result_storage(cfg))(
+        settings, model, rpn, dataset, params, eval_fingerprint(model, rpn, dataset, params)
+    )
+
+
+def _store(cfg: PipelineConfig):
+    from stages.common import get_store
+
+    return get_store(cfg.store.settings())
+
+
+@flow(name="sdrpn-labels")
+def labels_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> LabelsRef:
+    """Teacher extraction and pseudo-labels for the training data."""
+    return _labels(load_config(config, config_path))[1]
+
+
+@flow(name="sdrpn-train")
+def train_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> RpnRef:
+    """Labels, then the RPN."""
+    cfg = load_config(config, config_path)
+    return _train(cfg, *_labels(cfg))
+
+
+@flow(name="sdrpn-eval")
+def eval_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> EvalRef:
+    """Evaluation with the newest RPN trained for the model in this store."""
+    cfg = load_config(config, config_path)
+    model = model_task(cfg.model, cfg.store.settings())
+    rpn = _latest_rpn(cfg, model) if "sdrpn" in cfg.eval.methods else None
+    return _eval(cfg, model, rpn)
+
+
+def _latest_rpn(cfg: PipelineConfig, model: ModelRef) -> RpnRef:
+    from storage.artifacts import ArtifactStore
+
+    arts = ArtifactStore(_store(cfg))
+    fp = arts.latest(model.fingerprint, "rpn")
+    if fp is None:
+        raise ValueError(f"no trained RPN for model {model.fingerprint} in {cfg.store.root}: run `sdrpn train` first")
+    meta = arts.manifest("rpn", fp)["meta"]
+    return RpnRef(fp, arts.url("rpn", fp), meta["steps"], meta["final_loss"])
+
+
+@flow(name="sdrpn", log_prints=True)
+def sdrpn(config: PipelineConfig | None = None, config_path: str | None = None) -> dict:
+    """The whole pipeline: teacher → labels → RPN → evaluation, every stage cached on its fingerprint."""
+    cfg = load_config(config, config_path)
+    model, labels_ref = _labels(cfg)
+    rpn = _train(cfg, model, labels_ref)
+    result = _eval(cfg, model, rpn)
+    create_table_artifact(
+        key="sdrpn-scores",
+        table=[dict(s) for s in result.scores],
+        description=f"{cfg.name}: baseline vs SD-RPN on {cfg.eval.dataset.kind} data",
+    )
+    create_markdown_artifact(key="sdrpn-report", markdown=_report(cfg, labels_ref, rpn, result))
+    create_link_artifact(key="sdrpn-labels", link=_link(labels_ref.url), link_text="label dataset")
+    create_link_artifact(key="sdrpn-checkpoint", link=_link(rpn.url), link_text="RPN checkpoint")
+    create_link_artifact(key="sdrpn-eval", link=_link(result.url), link_text="predictions, scores, report")
+    summary = {
+        "model": model.fingerprint,
+        "labels": labels_ref.url,
+        "rpn": rpn.url,
+        "eval": result.url,
+        "scores": list(result.scores),
+    }
+    print(summary)
+    return summary
+
+
+def _link(url: str) -> str:
+    return url if "://" in url else Path(url).resolve().as_uri()
+
+
+def _report(cfg: PipelineConfig, labels: LabelsRef, rpn: RpnRef, result: EvalRef) -> str:
+    from storage.artifacts import ArtifactStore
+
+    stats = labels.stats
+    lines = [
+        f"# SD-RPN run: {cfg.name}",
+        "",
+        "## Pseudo-labels",
+        "",
+        f"{stats.get('samples', 0)} samples: {stats.get('usable', 0)} usable, {stats.get('all_ignore', 0)} "
+        f"all-ignore {stats.get('ignored_because', {})}, {stats.get('quarantined', 0)} rejected; per sample "
+        f"{stats.get('mean_fg', 0):.1f} foreground, {stats.get('mean_bg', 0):.1f} background, "
+        f"{stats.get('mean_sink', 0):.1f} sink tokens on average.",
+        "",
+        f"## RPN: {rpn.steps} steps, final loss {rpn.final_loss:.4f}",
+        "",
+    ]
+    report = ArtifactStore(_store(cfg)).read("eval", result.fingerprint, "report.md").decode()
+    return "\n".join(lines) + "\n" + report.replace("# Evaluation", "## Evaluation", 1)

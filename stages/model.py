@@ -1,0 +1,56 @@
+"""The `model` stage: resolve a model spec to a local folder and its fingerprint."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from sdrpn_core.models.llava import resolve_dtype
+from stages.common import cache_dir
+from stages.config import ModelSpec
+from stages.refs import ModelRef
+from storage.artifacts import ArtifactStore
+from storage.fingerprint import hash_obj, model_fingerprint
+from storage.store import Store
+
+
+def resolve_model(spec: ModelSpec, store: Store) -> ModelRef:
+    dtype = str(resolve_dtype(spec.dtype, spec.device)).removeprefix("torch.")
+    if spec.source == "tiny":
+        return _tiny(spec, store, dtype)
+    if not spec.path:
+        raise ValueError("model.path is required when model.source is 'path'")
+    folder = Path(spec.path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(spec.path))  # a hub id: the local snapshot (downloads where allowed)
+    family = spec.family
+    if family == "auto":
+        from transformers import AutoConfig
+
+        family = AutoConfig.from_pretrained(folder).model_type
+    return ModelRef(model_fingerprint(folder, adapter=family, dtype=dtype), str(folder), family, dtype, spec.device)
+
+
+def _tiny(spec: ModelSpec, store: Store, dtype: str) -> ModelRef:
+    """A seeded random tiny LLaVA, saved once into the artifact store under its fingerprint."""
+    from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
+
+    tiny = TinyLlavaSpec(**spec.tiny)
+    local = cache_dir("models") / f"tiny-{hash_obj({'tiny': tiny})}"
+    if not (local / "config.json").exists():
+        model, processor = build_tiny_llava(tiny)
+        tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=".tiny-"))
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        try:
+            tmp.rename(local)  # atomic; a concurrent builder that got there first wins
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    fp = model_fingerprint(local, adapter="llava", dtype=dtype)
+    arts = ArtifactStore(store)
+    if not arts.is_committed("models", fp):
+        arts.put_dir("models", fp, local, meta={"source": "tiny", "spec": hash_obj({"tiny": tiny})})
+    return ModelRef(fp, str(local), "llava", dtype, spec.device)

@@ -1,0 +1,63 @@
+"""What stages hand each other: small, picklable references to outputs in the store (never the data itself)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    fingerprint: str
+    path: str  # a local folder `from_pretrained` reads
+    family: str
+    dtype: str
+    device: str
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    fingerprint: str
+    manifest_url: str
+    rows: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    shard: int
+    rows: int
+    extracted: int
+    already_done: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    fingerprint: str
+    url: str
+    rows: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class LabelsRef:
+    fingerprint: str
+    url: str
+    rows: int
+    usable: int
+    stats: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class RpnRef:
+    fingerprint: str
+    url: str
+    steps: int
+    final_loss: float
+
+
+@dataclass(frozen=True)
+class EvalRef:
+    fingerprint: str
+    url: str
+    scores: tuple[dict, ...] = ()

@@ -1,0 +1,85 @@
+"""The `teacher` stage: run the frozen MLLM over a manifest shard and commit raw maps, chunk by chunk.
+
+Rows are keyed by content (`sample_key`), under a fingerprint of (model, teacher parameters, code): any dataset
+holding a sample reuses its row, and a rerun after a crash redoes only the chunks that were not committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sdrpn_core.data import Sample
+from sdrpn_core.presets import Preset
+from sdrpn_core.teacher import extract_teacher_maps
+from stages.common import load_model
+from stages.data import read_manifest
+from stages.refs import DatasetRef, ModelRef, ShardSummary, TeacherRef
+from storage.fingerprint import stage_fingerprint
+from storage.labels import teacher_dataset, teacher_table
+from storage.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def teacher_fingerprint(model: ModelRef, preset: Preset, max_new_tokens: int | None) -> str:
+    return stage_fingerprint("teacher", {"model": model.fingerprint}, {"preset": preset, "max_new": max_new_tokens})
+
+
+def shard_rows(rows: list[dict], shard: int, n_shards: int) -> list[dict]:
+    return rows[shard::n_shards]
+
+
+def extract_shard(
+    store: Store,
+    model: ModelRef,
+    dataset: DatasetRef,
+    preset: Preset,
+    teacher_fp: str,
+    shard: int,
+    n_shards: int,
+    *,
+    batch_size: int = 8,
+    chunk_size: int = 64,
+    max_new_tokens: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ShardSummary:
+    ds = teacher_dataset(store, teacher_fp)
+    rows = shard_rows(read_manifest(dataset, store), shard, n_shards)
+    done = ds.committed_ids()
+    todo, seen = [], set(done)
+    for r in rows:
+        if r["sample_key"] not in seen:
+            todo.append(r)
+            seen.add(r["sample_key"])
+    extracted = rejected = 0
+    if todo:
+        adapter = load_model(model)
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start : start + chunk_size]
+            samples = [Sample(r["sample_id"], r["image"], r["question"], r["domain"]) for r in chunk]
+            out = extract_teacher_maps(adapter, samples, preset, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            key_of = {r["sample_id"]: r["sample_key"] for r in chunk}
+            meta = {"dataset": dataset.fingerprint, "shard": shard}
+            ds.write(teacher_table(out.records, [key_of[rec.sample_id] for rec in out.records]), meta)
+            ds.quarantine(((key_of[r.sample_id], r.reason) for r in out.rejected), meta)
+            extracted += len(out.records)
+            rejected += len(out.rejected)
+            if progress is not None:
+                progress(start + len(chunk), len(todo))
+    log.info(
+        "teacher shard %d/%d: %d rows, %d extracted, %d already done, %d rejected",
+        shard,
+        n_shards,
+        len(rows),
+        extracted,
+        len(rows) - len(todo),
+        rejected,
+    )
+    return ShardSummary(shard, len(rows), extracted, len(rows) - len(todo), rejected)
+
+
+def teacher_ref(store: Store, teacher_fp: str) -> TeacherRef:
+    ds = teacher_dataset(store, teacher_fp)
+    stats = ds.stats()
+    return TeacherRef(teacher_fp, ds.url, stats["rows"], stats["quarantined"])

@@ -1,0 +1,88 @@
+"""The `train` stage: the RPN on a label dataset's usable rows → a checkpoint artifact `<root>/rpn/<fp>/`.
+
+Checkpoints go to a local scratch folder keyed by the fingerprint, so a crashed run resumes where it stopped."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Callable
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sdrpn_core.train import TrainConfig, samples_from_rows, train_rpn
+from stages.common import cache_dir, load_model
+from stages.refs import LabelsRef, ModelRef, RpnRef
+from storage.artifacts import ArtifactStore
+from storage.fingerprint import stage_fingerprint
+from storage.labels import label_dataset
+from storage.store import Store
+
+
+def train_fingerprint(model: ModelRef, labels: LabelsRef, params: TrainConfig, preset: str) -> str:
+    return stage_fingerprint(
+        "train", {"model": model.fingerprint, "labels": labels.fingerprint}, {"train": params, "preset": preset}
+    )
+
+
+def train(
+    store: Store,
+    model: ModelRef,
+    labels: LabelsRef,
+    params: TrainConfig,
+    train_fp: str,
+    preset: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> RpnRef:
+    arts = ArtifactStore(store)
+    if arts.is_committed("rpn", train_fp):
+        meta = arts.manifest("rpn", train_fp)["meta"]
+        return RpnRef(train_fp, arts.url("rpn", train_fp), meta["steps"], meta["final_loss"])
+    frame = label_dataset(store, labels.fingerprint).scan().filter(pl.col("valid")).collect()
+    if frame.height == 0:
+        raise ValueError(
+            f"no usable labels in {labels.url}: all {labels.rows} samples are all-ignore or were rejected "
+            f"({labels.stats.get('ignored_because', {})}); loosen the label parameters or check the teacher heads"
+        )
+    adapter = load_model(model)
+    scratch = cache_dir("train", train_fp)
+    result = train_rpn(
+        adapter,
+        samples_from_rows(frame.to_dicts()),
+        params,
+        out_dir=scratch,
+        rpn_fields={"preset": preset, "base_model": model.path, "base_model_fingerprint": model.fingerprint},
+        progress=progress,
+    )
+    out = scratch / "artifact"
+    shutil.rmtree(out, ignore_errors=True)
+    result.rpn.save(out)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(result.history), buf)
+    (out / "train_log.parquet").write_bytes(buf.getvalue())
+    final_loss = float(result.history[-1]["loss"])
+    arts.put_dir(
+        "rpn",
+        train_fp,
+        out,
+        meta={
+            "steps": result.steps,
+            "final_loss": final_loss,
+            "skipped_all_ignore": result.skipped_all_ignore,
+            "rejected": len(result.rejected),
+            "model": model.fingerprint,
+        },
+    )
+    arts.set_latest(model.fingerprint, "rpn", train_fp)
+    return RpnRef(train_fp, arts.url("rpn", train_fp), result.steps, final_loss)
+
+
+def load_rpn(store: Store, rpn: RpnRef, model: ModelRef):
+    from sdrpn_core.rpn import RoIPredictor
+
+    local = cache_dir("rpn", rpn.fingerprint)
+    if not (local / "rpn.safetensors").exists():
+        ArtifactStore(store).fetch_dir("rpn", rpn.fingerprint, local)
+    return RoIPredictor.load(local, load_model(model), check_fingerprint=model.fingerprint)
