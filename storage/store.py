@@ -84,6 +84,12 @@ class Store:
         except (ValueError, ImportError) as e:
             raise StoreError(f"cannot open store root {settings.root!r}: {e}") from None
         self.root_path = path.rstrip("/")
+        if settings.endpoint_url and settings.root.startswith(("s3://", "s3a://")):
+            # Images and other inputs named by plain s3:// URLs (read with fsspec.open, outside the store) must reach
+            # the same endpoint as the store; credentials still come from the AWS_* environment.
+            fsspec.config.conf.setdefault("s3", {}).setdefault("client_kwargs", {}).setdefault(
+                "endpoint_url", settings.endpoint_url
+            )
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         if self.protocol == "file":
             self.fs.makedirs(self.root_path, exist_ok=True)

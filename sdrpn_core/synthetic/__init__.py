@@ -47,16 +47,7 @@ def make_scene(
         draw.rectangle([int(x), int(y), int(x + w), int(y + h)], fill=(shade, shade, shade))
     n_boxes = 3 if variant == "select" else 1
     names = list(rng.permutation(list(COLOURS)))[:n_boxes]
-    cells = canvas // snap
-    span = box_side // snap
-    taken: list[tuple[int, int]] = []
-    boxes = []
-    while len(boxes) < n_boxes:
-        cx, cy = (int(v) for v in rng.integers(0, cells - span + 1, 2))
-        if any(abs(cx - tx) < span + 1 and abs(cy - ty) < span + 1 for tx, ty in taken):
-            continue
-        taken.append((cx, cy))
-        boxes.append((cx * snap, cy * snap, cx * snap + box_side, cy * snap + box_side))
+    boxes = _place_boxes(rng, n_boxes, canvas // snap, box_side // snap, snap, box_side)
     font = ImageFont.load_default(size=int(box_side * 0.66))
     digits = [str(int(d)) for d in rng.integers(0, 10, n_boxes)]
     for name, box, digit in zip(names, boxes, digits, strict=True):
@@ -66,6 +57,21 @@ def make_scene(
     ask = int(rng.integers(n_boxes))
     question = f"what is the digit in the {names[ask]} box ?"
     return SceneSample(sample_id, img, question, digits[ask], boxes[ask])
+
+
+def _place_boxes(rng: np.random.Generator, n: int, cells: int, span: int, snap: int, side: int) -> list[tuple]:
+    """Non-touching boxes on the snap grid; placement restarts when it paints itself into a corner."""
+    if cells < span:
+        raise ValueError(f"canvas of {cells} cells cannot hold a {span}-cell box")
+    for _ in range(200):
+        taken: list[tuple[int, int]] = []
+        for _ in range(50 * n):
+            cx, cy = (int(v) for v in rng.integers(0, cells - span + 1, 2))
+            if all(abs(cx - tx) > span or abs(cy - ty) > span for tx, ty in taken):
+                taken.append((cx, cy))
+                if len(taken) == n:
+                    return [(x * snap, y * snap, x * snap + side, y * snap + side) for x, y in taken]
+    raise ValueError(f"cannot place {n} separate {span}-cell boxes on a {cells}×{cells}-cell canvas")
 
 
 def make_split(n: int, seed: int, **scene_kwargs) -> list[SceneSample]:

@@ -1,0 +1,275 @@
+"""The Prefect layer against a real (temporary) Prefect API: end to end, caching, retries, crashes, Dask, S3."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from datetime import UTC
+
+from prefect.testing.utilities import prefect_test_harness
+
+from stages import data as data_stage
+from stages import evaluate as eval_stage
+from stages import labels as labels_stage
+from stages import teacher as teacher_stage
+from stages import train as train_stage
+from stages.config import PipelineConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api(tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    storage = tmp_path_factory.mktemp("prefect-storage")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDRPN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def make_config(root: str, **changes) -> PipelineConfig:
+    raw = {
+        "name": "test",
+        "model": {"source": "tiny", "tiny": {"image_size": 32, "patch_size": 8}},
+        "train_data": {"kind": "synthetic", "n": 12, "seed": 0, "canvas": 96},
+        "teacher": {
+            "overrides": {"grounding": {2: [0, 3]}, "sink": {}, "K": 2, "T": 2},
+            "batch_size": 4,
+            "max_new_tokens": 3,
+            "shards": 2,
+            "chunk_size": 4,
+        },
+        "labels": {"max_box_frac": 1.01, "fg_ratio": 0.9},
+        "train": {"lr": 1e-3, "batch_size": 4, "epochs": 1},
+        "eval": {"dataset": {"kind": "synthetic", "n": 4, "seed": 99, "canvas": 96}, "max_new_tokens": 3, "gallery": 2},
+        "store": {"root": root},
+    }
+    for dotted, value in changes.items():
+        node = raw
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return PipelineConfig.model_validate(raw)
+
+
+class Calls:
+    """Counts calls of stage functions (real ones run underneath)."""
+
+    def __init__(self, monkeypatch):
+        self.n: dict[str, int] = {}
+        self.samples_extracted = 0
+        for name, module, attr in [
+            ("teacher", teacher_stage, "extract_teacher_maps"),
+            ("labels", labels_stage, "denoise"),
+            ("train", train_stage, "train_rpn"),
+            ("eval", eval_stage, "evaluate"),
+        ]:
+            monkeypatch.setattr(module, attr, self._wrap(name, getattr(module, attr)))
+        from tasks import stages as task_mod
+
+        monkeypatch.setattr(task_mod.labels, "denoise", labels_stage.denoise)
+        monkeypatch.setattr(task_mod.evaluate, "evaluate", eval_stage.evaluate)
+
+    def _wrap(self, name, fn):
+        def wrapped(*args, **kwargs):
+            self.n[name] = self.n.get(name, 0) + 1
+            if name == "teacher":
+                self.samples_extracted += len(args[1])
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+
+def _task_states(since: float) -> dict[str, set[str]]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
+    from prefect.types import DateTime
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(
+                    start_time=TaskRunFilterStartTime(after_=DateTime.fromtimestamp(since, tz=UTC))
+                )
+            )
+        out: dict[str, set[str]] = {}
+        for r in runs:
+            out.setdefault(r.name.rsplit("-", 1)[0], set()).add(r.state.name)  # "labels-16c" → "labels"
+        return out
+
+    return asyncio.run(read())
+
+
+def test_full_flow_end_to_end_then_everything_cached(tmp_path, monkeypatch):
+    from flows.pipeline import sdrpn
+
+    cfg = make_config(str(tmp_path / "store"))
+    summary = sdrpn(cfg)
+    methods = {s["method"]: s for s in summary["scores"]}
+    assert set(methods) == {"baseline", "sdrpn"} and methods["baseline"]["relative_throughput"] == 1.0
+    eval_dir = Path(summary["eval"])
+    assert {"predictions.parquet", "scores.json", "report.md", "_COMMITTED.json"} <= {
+        p.name for p in eval_dir.iterdir()
+    }
+    assert len(list((eval_dir / "gallery").glob("*.png"))) == 2
+    assert (Path(summary["rpn"]) / "rpn.safetensors").exists()
+
+    calls = Calls(monkeypatch)
+    t0 = time.time()
+    again = sdrpn(cfg)
+    assert again["scores"] == summary["scores"]
+    assert calls.n == {}  # no teacher, label, training or evaluation work: every stage came from the cache
+    states = _task_states(t0)
+    for stage in ("teacher-shard", "labels", "train", "evaluate"):
+        assert states.get(stage) == {"Cached"}, (stage, states)
+
+
+def test_changing_eval_or_label_params_reruns_only_what_depends_on_them(tmp_path, monkeypatch):
+    from flows.pipeline import sdrpn
+
+    root = str(tmp_path / "store")
+    sdrpn(make_config(root))
+    calls = Calls(monkeypatch)
+    sdrpn(make_config(root, **{"eval.threshold": 0.3}))
+    assert calls.n == {"eval": 1}
+    calls.n.clear()
+    sdrpn(make_config(root, **{"eval.threshold": 0.3, "labels.fg_ratio": 0.8}))
+    assert calls.n == {"labels": 1, "train": 1, "eval": 1}  # teacher maps reused: no extraction
+
+
+def test_added_samples_go_through_the_teacher_alone(tmp_path, monkeypatch):
+    from flows.pipeline import sdrpn
+
+    root = str(tmp_path / "store")
+    sdrpn(make_config(root))
+    calls = Calls(monkeypatch)
+    sdrpn(make_config(root, **{"train_data.n": 16}))  # the same 12 scenes + 4 new ones
+    assert calls.samples_extracted == 4
+    assert calls.n["train"] == 1 and calls.n["eval"] == 1
+
+
+def test_io_task_fails_once_then_succeeds_on_retry(tmp_path, monkeypatch):
+    """Fault injection: the manifest stage hits one transient I/O error (as a flaky bucket would)."""
+    from flows.pipeline import labels_flow
+
+    real, failures = data_stage.build_manifest, []
+
+    def flaky(spec, store):
+        if not failures:
+            failures.append(1)
+            raise ConnectionError("connection reset by peer")
+        return real(spec, store)
+
+    from tasks import stages as task_mod
+
+    monkeypatch.setattr(task_mod.data, "build_manifest", flaky)
+    t0 = time.time()
+    ref = labels_flow(make_config(str(tmp_path / "store")))
+    assert failures == [1] and ref.rows == 12
+    assert "Completed" in _task_states(t0)["samples"]
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    from flows.pipeline import labels_flow
+    from stages.config import PipelineConfig
+    labels_flow(PipelineConfig.model_validate_json({cfg!r}))
+    """
+)
+
+
+def test_worker_killed_mid_extraction_then_rerun_has_one_row_per_sample(tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import labels_flow
+    from stages.common import get_store
+    from storage.labels import label_dataset, teacher_dataset
+
+    cfg = make_config(
+        str(tmp_path / "store"),
+        **{"train_data.n": 80, "teacher.chunk_size": 2, "teacher.max_new_tokens": 8, "teacher.shards": 1},
+    )
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER.format(root=str(ROOT), cfg=cfg.model_dump_json())],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    commits_dir = tmp_path / "store" / "teacher"
+    deadline = time.time() + 120
+    killed_at = 0
+    while time.time() < deadline and proc.poll() is None:
+        commits = list(commits_dir.glob("*/_commits/*.json"))
+        if len(commits) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = len(commits)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=30)
+    assert killed_at, f"worker ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    (teacher_fp,) = [p.name for p in commits_dir.iterdir()]
+    store = get_store(cfg.store.settings())
+    assert 0 < len(teacher_dataset(store, teacher_fp).committed_ids()) < 80  # a crash mid-way
+
+    ref = labels_flow(cfg)
+    keys = teacher_dataset(store, teacher_fp).read(columns=["sample_key"]).column("sample_key").to_pylist()
+    assert len(keys) == len(set(keys)) == 80
+    ids = label_dataset(store, ref.fingerprint).read(columns=["sample_id"]).column("sample_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 80 == ref.rows
+
+
+def test_dask_runner_gives_the_same_rows_as_threads(tmp_path):
+    import numpy as np
+
+    from flows.pipeline import labels_flow
+    from stages.common import get_store
+    from storage.labels import label_dataset
+
+    def rows(root, **changes):
+        cfg = make_config(root, **changes)
+        ref = labels_flow(cfg)
+        table = label_dataset(get_store(cfg.store.settings()), ref.fingerprint).read()
+        return {r["sample_id"]: (r["answer"], np.asarray(r["grounding"])) for r in table.to_pylist()}
+
+    threads = rows(str(tmp_path / "a"))
+    dask = rows(str(tmp_path / "b"), **{"runner.kind": "dask", "runner.n_workers": 2, "runner.processes": False})
+    assert threads.keys() == dask.keys() and len(threads) == 12
+    for sid, (answer, grounding) in threads.items():
+        assert dask[sid][0] == answer
+        np.testing.assert_allclose(dask[sid][1], grounding, rtol=1e-5)
+
+
+def test_full_flow_on_s3(moto_server, s3_settings, tmp_path, monkeypatch):
+    from flows.pipeline import sdrpn
+    from storage.store import Store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    cfg = make_config(s3_settings.root, **{"store.endpoint_url": moto_server["endpoint"]})
+    summary = sdrpn(cfg)
+    assert summary["rpn"].startswith("s3://") and summary["eval"].startswith("s3://")
+    store = Store(cfg.store.settings())
+    assert store.ls("_prefect")  # Prefect's cache records live in the bucket too
+    calls = Calls(monkeypatch)
+    assert sdrpn(cfg)["scores"] == summary["scores"] and calls.n == {}
