@@ -1,34 +1,57 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from flows.cli import main
 from sdrpn_core.pseudo_labels import LabelParams
 from sdrpn_core.teacher import TeacherRecord
+from sdrpn_core.train import TrainConfig, TrainSample, train_rpn
+from stages.config import DatasetSpec, PipelineConfig
+from stages.data import build_manifest
 from storage.labels import SCHEMA_VERSION, SchemaError, label_table, read_label_table, write_table
+from storage.store import Store
 from tests.conftest import random_image
-
-
-def test_labels_demo_writes_label_and_quarantine_tables(tmp_path, capsys):
-    assert main(["labels", "--demo", "--max-new-tokens", "4", "--out", str(tmp_path)]) == 0
-    table = read_label_table(str(tmp_path / "labels.parquet"))
-    assert table.num_rows == 12
-    row = table.slice(0, 1).to_pylist()[0]
-    assert len(row["grounding"]) == len(row["labels"]) == row["grid_h"] * row["grid_w"] == 64
-    assert row["num_fg"] + row["num_bg"] + row["num_ignore"] == 64
-    assert pq.read_table(tmp_path / "quarantine.parquet").num_rows == 0
-    assert "labelled 12 samples" in capsys.readouterr().out
-    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_bad_manifest_line_is_named(tmp_path):
     manifest = tmp_path / "samples.jsonl"
+    random_image(0).save(tmp_path / "x.png")
     manifest.write_text('{"id": "a", "image": "x.png", "question": "q"}\n{"id": "b", "question": "q"}\n')
-    with pytest.raises(SystemExit, match=r"samples.jsonl:2: bad manifest line"):
-        main(["labels", "--model", "unused", "--samples", str(manifest)])
+    with pytest.raises(ValueError, match=r"samples.jsonl:2: bad manifest line"):
+        build_manifest(DatasetSpec(kind="jsonl", path=str(manifest)), Store(str(tmp_path / "store")))
+
+
+def test_jsonl_manifest_resolves_relative_images_and_is_stable(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        random_image(i).save(tmp_path / "imgs" / f"{i}.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        "".join(f'{{"id": "s{i}", "image": "imgs/{i}.png", "question": "q{i}", "answers": ["7"]}}\n' for i in range(3))
+    )
+    store = Store(str(tmp_path / "store"))
+    ref = build_manifest(DatasetSpec(kind="jsonl", path=str(manifest)), store)
+    assert ref.rows == 3 and ref == build_manifest(DatasetSpec(kind="jsonl", path=str(manifest)), store)
+    from stages.data import read_manifest
+
+    rows = read_manifest(ref, store)
+    assert rows[0]["image"] == str(tmp_path / "imgs" / "0.png") and rows[0]["answers"] == ["7"]
+    assert len({r["sample_key"] for r in rows}) == 3
+
+
+def test_config_yaml_validation(tmp_path):
+    good = tmp_path / "c.yaml"
+    good.write_text("model: {source: tiny}\nteacher: {overrides: {grounding: {2: [0, 3]}, sink: {0: null}}}\n")
+    cfg = PipelineConfig.from_yaml(good)
+    assert cfg.teacher.preset_obj().grounding == {2: (0, 3)} and cfg.teacher.preset_obj().sink == {0: None}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {source: tiny}\ntrian: {lr: 1}\n")  # a typo'd section is an error, not ignored
+    with pytest.raises(ValueError, match="trian"):
+        PipelineConfig.from_yaml(bad)
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):
+        PipelineConfig.from_yaml(tmp_path / "nope.yaml")
 
 
 def test_newer_label_schema_is_refused(tmp_path):
@@ -41,55 +64,31 @@ def test_newer_label_schema_is_refused(tmp_path):
         read_label_table(str(tmp_path / "new.parquet"))
 
 
-def test_train_then_predict_from_the_command_line(tmp_path, tiny_llava_dir, capsys):
-    # Labels whose foreground is the image's top-left quadrant, as if a teacher had looked there.
-    records = []
+def test_predict_prints_the_answer_and_writes_an_overlay(tmp_path, tiny_llava, tiny_llava_dir, capsys):
+    samples = []
     for i in range(8):
-        path = tmp_path / f"img{i}.png"
-        random_image(i, (40, 40)).save(path)
-        grounding = np.full((4, 4), 1e-4)
-        grounding[0:2, 0:2] = 1.0
-        records.append(
-            TeacherRecord(
-                f"s{i}", str(path), "what is the digit ?", "7", (4, 4), grounding.ravel(), np.zeros(16), 2, (40, 40)
-            )
-        )
-    write_table(label_table(records, LabelParams()), str(tmp_path / "labels.parquet"))
-    out = tmp_path / "train"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                tiny_llava_dir,
-                "--labels",
-                str(tmp_path / "labels.parquet"),
-                "--K",
-                "1",
-                "--T",
-                "2",
-                "--lr",
-                "5e-3",
-                "--batch-size",
-                "4",
-                "--epochs",
-                "3",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
+        labels = np.full(16, -100)
+        labels[[0, 1, 4, 5]] = 1  # the top-left quadrant, as if a teacher had looked there
+        labels[[10, 11, 14, 15]] = 0
+        samples.append(TrainSample(f"s{i}", random_image(i, (40, 40)), "what is the digit ?", labels))
+    result = train_rpn(
+        tiny_llava,
+        samples,
+        TrainConfig(K=1, T=2, lr=5e-3, batch_size=4, epochs=3),
+        rpn_fields={"base_model": tiny_llava_dir},
     )
-    assert (out / "rpn" / "rpn.safetensors").exists() and (out / "checkpoint" / "state.json").exists()
+    result.rpn.save(tmp_path / "rpn")
+    image = tmp_path / "img.png"
+    random_image(0, (40, 40)).save(image)
     overlay = tmp_path / "overlay.png"
     assert (
         main(
             [
                 "predict",
-                str(tmp_path / "img0.png"),
+                str(image),
                 "what is the digit ?",
                 "--rpn",
-                str(out / "rpn"),
+                str(tmp_path / "rpn"),
                 "--max-new-tokens",
                 "3",
                 "--overlay",

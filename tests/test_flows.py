@@ -273,3 +273,18 @@ def test_full_flow_on_s3(moto_server, s3_settings, tmp_path, monkeypatch):
     assert store.ls("_prefect")  # Prefect's cache records live in the bucket too
     calls = Calls(monkeypatch)
     assert sdrpn(cfg)["scores"] == summary["scores"] and calls.n == {}
+
+
+def test_cli_run_then_eval(tmp_path, capsys):
+    from flows.cli import main
+
+    cfg = make_config(str(tmp_path / "store"))
+    path = tmp_path / "config.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "baseline  accuracy" in out and "sdrpn     accuracy" in out and "report:" in out
+    assert main(["eval", str(path)]) == 0  # the newest RPN for the model is found in the store
+    assert '"method": "sdrpn"' in capsys.readouterr().out
