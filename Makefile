@@ -6,9 +6,8 @@ BIN    := $(VENV)/bin
 # Outside these machines, add e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
 TORCH_VERSION  ?= 2.13.0
 TORCH_PIP_ARGS ?=
-DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test lint bench-quick clean
+.PHONY: setup demo test test-fast lint bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/sdrpn labels --demo --max-new-tokens 16 --out $(DEMO_OUT)
+	$(BIN)/sdrpn run configs/default.yaml
 
 lint: setup
 	$(BIN)/ruff check .
@@ -28,8 +27,11 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest -q
 
+test-fast: setup lint  # without the real-server deployment test
+	$(BIN)/python -m pytest -q -m "not server"
+
 bench-quick: setup
-	$(BIN)/python benchmarks/teacher_memory.py --quick
+	for b in teacher_memory infer_overhead label_store rerun; do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs data

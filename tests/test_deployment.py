@@ -1,0 +1,97 @@
+"""A real `prefect server` + process worker drive `prefect deployment run sdrpn/full` to completion.
+
+Slow (a server and a worker start): `pytest -m "not server"` skips it locally; CI runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_flows import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.server
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prefect(env, *args, timeout=120, check=True):
+    proc = subprocess.run(
+        [str(BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def test_deployment_run_sdrpn_full(tmp_path):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PWD": str(ROOT),
+        "SDRPN_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise AssertionError("prefect server did not start") from None
+                time.sleep(0.5)
+        _prefect(env, "work-pool", "create", "sdrpn-process", "--type", "process")
+        _prefect(env, "deploy", "--all", "--no-prompt")
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(make_config(str(tmp_path / "store")).model_dump(mode="json")))
+        out = _prefect(env, "deployment", "run", "sdrpn/full", "--param", f"config_path={config}")
+        assert "sdrpn/full" in out or "Created flow run" in out
+        _prefect(env, "worker", "start", "--pool", "sdrpn-process", "--run-once", timeout=400)
+        runs = json.loads(
+            _prefect(
+                env,
+                "api",
+                "POST",
+                "/flow_runs/filter",
+                "--data",
+                json.dumps({"flow_runs": {"deployment_id": {"is_null_": False}}}),
+            )
+        )
+        assert [r["state_type"] for r in runs] == ["COMPLETED"], runs
+        assert list((tmp_path / "store" / "eval").glob("*/_COMMITTED.json"))  # the run wrote its report
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
