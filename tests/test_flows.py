@@ -96,6 +96,21 @@ class Calls:
         return wrapped
 
 
+def _artifacts(progress: bool = False):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    arts = asyncio.run(read())
+    if progress:
+        return arts
+    return {a.key: a for a in arts if a.key}
+
+
 def _task_states(since: float) -> dict[str, set[str]]:
     import asyncio
 
@@ -131,6 +146,13 @@ def test_full_flow_end_to_end_then_everything_cached(tmp_path, monkeypatch):
     }
     assert len(list((eval_dir / "gallery").glob("*.png"))) == 2
     assert (Path(summary["rpn"]) / "rpn.safetensors").exists()
+    artifacts = _artifacts()
+    assert {"sdrpn-scores", "sdrpn-report", "sdrpn-labels", "sdrpn-checkpoint", "sdrpn-eval"} <= set(artifacts)
+    assert artifacts["sdrpn-scores"].type == "table" and "baseline" in str(artifacts["sdrpn-scores"].data)
+    assert (
+        "data:image/png;base64," in artifacts["sdrpn-report"].data and "Pseudo-labels" in artifacts["sdrpn-report"].data
+    )
+    assert any(a.type == "progress" for a in _artifacts(progress=True))
 
     calls = Calls(monkeypatch)
     t0 = time.time()
