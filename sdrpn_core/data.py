@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import fsspec
@@ -49,10 +50,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: str | Image.Image) -> Image.Image:
-    """Open and fully decode an image; raise BadSample naming the file and the problem."""
+def load_image(source: str | bytes | Image.Image) -> Image.Image:
+    """Open and fully decode an image (a path / URL, encoded bytes, or a PIL image); raise BadSample naming the
+    file and the problem."""
     if isinstance(source, Image.Image):
         image = source
+    elif isinstance(source, bytes):
+        try:
+            image = Image.open(io.BytesIO(source))
+            image.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BadSample(f"undecodable embedded image ({len(source)} bytes): {e}") from None
     else:
         try:
             with fsspec.open(source, "rb") as f:

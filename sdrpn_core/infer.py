@@ -99,6 +99,12 @@ def answer_baseline(adapter: VLMAdapter, image: Image.Image | str, question: str
     return _finish(adapter, tokens, None, {"prefill": t1 - t0, "decode": time.perf_counter() - t1})
 
 
+def encode_crops(adapter: VLMAdapter, image: Image.Image, pixel_boxes: list[PixelBox]) -> torch.Tensor:
+    """Each box cropped from the full-resolution image, resized to the vision input, encoded → [n, n_img, D]."""
+    pixels = torch.stack([adapter.crop_pixel_values(image.crop(b)) for b in pixel_boxes])
+    return adapter.encode_images(pixels)
+
+
 def crop_tokens(
     adapter: VLMAdapter, image: Image.Image, plan: RoIPlan
 ) -> tuple[torch.Tensor | None, list[PixelBox], str]:
@@ -112,12 +118,77 @@ def crop_tokens(
     ]
     if not pixel_boxes:
         return None, [], "RoI lies in the square padding, outside the image"
-    pixels = torch.stack([adapter.crop_pixel_values(image.crop(b)) for b in pixel_boxes])
-    feats = adapter.encode_images(pixels)  # [n_crops, n_img, D]
+    feats = encode_crops(adapter, image, pixel_boxes)
     if plan.kind == "mask":
         keep = torch.as_tensor(plan.keep_mask.reshape(-1), device=feats.device)
         return feats[0, keep], pixel_boxes, ""
     return feats.reshape(-1, feats.shape[-1]), pixel_boxes, ""
+
+
+@torch.inference_mode()
+def answer_with_boxes(
+    adapter: VLMAdapter,
+    image: Image.Image | str,
+    question: str,
+    pixel_boxes: list[PixelBox],
+    max_new_tokens: int = 128,
+) -> Answer:
+    """Answer with given source-pixel crops inserted after the image tokens (the oracle and ViCrop rows)."""
+    t0 = time.perf_counter()
+    image, x, embeds = _inputs(adapter, image, question)
+    if pixel_boxes:
+        crop = encode_crops(adapter, image, pixel_boxes).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        prefix = int(x.image_positions[0][-1]) + 1
+        embeds = torch.cat([embeds[:, :prefix], crop[None], embeds[:, prefix:]], dim=1)
+    logits, cache = _full_prefill(adapter, embeds)
+    tokens = _greedy(adapter, cache, logits, embeds.shape[1], max_new_tokens)
+    return _finish(adapter, tokens, None, {"total": time.perf_counter() - t0})
+
+
+VICROP_GENERIC_PROMPT = "Write a general description of the image."
+
+
+@torch.inference_mode()
+def vicrop_map(adapter: VLMAdapter, image: Image.Image, question: str, layer: int) -> np.ndarray:
+    """ViCrop's rel-att map: the last prompt token's attention to the image for the question, divided by that for
+    a generic description prompt (two extra partial prefills, batched), at one layer, mean over heads."""
+    from sdrpn_core.teacher import prompt_attention
+
+    px = adapter.pixel_values(image)
+    att = prompt_attention(adapter, adapter.collate([px, px], [question, VICROP_GENERIC_PROMPT]), layer)
+    return (att[0] / (att[1] + 1e-8)).numpy().reshape(adapter.grid)
+
+
+def best_window(score: np.ndarray, side: int) -> tuple[int, int, int, int]:
+    """The side×side window (grid cells) with the largest total score → (x0, y0, x1, y1), exclusive."""
+    h, w = score.shape
+    side = max(1, min(side, h, w))
+    cum = np.pad(score, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    sums = cum[side:, side:] - cum[:-side, side:] - cum[side:, :-side] + cum[:-side, :-side]
+    y, x = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return int(x), int(y), int(x) + side, int(y) + side
+
+
+def answer_vicrop(
+    adapter: VLMAdapter,
+    image: Image.Image | str,
+    question: str,
+    *,
+    layer: int,
+    window_frac: float = 0.5,
+    max_new_tokens: int = 128,
+) -> Answer:
+    """Training-free ViCrop (rel-att): crop the window of highest relative attention, append its tokens."""
+    t0 = time.perf_counter()
+    image = load_image(image)
+    ratio = vicrop_map(adapter, image, question, layer)
+    box = best_window(ratio, round(adapter.grid[0] * window_frac))
+    pixel = grid_box_to_pixels(box, image.size, adapter.grid, adapter.vision_size)
+    answer = answer_with_boxes(adapter, image, question, [pixel] if pixel else [], max_new_tokens)
+    plan = RoIPlan("box" if pixel else "none", (box,), prob=ratio / max(float(ratio.max()), 1e-8))
+    answer.roi = RoIOutcome(plan, ratio, [pixel] if pixel else [], adapter.num_image_tokens if pixel else 0)
+    answer.seconds = {"total": time.perf_counter() - t0}
+    return answer
 
 
 @torch.inference_mode()

@@ -63,7 +63,10 @@ class TeacherOutput:
 class _Capture:
     """Per-generate state: which attention modules to read, their heads, and the image columns of each row."""
 
-    def __init__(self, modules: dict[int, int], heads: dict[int, list[int]], image_positions: torch.Tensor):
+    def __init__(
+        self, modules: dict[int, int], heads: dict[int, list[int]], image_positions: torch.Tensor, prefill: bool = False
+    ):
+        self.prefill = prefill  # read the last prompt token's row at prefill (ViCrop) instead of decode steps
         self.layer_of = modules  # id(self_attn module) → layer index
         self.heads = heads  # layer → head indices read (all heads when the preset says None)
         self.image_positions = image_positions  # [B, n_img]
@@ -100,8 +103,13 @@ _USERS: dict[int, tuple[int, str]] = {}  # id(model) → (threads capturing on i
 def _make_capture_fn(delegate):
     def capture_attention(module, query, key, value, attention_mask, **kwargs):
         cap = _ACTIVE.stack[-1] if _ACTIVE.stack else None
-        if cap is not None and query.shape[2] == 1 and id(module) in cap.layer_of:
-            cap.record(module, query, key, attention_mask, kwargs.get("scaling", module.scaling))
+        if cap is not None and id(module) in cap.layer_of:
+            scaling = kwargs.get("scaling", module.scaling)
+            if query.shape[2] == 1 and not cap.prefill:
+                cap.record(module, query, key, attention_mask, scaling)
+            elif query.shape[2] > 1 and cap.prefill:
+                last_mask = attention_mask[..., -1:, :] if attention_mask is not None else None
+                cap.record(module, query[:, :, -1:], key, last_mask, scaling)
         return delegate(module, query, key, value, attention_mask, **kwargs)
 
     return capture_attention
@@ -114,7 +122,9 @@ for _base, _fn in _IMPLS.items():
 
 
 @contextlib.contextmanager
-def capturing(adapter: VLMAdapter, heads: HeadMap, image_positions: torch.Tensor) -> Iterator[_Capture]:
+def capturing(
+    adapter: VLMAdapter, heads: HeadMap, image_positions: torch.Tensor, prefill: bool = False
+) -> Iterator[_Capture]:
     """Route the language model's attention through the capture function for the duration of one generate.
 
     The switch is reference-counted per model, so threads generating on the same model concurrently keep the
@@ -122,7 +132,7 @@ def capturing(adapter: VLMAdapter, heads: HeadMap, image_positions: torch.Tensor
     model = adapter.model
     modules = {id(adapter.decoder_layers[layer].self_attn): layer for layer in heads}
     resolved = {layer: list(range(adapter.num_heads)) if h is None else list(h) for layer, h in heads.items()}
-    cap = _Capture(modules, resolved, image_positions)
+    cap = _Capture(modules, resolved, image_positions, prefill)
     with _SWITCH_LOCK:
         users, previous = _USERS.get(id(model), (0, model.config.text_config._attn_implementation))
         if users == 0:
@@ -320,6 +330,27 @@ def extract_teacher_maps(
                     rejected.append(_failed(ready[0][0], e))
         bar.update(len(chunk), rejected=len(rejected))
     return TeacherOutput(records, rejected)
+
+
+@torch.inference_mode()
+def prompt_attention(
+    adapter: VLMAdapter, inputs: VLMInputs, layer: int, heads: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Softmax attention of the last prompt token to the image tokens at `layer`, mean over `heads` (all by
+    default) → [B, n_img]. Only layers 0..layer run (the map ViCrop's rel-att method is built from)."""
+    from sdrpn_core.models.decoder import layer_inputs, positions_from_mask, run_layers
+
+    if not 0 <= layer < adapter.num_layers:
+        raise ValueError(f"layer {layer} is outside the model's {adapter.num_layers} layers")
+    inputs = inputs.to(adapter.device, adapter.dtype)
+    positions = torch.stack(inputs.image_positions)
+    embeds = adapter.embed(inputs.input_ids, inputs.pixel_values)
+    pos = positions_from_mask(inputs.attention_mask)
+    padded = not bool(inputs.attention_mask.all())
+    mask, pe = layer_inputs(adapter, embeds, pos, inputs.attention_mask if padded else None)
+    with capturing(adapter, {layer: heads}, positions, prefill=True) as cap:
+        run_layers(adapter.decoder_layers[: layer + 1], embeds, mask, pe, pos)
+    return cap.steps[layer][0].float().mean(1).cpu()
 
 
 def reference_maps_output_attentions(

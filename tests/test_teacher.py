@@ -195,3 +195,23 @@ def test_concurrent_threads_on_one_model_get_their_own_maps(tiny_llava, tiny_pre
         np.testing.assert_allclose(results[i].records[0].grounding, seq.records[0].grounding, rtol=1e-4, atol=1e-7)
         assert results[i].records[0].grounding.sum() > 0
     assert tiny_llava.model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_prompt_attention_equals_output_attentions(tiny_llava, images):
+    from sdrpn_core.teacher import prompt_attention
+
+    x = tiny_llava.build_inputs(images[:2], QUESTIONS[:2])
+    ours = prompt_attention(tiny_llava, x, layer=2)
+    previous = tiny_llava.model.config.text_config._attn_implementation
+    tiny_llava.model.set_attn_implementation({"text_config": "eager"})
+    try:
+        from sdrpn_core.models.decoder import positions_from_mask
+
+        with torch.no_grad():
+            out = tiny_llava.model(**x.model_kwargs(), position_ids=positions_from_mask(x.attention_mask),
+                                   output_attentions=True)
+    finally:
+        tiny_llava.model.set_attn_implementation({"text_config": previous})
+    for b in range(2):
+        ref = out.attentions[2][b, :, -1, x.image_positions[b]].mean(0)
+        torch.testing.assert_close(ours[b], ref, rtol=1e-5, atol=1e-7)

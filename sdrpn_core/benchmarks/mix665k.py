@@ -1,0 +1,39 @@
+"""The training questions: LLaVA's `llava_v1_5_mix665k.json`, GQA + OCR-VQA entries, first human turn only, the
+`<image>` tag stripped (the authors' "152k" set); `limit` keeps a seeded subset like their `roi_samples`
+(`random.seed(42)`, shuffle, first N — the 10K setting is limit=10000)."""
+
+from __future__ import annotations
+
+import random
+
+from sdrpn_core.benchmarks.base import Benchmark, BenchmarkSample, collect, read_json
+
+
+def read(
+    url: str,
+    images: str | None = None,
+    subsets: tuple[str, ...] = ("gqa", "ocr_vqa"),
+    limit: int | None = None,
+    seed: int = 42,
+    **storage_options,
+):
+    """`images`: the folder that holds `gqa/images/…` and `ocr_vqa/images/…` (default: beside the JSON)."""
+    entries = read_json(url, **storage_options)
+    root = images or url.rsplit("/", 1)[0]
+    kept = [e for e in entries if e.get("image") and any(s in e["image"] for s in subsets)]
+    if limit is not None:
+        random.Random(seed).shuffle(kept)
+        kept = kept[:limit]
+
+    def make(where, row):
+        first = next(t for t in row["conversations"] if t["from"] == "human")
+        answer = next((t["value"] for t in row["conversations"] if t["from"] == "gpt"), "")
+        question = first["value"].replace("<image>", "").strip()
+        return BenchmarkSample(
+            str(row["id"]), f"{root}/{row['image']}", question, (answer,), category=row["image"].split("/")[0]
+        )
+
+    return collect(((f"[{i}]", r) for i, r in enumerate(kept)), make)
+
+
+BENCHMARK = Benchmark("mix665k", read, "exact_match")
