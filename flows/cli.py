@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -26,6 +25,13 @@ def _config(args: argparse.Namespace):
     return cfg.model_copy(update=updates)
 
 
+def _print_scores(scores: list[dict]) -> None:
+    for s in scores:
+        rel = f"{s['relative_throughput']:.2f}x" if s.get("relative_throughput") else "-"
+        print(f"{s['benchmark']:10s} {s['method']:9s} score {s['score']:6.1f}  {s['samples_per_s']:7.2f} samples/s  "
+              f"({rel} of baseline)")
+
+
 def cmd_flow(args: argparse.Namespace) -> int:
     """Run a flow in this process (Prefect starts a temporary API unless PREFECT_API_URL points at a server)."""
     from flows import pipeline
@@ -34,10 +40,9 @@ def cmd_flow(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.command == "run":
         summary = pipeline.sdrpn(cfg)
-        for s in summary["scores"]:
-            rel = f"{s['relative_throughput']:.2f}x" if s.get("relative_throughput") else "-"
-            print(f"{s['method']:9s} accuracy {s['accuracy']:.3f}  {s['samples_per_s']:.2f} samples/s  ({rel})")
-        print(f"report: {summary['eval']}/report.md")
+        _print_scores(summary["scores"])
+        for url in summary["eval"]:
+            print(f"report: {url}/report.md")
     elif args.command == "labels":
         ref = pipeline.labels_flow(cfg)
         print(f"labels: {ref.url} ({ref.rows} samples, {ref.usable} usable) {ref.stats}")
@@ -45,9 +50,10 @@ def cmd_flow(args: argparse.Namespace) -> int:
         ref = pipeline.train_flow(cfg)
         print(f"RPN: {ref.url} ({ref.steps} steps, final loss {ref.final_loss:.4f})")
     else:
-        ref = pipeline.eval_flow(cfg)
-        print(json.dumps(list(ref.scores), indent=1))
-        print(f"report: {ref.url}/report.md")
+        results = pipeline.eval_flow(cfg)
+        _print_scores([s for r in results for s in r.scores])
+        for r in results:
+            print(f"report: {r.url}/report.md")
     print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 

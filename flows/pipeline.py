@@ -109,21 +109,28 @@ def _train(cfg: PipelineConfig, model: ModelRef, labels: LabelsRef) -> RpnRef:
     )
 
 
-def _eval(cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None) -> EvalRef:
+def _eval(cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None) -> list[EvalRef]:
     settings = cfg.store.settings()
-    dataset = samples_task(cfg.eval.dataset, settings)
     e, preset = cfg.eval, cfg.teacher.preset_obj()
     params = EvalParams(
-        tuple(e.methods),
-        e.threshold if e.threshold is not None else preset.roi_threshold,
-        e.mode,
-        e.reuse_kv,
-        e.max_new_tokens,
-        e.gallery,
+        methods=tuple(e.methods),
+        threshold=e.threshold,
+        default_threshold=preset.roi_threshold,
+        mode=e.mode,
+        reuse_kv=e.reuse_kv,
+        max_new_tokens=e.max_new_tokens,
+        vicrop_layer=e.vicrop_layer if e.vicrop_layer is not None else min(preset.grounding),
+        gallery=e.gallery,
     )
-    return eval_task.with_options(result_storage=_result_storage(cfg))(
-        settings, model, rpn, dataset, params, eval_fingerprint(model, rpn, dataset, params)
-    )
+    results = []
+    for spec in e.datasets:
+        dataset = samples_task(spec, settings)
+        results.append(
+            eval_task.with_options(result_storage=_result_storage(cfg))(
+                settings, model, rpn, dataset, params, eval_fingerprint(model, rpn, dataset, params)
+            )
+        )
+    return results
 
 
 def _store(cfg: PipelineConfig):
@@ -146,12 +153,34 @@ def train_flow(config: PipelineConfig | None = None, config_path: str | None = N
 
 
 @flow(name="sdrpn-eval")
-def eval_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> EvalRef:
+def eval_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> list[EvalRef]:
     """Evaluation with the newest RPN trained for the model in this store."""
     cfg = load_config(config, config_path)
     model = model_task(cfg.model, cfg.store.settings())
     rpn = _latest_rpn(cfg, model) if "sdrpn" in cfg.eval.methods else None
-    return _eval(cfg, model, rpn)
+    results = _eval(cfg, model, rpn)
+    _publish_results(cfg, model, results)
+    return results
+
+
+def _paper_model(cfg: PipelineConfig) -> str | None:
+    from sdrpn_core.benchmarks.published import PUBLISHED
+
+    name = cfg.eval.paper_model or cfg.teacher.preset.split("/")[0]
+    return name if name in PUBLISHED and cfg.model.source == "path" else cfg.eval.paper_model
+
+
+def _publish_results(cfg: PipelineConfig, model: ModelRef, results: list[EvalRef]) -> str:
+    from stages.report import results_rows, write_results
+
+    url, markdown = write_results(_store(cfg), results, _paper_model(cfg), model.fingerprint)
+    create_table_artifact(
+        key="sdrpn-scores",
+        table=results_rows(results),
+        description=f"{cfg.name}: score per benchmark (percent) and relative throughput",
+    )
+    create_link_artifact(key="sdrpn-results", link=_link(url), link_text="results table (JSON + Markdown)")
+    return markdown
 
 
 def _latest_rpn(cfg: PipelineConfig, model: ModelRef) -> RpnRef:
@@ -171,22 +200,23 @@ def sdrpn(config: PipelineConfig | None = None, config_path: str | None = None) 
     cfg = load_config(config, config_path)
     model, labels_ref = _labels(cfg)
     rpn = _train(cfg, model, labels_ref)
-    result = _eval(cfg, model, rpn)
-    create_table_artifact(
-        key="sdrpn-scores",
-        table=[dict(s) for s in result.scores],
-        description=f"{cfg.name}: baseline vs SD-RPN on {cfg.eval.dataset.kind} data",
-    )
-    create_markdown_artifact(key="sdrpn-report", markdown=_report(cfg, labels_ref, rpn, result))
+    results = _eval(cfg, model, rpn)
+    table = _publish_results(cfg, model, results)
+    create_markdown_artifact(key="sdrpn-report", markdown=_report(cfg, labels_ref, rpn, results, table))
     create_link_artifact(key="sdrpn-labels", link=_link(labels_ref.url), link_text="label dataset")
     create_link_artifact(key="sdrpn-checkpoint", link=_link(rpn.url), link_text="RPN checkpoint")
-    create_link_artifact(key="sdrpn-eval", link=_link(result.url), link_text="predictions, scores, report")
+    for r in results:
+        create_link_artifact(
+            key=f"sdrpn-eval-{r.benchmark}",
+            link=_link(r.url),
+            link_text=f"{r.benchmark}: predictions, scores, protocol, gallery",
+        )
     summary = {
         "model": model.fingerprint,
         "labels": labels_ref.url,
         "rpn": rpn.url,
-        "eval": result.url,
-        "scores": list(result.scores),
+        "eval": [r.url for r in results],
+        "scores": [s for r in results for s in r.scores],
     }
     print(summary)
     return summary
@@ -196,13 +226,18 @@ def _link(url: str) -> str:
     return url if "://" in url else Path(url).resolve().as_uri()
 
 
-def _report(cfg: PipelineConfig, labels: LabelsRef, rpn: RpnRef, result: EvalRef) -> str:
+def _report(cfg: PipelineConfig, labels: LabelsRef, rpn: RpnRef, results: list[EvalRef], table: str) -> str:
+    import base64
+
     from storage.artifacts import ArtifactStore
 
     stats = labels.stats
     lines = [
         f"# SD-RPN run: {cfg.name}",
         "",
+        "## Results",
+        "",
+        table,
         "## Pseudo-labels",
         "",
         f"{stats.get('samples', 0)} samples: {stats.get('usable', 0)} usable, {stats.get('all_ignore', 0)} "
@@ -213,5 +248,15 @@ def _report(cfg: PipelineConfig, labels: LabelsRef, rpn: RpnRef, result: EvalRef
         f"## RPN: {rpn.steps} steps, final loss {rpn.final_loss:.4f}",
         "",
     ]
-    report = ArtifactStore(_store(cfg)).read("eval", result.fingerprint, "report.md").decode()
-    return "\n".join(lines) + "\n" + report.replace("# Evaluation", "## Evaluation", 1)
+    arts = ArtifactStore(_store(cfg))
+    for r in results:
+        lines.append(arts.read("eval", r.fingerprint, "report.md").decode())
+        if "gallery.png" in arts.manifest("eval", r.fingerprint)["files"]:
+            data = base64.b64encode(arts.read("eval", r.fingerprint, "gallery.png")).decode()
+            lines += [
+                f"RoI overlays, largest SD-RPN wins then losses on {r.benchmark}:",
+                "",
+                f"![gallery](data:image/png;base64,{data})",
+                "",
+            ]
+    return "\n".join(lines)

@@ -31,10 +31,14 @@ class ModelSpec(_Section):
 
 class DatasetSpec(_Section):
     """`kind: jsonl` reads a manifest of {id, image, question[, answers, box, domain]} lines (images relative to it);
-    `kind: synthetic` generates the fine-grained digit scenes of `sdrpn_core.synthetic`."""
+    `kind: synthetic` generates the fine-grained digit scenes of `sdrpn_core.synthetic`; `kind: benchmark` reads
+    a benchmark's files in their official / lmms-lab layout (`benchmark`: a name of `sdrpn_core.benchmarks`,
+    `path`: the file or folder, `images`: the image folder where the layout keeps images apart)."""
 
-    kind: Literal["jsonl", "synthetic"] = "jsonl"
+    kind: Literal["jsonl", "synthetic", "benchmark"] = "jsonl"
     path: str | None = None
+    benchmark: str | None = None  # scoring rules for jsonl / benchmark data (default: exact match)
+    images: str | None = None
     n: int = 64
     seed: int = 0
     variant: Literal["select", "single"] = "select"
@@ -109,12 +113,20 @@ class TrainSection(_Section):
 
 
 class EvalSection(_Section):
-    dataset: DatasetSpec = Field(default_factory=lambda: DatasetSpec(kind="synthetic", n=32, seed=1000))
-    methods: list[Literal["baseline", "sdrpn"]] = Field(default_factory=lambda: ["baseline", "sdrpn"])
-    threshold: float | None = None  # None: the preset's
+    """Benchmarks and methods compared in one run. `threshold` / `max_new_tokens` left unset take each benchmark's
+    authors' value for the model family; `vicrop_layer` defaults to the preset's first grounding layer (14 for
+    LLaVA-1.5-7B, ViCrop's own choice); `paper_model` names the paper's rows to print beside ours."""
+
+    datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(kind="synthetic", n=32, seed=1000)])
+    methods: list[Literal["baseline", "sdrpn", "vicrop", "oracle"]] = Field(
+        default_factory=lambda: ["baseline", "sdrpn", "vicrop", "oracle"]
+    )
+    threshold: float | None = None
     mode: Literal["mask", "box"] = "mask"
     reuse_kv: bool = True
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None
+    vicrop_layer: int | None = None
+    paper_model: str | None = None
     gallery: int = 6
 
 

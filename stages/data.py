@@ -24,6 +24,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("answers", pa.list_(pa.string())),
         ("box", pa.list_(pa.int32())),
         ("domain", pa.string()),
+        ("category", pa.string()),
+        ("options", pa.string()),  # JSON [[letter, text], …] for multiple choice, else ""
     ]
 )
 
@@ -47,6 +49,8 @@ def _jsonl_rows(path: str) -> list[dict]:
                     "answers": [str(a) for a in raw.get("answers", [])],
                     "box": [int(v) for v in raw["box"]] if raw.get("box") else None,
                     "domain": str(raw.get("domain", "default")),
+                    "category": str(raw.get("category", "")),
+                    "options": json.dumps(raw["options"]) if raw.get("options") else "",
                 }
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -75,19 +79,63 @@ def _synthetic_rows(spec: DatasetSpec, store: Store) -> list[dict]:
                 "answers": [s.answer],
                 "box": list(s.box),
                 "domain": "default",
+                "category": spec.variant,
+                "options": "",
             }
         )
     return rows
 
 
+def _benchmark_rows(spec: DatasetSpec, store: Store) -> tuple[list[dict], list]:
+    """A benchmark's samples; embedded images are written once into the store, content-addressed."""
+    import hashlib
+
+    from sdrpn_core.benchmarks import get_benchmark
+
+    bench = get_benchmark(spec.benchmark or "")
+    kwargs = {"images": spec.images} if spec.images else {}
+    if bench.name == "mix665k":
+        kwargs.update({"limit": spec.limit, "seed": spec.seed if spec.seed else 42})
+    samples, rejected = bench.reader(spec.path, **kwargs)
+    rows = []
+    for s in samples:
+        image = s.image
+        if isinstance(image, bytes):
+            digest = hashlib.sha256(image).hexdigest()
+            name = f"{digest[:2]}/{digest}.img"
+            if not store.exists("datasets", "images", name):
+                store.write_bytes(image, "datasets", "images", name)
+            image = store.url("datasets", "images", name)
+        rows.append(
+            {
+                "sample_id": s.sample_id,
+                "image": image,
+                "question": s.question,
+                "answers": list(s.answers),
+                "box": list(s.box) if s.box else None,
+                "domain": "default",
+                "category": s.category,
+                "options": json.dumps([list(o) for o in s.options]) if s.options else "",
+            }
+        )
+    return rows, rejected
+
+
 def build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
+    rejected: list = []
+    benchmark = spec.benchmark or "synthetic"
     if spec.kind == "jsonl":
         if not spec.path:
             raise ValueError("dataset.path is required for kind 'jsonl'")
         rows, name = _jsonl_rows(spec.path), Path(spec.path).parent.name
+    elif spec.kind == "benchmark":
+        if not spec.path or not spec.benchmark:
+            raise ValueError("dataset.benchmark and dataset.path are required for kind 'benchmark'")
+        rows, rejected = _benchmark_rows(spec, store)
+        name = spec.benchmark
     else:
         rows, name = _synthetic_rows(spec, store), f"synthetic-{spec.variant}-{spec.seed}"
-    if spec.limit:
+    if spec.limit and spec.benchmark != "mix665k":
         rows = rows[: spec.limit]
     if not rows:
         raise ValueError(f"dataset {name!r} has no rows")
@@ -100,10 +148,16 @@ def build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
         r["sample_key"] = hash_obj({"question": r["question"], "image": image_hash, "domain": r["domain"]})
     fp = dataset_fingerprint([{k: v for k, v in r.items() if k not in ("image",)} for r in rows], image_key="image")
     if not store.exists("datasets", fp, "manifest.parquet"):
+        if rejected:
+            buf = io.BytesIO()
+            pq.write_table(
+                pa.Table.from_pylist([{"sample_id": r.sample_id, "reason": r.reason} for r in rejected]), buf
+            )
+            store.write_bytes(buf.getvalue(), "datasets", fp, "quarantine.parquet")
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buf)
         store.write_bytes(buf.getvalue(), "datasets", fp, "manifest.parquet")
-    return DatasetRef(fp, store.url("datasets", fp, "manifest.parquet"), len(rows), name)
+    return DatasetRef(fp, store.url("datasets", fp, "manifest.parquet"), len(rows), name, benchmark, len(rejected))
 
 
 def read_manifest(ref: DatasetRef, store: Store) -> list[dict]:

@@ -1,22 +1,25 @@
-"""The `evaluate` stage: answer a benchmark manifest with each method; predictions, scores, report, gallery.
+"""The `evaluate` stage: one benchmark, every method (baseline, SD-RPN, ViCrop, oracle crop) in the same run.
 
-Throughput is samples/s of each method measured in the same run, and reported relative to the baseline."""
+Per sample and method: the prediction, its score under the benchmark's official metric, and the seconds spent.
+Per method: the benchmark's headline score (percent) and sub-scores, samples/s and throughput relative to the
+baseline measured in this run. Written as an artifact `<root>/eval/<fp>/`: predictions.parquet, scores.json,
+protocol.json (everything a score depends on), report.md and gallery.png (largest SD-RPN wins and losses)."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageDraw
 
+from sdrpn_core.benchmarks import BenchmarkSample, get_benchmark
+from sdrpn_core.benchmarks.scoring import aggregate, score
 from sdrpn_core.data import BadSample, load_image
-from sdrpn_core.infer import answer_baseline, answer_sdrpn
-from sdrpn_core.metrics import exact_match
+from sdrpn_core.infer import answer_baseline, answer_sdrpn, answer_vicrop, answer_with_boxes
 from sdrpn_core.visualize import roi_overlay
 from stages.common import load_model
 from stages.data import read_manifest
@@ -29,11 +32,13 @@ from storage.store import Store
 
 @dataclass(frozen=True)
 class EvalParams:
-    methods: tuple[str, ...] = ("baseline", "sdrpn")
-    threshold: float = 0.15
+    methods: tuple[str, ...] = ("baseline", "sdrpn", "vicrop", "oracle")
+    threshold: float | None = None  # None: the benchmark's per-family value, else `default_threshold`
+    default_threshold: float = 0.15
     mode: str = "mask"
     reuse_kv: bool = True
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None  # None: the benchmark's
+    vicrop_layer: int = 14
     gallery: int = 6
 
 
@@ -48,101 +53,143 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _sample(row: dict) -> BenchmarkSample:
+    options = tuple(tuple(o) for o in json.loads(row["options"])) if row.get("options") else ()
+    return BenchmarkSample(
+        row["sample_id"],
+        row["image"],
+        row["question"],
+        tuple(row["answers"] or ()),
+        row.get("category") or "",
+        options,
+        tuple(row["box"]) if row.get("box") else None,
+    )
+
+
 def evaluate(
     store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams, eval_fp: str
 ) -> EvalRef:
     arts = ArtifactStore(store)
     if arts.is_committed("eval", eval_fp):
         scores = json.loads(arts.read("eval", eval_fp, "scores.json"))
-        return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores))
+        return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), dataset.benchmark)
+    bench = get_benchmark(dataset.benchmark)
     adapter = load_model(model)
-    rpn = load_rpn(store, rpn_ref, model) if rpn_ref is not None and "sdrpn" in params.methods else None
+    methods = [m for m in params.methods if m != "sdrpn" or rpn_ref is not None]
+    rpn = load_rpn(store, rpn_ref, model) if "sdrpn" in methods else None
+    threshold = (
+        params.threshold if params.threshold is not None else bench.threshold(model.family, params.default_threshold)
+    )
+    max_new = params.max_new_tokens or bench.max_new_tokens
     rows = read_manifest(dataset, store)
-    predictions, seconds = [], dict.fromkeys(params.methods, 0.0)
-    gallery = []
+    predictions: list[dict] = []
+    seconds = dict.fromkeys(methods, 0.0)
+    per_method: dict[str, list[tuple[BenchmarkSample, str, float]]] = {m: [] for m in methods}
+    outcomes: dict[str, dict] = {}
     for row in rows:
+        sample = _sample(row)
         try:
             image = load_image(row["image"])
         except BadSample as e:
             predictions.append(
                 {
-                    "sample_id": row["sample_id"],
+                    "sample_id": sample.sample_id,
                     "method": "-",
                     "prediction": "",
                     "score": None,
-                    "error": e.reason,
+                    "seconds": 0.0,
                     "roi": "",
+                    "error": e.reason,
                 }
             )
             continue
-        for method in params.methods:
+        prompt = bench.prompt(sample)
+        for method in methods:
+            if method == "oracle" and sample.box is None:
+                continue
             t0 = time.perf_counter()
             if method == "baseline":
-                ans = answer_baseline(adapter, image, row["question"], params.max_new_tokens)
-            else:
+                ans = answer_baseline(adapter, image, prompt, max_new)
+            elif method == "sdrpn":
                 ans = answer_sdrpn(
                     adapter,
                     rpn,
                     image,
-                    row["question"],
-                    threshold=params.threshold,
+                    prompt,
+                    threshold=threshold,
                     mode=params.mode,
                     reuse_kv=params.reuse_kv,
-                    max_new_tokens=params.max_new_tokens,
+                    max_new_tokens=max_new,
                 )
-                if len(gallery) < params.gallery:
-                    gallery.append((row, image, ans))
-            seconds[method] += time.perf_counter() - t0
-            roi = json.dumps(ans.roi.pixel_boxes) if ans.roi else ""
+            elif method == "vicrop":
+                ans = answer_vicrop(adapter, image, prompt, layer=params.vicrop_layer, max_new_tokens=max_new)
+            else:
+                ans = answer_with_boxes(adapter, image, prompt, [sample.box], max_new)
+            dt = time.perf_counter() - t0
+            seconds[method] += dt
+            sc = score(bench, sample, ans.text)
+            per_method[method].append((sample, ans.text, sc))
+            outcomes.setdefault(sample.sample_id, {"image": image, "sample": sample})[method] = (ans, sc)
             predictions.append(
                 {
-                    "sample_id": row["sample_id"],
+                    "sample_id": sample.sample_id,
                     "method": method,
                     "prediction": ans.text,
-                    "score": exact_match(ans.text, row["answers"]),
+                    "score": sc,
+                    "seconds": dt,
+                    "roi": json.dumps(ans.roi.pixel_boxes) if ans.roi else "",
                     "error": "",
-                    "roi": roi,
                 }
             )
     scores = []
-    for method in params.methods:
-        got = [p["score"] for p in predictions if p["method"] == method and p["score"] is not None]
-        rate = len(got) / seconds[method] if seconds[method] else 0.0
-        scores.append(
-            {
-                "method": method,
-                "accuracy": sum(got) / len(got) if got else 0.0,
-                "samples": len(got),
-                "samples_per_s": rate,
-            }
-        )
+    for method in methods:
+        done = per_method[method]
+        agg = aggregate(bench, [d[0] for d in done], [d[1] for d in done], [d[2] for d in done])
+        rate = len(done) / seconds[method] if seconds[method] else 0.0
+        scores.append({"benchmark": bench.name, "method": method, **agg, "samples_per_s": rate})
     base_rate = next((s["samples_per_s"] for s in scores if s["method"] == "baseline"), None)
     for s in scores:
         s["relative_throughput"] = s["samples_per_s"] / base_rate if base_rate else None
+    protocol = {
+        "benchmark": bench.name,
+        "dataset": dataset.fingerprint,
+        "rows": dataset.rows,
+        "rejected": dataset.rejected,
+        "metric": bench.metric,
+        "post_prompt": bench.post_prompt,
+        "ocr_tokens_in_prompt": False,
+        "max_new_tokens": max_new,
+        "model": model.fingerprint,
+        "model_path": model.path,
+        "family": model.family,
+        "dtype": model.dtype,
+        "device": model.device,
+        "prompt_template": "vicuna_v1" if model.family == "llava" else model.family,
+        "attn_implementation": adapter.model.config.text_config._attn_implementation,
+        "pixel_budget": f"{adapter.vision_size}x{adapter.vision_size} (pad to square)",
+        "rpn": rpn_ref.fingerprint if rpn_ref else None,
+        "roi_threshold": threshold,
+        "roi_mode": params.mode,
+        "kv_reuse": params.reuse_kv,
+        "vicrop_layer": params.vicrop_layer,
+        "answer_format": "free text scored by the benchmark's metric"
+        + (
+            "; the model may echo the colour before the digit: the last word is scored"
+            if bench.name == "synthetic"
+            else ""
+        ),
+        "params": asdict(params),
+    }
     files = {
         "predictions.parquet": _parquet(predictions),
         "scores.json": json.dumps(scores, indent=1).encode(),
-        "protocol.json": json.dumps(
-            {
-                "model": model.fingerprint,
-                "dtype": model.dtype,
-                "rpn": rpn_ref.fingerprint if rpn_ref else None,
-                "dataset": dataset.fingerprint,
-                "params": params.__dict__,
-                "metric": "exact match (last word)",
-                "prompt": "vicuna_v1",
-            },
-            indent=1,
-            default=str,
-        ).encode(),
+        "protocol.json": json.dumps(protocol, indent=1, default=str).encode(),
+        "report.md": report_markdown(bench.name, dataset, scores).encode(),
     }
-    for i, (row, image, ans) in enumerate(gallery):
-        files[f"gallery/{i:02d}-{row['sample_id']}.png"] = _png(
-            roi_overlay(image, ans.roi.plan.prob, ans.roi.pixel_boxes)
-        )
-    files["report.md"] = report_markdown(dataset, scores, gallery).encode()
-    arts.put_files("eval", eval_fp, files, meta={"dataset": dataset.name})
-    return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores))
+    if "sdrpn" in methods and "baseline" in methods and params.gallery:
+        files["gallery.png"] = _png(gallery(outcomes, params.gallery, adapter))
+    arts.put_files("eval", eval_fp, files, meta={"benchmark": bench.name, "dataset": dataset.name})
+    return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), bench.name)
 
 
 def _parquet(rows: list[dict]) -> bytes:
@@ -151,29 +198,45 @@ def _parquet(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def report_markdown(dataset: DatasetRef, scores: list[dict], gallery: list, inline_images: bool = True) -> str:
+def gallery(outcomes: dict[str, dict], n: int, adapter, tile: int = 224) -> Image.Image:
+    """The samples where SD-RPN beat the baseline most, then those where it lost most: RoI overlays + captions."""
+    both = [o for o in outcomes.values() if "sdrpn" in o and "baseline" in o]
+    deltas = sorted(both, key=lambda o: o["sdrpn"][1] - o["baseline"][1])
+    wins = [o for o in reversed(deltas) if o["sdrpn"][1] > o["baseline"][1]][: max(1, n // 2)]
+    losses = [o for o in deltas if o["sdrpn"][1] < o["baseline"][1]][: max(1, n - len(wins))]
+    picked = [("win", o) for o in wins] + [("loss", o) for o in losses] or [("tie", o) for o in both[:n]]
+    cols = max(1, min(3, len(picked)))
+    rows_n = max(1, -(-len(picked) // cols))
+    canvas = Image.new("RGB", (cols * tile, rows_n * (tile + 44)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (kind, o) in enumerate(picked):
+        ans = o["sdrpn"][0]
+        img = roi_overlay(o["image"], ans.roi.plan.prob, ans.roi.pixel_boxes)
+        img.thumbnail((tile, tile))
+        x, y = (i % cols) * tile, (i // cols) * (tile + 44)
+        canvas.paste(img, (x, y))
+        s = o["sample"]
+        draw.text((x + 2, y + tile + 2), f"{kind}: {s.question[:34]}", fill="black")
+        draw.text((x + 2, y + tile + 15), f"sdrpn {ans.text[:16]!r} ({o['sdrpn'][1]:.2f})", fill="darkgreen")
+        draw.text(
+            (x + 2, y + tile + 28), f"base {o['baseline'][0].text[:16]!r} ({o['baseline'][1]:.2f})", fill="darkred"
+        )
+    return canvas
+
+
+def report_markdown(name: str, dataset: DatasetRef, scores: list[dict]) -> str:
+    subs = [k for k in ("attr", "spatial", "fsp", "fcp", "f1", "accuracy") if any(k in s for s in scores)]
+    head = "| method | score | " + " | ".join(subs) + (" | " if subs else "") + "samples/s | relative throughput |"
     lines = [
-        f"# Evaluation on {dataset.name} ({dataset.rows} samples)",
+        f"## {name} ({dataset.rows} samples, {dataset.rejected} rejected rows)",
         "",
-        "| method | accuracy | samples/s | relative throughput |",
-        "|---|---|---|---|",
+        head,
+        "|" + "---|" * (4 + len(subs)),
     ]
     for s in scores:
-        rel = f"{s['relative_throughput']:.2f}×" if s["relative_throughput"] else "–"
-        lines.append(f"| {s['method']} | {s['accuracy']:.3f} | {s['samples_per_s']:.2f} | {rel} |")
-    if gallery:
-        lines += ["", "## RoI overlays (SD-RPN)", ""]
-        for row, image, ans in gallery:
-            caption = f"{row['question']} → {ans.text!r} (truth {row['answers']})"
-            if inline_images:
-                data = base64.b64encode(
-                    _png(
-                        roi_overlay(image, ans.roi.plan.prob, ans.roi.pixel_boxes).resize(
-                            (192, round(192 * image.height / image.width))
-                        )
-                    )
-                ).decode()
-                lines.append(f"![{row['sample_id']}](data:image/png;base64,{data})")
-            lines.append(f"*{caption}*")
-            lines.append("")
-    return "\n".join(lines)
+        rel = f"{s['relative_throughput']:.2f}×" if s.get("relative_throughput") else "–"
+        cells = " | ".join(f"{s.get(k, float('nan')):.1f}" for k in subs)
+        lines.append(
+            f"| {s['method']} | {s['score']:.1f} | {cells}{' | ' if subs else ''}{s['samples_per_s']:.2f} | {rel} |"
+        )
+    return "\n".join(lines) + "\n"

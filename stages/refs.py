@@ -20,6 +20,8 @@ class DatasetRef:
     manifest_url: str
     rows: int
     name: str = ""
+    benchmark: str = "synthetic"  # the scoring rules (a name of sdrpn_core.benchmarks)
+    rejected: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,3 +63,4 @@ class EvalRef:
     fingerprint: str
     url: str
     scores: tuple[dict, ...] = ()
+    benchmark: str = ""

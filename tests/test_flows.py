@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -56,7 +57,11 @@ def make_config(root: str, **changes) -> PipelineConfig:
         },
         "labels": {"max_box_frac": 1.01, "fg_ratio": 0.9},
         "train": {"lr": 1e-3, "batch_size": 4, "epochs": 1},
-        "eval": {"dataset": {"kind": "synthetic", "n": 4, "seed": 99, "canvas": 96}, "max_new_tokens": 3, "gallery": 2},
+        "eval": {
+            "datasets": [{"kind": "synthetic", "n": 4, "seed": 99, "canvas": 96}],
+            "max_new_tokens": 3,
+            "gallery": 2,
+        },
         "store": {"root": root},
     }
     for dotted, value in changes.items():
@@ -139,15 +144,26 @@ def test_full_flow_end_to_end_then_everything_cached(tmp_path, monkeypatch):
     cfg = make_config(str(tmp_path / "store"))
     summary = sdrpn(cfg)
     methods = {s["method"]: s for s in summary["scores"]}
-    assert set(methods) == {"baseline", "sdrpn"} and methods["baseline"]["relative_throughput"] == 1.0
-    eval_dir = Path(summary["eval"])
-    assert {"predictions.parquet", "scores.json", "report.md", "_COMMITTED.json"} <= {
+    assert set(methods) == {"baseline", "sdrpn", "vicrop", "oracle"}
+    assert methods["baseline"]["relative_throughput"] == 1.0 and methods["oracle"]["samples"] == 4
+    (eval_url,) = summary["eval"]
+    eval_dir = Path(eval_url)
+    assert {"predictions.parquet", "scores.json", "protocol.json", "report.md", "gallery.png", "_COMMITTED.json"} <= {
         p.name for p in eval_dir.iterdir()
     }
-    assert len(list((eval_dir / "gallery").glob("*.png"))) == 2
+    protocol = json.loads((eval_dir / "protocol.json").read_text())
+    assert protocol["benchmark"] == "synthetic" and protocol["prompt_template"] == "vicuna_v1"
+    assert protocol["ocr_tokens_in_prompt"] is False and protocol["dtype"] == "float32"
     assert (Path(summary["rpn"]) / "rpn.safetensors").exists()
     artifacts = _artifacts()
-    assert {"sdrpn-scores", "sdrpn-report", "sdrpn-labels", "sdrpn-checkpoint", "sdrpn-eval"} <= set(artifacts)
+    assert {
+        "sdrpn-scores",
+        "sdrpn-report",
+        "sdrpn-labels",
+        "sdrpn-checkpoint",
+        "sdrpn-eval-synthetic",
+        "sdrpn-results",
+    } <= set(artifacts)
     assert artifacts["sdrpn-scores"].type == "table" and "baseline" in str(artifacts["sdrpn-scores"].data)
     assert (
         "data:image/png;base64," in artifacts["sdrpn-report"].data and "Pseudo-labels" in artifacts["sdrpn-report"].data
@@ -290,7 +306,7 @@ def test_full_flow_on_s3(moto_server, s3_settings, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     cfg = make_config(s3_settings.root, **{"store.endpoint_url": moto_server["endpoint"]})
     summary = sdrpn(cfg)
-    assert summary["rpn"].startswith("s3://") and summary["eval"].startswith("s3://")
+    assert summary["rpn"].startswith("s3://") and summary["eval"][0].startswith("s3://")
     store = Store(cfg.store.settings())
     assert store.ls("_prefect")  # Prefect's cache records live in the bucket too
     calls = Calls(monkeypatch)
@@ -307,6 +323,6 @@ def test_cli_run_then_eval(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert main(["run", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "baseline  accuracy" in out and "sdrpn     accuracy" in out and "report:" in out
+    assert "synthetic  baseline  score" in out and "synthetic  sdrpn     score" in out and "report:" in out
     assert main(["eval", str(path)]) == 0  # the newest RPN for the model is found in the store
-    assert '"method": "sdrpn"' in capsys.readouterr().out
+    assert "synthetic  sdrpn     score" in capsys.readouterr().out

@@ -208,8 +208,9 @@ def test_prompt_attention_equals_output_attentions(tiny_llava, images):
         from sdrpn_core.models.decoder import positions_from_mask
 
         with torch.no_grad():
-            out = tiny_llava.model(**x.model_kwargs(), position_ids=positions_from_mask(x.attention_mask),
-                                   output_attentions=True)
+            out = tiny_llava.model(
+                **x.model_kwargs(), position_ids=positions_from_mask(x.attention_mask), output_attentions=True
+            )
     finally:
         tiny_llava.model.set_attn_implementation({"text_config": previous})
     for b in range(2):
