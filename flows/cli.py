@@ -28,8 +28,10 @@ def _config(args: argparse.Namespace):
 def _print_scores(scores: list[dict]) -> None:
     for s in scores:
         rel = f"{s['relative_throughput']:.2f}x" if s.get("relative_throughput") else "-"
-        print(f"{s['benchmark']:10s} {s['method']:9s} score {s['score']:6.1f}  {s['samples_per_s']:7.2f} samples/s  "
-              f"({rel} of baseline)")
+        print(
+            f"{s['benchmark']:10s} {s['method']:9s} score {s['score']:6.1f}  {s['samples_per_s']:7.2f} samples/s  "
+            f"({rel} of baseline)"
+        )
 
 
 def cmd_flow(args: argparse.Namespace) -> int:

@@ -181,7 +181,7 @@ def evaluate(
         "params": asdict(params),
     }
     files = {
-        "predictions.parquet": _parquet(predictions),
+        "predictions.parquet": _parquet(predictions, {"sdrpn.protocol": json.dumps(protocol, default=str)}),
         "scores.json": json.dumps(scores, indent=1).encode(),
         "protocol.json": json.dumps(protocol, indent=1, default=str).encode(),
         "report.md": report_markdown(bench.name, dataset, scores).encode(),
@@ -192,9 +192,11 @@ def evaluate(
     return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), bench.name)
 
 
-def _parquet(rows: list[dict]) -> bytes:
+def _parquet(rows: list[dict], metadata: dict[str, str] | None = None) -> bytes:
+    """Predictions with the protocol in the file's metadata, so a score can be traced from the file alone."""
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table.replace_schema_metadata(metadata) if metadata else table, buf)
     return buf.getvalue()
 
 

@@ -291,3 +291,76 @@ def test_scoring_and_aggregates():
     assert np.isclose(get_benchmark("ocrbench").threshold("llava"), 0.05)
     with pytest.raises(KeyError, match="unknown benchmark"):
         get_benchmark("mmmu")
+
+
+def test_vstar_original_jsonl_layout_with_target_boxes(tmp_path):
+    (tmp_path / "direct_attributes").mkdir()
+    random_image(0, (60, 40)).save(tmp_path / "direct_attributes" / "sa_1.jpg")
+    (tmp_path / "direct_attributes" / "sa_1.json").write_text(
+        json.dumps({"target_object": ["cup", "glove"], "bbox": [[10, 5, 8, 6], [30, 20, 4, 4]]})
+    )
+    line = {
+        "question_id": 0,
+        "image": "direct_attributes/sa_1.jpg",
+        "category": "direct_attributes",
+        "label": "A",
+        "text": "What is the colour of the cup?\n(A) red\n(B) blue\n"
+        "Answer with the option's letter from the given choices directly.",
+    }
+    (tmp_path / "test_questions.jsonl").write_text(json.dumps(line) + "\n")
+    (s,), rejected = get_benchmark("vstar").reader(str(tmp_path / "test_questions.jsonl"))
+    assert not rejected and s.box == (10, 5, 34, 24) and s.options == (("A", "red"), ("B", "blue"))
+    assert get_benchmark("vstar").prompt(s).count("Answer with the option's letter") == 1
+
+
+def test_results_table_has_the_papers_rows_beside_ours():
+    from stages.refs import EvalRef
+    from stages.report import results_markdown, results_rows
+
+    refs = [
+        EvalRef(
+            "a",
+            "u",
+            (
+                {"benchmark": "textvqa", "method": "baseline", "score": 45.0, "relative_throughput": 1.0},
+                {"benchmark": "textvqa", "method": "sdrpn", "score": 57.5, "relative_throughput": 0.6},
+            ),
+            "textvqa",
+        ),
+        EvalRef(
+            "b",
+            "u",
+            (
+                {
+                    "benchmark": "vstar",
+                    "method": "baseline",
+                    "score": 50.0,
+                    "attr": 48.0,
+                    "spatial": 53.0,
+                    "relative_throughput": 1.0,
+                },
+                {
+                    "benchmark": "vstar",
+                    "method": "sdrpn",
+                    "score": 66.0,
+                    "attr": 66.0,
+                    "spatial": 66.0,
+                    "relative_throughput": 0.7,
+                },
+            ),
+            "vstar",
+        ),
+    ]
+    rows = results_rows(refs)
+    assert rows[1] == {
+        "method": "sdrpn",
+        "TextVQA": 57.5,
+        "V*": 66.0,
+        "V* Attr": 66.0,
+        "V* Spatial": 66.0,
+        "Thru.": 0.65,
+    }
+    md = results_markdown(rows, "llava-1.5-7b")
+    assert "| +SD-RPN (ours) | 0.65× | 57.5 | 66.0 | 66.0 | 66.0 |" in md
+    assert "| +SD-RPN (paper, llava-1.5-7b) | 0.62× | 58.7 | 67.5 | 67.8 | 67.1 |" in md
+    assert "no numbers for this model" in results_markdown(rows, None)

@@ -152,6 +152,11 @@ def test_full_flow_end_to_end_then_everything_cached(tmp_path, monkeypatch):
         p.name for p in eval_dir.iterdir()
     }
     protocol = json.loads((eval_dir / "protocol.json").read_text())
+    import pyarrow.parquet as pq
+
+    preds = pq.read_table(eval_dir / "predictions.parquet")
+    assert json.loads(preds.schema.metadata[b"sdrpn.protocol"]) == protocol  # traceable from the file alone
+    assert preds.num_rows == 4 * 4 and set(preds.column("method").to_pylist()) == set(methods)
     assert protocol["benchmark"] == "synthetic" and protocol["prompt_template"] == "vicuna_v1"
     assert protocol["ocr_tokens_in_prompt"] is False and protocol["dtype"] == "float32"
     assert (Path(summary["rpn"]) / "rpn.safetensors").exists()
