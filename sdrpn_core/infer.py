@@ -22,7 +22,7 @@ from PIL import Image
 
 from sdrpn_core.data import load_image
 from sdrpn_core.models.base import VLMAdapter
-from sdrpn_core.models.decoder import layer_inputs, new_cache, run_layers, truncate_cache
+from sdrpn_core.models.decoder import eos_token_ids, layer_inputs, new_cache, run_layers, truncate_cache
 from sdrpn_core.roi import PixelBox, RoIPlan, grid_box_to_pixels, plan_roi
 from sdrpn_core.rpn import RoIPredictor, partial_prefill
 
@@ -43,11 +43,6 @@ class Answer:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _eos_ids(adapter: VLMAdapter) -> set[int]:
-    eos = adapter.model.generation_config.eos_token_id
-    return {eos} if isinstance(eos, int) else set(eos or [])
-
-
 def _next_logits(adapter: VLMAdapter, hidden: torch.Tensor) -> torch.Tensor:
     return adapter.lm_head(adapter.final_norm(hidden[:, -1:]))[:, -1]
 
@@ -62,7 +57,7 @@ def _full_prefill(adapter: VLMAdapter, embeds: torch.Tensor):
 
 def _greedy(adapter: VLMAdapter, cache, logits: torch.Tensor, start: int, max_new_tokens: int) -> list[int]:
     """Greedy decoding with an explicit cache; the position of each new token is the current KV length."""
-    eos = _eos_ids(adapter)
+    eos = set(eos_token_ids(adapter.model))
     tokens: list[int] = []
     for step in range(max_new_tokens):
         token = int(logits[0].argmax())
@@ -77,7 +72,7 @@ def _greedy(adapter: VLMAdapter, cache, logits: torch.Tensor, start: int, max_ne
 
 
 def _finish(adapter: VLMAdapter, tokens: list[int], roi: RoIOutcome | None, seconds: dict[str, float]) -> Answer:
-    text_ids = [t for t in tokens if t not in _eos_ids(adapter)]
+    text_ids = [t for t in tokens if t not in set(eos_token_ids(adapter.model))]
     return Answer(adapter.decode(text_ids), tokens, roi, seconds)
 
 

@@ -29,6 +29,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from sdrpn_core.data import BadSample, Rejection, Sample, check_question, load_image
 from sdrpn_core.models.base import VLMAdapter, VLMInputs
+from sdrpn_core.models.decoder import eos_token_ids
 from sdrpn_core.presets import HeadMap, Preset
 from sdrpn_core.progress import Progress, ProgressCallback
 
@@ -156,11 +157,6 @@ def capturing(
 # -- maps from captured steps ---------------------------------------------------------------------------------------
 
 
-def _eos_ids(model: nn.Module, generation_kwargs: dict) -> list[int]:
-    eos = generation_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
 def valid_steps(generated: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
     """Decode steps that fed a real answer token, per row: (tokens up to and including the first EOS) − 1."""
     is_eos = torch.isin(generated, torch.tensor(list(eos_ids), device=generated.device))
@@ -238,7 +234,7 @@ def _generate_batch(
         if hook is not None:
             hook.remove()
     generated = out[:, inputs.input_ids.shape[1] :].cpu()
-    eos_ids = _eos_ids(model, generation_kwargs)
+    eos_ids = eos_token_ids(model, generation_kwargs)
     n_valid = valid_steps(generated, eos_ids)
     n_img = positions.shape[1]
     steps = {
@@ -380,7 +376,7 @@ def reference_maps_output_attentions(
         model.set_attn_implementation({"text_config": previous})
     positions = torch.stack(inputs.image_positions).cpu()
     generated = out.sequences[:, inputs.input_ids.shape[1] :].cpu()
-    n_valid = valid_steps(generated, _eos_ids(model, generation_kwargs))
+    n_valid = valid_steps(generated, eos_token_ids(model, generation_kwargs))
     need = preset.heads_needed()
     read = {layer: list(range(adapter.num_heads)) if h is None else list(h) for layer, h in need.items()}
     n_img = positions.shape[1]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
+from storage.fingerprint import cache_root
 from storage.store import Store, StoreSettings
 
 _STORES: dict[StoreSettings, Store] = {}
@@ -21,8 +21,7 @@ def get_store(settings: StoreSettings) -> Store:
 
 
 def cache_dir(*parts: str) -> Path:
-    root = Path(os.environ.get("SDRPN_CACHE_DIR", Path.home() / ".cache" / "sdrpn"))
-    path = root.joinpath(*parts)
+    path = cache_root().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

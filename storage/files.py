@@ -6,7 +6,6 @@ import uuid
 from collections.abc import Callable
 from typing import IO
 
-import fsspec
 from fsspec.core import url_to_fs
 
 
@@ -32,7 +31,3 @@ def write_atomic(url: str, write: Callable[[IO[bytes]], None], **storage_options
         if fs.exists(tmp):
             fs.rm(tmp)
         raise
-
-
-def open_input(url: str, **storage_options) -> IO[bytes]:
-    return fsspec.open(url, "rb", **storage_options).open()

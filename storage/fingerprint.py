@@ -61,9 +61,13 @@ def hash_obj(obj: Any) -> str:
 # -- file content hashes, cached by (path, size, mtime) ------------------------------------------------------------
 
 
+def cache_root() -> Path:
+    """sdrpn's local cache folder: `SDRPN_CACHE_DIR`, else `~/.cache/sdrpn`."""
+    return Path(os.environ.get("SDRPN_CACHE_DIR", Path.home() / ".cache" / "sdrpn"))
+
+
 def _cache_file() -> Path:
-    root = Path(os.environ.get("SDRPN_CACHE_DIR", Path.home() / ".cache" / "sdrpn"))
-    return root / "file-hashes.json"
+    return cache_root() / "file-hashes.json"
 
 
 def _load_cache() -> dict[str, str]:

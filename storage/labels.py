@@ -22,17 +22,14 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from sdrpn_core.pseudo_labels import LabelParams
 from sdrpn_core.teacher import TeacherRecord
-from storage.files import open_input, write_atomic
-from storage.sharded import SchemaError, ShardedDataset
+from storage.sharded import ShardedDataset
 from storage.store import Store
 
 SCHEMA_VERSION = 1
-QUARANTINE_SCHEMA = pa.schema([("sample_id", pa.string()), ("reason", pa.string())])
 
 _TEACHER_FIELDS = [
     ("sample_id", pa.string()),
@@ -140,30 +137,6 @@ def label_table(records: Sequence[TeacherRecord], params: LabelParams, meta: dic
         extra["reason"].append(st.reason)
     metadata = {"sdrpn.schema_version": str(SCHEMA_VERSION), "sdrpn.params": json.dumps(meta or {}, default=str)}
     return pa.Table.from_pydict({**cols, **extra}, schema=LABEL_SCHEMA).replace_schema_metadata(metadata)
-
-
-def quarantine_table(rejected: Sequence) -> pa.Table:
-    return pa.Table.from_pydict(
-        {"sample_id": [r.sample_id for r in rejected], "reason": [r.reason for r in rejected]},
-        schema=QUARANTINE_SCHEMA,
-    )
-
-
-def write_table(table: pa.Table, url: str, **storage_options) -> None:
-    """One Parquet file, atomically (the single-file outputs of `sdrpn labels`)."""
-    write_atomic(url, lambda f: pq.write_table(table, f), **storage_options)
-
-
-def read_label_table(url: str, **storage_options) -> pa.Table:
-    """Read a single label file, refusing one written by a newer schema than this code knows."""
-    with open_input(url, **storage_options) as f:
-        table = pq.read_table(f)
-    version = int((table.schema.metadata or {}).get(b"sdrpn.schema_version", b"0"))
-    if version > SCHEMA_VERSION:
-        raise SchemaError(
-            f"{url} was written with label schema v{version}; this sdrpn reads up to v{SCHEMA_VERSION} — upgrade sdrpn"
-        )
-    return table
 
 
 class LabelTorchDataset(torch.utils.data.Dataset):

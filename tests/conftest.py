@@ -54,7 +54,7 @@ QUESTIONS = [
 # -- stores: a temp dir and a real S3-compatible server over HTTP (moto's server on 127.0.0.1) -----------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -66,7 +66,7 @@ def _free_port() -> int:
 def moto_server():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield {"endpoint": f"http://127.0.0.1:{port}", "server": server, "port": port}

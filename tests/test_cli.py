@@ -5,12 +5,9 @@ import pytest
 from PIL import Image
 
 from flows.cli import main
-from sdrpn_core.pseudo_labels import LabelParams
-from sdrpn_core.teacher import TeacherRecord
 from sdrpn_core.train import TrainConfig, TrainSample, train_rpn
 from stages.config import DatasetSpec, PipelineConfig
 from stages.data import build_manifest
-from storage.labels import SCHEMA_VERSION, SchemaError, label_table, read_label_table, write_table
 from storage.store import Store
 from tests.conftest import random_image
 
@@ -52,16 +49,6 @@ def test_config_yaml_validation(tmp_path):
         PipelineConfig.from_yaml(bad)
     with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):
         PipelineConfig.from_yaml(tmp_path / "nope.yaml")
-
-
-def test_newer_label_schema_is_refused(tmp_path):
-    rec = TeacherRecord("s", "img.png", "q", "a", (2, 2), np.array([1, 0, 0, 0.0]), np.zeros(4), 1, (2, 2))
-    table = label_table([rec], LabelParams(max_box_frac=0.9))
-    meta = dict(table.schema.metadata)
-    meta[b"sdrpn.schema_version"] = str(SCHEMA_VERSION + 1).encode()
-    write_table(table.replace_schema_metadata(meta), str(tmp_path / "new.parquet"))
-    with pytest.raises(SchemaError, match="upgrade sdrpn"):
-        read_label_table(str(tmp_path / "new.parquet"))
 
 
 def test_predict_prints_the_answer_and_writes_an_overlay(tmp_path, tiny_llava, tiny_llava_dir, capsys):

@@ -71,3 +71,9 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
         seen = layer.get_seq_length()
         if seen > length:
             layer.crop(length - seen)
+
+
+def eos_token_ids(model: nn.Module, generation_kwargs: dict | None = None) -> list[int]:
+    """The ids that end an answer: a generate-call override, else the model's generation config."""
+    eos = (generation_kwargs or {}).get("eos_token_id", model.generation_config.eos_token_id)
+    return [eos] if isinstance(eos, int) else list(eos or [])
