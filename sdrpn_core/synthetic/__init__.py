@@ -27,6 +27,8 @@ class SceneSample:
     question: str
     answer: str
     box: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the asked box, pixels, exclusive
+    colour: str = ""  # of the asked box
+    objects: tuple[tuple[tuple[int, int, int, int], str, str], ...] = ()  # every (box, colour, digit) drawn
 
 
 def make_scene(
@@ -48,7 +50,7 @@ def make_scene(
     n_boxes = 3 if variant == "select" else 1
     names = list(rng.permutation(list(COLOURS)))[:n_boxes]
     boxes = _place_boxes(rng, n_boxes, canvas // snap, box_side // snap, snap, box_side)
-    font = ImageFont.load_default(size=int(box_side * 0.66))
+    font = digit_font(int(box_side * 0.66))
     digits = [str(int(d)) for d in rng.integers(0, 10, n_boxes)]
     for name, box, digit in zip(names, boxes, digits, strict=True):
         draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=COLOURS[name])
@@ -56,7 +58,16 @@ def make_scene(
         draw.text((cx, cy), digit, fill=(255, 255, 255), font=font, anchor="mm")
     ask = int(rng.integers(n_boxes))
     question = f"what is the digit in the {names[ask]} box ?"
-    return SceneSample(sample_id, img, question, digits[ask], boxes[ask])
+    objects = tuple(zip(boxes, names, digits, strict=True))
+    return SceneSample(sample_id, img, question, digits[ask], boxes[ask], names[ask], objects)
+
+
+def digit_font(size: int) -> ImageFont.ImageFont:
+    """A bold sans face where the system has DejaVu (Debian images do), else Pillow's built-in face."""
+    try:
+        return ImageFont.truetype("DejaVuSans-Bold.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
 
 
 def _place_boxes(rng: np.random.Generator, n: int, cells: int, span: int, snap: int, side: int) -> list[tuple]:
