@@ -144,3 +144,14 @@ def grid_box_to_pixels(
     y0, y1 = (int(min(max(v, 0.0), h)) for v in (fy0, fy1))
     x0, y0 = min(x0, w - 1), min(y0, h - 1)
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def pixels_to_grid_box(box: PixelBox, image_size: tuple[int, int], grid: tuple[int, int], vision_size: int) -> GridBox:
+    """Source pixels → the grid cells that cover them on the pad-to-square input (inverse of grid_box_to_pixels)."""
+    w, h = image_size
+    r = min(vision_size / w, vision_size / h)
+    pad_x, pad_y = (vision_size - int(w * r)) / 2, (vision_size - int(h * r)) / 2
+    cx, cy = vision_size / grid[1], vision_size / grid[0]
+    x0, x1 = int((box[0] * r + pad_x) // cx), int(np.ceil((box[2] * r + pad_x) / cx))
+    y0, y1 = int((box[1] * r + pad_y) // cy), int(np.ceil((box[3] * r + pad_y) / cy))
+    return max(0, x0), max(0, y0), min(grid[1], max(x1, x0 + 1)), min(grid[0], max(y1, y0 + 1))

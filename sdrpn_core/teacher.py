@@ -168,9 +168,15 @@ def valid_steps(generated: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor
 
 
 def average_maps(
-    steps: dict[int, torch.Tensor], read_heads: dict[int, list[int]], spec: HeadMap, n_valid: torch.Tensor, n_img: int
+    steps: dict[int, torch.Tensor],
+    read_heads: dict[int, list[int]],
+    spec: HeadMap,
+    n_valid: torch.Tensor,
+    n_img: int,
+    per_head: bool = False,
 ) -> torch.Tensor:
-    """Mean over each row's valid steps, then equally over the spec's (layer, head) pairs → [B, n_img]."""
+    """Mean over each row's valid steps, then equally over the spec's (layer, head) pairs → [B, n_img]
+    (`per_head`: the pairs kept apart, in spec order → [B, pairs, n_img])."""
     batch = n_valid.shape[0]
     if not spec:
         return torch.zeros(batch, n_img)
@@ -182,7 +188,8 @@ def average_maps(
         mean = (stacked * keep[:, :, None, None]).sum(0) / n_valid.clamp(min=1)[:, None, None].to(stacked.dtype)
         cols = [read_heads[layer].index(h) for h in (heads if heads is not None else read_heads[layer])]
         pairs.append(mean[:, cols])
-    return torch.cat(pairs, dim=1).mean(1)
+    stacked = torch.cat(pairs, dim=1)
+    return stacked if per_head else stacked.mean(1)
 
 
 # -- the teacher run -------------------------------------------------------------------------------------------------
@@ -206,6 +213,7 @@ def _generate_batch(
     max_new_tokens: int,
     generation_kwargs: dict,
     hidden_norm_layer: int | None,
+    per_head: bool = False,
 ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     model = adapter.model
     inputs = inputs.to(adapter.device, adapter.dtype)
@@ -241,7 +249,7 @@ def _generate_batch(
         layer: torch.stack(v).cpu() if v else torch.zeros(0, len(generated), len(cap.heads[layer]), n_img)
         for layer, v in cap.steps.items()
     }
-    grounding = average_maps(steps, cap.heads, preset.grounding, n_valid, n_img)
+    grounding = average_maps(steps, cap.heads, preset.grounding, n_valid, n_img, per_head)
     sink = average_maps(steps, cap.heads, preset.sink, n_valid, n_img)
     answers = []
     for row, n in zip(generated, n_valid.tolist(), strict=True):

@@ -216,3 +216,25 @@ def test_prompt_attention_equals_output_attentions(tiny_llava, images):
     for b in range(2):
         ref = out.attentions[2][b, :, -1, x.image_positions[b]].mean(0)
         torch.testing.assert_close(ours[b], ref, rtol=1e-5, atol=1e-7)
+
+
+def test_head_scores_rank_heads_against_ground_truth_boxes(tiny_llava, images):
+    from sdrpn_core.heads import score_heads
+    from sdrpn_core.roi import pixels_to_grid_box
+
+    samples = [(im, q, (0, 0, im.width // 2, im.height // 2)) for im, q in zip(images, QUESTIONS, strict=True)]
+    scores = score_heads(tiny_llava, samples, layers=[1, 2], max_new_tokens=3)
+    assert len(scores) == 2 * tiny_llava.num_heads
+    assert {(s.layer, s.head) for s in scores} == {(la, h) for la in (1, 2) for h in range(4)}
+    assert all(0 <= s.hit_rate <= 1 and 0 <= s.mass <= 1 for s in scores)
+    assert [s.hit_rate for s in scores] == sorted((s.hit_rate for s in scores), reverse=True)
+    # per-head maps averaged equal the teacher's map for the same heads
+    preset = get_preset("llava-1.5-7b", grounding={2: (0, 3)}, sink={}, K=1, T=1)
+    out = extract_teacher_maps(tiny_llava, samples_for(images[:1]), preset, max_new_tokens=3)
+    from sdrpn_core.heads import _per_head
+
+    x = tiny_llava.build_inputs(images[:1], QUESTIONS[:1])
+    per = _per_head(tiny_llava, x, preset.override(grounding={2: None}), [2], 3)
+    np.testing.assert_allclose(per[0, 0, [0, 3]].mean(0).numpy(), out.records[0].grounding, rtol=1e-5, atol=1e-7)
+    assert pixels_to_grid_box((0, 0, 40, 28), (40, 28), (4, 4), 32) == (0, 0, 4, 4)
+    assert pixels_to_grid_box((0, 0, 20, 14), (40, 28), (4, 4), 32) == (0, 0, 2, 3)
