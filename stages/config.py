@@ -19,9 +19,13 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
-    """`source: path` loads a folder or hub id; `source: tiny` builds a seeded random tiny LLaVA (tests, smoke runs)."""
+    """`source: path` loads a folder or hub id; `source: nano` the shipped sdrpn-nano (`models/sdrpn-nano`), or trains
+    it from scratch with `retrain: true` (recipe overrides in `nano`); `source: tiny` builds a seeded *random* tiny
+    LLaVA (tests, smoke runs)."""
 
-    source: Literal["path", "tiny"] = "path"
+    source: Literal["path", "nano", "tiny"] = "path"
+    retrain: bool = False
+    nano: dict[str, Any] = Field(default_factory=dict)
     path: str | None = None
     family: str = "auto"
     dtype: str = "auto"

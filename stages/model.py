@@ -19,6 +19,8 @@ def resolve_model(spec: ModelSpec, store: Store) -> ModelRef:
     dtype = str(resolve_dtype(spec.dtype, spec.device)).removeprefix("torch.")
     if spec.source == "tiny":
         return _tiny(spec, store, dtype)
+    if spec.source == "nano":
+        return _nano(spec, store, dtype)
     if not spec.path:
         raise ValueError("model.path is required when model.source is 'path'")
     folder = Path(spec.path)
@@ -54,3 +56,27 @@ def _tiny(spec: ModelSpec, store: Store, dtype: str) -> ModelRef:
     if not arts.is_committed("models", fp):
         arts.put_dir("models", fp, local, meta={"source": "tiny", "spec": hash_obj({"tiny": tiny})})
     return ModelRef(fp, str(local), "llava", dtype, spec.device)
+
+
+SHIPPED_NANO = Path(__file__).resolve().parents[1] / "models" / "sdrpn-nano"
+
+
+def _nano(spec: ModelSpec, store: Store, dtype: str) -> ModelRef:
+    """The shipped sdrpn-nano, or (retrain / not shipped) one trained here from the seeded recipe, cached."""
+    from sdrpn_core.synthetic.nano import NanoRecipe, train_nano
+
+    folder = SHIPPED_NANO
+    if spec.retrain or not (folder / "config.json").exists():
+        recipe = NanoRecipe(**spec.nano)
+        folder = cache_dir("models") / f"nano-{hash_obj({'recipe': recipe})}"
+        if not (folder / "config.json").exists():
+            adapter = train_nano(recipe)
+            tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".nano-"))
+            adapter.model.save_pretrained(tmp)
+            adapter.processor.save_pretrained(tmp)
+            tmp.rename(folder)
+    fp = model_fingerprint(folder, adapter="llava", dtype=dtype)
+    arts = ArtifactStore(store)
+    if not arts.is_committed("models", fp):
+        arts.put_dir("models", fp, folder, meta={"source": "nano"})
+    return ModelRef(fp, str(folder), "llava", dtype, spec.device)

@@ -1,0 +1,120 @@
+"""The embedded default end to end — base model → teacher labels → RPN → baseline / ViCrop / SD-RPN / oracle on
+the held-out synthetic split — with the accuracies, the pipeline time, and the teacher's attention hit rate on the
+asked box beside the rate of hitting another box.
+
+    python benchmarks/nano_gain.py [--quick] [CONFIG]     # default: configs/default.yaml, a fresh temp store
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def attention_hits(cfg, store, model_ref, dataset_ref, limit: int = 60) -> dict[str, float]:
+    """Share of held-out samples whose teacher map (the preset's heads) peaks in the asked box."""
+    import numpy as np
+
+    from sdrpn_core.data import Sample
+    from sdrpn_core.roi import pixels_to_grid_box
+    from sdrpn_core.teacher import extract_teacher_maps
+    from stages.common import load_model
+    from stages.data import read_manifest
+
+    adapter = load_model(model_ref)
+    rows = [r for r in read_manifest(dataset_ref, store) if r.get("box")][:limit]
+    preset = cfg.teacher.preset_obj()
+    out = extract_teacher_maps(
+        adapter,
+        [Sample(r["sample_id"], r["image"], r["question"]) for r in rows],
+        preset,
+        max_new_tokens=cfg.teacher.max_new_tokens,
+    )
+    by_id = {r["sample_id"]: r for r in rows}
+    asked = 0
+    for rec in out.records:
+        row = by_id[rec.sample_id]
+        y, x = np.unravel_index(int(np.argmax(rec.grounding)), rec.grid)
+        x0, y0, x1, y1 = pixels_to_grid_box(tuple(row["box"]), rec.image_size, rec.grid, adapter.vision_size)
+        asked += x0 <= x < x1 and y0 <= y < y1
+    n = max(len(out.records), 1)
+    # chance of landing in one given box: its share of the grid (what a random peak would hit)
+    cell_share = np.mean(
+        [
+            (lambda b: (b[2] - b[0]) * (b[3] - b[1]))(
+                pixels_to_grid_box(tuple(by_id[r.sample_id]["box"]), r.image_size, r.grid, adapter.vision_size)
+            )
+            / (r.grid[0] * r.grid[1])
+            for r in out.records
+        ]
+    )
+    return {"hit_asked": asked / n, "random_box_rate": float(cell_share)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?")
+    p.add_argument("--quick", action="store_true", help="smaller train / eval splits")
+    args = p.parse_args()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from prefect import flow
+
+    from flows.pipeline import DEFAULT_CONFIG, sdrpn
+    from stages import data, model
+    from stages.common import get_store
+    from stages.config import PipelineConfig
+
+    cfg = PipelineConfig.from_yaml(args.config or DEFAULT_CONFIG)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"root": str(Path(tmp) / "store")})})
+        if args.quick:
+            cfg = cfg.model_copy(
+                update={
+                    "train_data": cfg.train_data.model_copy(update={"n": min(cfg.train_data.n, 64)}),
+                    "eval": cfg.eval.model_copy(
+                        update={"datasets": [d.model_copy(update={"n": min(d.n, 24)}) for d in cfg.eval.datasets]}
+                    ),
+                }
+            )
+
+        @flow(name="warm-up")
+        def warm_up() -> int:
+            return 1
+
+        warm_up()
+        t0 = time.perf_counter()
+        summary = sdrpn(cfg)
+        pipeline_s = time.perf_counter() - t0
+        store = get_store(cfg.store.settings())
+        hits = attention_hits(
+            cfg, store, model.resolve_model(cfg.model, store), data.build_manifest(cfg.eval.datasets[0], store)
+        )
+    acc = {s["method"]: s["score"] / 100 for s in summary["scores"]}
+    variant = cfg.eval.datasets[0].variant
+    print(f"model={cfg.model.source} variant={variant} train={cfg.train_data.n} heldout={cfg.eval.datasets[0].n}")
+    for method, value in acc.items():
+        print(f"  {method:9s} accuracy {value:.3f}")
+    print(
+        f"  teacher attention peak in the asked box: {hits['hit_asked']:.2f} "
+        f"(a random peak would land in it {hits['random_box_rate']:.2f} of the time)"
+    )
+    print(
+        f"RESULT variant={variant} baseline_acc={acc.get('baseline', float('nan')):.3f} "
+        f"vicrop_acc={acc.get('vicrop', float('nan')):.3f} sdrpn_acc={acc.get('sdrpn', float('nan')):.3f} "
+        f"oracle_acc={acc.get('oracle', float('nan')):.3f} pipeline_s={pipeline_s:.1f} "
+        f"attention_hit={hits['hit_asked']:.3f} random_box_rate={hits['random_box_rate']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
