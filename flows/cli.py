@@ -118,6 +118,28 @@ def cmd_nano_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_heads(args: argparse.Namespace) -> int:
+    """Rank every (layer, head) of a model by how often its answer attention peaks in the asked box."""
+    from sdrpn_core.heads import score_heads
+    from sdrpn_core.models import load_adapter
+
+    adapter = load_adapter(args.model, dtype=args.dtype, device=args.device)
+    if args.samples:
+        from stages.data import read_jsonl_manifest
+
+        rows = [r for r in read_jsonl_manifest(args.samples) if r.get("box")]
+        samples = [(r["image"], r["question"], tuple(r["box"])) for r in rows[: args.n]]
+    else:  # a synthetic calibration split, seeded apart from the training and held-out splits
+        from sdrpn_core.synthetic import make_split
+
+        samples = [(s.image, s.question, s.box) for s in make_split(args.n, args.seed, canvas=args.canvas)]
+    scores = score_heads(adapter, samples, max_new_tokens=args.max_new_tokens)
+    print(f"{len(samples)} calibration samples; best heads (hit rate = peak inside the asked box):")
+    for s in scores[: args.top]:
+        print(f"  layer {s.layer:2d} head {s.head:2d}  hit {s.hit_rate:.3f}  mass {s.mass:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdrpn", description="SD-RPN: self-distilled RoI predictors for MLLMs")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -140,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     nt.add_argument("--out", default="models/sdrpn-nano")
     nt.add_argument("--seed", type=int, default=0)
     nt.set_defaults(func=cmd_nano_train)
+
+    hd = sub.add_parser("heads", help="rank a model's heads against ground-truth boxes (choose teacher heads)")
+    hd.add_argument("--model", required=True)
+    hd.add_argument("--samples", help="JSONL manifest with boxes (default: a synthetic calibration split)")
+    hd.add_argument("--n", type=int, default=100)
+    hd.add_argument("--seed", type=int, default=777, help="synthetic calibration seed (keep it apart from eval)")
+    hd.add_argument("--canvas", type=int, default=256)
+    hd.add_argument("--max-new-tokens", type=int, default=4)
+    hd.add_argument("--top", type=int, default=10)
+    hd.add_argument("--device", default="cpu")
+    hd.add_argument("--dtype", default="auto")
+    hd.set_defaults(func=cmd_heads)
 
     pr = sub.add_parser("predict", help="answer one question about one image with SD-RPN")
     pr.add_argument("image")

@@ -30,7 +30,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
-def _jsonl_rows(path: str) -> list[dict]:
+def read_jsonl_manifest(path: str) -> list[dict]:
     base = Path(path).parent
     rows = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
@@ -127,7 +127,7 @@ def build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
     if spec.kind == "jsonl":
         if not spec.path:
             raise ValueError("dataset.path is required for kind 'jsonl'")
-        rows, name = _jsonl_rows(spec.path), Path(spec.path).parent.name
+        rows, name = read_jsonl_manifest(spec.path), Path(spec.path).parent.name
     elif spec.kind == "benchmark":
         if not spec.path or not spec.benchmark:
             raise ValueError("dataset.benchmark and dataset.path are required for kind 'benchmark'")
