@@ -120,6 +120,18 @@ PRESETS: dict[str, Preset] = {
         ),
     ]
 }
+PRESETS["sdrpn-nano"] = Preset(
+    # Heads picked by `sdrpn heads` on a synthetic calibration split (seed 777; never the held-out split): layer 2
+    # heads 1 and 2 peak inside the asked box in 78 % of samples.
+    "sdrpn-nano",
+    grounding={2: (1, 2)},
+    sink={},
+    sink_thresh=1e-3,
+    K=2,
+    T=2,
+    max_new_tokens=4,
+    roi_threshold=0.15,
+)
 PRESETS["qwen2.5-vl-3b"] = PRESETS["qwen2.5-vl-3b/natural"]
 PRESETS["qwen2.5-vl-7b"] = PRESETS["qwen2.5-vl-7b/natural"]
 
