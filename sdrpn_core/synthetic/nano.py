@@ -3,7 +3,7 @@ project on the synthetic fine-grained task so that its attention means something
 
 CLIP vision (hidden 128, 3 layers, 4 heads, 64 px, patch 8 → an 8×8 grid of 64 tokens) + LLaVA's GELU MLP
 projector + Llama (hidden 128, intermediate 384, 4 layers, 4 heads, untied), a word-level tokenizer of the
-vicuna_v1 prompt and the task's words: about 1.3 M parameters. Same adapter, prompt and grid rules as LLaVA-1.5.
+vicuna_v1 prompt and the task's words: about 1.5 M parameters. Same adapter, prompt and grid rules as LLaVA-1.5.
 
 The training (`train_nano`) follows a recipe found on a 2-core machine: two phases; glyphs snapped to the patch
 grid at native scale and an auxiliary per-patch colour / digit loss on the vision tower (without both, training
