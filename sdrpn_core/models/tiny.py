@@ -59,6 +59,11 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     tok.train_from_iterator(_CORPUS, trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return llava_tokenizer(tok)
+
+
+def llava_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """A `tokenizers` object wrapped with LLaVA's special tokens; left padding for batched generation."""
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
@@ -70,6 +75,35 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     )
 
 
+def llava_processor(tokenizer: PreTrainedTokenizerFast, side: int, patch: int) -> LlavaProcessor:
+    """The PIL CLIP image processor at `side` px (torchvision does not work here) + the tokenizer."""
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def llava_from_config(
+    config: LlavaConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LlavaForConditionalGeneration:
+    """Seeded random weights (initialised on `device`); generation ids taken from the tokenizer."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
 def build_tiny_llava(
     spec: TinyLlavaSpec | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
@@ -79,15 +113,8 @@ def build_tiny_llava(
     spec = spec or TinyLlavaSpec()
     tokenizer = build_tiny_tokenizer(spec.vocab_size)
     side = spec.image_size
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     n_img = (side // spec.patch_size) ** 2
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=spec.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    processor = llava_processor(tokenizer, side, spec.patch_size)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
             hidden_size=spec.vision_hidden,
@@ -114,10 +141,4 @@ def build_tiny_llava(
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    torch.manual_seed(spec.seed)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model, processor
+    return llava_from_config(config, tokenizer, spec.seed, dtype, device), processor

@@ -25,9 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -37,6 +36,7 @@ from transformers import (
 )
 
 from sdrpn_core.models.llava import VICUNA_SYSTEM, LlavaAdapter
+from sdrpn_core.models.tiny import llava_from_config, llava_processor, llava_tokenizer
 from sdrpn_core.progress import Progress
 from sdrpn_core.synthetic import COLOURS, SceneSample, make_scene
 
@@ -70,18 +70,8 @@ def nano_tokenizer() -> PreTrainedTokenizerFast:
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(pattern=tokenizers_regex(), behavior="isolated")]
     )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    from tokenizers import decoders
-
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        padding_side="left",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    return llava_tokenizer(tok)
 
 
 def tokenizers_regex():
@@ -92,14 +82,7 @@ def tokenizers_regex():
 
 def build_nano(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     tokenizer = nano_tokenizer()
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE})
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    processor = llava_processor(tokenizer, SIDE, PATCH)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
             hidden_size=128,
@@ -127,11 +110,7 @@ def build_nano(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProce
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model = llava_from_config(config, tokenizer, seed)
     return model, processor
 
 
