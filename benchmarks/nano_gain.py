@@ -8,7 +8,6 @@ asked box beside the rate of hitting another box.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -62,36 +61,14 @@ def main() -> None:
     p.add_argument("config", nargs="?")
     p.add_argument("--quick", action="store_true", help="smaller train / eval splits")
     args = p.parse_args()
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    import logging
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    from prefect import flow
-
-    from flows.pipeline import DEFAULT_CONFIG, sdrpn
+    from benchmarks._pipeline import pipeline_config, start_prefect
+    from flows.pipeline import sdrpn
     from stages import data, model
     from stages.common import get_store
-    from stages.config import PipelineConfig
 
-    cfg = PipelineConfig.from_yaml(args.config or DEFAULT_CONFIG)
+    start_prefect()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"root": str(Path(tmp) / "store")})})
-        if args.quick:
-            cfg = cfg.model_copy(
-                update={
-                    "train_data": cfg.train_data.model_copy(update={"n": min(cfg.train_data.n, 64)}),
-                    "eval": cfg.eval.model_copy(
-                        update={"datasets": [d.model_copy(update={"n": min(d.n, 24)}) for d in cfg.eval.datasets]}
-                    ),
-                }
-            )
-
-        @flow(name="warm-up")
-        def warm_up() -> int:
-            return 1
-
-        warm_up()
+        cfg = pipeline_config(args.config, tmp, **({"train_n": 64, "eval_n": 24} if args.quick else {}))
         t0 = time.perf_counter()
         summary = sdrpn(cfg)
         pipeline_s = time.perf_counter() - t0

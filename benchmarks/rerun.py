@@ -7,7 +7,6 @@ retraining when nothing changed).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -21,33 +20,12 @@ def main() -> None:
     p.add_argument("config", nargs="?")
     p.add_argument("--quick", action="store_true", help="smaller train / eval sets (under a minute)")
     args = p.parse_args()
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    import logging
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    from prefect import flow
-
+    from benchmarks._pipeline import pipeline_config, start_prefect
     from flows.pipeline import DEFAULT_CONFIG, sdrpn
-    from stages.config import PipelineConfig
 
+    start_prefect()
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["SDRPN_CACHE_DIR"] = str(Path(tmp) / "cache")
-        cfg = PipelineConfig.from_yaml(args.config or DEFAULT_CONFIG)
-        cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"root": str(Path(tmp) / "store")})})
-        if args.quick:
-            cfg = cfg.model_copy(
-                update={
-                    "train_data": cfg.train_data.model_copy(update={"n": 16}),
-                    "eval": cfg.eval.model_copy(update={"dataset": cfg.eval.dataset.model_copy(update={"n": 8})}),
-                }
-            )
-
-        @flow(name="warm-up")
-        def warm_up() -> int:  # start Prefect's temporary API outside the timings
-            return 1
-
-        warm_up()
+        cfg = pipeline_config(args.config, tmp, **({"train_n": 16, "eval_n": 8} if args.quick else {}))
         t0 = time.perf_counter()
         first = sdrpn(cfg)
         first_s = time.perf_counter() - t0
@@ -55,7 +33,7 @@ def main() -> None:
         second = sdrpn(cfg)
         rerun_s = time.perf_counter() - t0
         assert second["scores"] == first["scores"], "a cached rerun must reproduce the scores"
-    print(f"config={args.config or DEFAULT_CONFIG} train={cfg.train_data.n} eval={cfg.eval.dataset.n}")
+    print(f"config={args.config or DEFAULT_CONFIG} train={cfg.train_data.n} eval={cfg.eval.datasets[0].n}")
     print(f"  first run  {first_s:7.2f} s")
     print(f"  rerun      {rerun_s:7.2f} s (every stage cached)")
     print(f"RESULT first_s={first_s:.2f} rerun_s={rerun_s:.2f} rerun_ratio={rerun_s / first_s:.3f}")

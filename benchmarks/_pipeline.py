@@ -1,0 +1,38 @@
+"""Shared by the benchmarks that run the whole pipeline: Prefect set-up and a config on a throw-away store."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+
+def start_prefect() -> None:
+    """Quiet, offline Prefect with its temporary API started now, outside any timing."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from prefect import flow
+
+    @flow(name="warm-up")
+    def warm_up() -> int:
+        return 1
+
+    warm_up()
+
+
+def pipeline_config(path: str | None, tmp: str, *, train_n: int | None = None, eval_n: int | None = None):
+    """The config at `path` (default: configs/default.yaml) with its store and cache in `tmp`, optionally with
+    fewer training / evaluation samples (at most `train_n` / `eval_n`)."""
+    from flows.pipeline import DEFAULT_CONFIG
+    from stages.config import PipelineConfig
+
+    os.environ["SDRPN_CACHE_DIR"] = str(Path(tmp) / "cache")
+    cfg = PipelineConfig.from_yaml(path or DEFAULT_CONFIG)
+    update = {"store": cfg.store.model_copy(update={"root": str(Path(tmp) / "store")})}
+    if train_n is not None:
+        update["train_data"] = cfg.train_data.model_copy(update={"n": min(cfg.train_data.n, train_n)})
+    if eval_n is not None:
+        datasets = [d.model_copy(update={"n": min(d.n, eval_n)}) for d in cfg.eval.datasets]
+        update["eval"] = cfg.eval.model_copy(update={"datasets": datasets})
+    return cfg.model_copy(update=update)
