@@ -120,6 +120,12 @@ def crop_tokens(
     return feats.reshape(-1, feats.shape[-1]), pixel_boxes, ""
 
 
+def insert_after_image(embeds: torch.Tensor, image_positions: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
+    """[1, L, D] prompt embeddings with crop tokens [n, D] placed right after the original image tokens."""
+    prefix = int(image_positions[-1]) + 1
+    return torch.cat([embeds[:, :prefix], crop[None].to(embeds.dtype), embeds[:, prefix:]], dim=1)
+
+
 @torch.inference_mode()
 def answer_with_boxes(
     adapter: VLMAdapter,
@@ -132,9 +138,8 @@ def answer_with_boxes(
     t0 = time.perf_counter()
     image, x, embeds = _inputs(adapter, image, question)
     if pixel_boxes:
-        crop = encode_crops(adapter, image, pixel_boxes).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-        prefix = int(x.image_positions[0][-1]) + 1
-        embeds = torch.cat([embeds[:, :prefix], crop[None], embeds[:, prefix:]], dim=1)
+        crop = encode_crops(adapter, image, pixel_boxes).reshape(-1, embeds.shape[-1])
+        embeds = insert_after_image(embeds, x.image_positions[0], crop)
     logits, cache = _full_prefill(adapter, embeds)
     tokens = _greedy(adapter, cache, logits, embeds.shape[1], max_new_tokens)
     return _finish(adapter, tokens, None, {"total": time.perf_counter() - t0})
@@ -236,9 +241,10 @@ def run_pass2(adapter: VLMAdapter, p1: Pass1, plan: RoIPlan, max_new_tokens: int
     if crop is None and plan.kind != "none":
         plan = RoIPlan("none", prob=plan.prob, reason=reason)
     embeds = p1.embeds
-    prefix = int(p1.image_positions[-1]) + 1 if crop is not None else embeds.shape[1]
-    crop = crop if crop is not None else embeds.new_zeros(0, embeds.shape[-1])
-    embeds2 = torch.cat([embeds[:, :prefix], crop[None].to(embeds.dtype), embeds[:, prefix:]], dim=1)
+    if crop is None:  # nothing inserted: the whole prompt is the reusable prefix
+        prefix, crop, embeds2 = embeds.shape[1], embeds.new_zeros(0, embeds.shape[-1]), embeds
+    else:
+        prefix, embeds2 = int(p1.image_positions[-1]) + 1, insert_after_image(embeds, p1.image_positions, crop)
     total = embeds2.shape[1]
     cache = p1.cache
     if cache is not None:

@@ -5,7 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from sdrpn_core.infer import answer_baseline, answer_sdrpn, crop_tokens, run_pass1, run_pass2
+from sdrpn_core.infer import (
+    answer_baseline,
+    answer_sdrpn,
+    crop_tokens,
+    insert_after_image,
+    run_pass1,
+    run_pass2,
+)
 from sdrpn_core.models import LlavaAdapter
 from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
 from sdrpn_core.roi import RoIPlan, plan_roi
@@ -75,7 +82,7 @@ def test_reuse_keeps_logits_close_not_only_argmax(nano):
     p1 = run_pass1(adapter, rpn, random_image(8, (64, 64)), Q, reuse_kv=True)
     crop, _, _ = crop_tokens(adapter, p1.image, plan_roi(PLANS["box"], G, 0.5))
     prefix = int(p1.image_positions[-1]) + 1
-    e2 = torch.cat([p1.embeds[:, :prefix], crop[None], p1.embeds[:, prefix:]], 1)
+    e2 = insert_after_image(p1.embeds, p1.image_positions, crop)
     with torch.no_grad():
         full, _ = _full_prefill(adapter, e2)
         truncate_cache(p1.cache, prefix)
