@@ -21,7 +21,6 @@ def attention_hits(cfg, store, model_ref, dataset_ref, limit: int = 60) -> dict[
     import numpy as np
 
     from sdrpn_core.data import Sample
-    from sdrpn_core.roi import pixels_to_grid_box
     from sdrpn_core.teacher import extract_teacher_maps
     from stages.common import load_model
     from stages.data import read_manifest
@@ -40,14 +39,14 @@ def attention_hits(cfg, store, model_ref, dataset_ref, limit: int = 60) -> dict[
     for rec in out.records:
         row = by_id[rec.sample_id]
         y, x = np.unravel_index(int(np.argmax(rec.grounding)), rec.grid)
-        x0, y0, x1, y1 = pixels_to_grid_box(tuple(row["box"]), rec.image_size, rec.grid, adapter.vision_size)
+        x0, y0, x1, y1 = adapter.pixels_to_box(tuple(row["box"]), rec.image_size, rec.grid)
         asked += x0 <= x < x1 and y0 <= y < y1
     n = max(len(out.records), 1)
     # chance of landing in one given box: its share of the grid (what a random peak would hit)
     cell_share = np.mean(
         [
             (lambda b: (b[2] - b[0]) * (b[3] - b[1]))(
-                pixels_to_grid_box(tuple(by_id[r.sample_id]["box"]), r.image_size, r.grid, adapter.vision_size)
+                adapter.pixels_to_box(tuple(by_id[r.sample_id]["box"]), r.image_size, r.grid)
             )
             / (r.grid[0] * r.grid[1])
             for r in out.records

@@ -17,7 +17,7 @@ import torch
 from sdrpn_core.data import BadSample, load_image
 from sdrpn_core.models.base import VLMAdapter
 from sdrpn_core.presets import get_preset
-from sdrpn_core.roi import PixelBox, pixels_to_grid_box
+from sdrpn_core.roi import PixelBox
 from sdrpn_core.teacher import _generate_batch
 
 
@@ -54,17 +54,21 @@ def score_heads(
                 continue
             pixels.append(adapter.pixel_values(img))
             questions.append(question)
-            cells.append(pixels_to_grid_box(box, img.size, adapter.grid, adapter.vision_size))
+            cells.append((box, img.size))
         if not pixels:
             continue
         inputs = adapter.collate(pixels, questions)
+        if len(set(inputs.grids)) > 1:
+            raise ValueError("head scoring needs one image grid per batch: use batch_size=1 or a fixed pixel budget")
+        grid = inputs.grids[0]
         per_head = _per_head(adapter, inputs, preset, layers, max_new_tokens)  # [B, layers, heads, n_img]
-        for b, (x0, y0, x1, y1) in enumerate(cells):
-            maps = per_head[b].reshape(len(layers), n_heads, *adapter.grid)
+        for b, (box, size) in enumerate(cells):
+            x0, y0, x1, y1 = adapter.pixels_to_box(box, size, grid)
+            maps = per_head[b].reshape(len(layers), n_heads, *grid)
             inside = maps[..., y0:y1, x0:x1].sum((-1, -2))
             total = maps.sum((-1, -2)).clamp(min=1e-12)
             flat = maps.reshape(len(layers), n_heads, -1).argmax(-1)
-            rows, cols = flat // adapter.grid[1], flat % adapter.grid[1]
+            rows, cols = flat // grid[1], flat % grid[1]
             hits += ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)).float().numpy()
             mass += (inside / total).numpy()
             counted += 1

@@ -21,9 +21,16 @@ import torch
 from PIL import Image
 
 from sdrpn_core.data import load_image
-from sdrpn_core.models.base import VLMAdapter
-from sdrpn_core.models.decoder import eos_token_ids, layer_inputs, new_cache, run_layers, truncate_cache
-from sdrpn_core.roi import PixelBox, RoIPlan, grid_box_to_pixels, plan_roi
+from sdrpn_core.models.base import VLMAdapter, VLMInputs
+from sdrpn_core.models.decoder import (
+    eos_token_ids,
+    layer_inputs,
+    new_cache,
+    run_layers,
+    text_positions,
+    truncate_cache,
+)
+from sdrpn_core.roi import PixelBox, RoIPlan, plan_roi, plan_roi_union
 from sdrpn_core.rpn import RoIPredictor, partial_prefill
 
 
@@ -32,7 +39,7 @@ class RoIOutcome:
     plan: RoIPlan
     logits: np.ndarray  # [grid_h, grid_w], raw RPN logits
     pixel_boxes: list[PixelBox]
-    n_crop_tokens: int
+    n_crop_tokens: int  # tokens inserted (crop tokens + Qwen's vision start/end markers); −1 when not counted
 
 
 @dataclass
@@ -47,17 +54,20 @@ def _next_logits(adapter: VLMAdapter, hidden: torch.Tensor) -> torch.Tensor:
     return adapter.lm_head(adapter.final_norm(hidden[:, -1:]))[:, -1]
 
 
-def _full_prefill(adapter: VLMAdapter, embeds: torch.Tensor):
+def _full_prefill(adapter: VLMAdapter, embeds: torch.Tensor, positions: torch.Tensor):
     cache = new_cache(adapter)
-    pos = torch.arange(embeds.shape[1], device=embeds.device)[None]
-    mask, pe = layer_inputs(adapter, embeds, pos, None, cache)
-    hidden = run_layers(adapter.decoder_layers, embeds, mask, pe, pos, cache)
+    mask, pe = layer_inputs(adapter, embeds, positions, None, cache)
+    hidden = run_layers(adapter.decoder_layers, embeds, mask, pe, positions, cache)
     return _next_logits(adapter, hidden), cache
 
 
-def _greedy(adapter: VLMAdapter, cache, logits: torch.Tensor, start: int, max_new_tokens: int) -> list[int]:
-    """Greedy decoding with an explicit cache; the position of each new token is the current KV length."""
+def _greedy(
+    adapter: VLMAdapter, cache, logits: torch.Tensor, positions: torch.Tensor, max_new_tokens: int
+) -> list[int]:
+    """Greedy decoding with an explicit cache; each new token takes the last position + 1 (the KV length for 1-D
+    positions; after M-RoPE or dropped crop tokens, the max position + 1, as Qwen's `rope_deltas` give)."""
     eos = set(eos_token_ids(adapter.model))
+    start = int(positions.max()) + 1
     tokens: list[int] = []
     for step in range(max_new_tokens):
         token = int(logits[0].argmax())
@@ -65,7 +75,7 @@ def _greedy(adapter: VLMAdapter, cache, logits: torch.Tensor, start: int, max_ne
         if token in eos or step == max_new_tokens - 1:
             break
         emb = adapter.embed_tokens(torch.tensor([[token]], device=adapter.device))
-        pos = torch.tensor([[start + step]], device=adapter.device)
+        pos = text_positions(positions, start + step)
         mask, pe = layer_inputs(adapter, emb, pos, None, cache)
         logits = _next_logits(adapter, run_layers(adapter.decoder_layers, emb, mask, pe, pos, cache))
     return tokens
@@ -79,51 +89,37 @@ def _finish(adapter: VLMAdapter, tokens: list[int], roi: RoIOutcome | None, seco
 def _inputs(adapter: VLMAdapter, image: Image.Image | str, question: str):
     image = load_image(image)
     x = adapter.collate([adapter.pixel_values(image)], [question])
-    embeds = adapter.embed(x.input_ids, x.pixel_values)
-    return image, x, embeds
+    return image, x, adapter.embed(x), adapter.position_ids(x)
 
 
 @torch.inference_mode()
 def answer_baseline(adapter: VLMAdapter, image: Image.Image | str, question: str, max_new_tokens: int = 128) -> Answer:
     """The MLLM alone (same prompt and decoding as SD-RPN's pass 2, without an insertion)."""
     t0 = time.perf_counter()
-    _, _, embeds = _inputs(adapter, image, question)
-    logits, cache = _full_prefill(adapter, embeds)
+    _, _, embeds, positions = _inputs(adapter, image, question)
+    logits, cache = _full_prefill(adapter, embeds, positions)
     t1 = time.perf_counter()
-    tokens = _greedy(adapter, cache, logits, embeds.shape[1], max_new_tokens)
+    tokens = _greedy(adapter, cache, logits, positions, max_new_tokens)
     return _finish(adapter, tokens, None, {"prefill": t1 - t0, "decode": time.perf_counter() - t1})
 
 
-def encode_crops(adapter: VLMAdapter, image: Image.Image, pixel_boxes: list[PixelBox]) -> torch.Tensor:
-    """Each box cropped from the full-resolution image, resized to the vision input, encoded → [n, n_img, D]."""
-    pixels = torch.stack([adapter.crop_pixel_values(image.crop(b)) for b in pixel_boxes])
-    return adapter.encode_images(pixels)
+Crop = tuple[torch.Tensor, tuple[int, int]]  # [n, D] visual tokens of one crop and their grid
 
 
 def crop_tokens(
-    adapter: VLMAdapter, image: Image.Image, plan: RoIPlan
-) -> tuple[torch.Tensor | None, list[PixelBox], str]:
-    """Crop the plan's boxes from the full-resolution image and encode them → [n, D] tokens to insert."""
+    adapter: VLMAdapter, image: Image.Image, plan: RoIPlan, grid: tuple[int, int]
+) -> tuple[list[Crop], list[np.ndarray | None], list[PixelBox], str]:
+    """Crop the plan's boxes (on a `grid` map) from the full-resolution image and encode them → (crops, keep masks
+    (None = every token), source-pixel boxes, why nothing was cropped)."""
     if plan.kind == "none":
-        return None, [], plan.reason
-    pixel_boxes = [
-        b
-        for b in (grid_box_to_pixels(g, image.size, adapter.grid, adapter.vision_size) for g in plan.boxes)
-        if b is not None
-    ]
+        return [], [], [], plan.reason
+    pixel_boxes = [b for b in (adapter.box_to_pixels(g, image.size, grid) for g in plan.boxes) if b is not None]
     if not pixel_boxes:
-        return None, [], "RoI lies in the square padding, outside the image"
-    feats = encode_crops(adapter, image, pixel_boxes)
+        return [], [], [], "RoI lies in the square padding, outside the image"
+    crops = [adapter.encode_crop(image.crop(b)) for b in pixel_boxes]
     if plan.kind == "mask":
-        keep = torch.as_tensor(plan.keep_mask.reshape(-1), device=feats.device)
-        return feats[0, keep], pixel_boxes, ""
-    return feats.reshape(-1, feats.shape[-1]), pixel_boxes, ""
-
-
-def insert_after_image(embeds: torch.Tensor, image_positions: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
-    """[1, L, D] prompt embeddings with crop tokens [n, D] placed right after the original image tokens."""
-    prefix = int(image_positions[-1]) + 1
-    return torch.cat([embeds[:, :prefix], crop[None].to(embeds.dtype), embeds[:, prefix:]], dim=1)
+        return crops, [adapter.keep_mask_for(plan.region, crops[0][1])], pixel_boxes, ""
+    return crops, [None] * len(crops), pixel_boxes, ""
 
 
 @torch.inference_mode()
@@ -136,12 +132,12 @@ def answer_with_boxes(
 ) -> Answer:
     """Answer with given source-pixel crops inserted after the image tokens (the oracle and ViCrop rows)."""
     t0 = time.perf_counter()
-    image, x, embeds = _inputs(adapter, image, question)
+    image, x, embeds, positions = _inputs(adapter, image, question)
     if pixel_boxes:
-        crop = encode_crops(adapter, image, pixel_boxes).reshape(-1, embeds.shape[-1])
-        embeds = insert_after_image(embeds, x.image_positions[0], crop)
-    logits, cache = _full_prefill(adapter, embeds)
-    tokens = _greedy(adapter, cache, logits, embeds.shape[1], max_new_tokens)
+        crops = [adapter.encode_crop(image.crop(b)) for b in pixel_boxes]
+        embeds, positions = adapter.insert_crop(x, embeds, crops, [None] * len(crops))
+    logits, cache = _full_prefill(adapter, embeds, positions)
+    tokens = _greedy(adapter, cache, logits, positions, max_new_tokens)
     return _finish(adapter, tokens, None, {"total": time.perf_counter() - t0})
 
 
@@ -155,8 +151,9 @@ def vicrop_map(adapter: VLMAdapter, image: Image.Image, question: str, layer: in
     from sdrpn_core.teacher import prompt_attention
 
     px = adapter.pixel_values(image)
-    att = prompt_attention(adapter, adapter.collate([px, px], [question, VICROP_GENERIC_PROMPT]), layer)
-    return (att[0] / (att[1] + 1e-8)).numpy().reshape(adapter.grid)
+    x = adapter.collate([px, px], [question, VICROP_GENERIC_PROMPT])
+    att = prompt_attention(adapter, x, layer)
+    return (att[0] / (att[1] + 1e-8)).numpy().reshape(x.grids[0])
 
 
 def best_window(score: np.ndarray, side: int) -> tuple[int, int, int, int]:
@@ -182,11 +179,11 @@ def answer_vicrop(
     t0 = time.perf_counter()
     image = load_image(image)
     ratio = vicrop_map(adapter, image, question, layer)
-    box = best_window(ratio, round(adapter.grid[0] * window_frac))
-    pixel = grid_box_to_pixels(box, image.size, adapter.grid, adapter.vision_size)
+    box = best_window(ratio, round(min(ratio.shape) * window_frac))
+    pixel = adapter.box_to_pixels(box, image.size, ratio.shape)
     answer = answer_with_boxes(adapter, image, question, [pixel] if pixel else [], max_new_tokens)
     plan = RoIPlan("box" if pixel else "none", (box,), prob=ratio / max(float(ratio.max()), 1e-8))
-    answer.roi = RoIOutcome(plan, ratio, [pixel] if pixel else [], adapter.num_image_tokens if pixel else 0)
+    answer.roi = RoIOutcome(plan, ratio, [pixel] if pixel else [], -1 if pixel else 0)
     answer.seconds = {"total": time.perf_counter() - t0}
     return answer
 
@@ -194,24 +191,29 @@ def answer_vicrop(
 @torch.inference_mode()
 def predict_roi(adapter: VLMAdapter, rpn: RoIPredictor, image: Image.Image | str, question: str) -> np.ndarray:
     """Pass 1 alone: the RPN's logit map [grid_h, grid_w] for one image and question."""
-    _, x, embeds = _inputs(adapter, image, question)
-    hidden, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, rpn.config.K)
-    query = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
-    logits = rpn(hidden, mask, pe, pos, query, x.image_positions[0][None].to(embeds.device))
-    return logits[0].float().cpu().numpy().reshape(adapter.grid)
+    return run_pass1(adapter, rpn, image, question, reuse_kv=False).logits_map
 
 
 @dataclass
 class Pass1:
-    """What pass 1 leaves for pass 2: the prompt's embeddings, h^K, the layers-0..K−1 cache (with reuse)."""
+    """What pass 1 leaves for pass 2: the inputs, their embeddings and positions, h^K, the layers-0..K−1 cache."""
 
     image: Image.Image
+    inputs: VLMInputs
     embeds: torch.Tensor
-    image_positions: torch.Tensor
+    positions: torch.Tensor
     hidden_k: torch.Tensor
     cache: object | None
     logits_map: np.ndarray
     K: int
+
+    @property
+    def image_positions(self) -> torch.Tensor:
+        return self.inputs.image_positions[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.inputs.grids[0]
 
 
 @torch.inference_mode()
@@ -220,13 +222,13 @@ def run_pass1(
 ) -> Pass1:
     """Partial prefill (backbone layers 0..K−1) + the RPN for the last prompt token → the RoI logit map."""
     K = rpn.config.K
-    image, x, embeds = _inputs(adapter, image, question)
+    image, x, embeds, positions = _inputs(adapter, image, question)
     cache = new_cache(adapter) if reuse_kv else None
-    hidden_k, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, K, cache)
+    hidden_k, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, K, cache, positions)
     query = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
     image_positions = x.image_positions[0].to(embeds.device)
     logits = rpn(hidden_k, mask, pe, pos, query, image_positions[None])[0].float().cpu().numpy()
-    return Pass1(image, embeds, image_positions, hidden_k, cache, logits.reshape(adapter.grid), K)
+    return Pass1(image, x, embeds, positions, hidden_k, cache, logits.reshape(x.grids[0]), K)
 
 
 @torch.inference_mode()
@@ -237,14 +239,14 @@ def run_pass2(adapter: VLMAdapter, p1: Pass1, plan: RoIPlan, max_new_tokens: int
     K.. run over the whole sequence from h^K; without one, the whole prefill is recomputed (the authors' way).
     """
     K = p1.K
-    crop, pixel_boxes, reason = crop_tokens(adapter, p1.image, plan)
-    if crop is None and plan.kind != "none":
+    crops, keep, pixel_boxes, reason = crop_tokens(adapter, p1.image, plan, p1.grid)
+    if not crops and plan.kind != "none":
         plan = RoIPlan("none", prob=plan.prob, reason=reason)
-    embeds = p1.embeds
-    if crop is None:  # nothing inserted: the whole prompt is the reusable prefix
-        prefix, crop, embeds2 = embeds.shape[1], embeds.new_zeros(0, embeds.shape[-1]), embeds
+    if not crops:  # nothing inserted: the whole prompt is the reusable prefix
+        prefix, embeds2, pos2 = p1.embeds.shape[1], p1.embeds, p1.positions
     else:
-        prefix, embeds2 = int(p1.image_positions[-1]) + 1, insert_after_image(embeds, p1.image_positions, crop)
+        prefix = int(p1.image_positions[-1]) + 1
+        embeds2, pos2 = adapter.insert_crop(p1.inputs, p1.embeds, crops, keep)
     total = embeds2.shape[1]
     cache = p1.cache
     if cache is not None:
@@ -253,17 +255,23 @@ def run_pass2(adapter: VLMAdapter, p1: Pass1, plan: RoIPlan, max_new_tokens: int
         new = embeds2[:, prefix:]
         h_k = p1.hidden_k
         if new.shape[1] > 0:
-            pos_new = torch.arange(prefix, total, device=new.device)[None]
+            pos_new = pos2[..., prefix:]
             m_new, pe_new = layer_inputs(adapter, new, pos_new, None, cache, layer_idx=0)
             h_new = run_layers(layers[:K], new, m_new, pe_new, pos_new, cache)
             h_k = torch.cat([p1.hidden_k[:, :prefix], h_new], dim=1)
-        pos_all = torch.arange(total, device=embeds.device)[None]
-        m_all, pe_all = layer_inputs(adapter, h_k, pos_all, None, cache, layer_idx=K)
-        next_logits = _next_logits(adapter, run_layers(layers[K:], h_k, m_all, pe_all, pos_all, cache))
+        m_all, pe_all = layer_inputs(adapter, h_k, pos2, None, cache, layer_idx=K)
+        next_logits = _next_logits(adapter, run_layers(layers[K:], h_k, m_all, pe_all, pos2, cache))
     else:
-        next_logits, cache = _full_prefill(adapter, embeds2)
-    tokens = _greedy(adapter, cache, next_logits, total, max_new_tokens)
-    return tokens, RoIOutcome(plan, p1.logits_map, pixel_boxes, int(crop.shape[0]))
+        next_logits, cache = _full_prefill(adapter, embeds2, pos2)
+    tokens = _greedy(adapter, cache, next_logits, pos2, max_new_tokens)
+    return tokens, RoIOutcome(plan, p1.logits_map, pixel_boxes, total - p1.embeds.shape[1])
+
+
+def plan_for(adapter: VLMAdapter, logits_map: np.ndarray, threshold: float, mode: str = "mask") -> RoIPlan:
+    """The family's RoI rules: LLaVA's components ('mask' or 'box' mode), Qwen's union mask (mode ignored)."""
+    if adapter.family == "qwen2_5_vl":
+        return plan_roi_union(logits_map, logits_map.shape, threshold)
+    return plan_roi(logits_map, logits_map.shape, threshold, mode)  # type: ignore[arg-type]
 
 
 def answer_sdrpn(
@@ -280,7 +288,7 @@ def answer_sdrpn(
     """SD-RPN's answer: pass 1 → RoI plan (τ = `threshold`, 'mask' or 'box' mode) → pass 2."""
     t0 = time.perf_counter()
     p1 = run_pass1(adapter, rpn, image, question, reuse_kv=reuse_kv)
-    plan = plan_roi(p1.logits_map, adapter.grid, threshold, mode)  # type: ignore[arg-type]
+    plan = plan_for(adapter, p1.logits_map, threshold, mode)
     t1 = time.perf_counter()
     tokens, roi = run_pass2(adapter, p1, plan, max_new_tokens)
     return _finish(adapter, tokens, roi, {"pass1": t1 - t0, "pass2+decode": time.perf_counter() - t1})

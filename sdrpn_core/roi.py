@@ -46,7 +46,7 @@ class RoIPlan:
 
     kind: Literal["none", "box", "mask"]
     boxes: tuple[GridBox, ...] = ()
-    keep_mask: np.ndarray | None = None  # [grid_h, grid_w] bool, for kind == 'mask'
+    region: np.ndarray | None = None  # kind 'mask': the cells above τ inside the union box (bool, box-shaped)
     prob: np.ndarray | None = None  # blurred sigmoid map, for overlays
     reason: str = ""
 
@@ -121,9 +121,28 @@ def plan_roi(
     if len(boxes) == 1:
         return RoIPlan("box", tuple(boxes), prob=prob)
     r0, c0, r1, c1 = tight_box(binary)  # type: ignore[misc]
-    union = (c0, r0, c1 + 1, r1 + 1)
-    keep = resize_mask(binary[r0 : r1 + 1, c0 : c1 + 1].astype(np.float32), grid)
-    return RoIPlan("mask", (union,), keep_mask=keep, prob=prob)
+    return RoIPlan("mask", ((c0, r0, c1 + 1, r1 + 1),), region=binary[r0 : r1 + 1, c0 : c1 + 1], prob=prob)
+
+
+def plan_roi_union(logits: np.ndarray, grid: tuple[int, int], threshold: float = 0.1) -> RoIPlan:
+    """The authors' Qwen rules (method.md §6.3), always the union mask: sigmoid; on maps of more than 768 cells the
+    sink strips (column 0 of the top quarter rows, row 0 of the left quarter columns) zeroed; 3×3 σ=1 blur; > τ;
+    the union box of every cell above τ, whose cells become the keep-mask. No component rules."""
+    arr = np.asarray(logits, dtype=np.float64).reshape(grid)
+    if not np.all(np.isfinite(arr)):
+        return RoIPlan("none", reason="RoI map has NaN or infinite values")
+    p = sigmoid(arr)
+    h, w = grid
+    if h * w > 768:
+        p[: h // 4, 0] = 0.0
+        p[0, : w // 4] = 0.0
+    prob = gaussian_blur(p)
+    binary = prob > threshold
+    box = tight_box(binary)
+    if box is None:
+        return RoIPlan("none", prob=prob, reason="no cell above the threshold")
+    r0, c0, r1, c1 = box
+    return RoIPlan("mask", ((c0, r0, c1 + 1, r1 + 1),), region=binary[r0 : r1 + 1, c0 : c1 + 1], prob=prob)
 
 
 def grid_box_to_pixels(

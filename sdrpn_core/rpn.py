@@ -41,6 +41,13 @@ class RPNConfig:
     version: int = 1
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding with the models' rotate-half convention (cos/sin already broadcastable to x)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
 class RoIPredictor(nn.Module):
     def __init__(self, config: RPNConfig, twig_layers: list[nn.Module], twig_norm: nn.Module | None):
         super().__init__()
@@ -59,7 +66,10 @@ class RoIPredictor(nn.Module):
         if K < 1 or T < 1 or n < K + T:
             raise AdapterError(f"RPN needs 1 <= K, 1 <= T, K+T <= {n} layers; got K={K}, T={T}")
         twig_norm = config_fields.pop("twig_norm", adapter.family == "llava")
-        config = RPNConfig(K=K, T=T, family=adapter.family, grid=adapter.grid, twig_norm=twig_norm, **config_fields)
+        rope = config_fields.pop("rope_in_head", adapter.family == "qwen2_5_vl")
+        config = RPNConfig(
+            K=K, T=T, family=adapter.family, grid=adapter.grid, twig_norm=twig_norm, rope_in_head=rope, **config_fields
+        )
         layers = [copy.deepcopy(adapter.decoder_layers[K + i]) for i in range(T)]
         norm = copy.deepcopy(adapter.final_norm) if twig_norm else None
         rpn = cls(config, layers, norm)
@@ -84,8 +94,11 @@ class RoIPredictor(nn.Module):
         k_in = last.input_layernorm(h.gather(1, image_positions[..., None].expand(-1, -1, h.shape[-1])))
         q = last.self_attn.q_proj(q_in).view(h.shape[0], self.num_heads, self.head_dim)
         k = last.self_attn.k_proj(k_in).view(h.shape[0], -1, self.num_kv_heads, self.head_dim)
-        if self.config.rope_in_head:
-            raise NotImplementedError("RoPE in the RPN head comes with the Qwen2.5-VL adapter")
+        if self.config.rope_in_head:  # Qwen: M-RoPE at the true positions of the query row and the image tokens
+            cos, sin = position_embeddings
+            q = _rotate(q, cos[rows, query_index][:, None], sin[rows, query_index][:, None])
+            index = image_positions[..., None].expand(-1, -1, cos.shape[-1])
+            k = _rotate(k, cos.gather(1, index)[:, :, None], sin.gather(1, index)[:, :, None])
         k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
         scores = torch.einsum("bhd,bnhd->bhn", q, k) / math.sqrt(self.head_dim)
         return scores.mean(1)
@@ -109,7 +122,8 @@ class RoIPredictor(nn.Module):
         raw = json.loads(cfg_path.read_text())
         raw["grid"] = tuple(raw["grid"])
         config = RPNConfig(**raw)
-        if config.grid != adapter.grid or config.family != adapter.family:
+        fixed_grid = config.family == "llava"  # Qwen's head scores any number of image tokens
+        if config.family != adapter.family or (fixed_grid and config.grid != adapter.grid):
             raise AdapterError(
                 f"RPN in {folder} was trained for a {config.family} model with grid {config.grid}; "
                 f"this model is {adapter.family} with grid {adapter.grid}"
@@ -150,10 +164,13 @@ def partial_prefill(
     attention_mask: torch.Tensor,
     K: int,
     cache=None,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, object, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Backbone layers 0..K−1 over the input embeddings → (h^K, mask, rotary, position ids) for the RPN."""
+    """Backbone layers 0..K−1 over the input embeddings → (h^K, mask, rotary, position ids) for the RPN.
+    `position_ids` comes from `adapter.position_ids` (M-RoPE for Qwen); by default 1-D positions from the mask."""
     attention_mask = attention_mask.to(embeds.device)
-    position_ids = positions_from_mask(attention_mask)
+    if position_ids is None:
+        position_ids = positions_from_mask(attention_mask)
     padded = not bool(attention_mask.all())
     mask, pe = layer_inputs(adapter, embeds, position_ids, attention_mask if padded else None, cache)
     hidden = run_layers(adapter.decoder_layers[:K], embeds, mask, pe, position_ids, cache)

@@ -195,7 +195,7 @@ def average_maps(
 # -- the teacher run -------------------------------------------------------------------------------------------------
 
 
-def _prepare(adapter: VLMAdapter, sample: Sample) -> tuple[torch.Tensor, str, tuple[int, int]]:
+def _prepare(adapter: VLMAdapter, sample: Sample) -> tuple[object, str, tuple[int, int]]:
     question = check_question(sample.question)
     image = load_image(sample.image)
     try:
@@ -288,8 +288,15 @@ def extract_teacher_maps(
     rejected: list[Rejection] = []
     bar = Progress(len(samples), "teacher", log, callback=progress)
 
-    def run(batch: list[tuple[Sample, torch.Tensor, str, tuple[int, int]]]) -> None:
+    def run(batch: list[tuple[Sample, object, str, tuple[int, int]]]) -> None:
         inputs = adapter.collate([b[1] for b in batch], [b[2] for b in batch])
+        if len(set(inputs.grids)) > 1:  # dynamic resolution: rows of one generate call share an image grid
+            by_grid: dict[tuple[int, int], list] = {}
+            for item, grid in zip(batch, inputs.grids, strict=True):
+                by_grid.setdefault(grid, []).append(item)
+            for group in by_grid.values():
+                run(group)
+            return
         answers, grounding, sink, n_valid, norms = _generate_batch(
             adapter, inputs, preset, max_new, gen_kwargs, hidden_norm_layer
         )
@@ -342,14 +349,14 @@ def prompt_attention(
 ) -> torch.Tensor:
     """Softmax attention of the last prompt token to the image tokens at `layer`, mean over `heads` (all by
     default) → [B, n_img]. Only layers 0..layer run (the map ViCrop's rel-att method is built from)."""
-    from sdrpn_core.models.decoder import layer_inputs, positions_from_mask, run_layers
+    from sdrpn_core.models.decoder import layer_inputs, run_layers
 
     if not 0 <= layer < adapter.num_layers:
         raise ValueError(f"layer {layer} is outside the model's {adapter.num_layers} layers")
     inputs = inputs.to(adapter.device, adapter.dtype)
     positions = torch.stack(inputs.image_positions)
-    embeds = adapter.embed(inputs.input_ids, inputs.pixel_values)
-    pos = positions_from_mask(inputs.attention_mask)
+    embeds = adapter.embed(inputs)
+    pos = adapter.position_ids(inputs)
     padded = not bool(inputs.attention_mask.all())
     mask, pe = layer_inputs(adapter, embeds, pos, inputs.attention_mask if padded else None)
     with capturing(adapter, {layer: heads}, positions, prefill=True) as cap:

@@ -184,8 +184,10 @@ def train_rpn(
                 continue
             x = adapter.collate(pixels, questions)
             with torch.no_grad():
-                embeds = adapter.embed(x.input_ids, x.pixel_values.to(adapter.device, adapter.dtype))
-                hidden, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, config.K)
+                embeds = adapter.embed(x)
+                hidden, mask, pe, pos = partial_prefill(
+                    adapter, embeds, x.attention_mask, config.K, position_ids=adapter.position_ids(x)
+                )
             query = torch.full((len(pixels),), hidden.shape[1] - 1, device=hidden.device)  # left padding
             with autocast:
                 logits = rpn(hidden, mask, pe, pos, query, torch.stack(x.image_positions).to(hidden.device))

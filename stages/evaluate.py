@@ -166,7 +166,7 @@ def evaluate(
         "device": model.device,
         "prompt_template": "vicuna_v1" if model.family == "llava" else model.family,
         "attn_implementation": adapter.model.config.text_config._attn_implementation,
-        "pixel_budget": f"{adapter.vision_size}x{adapter.vision_size} (pad to square)",
+        "inputs": adapter.describe(),
         "rpn": rpn_ref.fingerprint if rpn_ref else None,
         "roi_threshold": threshold,
         "roi_mode": params.mode,

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sdrpn_core.models import LlavaAdapter
-from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
+from sdrpn_core.models.tiny import TinyLlavaSpec, TinyQwenSpec, build_tiny_llava, build_tiny_qwen
 from sdrpn_core.presets import get_preset
 
 
@@ -20,17 +20,38 @@ def tiny_llava() -> LlavaAdapter:
 
 
 @pytest.fixture(scope="session")
-def tiny_llava_dir(tmp_path_factory, tiny_llava) -> str:
-    d = tmp_path_factory.mktemp("tiny-llava")
-    tiny_llava.model.save_pretrained(d)
-    tiny_llava.processor.save_pretrained(d)
+def tiny_qwen():
+    return build_tiny_qwen(TinyQwenSpec())
+
+
+FAMILIES = ["llava", "qwen"]
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_vlm(request):
+    """Each model family's tiny random model in turn: the method's tests run on both (4×4 grids, 4 layers)."""
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory, tiny_vlm) -> str:
+    d = tmp_path_factory.mktemp(f"tiny-{tiny_vlm.family}")
+    tiny_vlm.save_pretrained(d)
     return str(d)
 
 
 @pytest.fixture(scope="session")
-def tiny_preset():
-    """The LLaVA-7B preset re-pointed at the tiny model's 4 layers × 4 heads."""
-    return get_preset("llava-1.5-7b", grounding={2: (0, 3), 1: (2,)}, sink={0: None}, K=1, T=2)
+def tiny_llava_dir(tmp_path_factory, tiny_llava) -> str:
+    d = tmp_path_factory.mktemp("tiny-llava")
+    tiny_llava.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tiny_vlm):
+    """The family's 7B preset re-pointed at the tiny model's 4 layers × 4 heads."""
+    base = "llava-1.5-7b" if tiny_vlm.family == "llava" else "qwen2.5-vl-7b/natural"
+    return get_preset(base, grounding={2: (0, 3), 1: (2,)}, sink={0: None}, K=1, T=2)
 
 
 def random_image(seed: int, size: tuple[int, int] = (40, 28)) -> Image.Image:

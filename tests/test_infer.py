@@ -6,16 +6,17 @@ import torch
 from PIL import Image
 
 from sdrpn_core.infer import (
+    _full_prefill,
     answer_baseline,
     answer_sdrpn,
     crop_tokens,
-    insert_after_image,
+    plan_for,
     run_pass1,
     run_pass2,
 )
 from sdrpn_core.models import LlavaAdapter
-from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
-from sdrpn_core.roi import RoIPlan, plan_roi
+from sdrpn_core.models.tiny import TinyLlavaSpec, TinyQwenSpec, build_tiny_llava, build_tiny_qwen
+from sdrpn_core.roi import RoIPlan
 from sdrpn_core.rpn import RoIPredictor
 from tests.conftest import random_image
 
@@ -23,10 +24,15 @@ G = (8, 8)
 Q = "what is the digit in the red box ?"
 
 
-@pytest.fixture(scope="module")
-def nano():
-    model, processor = build_tiny_llava(TinyLlavaSpec(image_size=64, patch_size=8, seed=3))
-    adapter = LlavaAdapter(model, processor)
+@pytest.fixture(scope="module", params=["llava", "qwen"])
+def nano(request):
+    """A tiny model of each family with an 8×8 RoI grid, and a random RPN on it."""
+    if request.param == "llava":
+        model, processor = build_tiny_llava(TinyLlavaSpec(image_size=64, patch_size=8, seed=3))
+        adapter = LlavaAdapter(model, processor)
+    else:
+        adapter = build_tiny_qwen(TinyQwenSpec(side=224, seed=3))
+    assert adapter.grid == G
     torch.manual_seed(0)
     return adapter, RoIPredictor.from_adapter(adapter, K=2, T=2)
 
@@ -59,40 +65,40 @@ def test_baseline_matches_hf_generate(nano):
 def test_kv_reuse_gives_the_same_answer_as_full_recompute(nano, branch):
     adapter, rpn = nano
     image = random_image(7, (90, 60))
-    plan = plan_roi(PLANS[branch], G, 0.5)
-    assert plan.kind == branch
+    plan = plan_for(adapter, PLANS[branch], 0.5)
+    assert plan.kind == branch or (adapter.family == "qwen2_5_vl" and branch == "box" and plan.kind == "mask")
     answers = []
     for reuse in (True, False):
         p1 = run_pass1(adapter, rpn, image, Q, reuse_kv=reuse)
         tokens, roi = run_pass2(adapter, p1, plan, max_new_tokens=8)
         answers.append((tokens, roi.n_crop_tokens, roi.pixel_boxes))
     assert answers[0] == answers[1]
+    n_crop = adapter.encode_crop(image.crop(answers[0][2][0]))[0].shape[0] if answers[0][2] else 0
+    markers = 2 if adapter.family == "qwen2_5_vl" else 0  # Qwen's crop block has its own <vs> … <ve>
     if branch == "box":
-        assert answers[0][1] == 64  # all crop tokens kept
+        assert answers[0][1] == n_crop + markers  # all crop tokens kept
     if branch == "mask":
-        assert 0 < answers[0][1] < 64
+        assert markers < answers[0][1] < n_crop + markers
 
 
 def test_reuse_keeps_logits_close_not_only_argmax(nano):
     """Compare the first-token distribution too, so equality is not a coincidence of argmax."""
-    from sdrpn_core.infer import _full_prefill
     from sdrpn_core.models.decoder import layer_inputs, run_layers, truncate_cache
 
     adapter, rpn = nano
     p1 = run_pass1(adapter, rpn, random_image(8, (64, 64)), Q, reuse_kv=True)
-    crop, _, _ = crop_tokens(adapter, p1.image, plan_roi(PLANS["box"], G, 0.5))
+    crops, keep, _, _ = crop_tokens(adapter, p1.image, plan_for(adapter, PLANS["box"], 0.5), G)
     prefix = int(p1.image_positions[-1]) + 1
-    e2 = insert_after_image(p1.embeds, p1.image_positions, crop)
+    e2, pos2 = adapter.insert_crop(p1.inputs, p1.embeds, crops, keep)
     with torch.no_grad():
-        full, _ = _full_prefill(adapter, e2)
+        full, _ = _full_prefill(adapter, e2, pos2)
         truncate_cache(p1.cache, prefix)
-        pos = torch.arange(prefix, e2.shape[1])[None]
+        pos = pos2[..., prefix:]
         m, pe = layer_inputs(adapter, e2[:, prefix:], pos, None, p1.cache, 0)
         h_new = run_layers(adapter.decoder_layers[:2], e2[:, prefix:], m, pe, pos, p1.cache)
         h = torch.cat([p1.hidden_k[:, :prefix], h_new], 1)
-        pos_all = torch.arange(e2.shape[1])[None]
-        m2, pe2 = layer_inputs(adapter, h, pos_all, None, p1.cache, 2)
-        h = run_layers(adapter.decoder_layers[2:], h, m2, pe2, pos_all, p1.cache)
+        m2, pe2 = layer_inputs(adapter, h, pos2, None, p1.cache, 2)
+        h = run_layers(adapter.decoder_layers[2:], h, m2, pe2, pos2, p1.cache)
         reused = adapter.lm_head(adapter.final_norm(h[:, -1]))
     assert torch.allclose(full, reused, atol=1e-5)
 
@@ -109,8 +115,8 @@ def test_box_in_the_padding_falls_back_to_baseline(nano):
     adapter, _ = nano
     wide = random_image(1, (128, 32))  # content rows ≈ 3..4 of 8; rows 0..1 are padding
     plan = RoIPlan("box", ((0, 0, 8, 2),))
-    crop, boxes, reason = crop_tokens(adapter, wide, plan)
-    assert crop is None and boxes == [] and "padding" in reason
+    crops, _, boxes, reason = crop_tokens(adapter, wide, plan, G)
+    assert crops == [] and boxes == [] and "padding" in reason
 
 
 @pytest.mark.parametrize(
@@ -126,9 +132,9 @@ def test_box_in_the_padding_falls_back_to_baseline(nano):
 def test_odd_images_have_a_defined_outcome(nano, image):
     adapter, rpn = nano
     p1 = run_pass1(adapter, rpn, image, Q)
-    tokens, roi = run_pass2(adapter, p1, plan_roi(PLANS["box"], G, 0.5), max_new_tokens=3)
+    tokens, roi = run_pass2(adapter, p1, plan_for(adapter, PLANS["box"], 0.5), max_new_tokens=3)
     assert len(tokens) == 3
-    if roi.plan.kind == "box":
+    if roi.plan.kind != "none":
         (x0, y0, x1, y1) = roi.pixel_boxes[0]
         assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdrpn_core.roi import component_boxes, gaussian_blur, grid_box_to_pixels, plan_roi
+from sdrpn_core.roi import component_boxes, gaussian_blur, grid_box_to_pixels, plan_roi, plan_roi_union, resize_mask
 
 G = (24, 24)
 LOW, HIGH = -8.0, 8.0  # sigmoid ≈ 0.0003 / 0.9997
@@ -85,7 +85,8 @@ def test_two_components_give_union_box_and_keep_mask():
     assert plan.kind == "mask"
     (union,) = plan.boxes
     assert union[0] <= 2 and union[1] <= 2 and union[2] >= 19 and union[3] >= 19
-    keep = plan.keep_mask
+    assert plan.region.shape == (union[3] - union[1], union[2] - union[0])
+    keep = resize_mask(plan.region, G)  # what the LLaVA adapter keeps of a crop encoded at the full grid
     assert keep.shape == G and keep.dtype == bool
     assert keep[0:3, 0:3].any() and keep[-3:, -3:].any()  # both blobs survive the resize
     assert not keep[10:13, 10:13].any()  # the gap between them is dropped
@@ -127,3 +128,25 @@ def test_box_in_the_padding_gives_none_and_tiny_sources_give_at_least_one_pixel(
     assert tiny is not None
     x0, y0, x1, y1 = tiny
     assert 0 <= x0 < x1 <= 3 and 0 <= y0 < y1 <= 3
+
+
+def test_qwen_union_plan_keeps_every_cell_above_threshold_without_component_rules():
+    single = logit_map((5, 5, 5, 5))  # blurred, only the centre (0.20) stays above 0.15: one cell
+    assert plan_roi(single, G, 0.15).kind == "none"  # LLaVA's rules drop 1-cell components
+    plan = plan_roi_union(single, G, 0.15)
+    assert plan.kind == "mask" and plan.boxes == ((5, 5, 6, 6),) and plan.region.tolist() == [[True]]
+    two = plan_roi_union(logit_map((2, 2, 4, 4), (15, 15, 18, 18)), G, 0.5)
+    (union,) = two.boxes
+    assert union[0] <= 2 and union[2] >= 19 and two.region.shape == (union[3] - union[1], union[2] - union[0])
+    assert not two.region[8:10, 8:10].any()  # the gap is outside the keep-mask
+    assert plan_roi_union(np.full(G, LOW), G, 0.1).kind == "none"
+
+
+def test_qwen_sink_strips_are_suppressed_only_on_large_maps():
+    big = (32, 32)  # 1024 cells > 768
+    m = np.full(big, LOW)
+    m[0:8, 0] = HIGH  # a sink strip down column 0 of the top quarter
+    assert plan_roi_union(m, big, 0.1).kind == "none"
+    small = np.full(G, LOW)  # 576 cells: no suppression
+    small[0:6, 0] = HIGH
+    assert plan_roi_union(small, G, 0.1).kind == "mask"

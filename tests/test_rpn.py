@@ -13,55 +13,71 @@ from tests.conftest import QUESTIONS, random_image
 
 
 @pytest.fixture(scope="module")
-def rpn(tiny_llava):
+def rpn(tiny_vlm):
     torch.manual_seed(1)
-    return RoIPredictor.from_adapter(tiny_llava, K=1, T=2)
+    return RoIPredictor.from_adapter(tiny_vlm, K=1, T=2)
 
 
 @pytest.fixture(scope="module")
-def batch(tiny_llava):
-    x = tiny_llava.build_inputs([random_image(i) for i in range(3)], QUESTIONS[:3])
+def batch(tiny_vlm):
+    x = tiny_vlm.build_inputs([random_image(i) for i in range(3)], QUESTIONS[:3])
     with torch.no_grad():
-        embeds = tiny_llava.embed(x.input_ids, x.pixel_values)
-        hidden, mask, pe, pos = partial_prefill(tiny_llava, embeds, x.attention_mask, K=1)
+        embeds = tiny_vlm.embed(x)
+        hidden, mask, pe, pos = partial_prefill(tiny_vlm, embeds, x.attention_mask, 1, None, tiny_vlm.position_ids(x))
     return x, hidden, mask, pe, pos
 
 
-def test_twig_layers_are_copies_of_backbone_layers_k_onwards(tiny_llava, rpn):
+def test_twig_layers_are_copies_of_backbone_layers_k_onwards(tiny_vlm, rpn):
     for i, twig in enumerate(rpn.twig_layers):
-        src = tiny_llava.decoder_layers[1 + i]
+        src = tiny_vlm.decoder_layers[1 + i]
         for (name, a), (_, b) in zip(twig.named_parameters(), src.named_parameters(), strict=True):
             assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
-    assert torch.equal(rpn.twig_norm.weight, tiny_llava.final_norm.weight)
+    if tiny_vlm.family == "llava":  # LLaVA: extra norm from the final norm, no RoPE in the head
+        assert torch.equal(rpn.twig_norm.weight, tiny_vlm.final_norm.weight) and not rpn.config.rope_in_head
+    else:  # Qwen: no extra norm, M-RoPE in the head
+        assert rpn.twig_norm is None and rpn.config.rope_in_head
 
 
-def test_partial_prefill_equals_hidden_states_k(tiny_llava, batch):
+def test_partial_prefill_equals_hidden_states_k(tiny_vlm, batch):
     x, hidden, *_, pos = batch
     with torch.no_grad():
-        ref = tiny_llava.model(**x.model_kwargs(), position_ids=pos, output_hidden_states=True).hidden_states[1]
+        ref = tiny_vlm.model(**x.model_kwargs(), position_ids=pos, output_hidden_states=True).hidden_states[1]
     assert torch.allclose(hidden, ref, atol=1e-6)
 
 
-def test_logits_equal_a_hand_computation(tiny_llava, rpn, batch):
+def test_logits_equal_a_hand_computation(tiny_vlm, rpn, batch):
+    """Twig layer 0 as a decoder block; LLaVA: the extra norm; then layer 1's input norm + q/k; Qwen: the model's own
+    M-RoPE at the true (3-D) positions of the query and key rows, kv heads repeated; head-mean of q·k/√d."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
     x, hidden, mask, pe, pos = batch
     positions = torch.stack(x.image_positions)
     query = torch.full((3,), hidden.shape[1] - 1)
     with torch.no_grad():
         logits = rpn(hidden, mask, pe, pos, query, positions)
-        # by hand: twig layer 0 as a decoder block, the extra norm, then layer 1's norm + q/k, head-mean of q·k/√d
-        h = rpn.twig_layers[0](hidden, attention_mask=mask, position_embeddings=pe, position_ids=pos)
-        h = rpn.twig_norm(h)
+        text_pos = pos if pos.ndim == 2 else None
+        h = rpn.twig_layers[0](hidden, attention_mask=mask, position_embeddings=pe, position_ids=text_pos)
+        if rpn.twig_norm is not None:
+            h = rpn.twig_norm(h)
         last = rpn.twig_layers[1]
-        heads, d = tiny_llava.num_heads, tiny_llava.head_dim
+        heads, d = tiny_vlm.num_heads, tiny_vlm.head_dim
+        kv = tiny_vlm.text_config.num_key_value_heads
+        cos, sin = tiny_vlm.rotary_emb(h, pos)  # [B, L, d]
         for b in range(3):
-            q = last.self_attn.q_proj(last.input_layernorm(h[b, -1])).view(heads, d)
-            k = last.self_attn.k_proj(last.input_layernorm(h[b, positions[b]])).view(-1, heads, d)
-            expected = torch.stack([(k[:, hh] @ q[hh]) / math.sqrt(d) for hh in range(heads)]).mean(0)
+            rows = torch.cat([positions[b], torch.tensor([h.shape[1] - 1])])
+            normed = last.input_layernorm(h[b, rows])
+            q = last.self_attn.q_proj(normed).view(-1, heads, d).transpose(0, 1)  # [heads, n+1, d]
+            k = last.self_attn.k_proj(normed).view(-1, kv, d).transpose(0, 1)
+            if tiny_vlm.family == "qwen2_5_vl":
+                q, k = apply_rotary_pos_emb(q[None], k[None], cos[b : b + 1, rows], sin[b : b + 1, rows])
+                q, k = q[0], k[0]
+            k = k.repeat_interleave(heads // kv, dim=0)
+            expected = torch.stack([(k[hh, :-1] @ q[hh, -1]) / math.sqrt(d) for hh in range(heads)]).mean(0)
             assert torch.allclose(logits[b], expected, atol=1e-5)
-    assert logits.shape == (3, tiny_llava.num_image_tokens)
+    assert logits.shape == (3, tiny_vlm.num_image_tokens)
 
 
-def test_query_token_is_the_last_prompt_token(tiny_llava, rpn, batch):
+def test_query_token_is_the_last_prompt_token(tiny_vlm, rpn, batch):
     x, hidden, mask, pe, pos = batch
     positions = torch.stack(x.image_positions)
     with torch.no_grad():
@@ -70,40 +86,42 @@ def test_query_token_is_the_last_prompt_token(tiny_llava, rpn, batch):
     assert not torch.allclose(a, b)
 
 
-def test_save_load_round_trip(tiny_llava, rpn, batch, tmp_path):
+def test_save_load_round_trip(tiny_vlm, rpn, batch, tmp_path):
     rpn.save(tmp_path / "ckpt")
     assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"rpn.safetensors", "rpn_config.json"}
-    loaded = RoIPredictor.load(tmp_path / "ckpt", tiny_llava)
+    loaded = RoIPredictor.load(tmp_path / "ckpt", tiny_vlm)
     assert loaded.config == rpn.config
     for (n, a), (_, b) in zip(rpn.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
 
 
-def test_load_refuses_another_grid_and_fingerprint(tiny_llava, tmp_path):
+def test_load_refuses_another_grid_family_and_fingerprint(tiny_llava, tiny_qwen, tmp_path):
     other_model, other_proc = build_tiny_llava(TinyLlavaSpec(image_size=48))
     other = LlavaAdapter(other_model, other_proc)
     RoIPredictor.from_adapter(other, K=1, T=2, base_model_fingerprint="abc123").save(tmp_path / "o")
     with pytest.raises(AdapterError, match="grid"):
         RoIPredictor.load(tmp_path / "o", tiny_llava)
+    with pytest.raises(AdapterError, match="qwen2_5_vl"):
+        RoIPredictor.load(tmp_path / "o", tiny_qwen)
     with pytest.raises(AdapterError, match="base model abc123"):
         RoIPredictor.load(tmp_path / "o", other, check_fingerprint="fff000")
     with pytest.raises(FileNotFoundError, match=r"rpn_config\.json"):
         RoIPredictor.load(tmp_path, tiny_llava)
 
 
-def test_authors_checkpoint_keys_load(tiny_llava, rpn, tmp_path):
+def test_authors_checkpoint_keys_load(tiny_vlm, rpn, tmp_path):
     """A released "-filled" model keeps the twig under model.twig_layers.{i}.* and model.twig_norm.weight."""
     state = {f"model.{k}": v.clone() for k, v in rpn.state_dict().items()}
     state["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(2, 2)  # backbone keys are ignored
     save_file(dict(list(state.items())[:7]), tmp_path / "model-00001-of-00002.safetensors")
     save_file(dict(list(state.items())[7:]), tmp_path / "model-00002-of-00002.safetensors")
-    loaded = RoIPredictor.from_authors_checkpoint(tmp_path, tiny_llava, K=1, T=2)
+    loaded = RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm, K=1, T=2)
     for (n, a), (_, b) in zip(rpn.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     with pytest.raises(AdapterError, match="does not match"):
-        RoIPredictor.from_authors_checkpoint(tmp_path, tiny_llava, K=1, T=1)
+        RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm, K=1, T=1)
 
 
-def test_bad_depth_is_rejected(tiny_llava):
+def test_bad_depth_is_rejected(tiny_vlm):
     with pytest.raises(AdapterError, match="K\\+T <= 4"):
-        RoIPredictor.from_adapter(tiny_llava, K=3, T=2)
+        RoIPredictor.from_adapter(tiny_vlm, K=3, T=2)

@@ -6,7 +6,7 @@ import torch
 
 from sdrpn_core import teacher as teacher_mod
 from sdrpn_core.data import Sample
-from sdrpn_core.models import AdapterError, LlavaAdapter
+from sdrpn_core.models import AdapterError
 from sdrpn_core.presets import PRESETS, get_preset
 from sdrpn_core.teacher import extract_teacher_maps, reference_maps_output_attentions
 from tests.conftest import QUESTIONS, random_image
@@ -15,12 +15,12 @@ MAX_NEW = 7
 
 
 @pytest.fixture(scope="module")
-def early_eos(tiny_llava, tiny_preset):
+def early_eos(tiny_vlm, tiny_preset):
     """A token that row 0 greedily emits at step 2 but others do not emit early: ragged answer lengths in a batch."""
     images = [random_image(i, (24 + 9 * i, 40 - 5 * i)) for i in range(4)]
-    x = tiny_llava.build_inputs(images, QUESTIONS)
+    x = tiny_vlm.build_inputs(images, QUESTIONS)
     with torch.no_grad():
-        out = tiny_llava.model.generate(**x.model_kwargs(), max_new_tokens=MAX_NEW, do_sample=False)
+        out = tiny_vlm.model.generate(**x.model_kwargs(), max_new_tokens=MAX_NEW, do_sample=False)
     gen = out[:, x.input_ids.shape[1] :]
     for tok in gen[0, 1:4].tolist():
         if not (gen[1:, :3] == tok).any():
@@ -32,32 +32,32 @@ def samples_for(images):
     return [Sample(f"s{i}", im, q) for i, (im, q) in enumerate(zip(images, QUESTIONS, strict=False))]
 
 
-def test_maps_equal_output_attentions_reference(tiny_llava, tiny_preset, images, early_eos):
+def test_maps_equal_output_attentions_reference(tiny_vlm, tiny_preset, images, early_eos):
     kw = {"eos_token_id": early_eos}
     out = extract_teacher_maps(
-        tiny_llava, samples_for(images), tiny_preset, batch_size=4, max_new_tokens=MAX_NEW, generation_kwargs=kw
+        tiny_vlm, samples_for(images), tiny_preset, batch_size=4, max_new_tokens=MAX_NEW, generation_kwargs=kw
     )
     assert not out.rejected
-    x = tiny_llava.build_inputs(images, QUESTIONS)
-    ref_g, ref_s, gen = reference_maps_output_attentions(tiny_llava, x, tiny_preset, MAX_NEW, **kw)
+    x = tiny_vlm.build_inputs(images, QUESTIONS)
+    ref_g, ref_s, gen = reference_maps_output_attentions(tiny_vlm, x, tiny_preset, MAX_NEW, **kw)
     steps = [r.n_steps for r in out.records]
     assert len(set(steps)) > 1, "test needs ragged answer lengths"
     for i, rec in enumerate(out.records):
         np.testing.assert_allclose(rec.grounding, ref_g[i].numpy(), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(rec.sink, ref_s[i].numpy(), rtol=1e-5, atol=1e-7)
-        assert rec.grounding.shape == (tiny_llava.num_image_tokens,) and rec.grid == tiny_llava.grid
+        assert rec.grounding.shape == (tiny_vlm.num_image_tokens,) and rec.grid == tiny_vlm.grid
         assert rec.grounding.sum() > 0
         tokens = gen[i, : rec.n_steps + 1]
-        assert rec.answer == tiny_llava.decode(tokens[tokens != early_eos])
+        assert rec.answer == tiny_vlm.decode(tokens[tokens != early_eos])
 
 
-def test_batched_equals_batch_of_one(tiny_llava, tiny_preset, images, early_eos):
+def test_batched_equals_batch_of_one(tiny_vlm, tiny_preset, images, early_eos):
     kw = {"eos_token_id": early_eos}
     batched = extract_teacher_maps(
-        tiny_llava, samples_for(images), tiny_preset, batch_size=4, max_new_tokens=MAX_NEW, generation_kwargs=kw
+        tiny_vlm, samples_for(images), tiny_preset, batch_size=4, max_new_tokens=MAX_NEW, generation_kwargs=kw
     )
     single = extract_teacher_maps(
-        tiny_llava, samples_for(images), tiny_preset, batch_size=1, max_new_tokens=MAX_NEW, generation_kwargs=kw
+        tiny_vlm, samples_for(images), tiny_preset, batch_size=1, max_new_tokens=MAX_NEW, generation_kwargs=kw
     )
     assert [r.sample_id for r in batched.records] == [r.sample_id for r in single.records]
     for a, b in zip(batched.records, single.records, strict=True):
@@ -66,19 +66,19 @@ def test_batched_equals_batch_of_one(tiny_llava, tiny_preset, images, early_eos)
         np.testing.assert_allclose(a.sink, b.sink, rtol=1e-4, atol=1e-6)
 
 
-def test_steps_are_every_generated_token_but_the_last(tiny_llava, tiny_preset, images):
+def test_steps_are_every_generated_token_but_the_last(tiny_vlm, tiny_preset, images):
     # With no EOS in reach, MAX_NEW tokens are generated and MAX_NEW-1 of them are fed back.
     out = extract_teacher_maps(
-        tiny_llava,
+        tiny_vlm,
         samples_for(images[:2]),
         tiny_preset,
         max_new_tokens=MAX_NEW,
-        generation_kwargs={"eos_token_id": 10**6 % len(tiny_llava.tokenizer)},
+        generation_kwargs={"eos_token_id": 10**6 % len(tiny_vlm.tokenizer)},
     )
     assert all(r.n_steps == MAX_NEW - 1 for r in out.records)
 
 
-def test_only_configured_layers_are_read(tiny_llava, tiny_preset, images, monkeypatch):
+def test_only_configured_layers_are_read(tiny_vlm, tiny_preset, images, monkeypatch):
     seen: list[tuple[int, int]] = []
     original = teacher_mod._Capture.record
 
@@ -88,27 +88,27 @@ def test_only_configured_layers_are_read(tiny_llava, tiny_preset, images, monkey
 
     monkeypatch.setattr(teacher_mod._Capture, "record", spy)
     extract_teacher_maps(
-        tiny_llava,
+        tiny_vlm,
         samples_for(images[:2]),
         tiny_preset,
         max_new_tokens=4,
-        generation_kwargs={"eos_token_id": 10**6 % len(tiny_llava.tokenizer)},
+        generation_kwargs={"eos_token_id": 10**6 % len(tiny_vlm.tokenizer)},
     )
     assert {layer for layer, _ in seen} == set(tiny_preset.heads_needed()) == {0, 1, 2}
     assert all(q == 1 for _, q in seen)  # decode steps only, never the prefill
     assert len(seen) == 3 * (4 - 1)  # 3 layers × 3 decode steps
-    assert tiny_llava.model.config.text_config._attn_implementation == "sdpa"  # restored
+    assert tiny_vlm.model.config.text_config._attn_implementation == "sdpa"  # restored
 
 
-def test_preset_outside_the_model_fails_at_start_naming_index_and_size(tiny_llava, images):
+def test_preset_outside_the_model_fails_at_start_naming_index_and_size(tiny_vlm, images):
     with pytest.raises(AdapterError, match=r"layer 14 is outside the model's 4 layers"):
-        extract_teacher_maps(tiny_llava, samples_for(images), PRESETS["llava-1.5-7b"])
+        extract_teacher_maps(tiny_vlm, samples_for(images), PRESETS["llava-1.5-7b"])
     bad_head = get_preset("llava-1.5-7b", grounding={1: (7,)}, sink={}, K=1, T=2)
     with pytest.raises(AdapterError, match=r"head 7 of layer 1 is outside the model's 4 heads"):
-        extract_teacher_maps(tiny_llava, samples_for(images), bad_head)
+        extract_teacher_maps(tiny_vlm, samples_for(images), bad_head)
 
 
-def test_bad_samples_are_recorded_and_skipped(tiny_llava, tiny_preset, tmp_path, images):
+def test_bad_samples_are_recorded_and_skipped(tiny_vlm, tiny_preset, tmp_path, images):
     good = tmp_path / "good.png"
     images[0].save(good)
     truncated = tmp_path / "truncated.png"
@@ -123,7 +123,7 @@ def test_bad_samples_are_recorded_and_skipped(tiny_llava, tiny_preset, tmp_path,
         Sample("empty-q", str(good), "   "),
         Sample("ok2", images[1], "and this ?"),
     ]
-    out = extract_teacher_maps(tiny_llava, samples, tiny_preset, batch_size=4, max_new_tokens=3)
+    out = extract_teacher_maps(tiny_vlm, samples, tiny_preset, batch_size=4, max_new_tokens=3)
     assert [r.sample_id for r in out.records] == ["ok1", "ok2"]
     reasons = {r.sample_id: r.reason for r in out.rejected}
     assert set(reasons) == {"missing", "truncated", "text", "empty-q"}
@@ -133,57 +133,56 @@ def test_bad_samples_are_recorded_and_skipped(tiny_llava, tiny_preset, tmp_path,
     assert reasons["empty-q"] == "empty question"
 
 
-class _PickyProcessorAdapter(LlavaAdapter):
+def test_processor_rejection_is_recorded(tiny_vlm, tiny_preset, images, monkeypatch):
     """Fault injection: a processor that refuses very wide images, as real processors refuse some inputs."""
+    real = tiny_vlm.pixel_values
 
-    def pixel_values(self, image):
+    def picky(image):
         if image.width > 4 * image.height:
             raise ValueError(f"aspect ratio {image.width / image.height:.0f} is not supported")
-        return super().pixel_values(image)
+        return real(image)
 
-
-def test_processor_rejection_is_recorded(tiny_llava, tiny_preset, images):
-    picky = _PickyProcessorAdapter(tiny_llava.model, tiny_llava.processor)
+    monkeypatch.setattr(tiny_vlm, "pixel_values", picky)
     samples = [Sample("wide", random_image(9, (200, 10)), "q ?"), Sample("fine", images[0], "q ?")]
-    out = extract_teacher_maps(picky, samples, tiny_preset, max_new_tokens=3)
+    out = extract_teacher_maps(tiny_vlm, samples, tiny_preset, max_new_tokens=3)
     assert [r.sample_id for r in out.records] == ["fine"]
     assert "image processor rejected" in out.rejected[0].reason and "aspect ratio" in out.rejected[0].reason
 
 
-def test_empty_answer_is_rejected(tiny_llava, tiny_preset, images):
-    x = tiny_llava.build_inputs(images[:1], QUESTIONS[:1])
+def test_empty_answer_is_rejected(tiny_vlm, tiny_preset, images):
+    x = tiny_vlm.build_inputs(images[:1], QUESTIONS[:1])
     with torch.no_grad():
-        first = int(tiny_llava.model(**x.model_kwargs()).logits[0, -1].argmax())
+        first = int(tiny_vlm.model(**x.model_kwargs()).logits[0, -1].argmax())
     out = extract_teacher_maps(
-        tiny_llava, samples_for(images[:1]), tiny_preset, max_new_tokens=4, generation_kwargs={"eos_token_id": first}
+        tiny_vlm, samples_for(images[:1]), tiny_preset, max_new_tokens=4, generation_kwargs={"eos_token_id": first}
     )
     assert not out.records and "empty answer" in out.rejected[0].reason
 
 
-def test_hidden_norms_match_hidden_states(tiny_llava, tiny_preset, images):
-    out = extract_teacher_maps(tiny_llava, samples_for(images[:1]), tiny_preset, max_new_tokens=2, hidden_norm_layer=1)
-    x = tiny_llava.build_inputs(images[:1], QUESTIONS[:1])
+def test_hidden_norms_match_hidden_states(tiny_vlm, tiny_preset, images):
+    out = extract_teacher_maps(tiny_vlm, samples_for(images[:1]), tiny_preset, max_new_tokens=2, hidden_norm_layer=1)
+    x = tiny_vlm.build_inputs(images[:1], QUESTIONS[:1])
     with torch.no_grad():
-        hs = tiny_llava.model(**x.model_kwargs(), output_hidden_states=True).hidden_states[2]
+        hs = tiny_vlm.model(**x.model_kwargs(), output_hidden_states=True).hidden_states[2]
     expected = hs[0, x.image_positions[0]].norm(dim=-1).numpy()
     np.testing.assert_allclose(out.records[0].image_hidden_norms, expected, rtol=1e-5)
 
 
-def test_concurrent_threads_on_one_model_get_their_own_maps(tiny_llava, tiny_preset, images):
+def test_concurrent_threads_on_one_model_get_their_own_maps(tiny_vlm, tiny_preset, images):
     """Threaded task runners share one loaded model; each thread's capture must see only its own attention."""
     import threading
 
     samples = samples_for(images)
-    kw = {"eos_token_id": 10**6 % len(tiny_llava.tokenizer)}
+    kw = {"eos_token_id": 10**6 % len(tiny_vlm.tokenizer)}
     sequential = [
-        extract_teacher_maps(tiny_llava, [s], tiny_preset, max_new_tokens=6, generation_kwargs=kw) for s in samples
+        extract_teacher_maps(tiny_vlm, [s], tiny_preset, max_new_tokens=6, generation_kwargs=kw) for s in samples
     ]
     results: dict[int, object] = {}
 
     def work(i):
         for _ in range(3):
             results[i] = extract_teacher_maps(
-                tiny_llava, [samples[i]], tiny_preset, max_new_tokens=6, generation_kwargs=kw
+                tiny_vlm, [samples[i]], tiny_preset, max_new_tokens=6, generation_kwargs=kw
             )
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(samples))]
@@ -194,47 +193,43 @@ def test_concurrent_threads_on_one_model_get_their_own_maps(tiny_llava, tiny_pre
     for i, seq in enumerate(sequential):
         np.testing.assert_allclose(results[i].records[0].grounding, seq.records[0].grounding, rtol=1e-4, atol=1e-7)
         assert results[i].records[0].grounding.sum() > 0
-    assert tiny_llava.model.config.text_config._attn_implementation == "sdpa"
+    assert tiny_vlm.model.config.text_config._attn_implementation == "sdpa"
 
 
-def test_prompt_attention_equals_output_attentions(tiny_llava, images):
+def test_prompt_attention_equals_output_attentions(tiny_vlm, images):
     from sdrpn_core.teacher import prompt_attention
 
-    x = tiny_llava.build_inputs(images[:2], QUESTIONS[:2])
-    ours = prompt_attention(tiny_llava, x, layer=2)
-    previous = tiny_llava.model.config.text_config._attn_implementation
-    tiny_llava.model.set_attn_implementation({"text_config": "eager"})
+    x = tiny_vlm.build_inputs(images[:2], QUESTIONS[:2])
+    ours = prompt_attention(tiny_vlm, x, layer=2)
+    previous = tiny_vlm.model.config.text_config._attn_implementation
+    tiny_vlm.model.set_attn_implementation({"text_config": "eager"})
     try:
-        from sdrpn_core.models.decoder import positions_from_mask
-
         with torch.no_grad():
-            out = tiny_llava.model(
-                **x.model_kwargs(), position_ids=positions_from_mask(x.attention_mask), output_attentions=True
-            )
+            out = tiny_vlm.model(**x.model_kwargs(), position_ids=tiny_vlm.position_ids(x), output_attentions=True)
     finally:
-        tiny_llava.model.set_attn_implementation({"text_config": previous})
+        tiny_vlm.model.set_attn_implementation({"text_config": previous})
     for b in range(2):
         ref = out.attentions[2][b, :, -1, x.image_positions[b]].mean(0)
         torch.testing.assert_close(ours[b], ref, rtol=1e-5, atol=1e-7)
 
 
-def test_head_scores_rank_heads_against_ground_truth_boxes(tiny_llava, images):
+def test_head_scores_rank_heads_against_ground_truth_boxes(tiny_vlm, images):
     from sdrpn_core.heads import score_heads
     from sdrpn_core.roi import pixels_to_grid_box
 
     samples = [(im, q, (0, 0, im.width // 2, im.height // 2)) for im, q in zip(images, QUESTIONS, strict=True)]
-    scores = score_heads(tiny_llava, samples, layers=[1, 2], max_new_tokens=3)
-    assert len(scores) == 2 * tiny_llava.num_heads
+    scores = score_heads(tiny_vlm, samples, layers=[1, 2], max_new_tokens=3)
+    assert len(scores) == 2 * tiny_vlm.num_heads
     assert {(s.layer, s.head) for s in scores} == {(la, h) for la in (1, 2) for h in range(4)}
     assert all(0 <= s.hit_rate <= 1 and 0 <= s.mass <= 1 for s in scores)
     assert [s.hit_rate for s in scores] == sorted((s.hit_rate for s in scores), reverse=True)
     # per-head maps averaged equal the teacher's map for the same heads
     preset = get_preset("llava-1.5-7b", grounding={2: (0, 3)}, sink={}, K=1, T=1)
-    out = extract_teacher_maps(tiny_llava, samples_for(images[:1]), preset, max_new_tokens=3)
+    out = extract_teacher_maps(tiny_vlm, samples_for(images[:1]), preset, max_new_tokens=3)
     from sdrpn_core.heads import _per_head
 
-    x = tiny_llava.build_inputs(images[:1], QUESTIONS[:1])
-    per = _per_head(tiny_llava, x, preset.override(grounding={2: None}), [2], 3)
+    x = tiny_vlm.build_inputs(images[:1], QUESTIONS[:1])
+    per = _per_head(tiny_vlm, x, preset.override(grounding={2: None}), [2], 3)
     np.testing.assert_allclose(per[0, 0, [0, 3]].mean(0).numpy(), out.records[0].grounding, rtol=1e-5, atol=1e-7)
     assert pixels_to_grid_box((0, 0, 40, 28), (40, 28), (4, 4), 32) == (0, 0, 4, 4)
     assert pixels_to_grid_box((0, 0, 20, 14), (40, 28), (4, 4), 32) == (0, 0, 2, 3)

@@ -61,26 +61,26 @@ def test_cosine_schedule_with_warmup():
     assert lr_at(99, total, cfg) < 1e-5
 
 
-def test_training_lowers_the_loss_and_skips_all_ignore_and_bad_images(tiny_llava, tmp_path):
+def test_training_lowers_the_loss_and_skips_all_ignore_and_bad_images(tiny_vlm, tmp_path):
     samples = make_samples(tmp_path)
     samples.append(TrainSample("ignored", samples[0].image, "q", np.full(16, -100)))
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
     samples.append(TrainSample("bad", str(bad), "q", samples[1].labels))
     cfg = TrainConfig(K=1, T=2, lr=2e-3, batch_size=4, epochs=6, checkpoint_every=100)
-    before = {k: v.clone() for k, v in tiny_llava.model.state_dict().items()}
-    result = train_rpn(tiny_llava, samples, cfg)
+    before = {k: v.clone() for k, v in tiny_vlm.model.state_dict().items()}
+    result = train_rpn(tiny_vlm, samples, cfg)
     assert result.skipped_all_ignore == 1
     assert [r.sample_id for r in result.rejected] == ["bad"] and "not an image" in result.rejected[0].reason
     losses = [h["loss"] for h in result.history]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05
     assert result.steps == math.ceil(6 * math.ceil(11 / 4))
-    after = tiny_llava.model.state_dict()
+    after = tiny_vlm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the backbone never moves
     assert all(0 <= h["precision"] <= 1 or math.isnan(h["precision"]) for h in result.history)
 
 
-def test_only_the_predictor_gets_gradients(tiny_llava, tmp_path):
+def test_only_the_predictor_gets_gradients(tiny_vlm, tmp_path):
     samples = make_samples(tmp_path, 4)
     seen = {}
 
@@ -89,13 +89,14 @@ def test_only_the_predictor_gets_gradients(tiny_llava, tmp_path):
 
     from sdrpn_core.rpn import RoIPredictor
 
-    rpn = RoIPredictor.from_adapter(tiny_llava, K=1, T=2)
+    rpn = RoIPredictor.from_adapter(tiny_vlm, K=1, T=2)
     result_rpn = [rpn]
-    train_rpn(tiny_llava, samples, TrainConfig(K=1, T=2, batch_size=4, max_steps=1), rpn=rpn, on_step=grab)
-    assert seen["twig_layers.0.mlp.down_proj.weight"] and seen["twig_norm.weight"]
+    train_rpn(tiny_vlm, samples, TrainConfig(K=1, T=2, batch_size=4, max_steps=1), rpn=rpn, on_step=grab)
+    assert seen["twig_layers.0.mlp.down_proj.weight"]
+    assert seen.get("twig_norm.weight", tiny_vlm.family != "llava")  # only LLaVA's RPN has the extra norm
     assert seen["twig_layers.1.self_attn.q_proj.weight"] and seen["twig_layers.1.input_layernorm.weight"]
     assert not seen["twig_layers.1.self_attn.v_proj.weight"] and not seen["twig_layers.1.mlp.up_proj.weight"]
-    assert not any(p.requires_grad for p in tiny_llava.model.parameters())
+    assert not any(p.requires_grad for p in tiny_vlm.model.parameters())
 
 
 WORKER = textwrap.dedent(
@@ -103,13 +104,12 @@ WORKER = textwrap.dedent(
     import json, os, signal, sys
     import numpy as np
     sys.path.insert(0, {root!r})
-    from sdrpn_core.models import LlavaAdapter
-    from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
+    from sdrpn_core.models.tiny import build_tiny
     from sdrpn_core.train import TrainConfig, TrainSample, train_rpn
 
     spec = json.loads({samples!r})
     samples = [TrainSample(s["id"], s["image"], s["q"], np.array(s["labels"])) for s in spec]
-    adapter = LlavaAdapter(*build_tiny_llava(TinyLlavaSpec()))
+    adapter = build_tiny({family!r})
     cfg = TrainConfig(**json.loads({cfg!r}))
 
     def die(step, record):
@@ -121,9 +121,9 @@ WORKER = textwrap.dedent(
 )
 
 
-def test_killed_run_resumes_bit_for_bit(tmp_path):
-    from sdrpn_core.models import LlavaAdapter
-    from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_killed_run_resumes_bit_for_bit(tmp_path, family):
+    from sdrpn_core.models.tiny import build_tiny
 
     samples = make_samples(tmp_path, 10)
     cfg = {"K": 1, "T": 2, "lr": 1e-3, "batch_size": 3, "grad_accum": 2, "epochs": 3, "checkpoint_every": 2}
@@ -131,16 +131,15 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
         [{"id": s.sample_id, "image": s.image, "q": s.question, "labels": s.labels.tolist()} for s in samples]
     )
     out = tmp_path / "run"
-    script = WORKER.format(root=str(ROOT), samples=spec, cfg=json.dumps(cfg), die_at=5, out=str(out))
+    script = WORKER.format(root=str(ROOT), samples=spec, cfg=json.dumps(cfg), die_at=5, out=str(out), family=family)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     state = json.loads((out / CHECKPOINT_DIR / "state.json").read_text())
     assert state["step"] == 4  # the checkpoint of step 4 survived; step 5 was lost with the process
     assert not list(out.glob(".*.tmp"))  # no half-written checkpoint where readers look
 
-    adapter = LlavaAdapter(*build_tiny_llava(TinyLlavaSpec()))
-    resumed = train_rpn(adapter, samples, TrainConfig(**cfg), out_dir=out)
-    straight = train_rpn(LlavaAdapter(*build_tiny_llava(TinyLlavaSpec())), samples, TrainConfig(**cfg))
+    resumed = train_rpn(build_tiny(family), samples, TrainConfig(**cfg), out_dir=out)
+    straight = train_rpn(build_tiny(family), samples, TrainConfig(**cfg))
     assert resumed.steps == straight.steps == 6
     for (name, a), (_, b) in zip(resumed.rpn.state_dict().items(), straight.rpn.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

@@ -9,8 +9,9 @@ from transformers import AutoConfig
 
 from sdrpn_core.models.base import AdapterError, VLMAdapter, VLMInputs
 from sdrpn_core.models.llava import LlavaAdapter
+from sdrpn_core.models.qwen import QwenAdapter
 
-ADAPTERS: dict[str, type] = {"llava": LlavaAdapter}
+ADAPTERS: dict[str, type] = {"llava": LlavaAdapter, "qwen2_5_vl": QwenAdapter}
 
 
 def load_adapter(
@@ -33,4 +34,4 @@ def load_adapter(
     )
 
 
-__all__ = ["ADAPTERS", "AdapterError", "LlavaAdapter", "VLMAdapter", "VLMInputs", "load_adapter"]
+__all__ = ["ADAPTERS", "AdapterError", "LlavaAdapter", "QwenAdapter", "VLMAdapter", "VLMInputs", "load_adapter"]

@@ -92,9 +92,36 @@ class VLMAdapter(Protocol):
     def prompt(self, question: str) -> str: ...
     def prepare_image(self, image: Image.Image) -> Image.Image: ...
     def build_inputs(self, images: list[Image.Image], questions: list[str]) -> VLMInputs: ...
-    def pixel_values(self, image: Image.Image) -> torch.Tensor: ...
-    def collate(self, pixel_values: list[torch.Tensor], questions: list[str]) -> VLMInputs: ...
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor: ...
-    def crop_pixel_values(self, crop: Image.Image) -> torch.Tensor: ...
+    def pixel_values(self, image: Image.Image) -> Any:
+        """One image → the family's processed form (raises on a bad image); `collate` batches these."""
+
+    def collate(self, pixel_values: list[Any], questions: list[str]) -> VLMInputs: ...
+    def embed(self, x: VLMInputs) -> torch.Tensor:
+        """Input embeddings [B, L, D] with the image features in place of the image tokens."""
+
+    def position_ids(self, x: VLMInputs) -> torch.Tensor:
+        """[B, L] (1-D RoPE) or [3, B, L] (M-RoPE) positions of the batch."""
+
+    def encode_crop(self, crop: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """A crop of the source image → ([n, D] visual tokens, their (rows, cols) grid)."""
+
+    def insert_crop(
+        self, x: VLMInputs, embeds: torch.Tensor, crops: list[tuple[torch.Tensor, tuple[int, int]]], keep: list
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SD-RPN's pass-2 sequence for batch-1 inputs: crop tokens (those under each keep mask, or all when
+        None) after the original image tokens → (embeddings [1, L', D], positions)."""
+
+    def keep_mask_for(self, region: Any, crop_grid: tuple[int, int]) -> Any:
+        """The RoI mask inside the union box resized to a crop's grid (bilinear, > 0.5)."""
+
+    def box_to_pixels(self, box: tuple, image_size: tuple[int, int], grid: tuple[int, int]) -> tuple | None:
+        """Grid box (x0, y0, x1, y1, exclusive) → source-image pixels, undoing the family's preprocessing."""
+
+    def pixels_to_box(self, box: tuple, image_size: tuple[int, int], grid: tuple[int, int]) -> tuple:
+        """Source-image pixel box → the grid cells covering it."""
+
+    def describe(self) -> dict:
+        """The input settings recorded with every result (pixel budget, padding, prompt)."""
+
     def decode(self, token_ids: torch.Tensor | list[int]) -> str: ...
+    def save_pretrained(self, path: Any) -> None: ...

@@ -28,16 +28,26 @@ def layer_inputs(
     cache: DynamicCache | None = None,
     layer_idx: int = 0,
 ) -> tuple[object, tuple[torch.Tensor, torch.Tensor]]:
-    """The causal mask (sized by cache layer `layer_idx`'s length) and rotary embeddings for `hidden`'s positions."""
+    """The causal mask (sized by cache layer `layer_idx`'s length) and rotary embeddings for `hidden`'s positions.
+
+    `position_ids` is [B, L], or [3, B, L] for M-RoPE (whose mask is built without positions, as Qwen's own
+    forward does: 3-D ids are not a packing signal)."""
     mask = create_causal_mask(
         config=adapter.text_config,
         inputs_embeds=hidden,
         attention_mask=attention_mask,
         cache=cache,
-        position_ids=position_ids,
+        position_ids=position_ids if position_ids.ndim == 2 else None,
         layer_idx=layer_idx,
     )
     return mask, adapter.rotary_emb(hidden, position_ids=position_ids)
+
+
+def text_positions(like: torch.Tensor, start: int, length: int = 1) -> torch.Tensor:
+    """Positions start..start+length−1 for text tokens, shaped like `like` ([B, L] or [3, B, L]: text tokens carry
+    the same id on all three M-RoPE axes)."""
+    pos = torch.arange(start, start + length, device=like.device)[None]
+    return pos if like.ndim == 2 else pos[None].expand(3, 1, length)
 
 
 def run_layers(
@@ -48,12 +58,13 @@ def run_layers(
     position_ids: torch.Tensor,
     cache: DynamicCache | None = None,
 ) -> torch.Tensor:
+    text_ids = position_ids if position_ids.ndim == 2 else None  # layers only pass these on to flash kernels
     for layer in layers:
         hidden = layer(
             hidden,
             attention_mask=mask,
             position_embeddings=position_embeddings,
-            position_ids=position_ids,
+            position_ids=text_ids,
             cache=cache,
             use_cache=cache is not None,
         )

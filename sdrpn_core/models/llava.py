@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -19,6 +20,8 @@ from transformers import (
 )
 
 from sdrpn_core.models.base import AdapterError, VLMInputs
+from sdrpn_core.models.decoder import positions_from_mask
+from sdrpn_core.roi import GridBox, PixelBox, grid_box_to_pixels, pixels_to_grid_box, resize_mask
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -102,6 +105,11 @@ class LlavaAdapter:
             path, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
         )
         return cls(model.to(device).eval(), load_llava_processor(path))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Model and processor: a folder `from_pretrained` loads."""
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
 
     # -- structure ---------------------------------------------------------------------------------------------
     @property
@@ -217,13 +225,51 @@ class LlavaAdapter:
         feats = getattr(feats, "pooler_output", feats)
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: VLMInputs) -> torch.Tensor:
         """Text embeddings with the projected image features written over the image-token run of each row."""
-        input_ids = input_ids.to(self.device)
+        input_ids = x.input_ids.to(self.device)
         embeds = self.embed_tokens(input_ids)
-        feats = self.encode_images(pixel_values).to(embeds.dtype)
+        feats = self.encode_images(x.pixel_values).to(embeds.dtype)
         where = input_ids.eq(self._image_token_id)[..., None].expand_as(embeds)
         return embeds.masked_scatter(where, feats)
+
+    def position_ids(self, x: VLMInputs) -> torch.Tensor:
+        """[B, L] positions of a left-padded batch, as HF generate computes them."""
+        return positions_from_mask(x.attention_mask.to(self.device))
+
+    def encode_crop(self, crop: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """A crop resized to the vision square, encoded → ([n_img, D] tokens, the grid)."""
+        return self.encode_images(self.crop_pixel_values(crop)[None])[0], self._grid
+
+    def insert_crop(
+        self,
+        x: VLMInputs,
+        embeds: torch.Tensor,
+        crops: list[tuple[torch.Tensor, tuple[int, int]]],
+        keep: list[np.ndarray | None],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop tokens (those under `keep`) right after the original image tokens, no separators, positions
+        0..L'−1 (the authors' `insert_sub_feat`, method.md §6.4)."""
+        tokens = [
+            f if k is None else f[torch.as_tensor(np.asarray(k).reshape(-1), device=f.device)]
+            for (f, _grid), k in zip(crops, keep, strict=True)
+        ]
+        cut = int(x.image_positions[0][-1]) + 1
+        new = torch.cat([embeds[:, :cut], torch.cat(tokens)[None].to(embeds.dtype), embeds[:, cut:]], dim=1)
+        return new, torch.arange(new.shape[1], device=new.device)[None]
+
+    def keep_mask_for(self, region: np.ndarray, crop_grid: tuple[int, int]) -> np.ndarray:
+        return resize_mask(region.astype(np.float32), crop_grid)
+
+    def box_to_pixels(self, box: GridBox, image_size: tuple[int, int], grid: tuple[int, int]) -> PixelBox | None:
+        return grid_box_to_pixels(box, image_size, grid, self.vision_size)
+
+    def pixels_to_box(self, box: PixelBox, image_size: tuple[int, int], grid: tuple[int, int]) -> GridBox:
+        return pixels_to_grid_box(box, image_size, grid, self.vision_size)
+
+    def describe(self) -> dict:
+        side = self.vision_size
+        return {"family": self.family, "pixel_budget": f"{side}x{side}", "pad": f"square, fill {self._pad_fill}"}
 
     def crop_pixel_values(self, crop: Image.Image) -> torch.Tensor:
         """A crop resized to the vision input square (aspect not kept, as the authors do) → [3, S, S]."""

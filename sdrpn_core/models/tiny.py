@@ -142,3 +142,126 @@ def build_tiny_llava(
         vision_feature_select_strategy="default",
     )
     return llava_from_config(config, tokenizer, spec.seed, dtype, device), processor
+
+
+# -- Qwen2.5-VL ----------------------------------------------------------------------------------------------------
+
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+
+@dataclass(frozen=True)
+class TinyQwenSpec:
+    """Shape of a tiny Qwen2.5-VL: 14-px patches merged 2×2; `side` px images give a (side/28)² token grid."""
+
+    side: int = 112
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    text_hidden: int = 64
+    text_intermediate: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2  # GQA, as the real models
+    vocab_size: int = 600
+    seed: int = 0
+
+
+def build_tiny_qwen_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with Qwen's special tokens; left padding for batched generation."""
+    from sdrpn_core.models.qwen import QWEN_SYSTEM, SHORT_ANSWER
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=QWEN_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([*_CORPUS, QWEN_SYSTEM, SHORT_ANSWER, "system user assistant <image>"], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+
+
+def build_tiny_qwen(spec: TinyQwenSpec | None = None, *, dtype: torch.dtype = torch.float32, settings=None):
+    """A random `Qwen2_5_VLForConditionalGeneration` wrapped in its adapter (PIL image processor, local tokenizer);
+    the default budget is min = max = side² pixels on square-padded images, a fixed (side/28)² grid."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from sdrpn_core.models.qwen import QwenAdapter, QwenSettings
+
+    spec = spec or TinyQwenSpec()
+    tokenizer = build_tiny_qwen_tokenizer(spec.vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    half = spec.text_hidden // spec.text_heads // 2
+    hw = half * 3 // 8  # Qwen's split of the rotary half into (t, h, w): [16, 24, 24] for head_dim 128
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=spec.vision_layers,
+            hidden_size=spec.vision_hidden,
+            intermediate_size=spec.vision_hidden * 2,
+            num_heads=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            out_hidden_size=spec.text_hidden,
+            fullatt_block_indexes=[spec.vision_layers - 1],
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.text_hidden,
+            intermediate_size=spec.text_intermediate,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            num_key_value_heads=spec.text_kv_heads,
+            max_position_embeddings=4096,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e4,
+                "mrope_section": [half - 2 * hw, hw, hw],
+            },
+            bos_token_id=None,
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(spec.seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.bos_token_id = None
+    budget = spec.side * spec.side
+    settings = settings or QwenSettings(min_pixels=budget, max_pixels=budget)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
+    return QwenAdapter(model, image_processor, tokenizer, settings)
+
+
+TINY_FAMILIES = ("llava", "qwen2_5_vl")
+
+
+def build_tiny(family: str = "llava", **spec):
+    """A tiny random model of `family` ('llava' or 'qwen2_5_vl'/'qwen') wrapped in its adapter."""
+    from sdrpn_core.models.base import AdapterError
+    from sdrpn_core.models.llava import LlavaAdapter
+
+    if family == "llava":
+        return LlavaAdapter(*build_tiny_llava(TinyLlavaSpec(**spec)))
+    if family in ("qwen", "qwen2_5_vl"):
+        return build_tiny_qwen(TinyQwenSpec(**spec))
+    raise AdapterError(f"no tiny model for family {family!r} (known: {', '.join(TINY_FAMILIES)})")

@@ -125,6 +125,8 @@ class Example:
     crop: Image.Image | None  # the second view (two-view steps)
     patch_colour: np.ndarray | None  # [64] class per patch (0 none, 1.. colours) for the auxiliary loss
     patch_digit: np.ndarray | None  # [64] class per patch (0 none, 1..10 digit+1)
+    crop_colour: np.ndarray | None = None  # the same targets for the crop view (phase 3)
+    crop_digit: np.ndarray | None = None
 
 
 def _patch_targets(scene: SceneSample) -> tuple[np.ndarray, np.ndarray]:
@@ -135,6 +137,37 @@ def _patch_targets(scene: SceneSample) -> tuple[np.ndarray, np.ndarray]:
         colour[y0 // PATCH : y1 // PATCH, x0 // PATCH : x1 // PATCH] = colours[c]
         digit[y0 // PATCH : y1 // PATCH, x0 // PATCH : x1 // PATCH] = int(d) + 1
     return colour.reshape(-1), digit.reshape(-1)
+
+
+def _window_targets(scene: SceneSample, window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch targets of a crop `window` resized to the vision square: a patch takes a box's classes when its
+    centre falls inside the box (boxes are no longer on the patch grid once a crop is rescaled)."""
+    colours = {c: i + 1 for i, c in enumerate(COLOURS)}
+    wx0, wy0, wx1, wy1 = window
+    centres = (np.arange(SIDE // PATCH) + 0.5) * PATCH
+    cx = wx0 + centres * (wx1 - wx0) / SIDE  # patch centres in scene pixels
+    cy = wy0 + centres * (wy1 - wy0) / SIDE
+    colour = np.zeros((SIDE // PATCH, SIDE // PATCH), dtype=np.int64)
+    digit = np.zeros_like(colour)
+    for (x0, y0, x1, y1), c, d in scene.objects:
+        inside = ((cy >= y0) & (cy < y1))[:, None] & ((cx >= x0) & (cx < x1))[None, :]
+        colour[inside], digit[inside] = colours[c], int(d) + 1
+    return colour.reshape(-1), digit.reshape(-1)
+
+
+def roi_window(rng: np.random.Generator, scene: SceneSample, canvas: int, grid: int = SIDE // PATCH) -> tuple:
+    """A crop shaped like the ones SD-RPN's inference makes: a window of 2–5 grid cells per side (a 3×3-grown
+    component or a union box), aligned to the token grid, holding the asked box's centre."""
+    cell = canvas / grid
+    x0, y0, x1, y1 = scene.box
+    window = []
+    for lo, hi in ((x0, x1), (y0, y1)):
+        span = int(rng.choice([2, 3, 3, 3, 4, 5]))
+        centre = int((lo + hi) / 2 // cell)
+        start = int(np.clip(centre - rng.integers(0, span), 0, grid - span))
+        window.append((round(start * cell), round((start + span) * cell)))
+    (wx0, wx1), (wy0, wy1) = window
+    return wx0, wy0, wx1, wy1
 
 
 def make_example(rng: np.random.Generator, phase: int, echo: float = 0.5) -> Example:
@@ -156,6 +189,20 @@ def make_example(rng: np.random.Generator, phase: int, echo: float = 0.5) -> Exa
     return Example(scene.image, scene.question, answer, crop, colour, digit)
 
 
+def make_roi_example(rng: np.random.Generator, echo: float = 0.5) -> Example:
+    """Phase 3: 60 % two-view steps whose crop is an RoI-shaped window (`roi_window`, usually holding other boxes
+    too, so the colour must be bound inside the crop), with the per-patch loss on the crop view as well; the rest
+    is phase 2's mix, so the global view and its attention stay as they were."""
+    if rng.random() >= 0.6:
+        return make_example(rng, 2, echo)
+    canvas = int(rng.choice([128, 160, 192, 224, 256, 256, 256]))
+    scene = make_scene(rng, "train", canvas=canvas)
+    answer = f"{scene.colour} {scene.answer}" if rng.random() < echo else scene.answer
+    window = roi_window(rng, scene, canvas)
+    crop_colour, crop_digit = _window_targets(scene, window)
+    return Example(scene.image, scene.question, answer, scene.image.crop(window), None, None, crop_colour, crop_digit)
+
+
 # -- training -------------------------------------------------------------------------------------------------------
 
 
@@ -164,9 +211,11 @@ class NanoRecipe:
     seed: int = 0
     phase1_steps: int = 1800
     phase2_steps: int = 1500
+    phase3_steps: int = 0
     batch_size: int = 32
     lr1: float = 2e-3
     lr2: float = 1e-3
+    lr3: float = 5e-4
     warmup: int = 50
     weight_decay: float = 0.01
     aux_weight: float = 1.0
@@ -189,14 +238,11 @@ def _batch_loss(adapter: LlavaAdapter, heads: torch.nn.Module, batch: list[Examp
     patch_feats = vision.hidden_states[-2][:, 1:]  # what the projector sees ("default" strategy)
     feats = model.model.multi_modal_projector(patch_feats)
     crops = [e for e in batch if e.crop is not None]
-    crop_feats = {}
+    crop_feats, crop_patches = {}, None
     if crops:
         cp = torch.stack([adapter.crop_pixel_values(e.crop) for e in crops]).to(dev)
-        cf = model.model.get_image_features(
-            pixel_values=cp, vision_feature_layer=-2, vision_feature_select_strategy="default"
-        )
-        cf = getattr(cf, "pooler_output", cf)
-        cf = torch.stack(list(cf)) if isinstance(cf, (list, tuple)) else cf
+        crop_patches = model.model.vision_tower(cp, output_hidden_states=True).hidden_states[-2][:, 1:]
+        cf = model.model.multi_modal_projector(crop_patches)
         crop_feats = {id(e): cf[i] for i, e in enumerate(crops)}
     seqs, targets = [], []
     for i, e in enumerate(batch):
@@ -223,12 +269,13 @@ def _batch_loss(adapter: LlavaAdapter, heads: torch.nn.Module, batch: list[Examp
     out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask)
     logits = model.lm_head(out.last_hidden_state)
     lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-    native = [i for i, e in enumerate(batch) if e.patch_colour is not None]
+    views = [(patch_feats[i], e.patch_colour, e.patch_digit) for i, e in enumerate(batch) if e.patch_colour is not None]
+    views += [(crop_patches[i], e.crop_colour, e.crop_digit) for i, e in enumerate(crops) if e.crop_colour is not None]
     aux = torch.zeros((), device=dev)
-    if native:
-        colour_logits, digit_logits = heads(patch_feats[native])
-        colour_t = torch.as_tensor(np.stack([batch[i].patch_colour for i in native]), device=dev)
-        digit_t = torch.as_tensor(np.stack([batch[i].patch_digit for i in native]), device=dev)
+    if views:
+        colour_logits, digit_logits = heads(torch.stack([v[0] for v in views]))
+        colour_t = torch.as_tensor(np.stack([v[1] for v in views]), device=dev)
+        digit_t = torch.as_tensor(np.stack([v[2] for v in views]), device=dev)
         aux = F.cross_entropy(colour_logits.reshape(-1, colour_logits.shape[-1]), colour_t.reshape(-1))
         aux = aux + F.cross_entropy(digit_logits.reshape(-1, digit_logits.shape[-1]), digit_t.reshape(-1))
     return lm_loss + aux_weight * aux, float(lm_loss.detach()), float(aux.detach())
@@ -252,24 +299,39 @@ def train_nano(
     progress: Callable[[int, int], None] | None = None,
     on_phase_end: Callable[[int, LlavaAdapter], None] | None = None,
     device: str = "cpu",
+    init: LlavaAdapter | None = None,
 ) -> LlavaAdapter:
-    """Build and train sdrpn-nano from scratch (seeded; fp32)."""
+    """Build and train sdrpn-nano from scratch (seeded; fp32), or go on training `init` (phases with 0 steps are
+    skipped)."""
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-    model, processor = build_nano(recipe.seed)
+    if init is None:
+        model, processor = build_nano(recipe.seed)
+    else:
+        model, processor = init.model, init.processor
     adapter = LlavaAdapter(model.to(device).train(), processor)
     heads = PatchHeads(model.config.vision_config.hidden_size).to(device)
     params = list(model.parameters()) + list(heads.parameters())
-    total = recipe.phase1_steps + recipe.phase2_steps
+    phases = [
+        (1, recipe.phase1_steps, recipe.lr1),
+        (2, recipe.phase2_steps, recipe.lr2),
+        (3, recipe.phase3_steps, recipe.lr3),
+    ]
+    total = sum(steps for _, steps, _ in phases)
     bar = Progress(total, "nano", log, callback=progress)
     step = 0
-    for phase, steps, peak in ((1, recipe.phase1_steps, recipe.lr1), (2, recipe.phase2_steps, recipe.lr2)):
+    for phase, steps, peak in phases:
+        if steps == 0:
+            continue
         optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
         t0 = time.perf_counter()
         for i in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = _lr(i, steps, peak, recipe.warmup)
-            batch = [make_example(rng, phase, recipe.echo) for _ in range(recipe.batch_size)]
+            batch = [
+                make_roi_example(rng, recipe.echo) if phase == 3 else make_example(rng, phase, recipe.echo)
+                for _ in range(recipe.batch_size)
+            ]
             loss, lm, aux = _batch_loss(adapter, heads, batch, recipe.aux_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -288,16 +350,21 @@ def train_nano(
 
 @torch.inference_mode()
 def probe(adapter: LlavaAdapter, n: int = 60, seed: int = 12345, canvas: int = 256) -> dict[str, float]:
-    """Accuracy of the global view, of an oracle crop of the asked box, and of a random box's crop, on `canvas`
-    scenes seen at 64 px (digits scored as the last word, since the model may echo the colour)."""
+    """Accuracy of the global view, of an oracle crop of the asked box, of a random box's crop and of an RoI-shaped
+    window holding the asked box (`roi_window`), on `canvas` scenes seen at 64 px (digits scored as the last word,
+    since the model may echo the colour)."""
     from sdrpn_core.infer import answer_baseline, answer_with_boxes
     from sdrpn_core.metrics import exact_match
 
     rng = np.random.default_rng(seed)
-    hits = {"global": 0.0, "oracle": 0.0, "random_box": 0.0}
+    hits = {"global": 0.0, "oracle": 0.0, "random_box": 0.0, "roi_window": 0.0}
     for i in range(n):
         scene = make_scene(rng, f"probe-{i}", canvas=canvas)
         other = scene.objects[int(rng.integers(len(scene.objects)))][0]
+        window = roi_window(rng, scene, canvas)
+        hits["roi_window"] += exact_match(
+            answer_with_boxes(adapter, scene.image, scene.question, [window], 4).text, [scene.answer]
+        )
         hits["global"] += exact_match(answer_baseline(adapter, scene.image, scene.question, 4).text, [scene.answer])
         hits["oracle"] += exact_match(
             answer_with_boxes(adapter, scene.image, scene.question, [scene.box], 4).text, [scene.answer]
