@@ -98,7 +98,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.compare:
         print(f"baseline: {answer_baseline(adapter, image, args.question, args.max_new_tokens).text}")
     out = Path(args.overlay or Path(args.image).with_suffix(".roi.png").name)
-    roi_overlay(image, roi.plan.prob, roi.pixel_boxes).save(out)
+    roi_overlay(image, roi.plan.prob, roi.pixel_boxes, padded=adapter.pads_to_square).save(out)
     print(f"wrote {out}")
     return 0
 

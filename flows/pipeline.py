@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -82,6 +82,7 @@ def teacher_flow(cfg: PipelineConfig, model: ModelRef, dataset: DatasetRef, fp: 
         t.batch_size,
         t.chunk_size,
         t.max_new_tokens,
+        unmapped(t.inputs),
     )
     return [f.result() for f in futures]
 
@@ -91,7 +92,7 @@ def _labels(cfg: PipelineConfig) -> tuple[ModelRef, LabelsRef]:
     model = model_task(cfg.model, settings)
     dataset = samples_task(cfg.train_data, settings)
     preset = cfg.teacher.preset_obj()
-    t_fp = teacher_fingerprint(model, preset, cfg.teacher.max_new_tokens)
+    t_fp = teacher_fingerprint(model, preset, cfg.teacher.max_new_tokens, cfg.teacher.inputs)
     teacher_flow.with_options(task_runner=_runner(cfg.runner))(cfg, model, dataset, t_fp)
     params = cfg.labels.params(preset)
     labels = labels_task.with_options(result_storage=_result_storage(cfg))(

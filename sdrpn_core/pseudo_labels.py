@@ -56,11 +56,14 @@ def padding_mask(image_size: tuple[int, int], grid: tuple[int, int]) -> np.ndarr
     """True on grid cells covered by the square padding of an image of (width, height), as the authors compute it.
 
     Like their `get_foreground_mask`, the content extent is truncated to whole cells and the padding split
-    floor/ceil around it; a square grid is assumed (pad-to-square preprocessing).
+    floor/ceil around it. A non-square grid comes from an unpadded image (Qwen's dynamic resolution without
+    `pad_square`): no cell is padding then.
     """
     w, h = image_size
     if w <= 0 or h <= 0:
         raise ValueError(f"image size must be positive, got {image_size}")
+    if grid[0] != grid[1]:
+        return np.zeros(grid[0] * grid[1], dtype=bool)
     side = grid[0]
     big = max(w, h)
     new_h, new_w = max(int(h / big * side), 1), max(int(w / big * side), 1)

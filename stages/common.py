@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -32,5 +33,7 @@ def load_model(ref):
 
     with _LOCK:
         if ref.fingerprint not in _MODELS:
-            _MODELS[ref.fingerprint] = load_adapter(ref.path, family=ref.family, dtype=ref.dtype, device=ref.device)
+            _MODELS[ref.fingerprint] = load_adapter(
+                ref.path, family=ref.family, dtype=ref.dtype, device=ref.device, inputs=json.loads(ref.inputs)
+            )
         return _MODELS[ref.fingerprint]

@@ -21,7 +21,9 @@ class _Section(BaseModel):
 class ModelSpec(_Section):
     """`source: path` loads a folder or hub id; `source: nano` the shipped sdrpn-nano (`models/sdrpn-nano`), or trains
     it from scratch with `retrain: true` (recipe overrides in `nano`); `source: tiny` builds a seeded *random* tiny
-    LLaVA (tests, smoke runs)."""
+    model (tests, smoke runs; `tiny: {family: qwen2_5_vl}` for a Qwen2.5-VL one). `inputs` overrides the adapter's
+    input settings (Qwen: min_pixels, max_pixels, pad_square, prompt, literal_image_tag, system); they are part of
+    the model's fingerprint and recorded with every result."""
 
     source: Literal["path", "nano", "tiny"] = "path"
     retrain: bool = False
@@ -31,6 +33,7 @@ class ModelSpec(_Section):
     dtype: str = "auto"
     device: str = "cpu"
     tiny: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, Any] = Field(default_factory=dict)
 
 
 class DatasetSpec(_Section):
@@ -57,6 +60,9 @@ class TeacherSection(_Section):
     max_new_tokens: int | None = None
     shards: int = 4
     chunk_size: int = 64
+    # adapter input settings for the teacher alone, e.g. Qwen's natural-image label prompt: {prompt: grounding};
+    # training and evaluation keep the model's own (the authors train the student on the original question)
+    inputs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("overrides")
     @classmethod

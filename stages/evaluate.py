@@ -213,7 +213,7 @@ def gallery(outcomes: dict[str, dict], n: int, adapter, tile: int = 224) -> Imag
     draw = ImageDraw.Draw(canvas)
     for i, (kind, o) in enumerate(picked):
         ans = o["sdrpn"][0]
-        img = roi_overlay(o["image"], ans.roi.plan.prob, ans.roi.pixel_boxes)
+        img = roi_overlay(o["image"], ans.roi.plan.prob, ans.roi.pixel_boxes, padded=adapter.pads_to_square)
         img.thumbnail((tile, tile))
         x, y = (i % cols) * tile, (i // cols) * (tile + 44)
         canvas.paste(img, (x, y))

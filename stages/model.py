@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,29 +34,40 @@ def resolve_model(spec: ModelSpec, store: Store) -> ModelRef:
         from transformers import AutoConfig
 
         family = AutoConfig.from_pretrained(folder).model_type
-    return ModelRef(model_fingerprint(folder, adapter=family, dtype=dtype), str(folder), family, dtype, spec.device)
+    return _ref(folder, family, dtype, spec)
 
 
 def _tiny(spec: ModelSpec, store: Store, dtype: str) -> ModelRef:
-    """A seeded random tiny LLaVA, saved once into the artifact store under its fingerprint."""
-    from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
+    """A seeded random tiny model (`tiny.family`: llava or qwen2_5_vl), saved once into the artifact store under its
+    fingerprint."""
+    from sdrpn_core.models.tiny import build_tiny
 
-    tiny = TinyLlavaSpec(**spec.tiny)
-    local = cache_dir("models") / f"tiny-{hash_obj({'tiny': tiny})}"
+    options = dict(spec.tiny)
+    family = "qwen2_5_vl" if options.pop("family", "llava") in ("qwen", "qwen2_5_vl") else "llava"
+    key = hash_obj({"tiny": options, "family": family})
+    local = cache_dir("models") / f"tiny-{family}-{key}"
     if not (local / "config.json").exists():
-        model, processor = build_tiny_llava(tiny)
+        adapter = build_tiny(family, **options)
         tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=".tiny-"))
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        adapter.save_pretrained(tmp)
         try:
             tmp.rename(local)  # atomic; a concurrent builder that got there first wins
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-    fp = model_fingerprint(local, adapter="llava", dtype=dtype)
+    ref = _ref(local, family, dtype, spec)
     arts = ArtifactStore(store)
-    if not arts.is_committed("models", fp):
-        arts.put_dir("models", fp, local, meta={"source": "tiny", "spec": hash_obj({"tiny": tiny})})
-    return ModelRef(fp, str(local), "llava", dtype, spec.device)
+    if not arts.is_committed("models", ref.fingerprint):
+        arts.put_dir("models", ref.fingerprint, local, meta={"source": "tiny", "family": family, "spec": key})
+    return ref
+
+
+def _ref(folder: Path, family: str, dtype: str, spec: ModelSpec) -> ModelRef:
+    """The model's fingerprint covers its files, the adapter, the dtype and any input-setting overrides."""
+    fp = model_fingerprint(folder, adapter=family, dtype=dtype)
+    inputs = json.dumps(spec.inputs, sort_keys=True)
+    if spec.inputs:
+        fp = hash_obj({"model": fp, "inputs": spec.inputs})
+    return ModelRef(fp, str(folder), family, dtype, spec.device, inputs)
 
 
 SHIPPED_NANO = Path(__file__).resolve().parents[1] / "models" / "sdrpn-nano"
@@ -75,8 +87,8 @@ def _nano(spec: ModelSpec, store: Store, dtype: str) -> ModelRef:
             adapter.model.save_pretrained(tmp)
             adapter.processor.save_pretrained(tmp)
             tmp.rename(folder)
-    fp = model_fingerprint(folder, adapter="llava", dtype=dtype)
+    ref = _ref(folder, "llava", dtype, spec)
     arts = ArtifactStore(store)
-    if not arts.is_committed("models", fp):
-        arts.put_dir("models", fp, folder, meta={"source": "nano"})
-    return ModelRef(fp, str(folder), "llava", dtype, spec.device)
+    if not arts.is_committed("models", ref.fingerprint):
+        arts.put_dir("models", ref.fingerprint, folder, meta={"source": "nano"})
+    return ref

@@ -12,6 +12,7 @@ class ModelRef:
     family: str
     dtype: str
     device: str
+    inputs: str = "{}"  # JSON of the adapter input settings overridden by the config (pixel budget, prompt)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from storage.store import Store
 log = logging.getLogger(__name__)
 
 
-def teacher_fingerprint(model: ModelRef, preset: Preset, max_new_tokens: int | None) -> str:
-    return stage_fingerprint("teacher", {"model": model.fingerprint}, {"preset": preset, "max_new": max_new_tokens})
+def teacher_fingerprint(model: ModelRef, preset: Preset, max_new_tokens: int | None, inputs: dict | None = None) -> str:
+    params = {"preset": preset, "max_new": max_new_tokens, **({"inputs": inputs} if inputs else {})}
+    return stage_fingerprint("teacher", {"model": model.fingerprint}, params)
 
 
 def shard_rows(rows: list[dict], shard: int, n_shards: int) -> list[dict]:
@@ -43,6 +44,7 @@ def extract_shard(
     chunk_size: int = 64,
     max_new_tokens: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    inputs: dict | None = None,
 ) -> ShardSummary:
     ds = teacher_dataset(store, teacher_fp)
     rows = shard_rows(read_manifest(dataset, store), shard, n_shards)
@@ -55,6 +57,8 @@ def extract_shard(
     extracted = rejected = 0
     if todo:
         adapter = load_model(model)
+        if inputs:
+            adapter = adapter.with_inputs(**inputs)
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
             samples = [Sample(r["sample_id"], r["image"], r["question"], r["domain"]) for r in chunk]

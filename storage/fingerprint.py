@@ -147,6 +147,7 @@ def model_fingerprint(path: str | Path, *, adapter: str, dtype: str) -> str:
                 "tokenizer_config.json",
                 "preprocessor_config.json",
                 "processor_config.json",
+                "sdrpn_qwen.json",
             )
             or p in weights
         ):

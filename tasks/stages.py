@@ -73,6 +73,7 @@ def teacher_shard_task(
     batch_size: int,
     chunk_size: int,
     max_new_tokens: int | None,
+    inputs: dict | None = None,
 ) -> ShardSummary:
     progress = _progress(f"teacher-shard-{shard}", f"teacher extraction, shard {shard + 1}/{n_shards}")
     summary = teacher.extract_shard(
@@ -87,6 +88,7 @@ def teacher_shard_task(
         chunk_size=chunk_size,
         max_new_tokens=max_new_tokens,
         progress=progress,
+        inputs=inputs,
     )
     get_run_logger().info("shard %d: %s", shard, summary)
     return summary

@@ -51,7 +51,7 @@ def test_config_yaml_validation(tmp_path):
         PipelineConfig.from_yaml(tmp_path / "nope.yaml")
 
 
-def test_predict_prints_the_answer_and_writes_an_overlay(tmp_path, tiny_llava, tiny_llava_dir, capsys):
+def test_predict_prints_the_answer_and_writes_an_overlay(tmp_path, tiny_vlm, tiny_vlm_dir, capsys):
     samples = []
     for i in range(8):
         labels = np.full(16, -100)
@@ -59,10 +59,10 @@ def test_predict_prints_the_answer_and_writes_an_overlay(tmp_path, tiny_llava, t
         labels[[10, 11, 14, 15]] = 0
         samples.append(TrainSample(f"s{i}", random_image(i, (40, 40)), "what is the digit ?", labels))
     result = train_rpn(
-        tiny_llava,
+        tiny_vlm,
         samples,
         TrainConfig(K=1, T=2, lr=5e-3, batch_size=4, epochs=3),
-        rpn_fields={"base_model": tiny_llava_dir},
+        rpn_fields={"base_model": tiny_vlm_dir},
     )
     result.rpn.save(tmp_path / "rpn")
     image = tmp_path / "img.png"

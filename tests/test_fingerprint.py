@@ -23,9 +23,9 @@ def _private_hash_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def model_dir(tmp_path, tiny_llava_dir):
+def model_dir(tmp_path, tiny_vlm_dir):
     d = tmp_path / "model"
-    shutil.copytree(tiny_llava_dir, d)
+    shutil.copytree(tiny_vlm_dir, d)
     return d
 
 
@@ -85,17 +85,17 @@ def test_missing_model_folder_is_named(tmp_path):
         model_fingerprint(tmp_path / "nowhere", adapter="llava", dtype="float32")
 
 
-def test_module_fingerprint_sees_weights(tiny_llava):
+def test_module_fingerprint_sees_weights(tiny_vlm):
     import torch
 
-    fp = module_fingerprint(tiny_llava.model, adapter="llava")
-    assert fp == module_fingerprint(tiny_llava.model, adapter="llava")
-    p = next(tiny_llava.model.parameters())
+    fp = module_fingerprint(tiny_vlm.model, adapter="llava")
+    assert fp == module_fingerprint(tiny_vlm.model, adapter="llava")
+    p = next(tiny_vlm.model.parameters())
     original = p.detach().clone()
     with torch.no_grad():
         p.view(-1)[0] += 1.0
         try:
-            assert module_fingerprint(tiny_llava.model, adapter="llava") != fp
+            assert module_fingerprint(tiny_vlm.model, adapter="llava") != fp
         finally:
             p.copy_(original)  # exactly as before: the model is shared by other tests
 

@@ -43,12 +43,27 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SDRPN_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def make_config(root: str, **changes) -> PipelineConfig:
+@pytest.fixture(scope="module", params=["llava", "qwen"])
+def family(request) -> str:
+    """Every flow test runs on a tiny random LLaVA and on a tiny random Qwen2.5-VL."""
+    return request.param
+
+
+TINY = {  # model, teacher preset, teacher input settings (Qwen: the authors' natural-image label prompt)
+    "llava": ({"image_size": 32, "patch_size": 8}, "llava-1.5-7b", {}),
+    "qwen": ({"family": "qwen2_5_vl", "side": 112}, "qwen2.5-vl-7b/natural", {"prompt": "grounding"}),
+}
+
+
+def make_config(family: str, root: str, **changes) -> PipelineConfig:
+    tiny, preset, teacher_inputs = TINY[family]
     raw = {
         "name": "test",
-        "model": {"source": "tiny", "tiny": {"image_size": 32, "patch_size": 8}},
+        "model": {"source": "tiny", "tiny": tiny},
         "train_data": {"kind": "synthetic", "n": 12, "seed": 0, "canvas": 96},
         "teacher": {
+            "preset": preset,
+            "inputs": teacher_inputs,
             "overrides": {"grounding": {2: [0, 3]}, "sink": {}, "K": 2, "T": 2},
             "batch_size": 4,
             "max_new_tokens": 3,
@@ -138,10 +153,10 @@ def _task_states(since: float) -> dict[str, set[str]]:
     return asyncio.run(read())
 
 
-def test_full_flow_end_to_end_then_everything_cached(tmp_path, monkeypatch):
+def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypatch):
     from flows.pipeline import sdrpn
 
-    cfg = make_config(str(tmp_path / "store"))
+    cfg = make_config(family, str(tmp_path / "store"))
     summary = sdrpn(cfg)
     methods = {s["method"]: s for s in summary["scores"]}
     assert set(methods) == {"baseline", "sdrpn", "vicrop", "oracle"}
@@ -157,7 +172,11 @@ def test_full_flow_end_to_end_then_everything_cached(tmp_path, monkeypatch):
     preds = pq.read_table(eval_dir / "predictions.parquet")
     assert json.loads(preds.schema.metadata[b"sdrpn.protocol"]) == protocol  # traceable from the file alone
     assert preds.num_rows == 4 * 4 and set(preds.column("method").to_pylist()) == set(methods)
-    assert protocol["benchmark"] == "synthetic" and protocol["prompt_template"] == "vicuna_v1"
+    assert protocol["benchmark"] == "synthetic" and protocol["inputs"]["family"] == protocol["family"]
+    if family == "llava":
+        assert protocol["prompt_template"] == "vicuna_v1" and protocol["family"] == "llava"
+    else:  # the pixel budget is recorded with every result
+        assert protocol["family"] == "qwen2_5_vl" and protocol["inputs"]["max_pixels"] == 112 * 112
     assert protocol["ocr_tokens_in_prompt"] is False and protocol["dtype"] == "float32"
     assert (Path(summary["rpn"]) / "rpn.safetensors").exists()
     artifacts = _artifacts()
@@ -185,31 +204,31 @@ def test_full_flow_end_to_end_then_everything_cached(tmp_path, monkeypatch):
         assert states.get(stage) == {"Cached"}, (stage, states)
 
 
-def test_changing_eval_or_label_params_reruns_only_what_depends_on_them(tmp_path, monkeypatch):
+def test_changing_eval_or_label_params_reruns_only_what_depends_on_them(family, tmp_path, monkeypatch):
     from flows.pipeline import sdrpn
 
     root = str(tmp_path / "store")
-    sdrpn(make_config(root))
+    sdrpn(make_config(family, root))
     calls = Calls(monkeypatch)
-    sdrpn(make_config(root, **{"eval.threshold": 0.3}))
+    sdrpn(make_config(family, root, **{"eval.threshold": 0.3}))
     assert calls.n == {"eval": 1}
     calls.n.clear()
-    sdrpn(make_config(root, **{"eval.threshold": 0.3, "labels.fg_ratio": 0.8}))
+    sdrpn(make_config(family, root, **{"eval.threshold": 0.3, "labels.fg_ratio": 0.8}))
     assert calls.n == {"labels": 1, "train": 1, "eval": 1}  # teacher maps reused: no extraction
 
 
-def test_added_samples_go_through_the_teacher_alone(tmp_path, monkeypatch):
+def test_added_samples_go_through_the_teacher_alone(family, tmp_path, monkeypatch):
     from flows.pipeline import sdrpn
 
     root = str(tmp_path / "store")
-    sdrpn(make_config(root))
+    sdrpn(make_config(family, root))
     calls = Calls(monkeypatch)
-    sdrpn(make_config(root, **{"train_data.n": 16}))  # the same 12 scenes + 4 new ones
+    sdrpn(make_config(family, root, **{"train_data.n": 16}))  # the same 12 scenes + 4 new ones
     assert calls.samples_extracted == 4
     assert calls.n["train"] == 1 and calls.n["eval"] == 1
 
 
-def test_io_task_fails_once_then_succeeds_on_retry(tmp_path, monkeypatch):
+def test_io_task_fails_once_then_succeeds_on_retry(family, tmp_path, monkeypatch):
     """Fault injection: the manifest stage hits one transient I/O error (as a flaky bucket would)."""
     from flows.pipeline import labels_flow
 
@@ -225,7 +244,7 @@ def test_io_task_fails_once_then_succeeds_on_retry(tmp_path, monkeypatch):
 
     monkeypatch.setattr(task_mod.data, "build_manifest", flaky)
     t0 = time.time()
-    ref = labels_flow(make_config(str(tmp_path / "store")))
+    ref = labels_flow(make_config(family, str(tmp_path / "store")))
     assert failures == [1] and ref.rows == 12
     assert "Completed" in _task_states(t0)["samples"]
 
@@ -241,7 +260,7 @@ WORKER = textwrap.dedent(
 )
 
 
-def test_worker_killed_mid_extraction_then_rerun_has_one_row_per_sample(tmp_path):
+def test_worker_killed_mid_extraction_then_rerun_has_one_row_per_sample(family, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
     from flows.pipeline import labels_flow
@@ -249,6 +268,7 @@ def test_worker_killed_mid_extraction_then_rerun_has_one_row_per_sample(tmp_path
     from storage.labels import label_dataset, teacher_dataset
 
     cfg = make_config(
+        family,
         str(tmp_path / "store"),
         **{"train_data.n": 80, "teacher.chunk_size": 2, "teacher.max_new_tokens": 8, "teacher.shards": 1},
     )
@@ -282,7 +302,7 @@ def test_worker_killed_mid_extraction_then_rerun_has_one_row_per_sample(tmp_path
     assert len(ids) == len(set(ids)) == 80 == ref.rows
 
 
-def test_dask_runner_gives_the_same_rows_as_threads(tmp_path):
+def test_dask_runner_gives_the_same_rows_as_threads(family, tmp_path):
     import numpy as np
 
     from flows.pipeline import labels_flow
@@ -290,7 +310,7 @@ def test_dask_runner_gives_the_same_rows_as_threads(tmp_path):
     from storage.labels import label_dataset
 
     def rows(root, **changes):
-        cfg = make_config(root, **changes)
+        cfg = make_config(family, root, **changes)
         ref = labels_flow(cfg)
         table = label_dataset(get_store(cfg.store.settings()), ref.fingerprint).read()
         return {r["sample_id"]: (r["answer"], np.asarray(r["grounding"])) for r in table.to_pylist()}
@@ -303,13 +323,13 @@ def test_dask_runner_gives_the_same_rows_as_threads(tmp_path):
         np.testing.assert_allclose(dask[sid][1], grounding, rtol=1e-5)
 
 
-def test_full_flow_on_s3(moto_server, s3_settings, tmp_path, monkeypatch):
+def test_full_flow_on_s3(family, moto_server, s3_settings, tmp_path, monkeypatch):
     from flows.pipeline import sdrpn
     from storage.store import Store
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    cfg = make_config(s3_settings.root, **{"store.endpoint_url": moto_server["endpoint"]})
+    cfg = make_config(family, s3_settings.root, **{"store.endpoint_url": moto_server["endpoint"]})
     summary = sdrpn(cfg)
     assert summary["rpn"].startswith("s3://") and summary["eval"][0].startswith("s3://")
     store = Store(cfg.store.settings())
@@ -318,10 +338,10 @@ def test_full_flow_on_s3(moto_server, s3_settings, tmp_path, monkeypatch):
     assert sdrpn(cfg)["scores"] == summary["scores"] and calls.n == {}
 
 
-def test_cli_run_then_eval(tmp_path, capsys):
+def test_cli_run_then_eval(family, tmp_path, capsys):
     from flows.cli import main
 
-    cfg = make_config(str(tmp_path / "store"))
+    cfg = make_config(family, str(tmp_path / "store"))
     path = tmp_path / "config.yaml"
     import yaml
 

@@ -108,6 +108,8 @@ def test_padding_mask_matches_authors_truncation():
     pad = padding_mask((30, 10), G).reshape(G)
     assert not pad[3:5].any() and pad[:3].all() and pad[5:].all()
     assert not padding_mask((16, 16), G).any()
+    # Qwen without square padding: the grid follows the aspect, nothing is padding
+    assert padding_mask((40, 20), (4, 8)).shape == (32,) and not padding_mask((40, 20), (4, 8)).any()
 
 
 def test_qwen_variant_padding_forced_background_and_dilated_box():

@@ -9,7 +9,7 @@ from transformers import AutoConfig
 
 from sdrpn_core.models.base import AdapterError, VLMAdapter, VLMInputs
 from sdrpn_core.models.llava import LlavaAdapter
-from sdrpn_core.models.qwen import QwenAdapter
+from sdrpn_core.models.qwen import QwenAdapter, qwen_settings
 
 ADAPTERS: dict[str, type] = {"llava": LlavaAdapter, "qwen2_5_vl": QwenAdapter}
 
@@ -22,15 +22,26 @@ def load_adapter(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    inputs: dict | None = None,
 ) -> VLMAdapter:
-    """Load a model folder or hub id with the adapter for its family ('auto' reads config.model_type)."""
+    """Load a model folder or hub id with the adapter for its family ('auto' reads config.model_type).
+    `inputs` overrides the adapter's input settings (Qwen: pixel budget, padding, prompt)."""
     if family == "auto":
-        model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
-        family = {"llava": "llava"}.get(model_type, model_type)
+        family = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
     if family not in ADAPTERS:
         raise AdapterError(f"no adapter for model family {family!r} (known: {', '.join(sorted(ADAPTERS))})")
+    kwargs = {}
+    if inputs:
+        if family != "qwen2_5_vl":
+            raise AdapterError(f"model.inputs {sorted(inputs)} is not adjustable for {family} (fixed 336 px input)")
+        kwargs["settings"] = qwen_settings(path, inputs)
     return ADAPTERS[family].from_pretrained(
-        path, dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        path,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        **kwargs,
     )
 
 

@@ -55,6 +55,7 @@ class VLMAdapter(Protocol):
     family: str
     model: nn.Module
     processor: Any
+    pads_to_square: bool  # the image is padded to a centred square before the processor
 
     @property
     def tokenizer(self) -> Any: ...
@@ -119,6 +120,9 @@ class VLMAdapter(Protocol):
 
     def pixels_to_box(self, box: tuple, image_size: tuple[int, int], grid: tuple[int, int]) -> tuple:
         """Source-image pixel box → the grid cells covering it."""
+
+    def with_inputs(self, **overrides: Any) -> VLMAdapter:
+        """This model (shared) with other input settings; an error naming them where the family has none."""
 
     def describe(self) -> dict:
         """The input settings recorded with every result (pixel budget, padding, prompt)."""

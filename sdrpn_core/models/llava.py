@@ -176,6 +176,8 @@ class LlavaAdapter:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    pads_to_square = True
+
     @property
     def vision_size(self) -> int:
         return self.model.config.vision_config.image_size
@@ -266,6 +268,11 @@ class LlavaAdapter:
 
     def pixels_to_box(self, box: PixelBox, image_size: tuple[int, int], grid: tuple[int, int]) -> GridBox:
         return pixels_to_grid_box(box, image_size, grid, self.vision_size)
+
+    def with_inputs(self, **overrides) -> LlavaAdapter:
+        if overrides:
+            raise AdapterError(f"input settings {sorted(overrides)} are not adjustable for llava (fixed 336 px input)")
+        return self
 
     def describe(self) -> dict:
         side = self.vision_size

@@ -12,6 +12,7 @@ built from the PIL image processor and the tokenizer directly (env-notes Q2; ten
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +79,17 @@ def load_qwen_settings(path: str | Path) -> QwenSettings:
     return QwenSettings(**raw)
 
 
+def qwen_settings(path: str | Path, overrides: dict) -> QwenSettings:
+    """The folder's settings with `overrides` applied; unknown keys are an error naming them."""
+    base = asdict(load_qwen_settings(path))
+    unknown = set(overrides) - set(base)
+    if unknown:
+        raise AdapterError(f"unknown Qwen input settings {sorted(unknown)} (known: {', '.join(base)})")
+    merged = {**base, **overrides}
+    merged["pad_fill"] = tuple(merged["pad_fill"])
+    return QwenSettings(**merged)
+
+
 def save_qwen_settings(path: str | Path, settings: QwenSettings) -> None:
     (Path(path) / SETTINGS_FILE).write_text(json.dumps(asdict(settings), indent=2))
 
@@ -96,7 +108,7 @@ class QwenAdapter:
     ):
         self.model = model
         self.settings = settings or QwenSettings()
-        self.image_processor = image_processor
+        self.image_processor = copy.copy(image_processor)  # the budget is set on our own copy
         self.image_processor.min_pixels = self.settings.min_pixels
         self.image_processor.max_pixels = self.settings.max_pixels
         self.image_processor.size = {
@@ -213,6 +225,15 @@ class QwenAdapter:
     def vision_size(self) -> int:
         """Side in pixels of a square image at the budget (the default setting's processed side)."""
         return self.grid[0] * self._patch * self._merge
+
+    def with_inputs(self, **overrides) -> QwenAdapter:
+        """The same model (shared, not copied) with other input settings, e.g. the teacher's label prompt."""
+        settings = QwenSettings(**{**asdict(self.settings), **overrides}) if overrides else self.settings
+        return QwenAdapter(self.model, self.image_processor, self._tokenizer, settings)
+
+    @property
+    def pads_to_square(self) -> bool:
+        return self.settings.pad_square
 
     def describe(self) -> dict:
         return {"family": self.family, **asdict(self.settings)}

@@ -156,13 +156,13 @@ def _window_targets(scene: SceneSample, window: tuple[int, int, int, int]) -> tu
 
 
 def roi_window(rng: np.random.Generator, scene: SceneSample, canvas: int, grid: int = SIDE // PATCH) -> tuple:
-    """A crop shaped like the ones SD-RPN's inference makes: a window of 2–5 grid cells per side (a 3×3-grown
-    component or a union box), aligned to the token grid, holding the asked box's centre."""
+    """A crop shaped like the ones SD-RPN's inference makes: a window of 2–4 grid cells per side (mostly 3: a
+    3×3-grown component), aligned to the token grid, holding the asked box's centre."""
     cell = canvas / grid
     x0, y0, x1, y1 = scene.box
     window = []
     for lo, hi in ((x0, x1), (y0, y1)):
-        span = int(rng.choice([2, 3, 3, 3, 4, 5]))
+        span = int(rng.choice([2, 3, 3, 3, 4]))
         centre = int((lo + hi) / 2 // cell)
         start = int(np.clip(centre - rng.integers(0, span), 0, grid - span))
         window.append((round(start * cell), round((start + span) * cell)))
