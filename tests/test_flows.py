@@ -351,3 +351,37 @@ def test_cli_run_then_eval(family, tmp_path, capsys):
     assert "synthetic  baseline  score" in out and "synthetic  sdrpn     score" in out and "report:" in out
     assert main(["eval", str(path)]) == 0  # the newest RPN for the model is found in the store
     assert "synthetic  sdrpn     score" in capsys.readouterr().out
+
+
+def test_shipped_nano_loads_from_the_artifact_store_and_runs_a_short_pipeline(
+    tmp_path, s3_settings, moto_server, monkeypatch
+):
+    """The embedded default: the shipped sdrpn-nano goes into the store (here S3), loads back with
+    `from_pretrained`, and a shortened pipeline on it produces every row of the table."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from flows.pipeline import sdrpn
+    from stages.common import get_store
+    from stages.model import SHIPPED_NANO, resolve_model
+    from storage.artifacts import ArtifactStore
+
+    cfg = PipelineConfig.from_yaml(ROOT / "configs" / "nano.yaml").model_copy(deep=True)
+    raw = cfg.model_dump(mode="json")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    raw["store"] = {**raw["store"], "root": s3_settings.root, "endpoint_url": moto_server["endpoint"]}
+    raw["train_data"]["n"] = 16
+    raw["eval"]["datasets"][0]["n"] = 6
+    raw["train"]["epochs"] = 1
+    cfg = PipelineConfig.model_validate(raw)
+    store = get_store(cfg.store.settings())
+    ref = resolve_model(cfg.model, store)
+    assert ref.path == str(SHIPPED_NANO)
+    local = ArtifactStore(store).fetch_dir("models", ref.fingerprint, tmp_path / "fetched")
+    model = LlavaForConditionalGeneration.from_pretrained(local)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    assert model.config.vision_config.image_size == 64 and model.num_parameters() > 1_000_000
+    assert tokenizer.tokenize("what is the digit in the red box ?")[-3:] == ["red", "box", "?"]
+    summary = sdrpn(cfg)
+    assert {s["method"] for s in summary["scores"]} == {"baseline", "sdrpn", "vicrop", "oracle"}
+    assert all(s["samples"] == 6 for s in summary["scores"])

@@ -62,3 +62,31 @@ def test_nano_patch_targets_align_with_boxes():
         assert (grid_c[y0 // 8 : y1 // 8, x0 // 8 : x1 // 8] == list(COLOURS).index(c) + 1).all()
         assert (grid_d[y0 // 8 : y1 // 8, x0 // 8 : x1 // 8] == int(d) + 1).all()
     assert (grid_c > 0).sum() == 3 * 9
+
+
+def test_roi_windows_are_grid_aligned_and_hold_the_asked_box_centre():
+    from sdrpn_core.synthetic.nano import roi_window
+
+    rng = np.random.default_rng(2)
+    for canvas in (128, 256):
+        cell = canvas / 8
+        for i in range(30):
+            scene = make_scene(rng, str(i), canvas=canvas)
+            x0, y0, x1, y1 = roi_window(rng, scene, canvas)
+            assert 0 <= x0 < x1 <= canvas and 0 <= y0 < y1 <= canvas
+            for lo, hi in ((x0, x1), (y0, y1)):
+                assert lo % cell == 0 and hi % cell == 0 and 2 <= (hi - lo) / cell <= 4
+            cx, cy = (scene.box[0] + scene.box[2]) / 2, (scene.box[1] + scene.box[3]) / 2
+            assert x0 <= cx <= x1 and y0 <= cy <= y1
+
+
+def test_crop_view_targets_follow_the_boxes_through_the_resize():
+    from sdrpn_core.synthetic.nano import _patch_targets, _window_targets
+
+    scene = make_scene(np.random.default_rng(3), "s", canvas=64)
+    # the whole canvas as the window is the native view: the same targets as the patch-grid ones
+    for got, want in zip(_window_targets(scene, (0, 0, 64, 64)), _patch_targets(scene), strict=True):
+        assert np.array_equal(got, want)
+    (bx0, by0, bx1, by1), colour, digit = scene.objects[0]
+    c, d = _window_targets(scene, (bx0, by0, bx1, by1))  # a crop of exactly one box: every patch is that box
+    assert (c == list(COLOURS).index(colour) + 1).all() and (d == int(digit) + 1).all()
