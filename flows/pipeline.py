@@ -122,6 +122,7 @@ def _eval(cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None) -> list[Eval
         max_new_tokens=e.max_new_tokens,
         vicrop_layer=e.vicrop_layer if e.vicrop_layer is not None else min(preset.grounding),
         gallery=e.gallery,
+        inputs=tuple(sorted(e.inputs.items())),
     )
     results = []
     for spec in e.datasets:

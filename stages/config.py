@@ -138,6 +138,9 @@ class EvalSection(_Section):
     vicrop_layer: int | None = None
     paper_model: str | None = None
     gallery: int = 6
+    # adapter input settings for evaluation alone, e.g. the authors' Qwen evaluation without square padding:
+    # {pad_square: false}; recorded in protocol.json
+    inputs: dict[str, Any] = Field(default_factory=dict)
 
 
 class StoreSection(_Section):

@@ -11,6 +11,7 @@ import io
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +41,7 @@ class EvalParams:
     max_new_tokens: int | None = None  # None: the benchmark's
     vicrop_layer: int = 14
     gallery: int = 6
+    inputs: tuple[tuple[str, Any], ...] = ()  # adapter input overrides for evaluation (sorted items)
 
 
 def eval_fingerprint(model: ModelRef, rpn: RpnRef | None, dataset: DatasetRef, params: EvalParams) -> str:
@@ -75,6 +77,8 @@ def evaluate(
         return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), dataset.benchmark)
     bench = get_benchmark(dataset.benchmark)
     adapter = load_model(model)
+    if params.inputs:
+        adapter = adapter.with_inputs(**dict(params.inputs))
     methods = [m for m in params.methods if m != "sdrpn" or rpn_ref is not None]
     rpn = load_rpn(store, rpn_ref, model) if "sdrpn" in methods else None
     threshold = (

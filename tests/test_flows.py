@@ -53,6 +53,7 @@ TINY = {  # model, teacher preset, teacher input settings (Qwen: the authors' na
     "llava": ({"image_size": 32, "patch_size": 8}, "llava-1.5-7b", {}),
     "qwen": ({"family": "qwen2_5_vl", "side": 112}, "qwen2.5-vl-7b/natural", {"prompt": "grounding"}),
 }
+EVAL_INPUTS = {"llava": {}, "qwen": {"pad_square": False}}  # the authors evaluate Qwen without square padding
 
 
 def make_config(family: str, root: str, **changes) -> PipelineConfig:
@@ -76,6 +77,7 @@ def make_config(family: str, root: str, **changes) -> PipelineConfig:
             "datasets": [{"kind": "synthetic", "n": 4, "seed": 99, "canvas": 96}],
             "max_new_tokens": 3,
             "gallery": 2,
+            "inputs": EVAL_INPUTS[family],
         },
         "store": {"root": root},
     }
@@ -177,6 +179,7 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
         assert protocol["prompt_template"] == "vicuna_v1" and protocol["family"] == "llava"
     else:  # the pixel budget is recorded with every result
         assert protocol["family"] == "qwen2_5_vl" and protocol["inputs"]["max_pixels"] == 112 * 112
+        assert protocol["inputs"]["pad_square"] is False  # eval.inputs applied to evaluation and recorded
     assert protocol["ocr_tokens_in_prompt"] is False and protocol["dtype"] == "float32"
     assert (Path(summary["rpn"]) / "rpn.safetensors").exists()
     artifacts = _artifacts()
