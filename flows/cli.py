@@ -104,17 +104,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_nano_train(args: argparse.Namespace) -> int:
-    """Train sdrpn-nano from scratch with the seeded recipe (how models/sdrpn-nano was made)."""
+    """Train sdrpn-nano with the seeded recipe, from scratch or (`--init`) on from a saved model; phases with 0
+    steps are skipped (how models/sdrpn-nano was made: see its README)."""
+    from sdrpn_core.models.llava import LlavaAdapter
     from sdrpn_core.synthetic.nano import NanoRecipe, probe, train_nano
 
+    steps = {f"phase{i}_steps": getattr(args, f"phase{i}_steps") for i in (1, 2, 3)}
+    recipe = NanoRecipe(seed=args.seed, **{k: v for k, v in steps.items() if v is not None})
+    init = LlavaAdapter.from_pretrained(args.init, dtype="float32", device=args.device) if args.init else None
     t0 = time.perf_counter()
-    adapter = train_nano(NanoRecipe(seed=args.seed))
+    adapter = train_nano(recipe, device=args.device, init=init)
     out = Path(args.out)
-    adapter.model.save_pretrained(out)
+    adapter.model.cpu().save_pretrained(out)
     adapter.processor.save_pretrained(out)
-    print(f"trained in {time.perf_counter() - t0:.0f}s; wrote {out}")
-    for canvas in (64, 256):
-        print(f"probe on {canvas}px scenes seen at 64px: {probe(adapter, n=100, canvas=canvas)}")
+    print(f"trained in {time.perf_counter() - t0:.0f}s ({recipe}); wrote {out}")
+    for canvas in (64, 256) if args.probe else ():
+        print(f"probe on {canvas}px scenes seen at 64px: {probe(adapter, n=args.probe, canvas=canvas)}")
     return 0
 
 
@@ -158,9 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dask-address", help="a running Dask scheduler (default: a temporary LocalCluster)")
         sp.set_defaults(func=cmd_flow)
 
-    nt = sub.add_parser("nano-train", help="train the sdrpn-nano base model from scratch (seeded)")
+    nt = sub.add_parser("nano-train", help="train the sdrpn-nano base model (seeded recipe)")
     nt.add_argument("--out", default="models/sdrpn-nano")
     nt.add_argument("--seed", type=int, default=0)
+    nt.add_argument("--init", help="go on from this saved model instead of from scratch")
+    for i in (1, 2, 3):
+        nt.add_argument(f"--phase{i}-steps", type=int, help=f"phase {i} steps (default: the recipe's)")
+    nt.add_argument("--device", default="cpu")
+    nt.add_argument("--probe", type=int, default=100, help="scenes per probe after training (0: none)")
     nt.set_defaults(func=cmd_nano_train)
 
     hd = sub.add_parser("heads", help="rank a model's heads against ground-truth boxes (choose teacher heads)")

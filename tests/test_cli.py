@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flows.cli import main
@@ -89,3 +90,17 @@ def test_predict_prints_the_answer_and_writes_an_overlay(tmp_path, tiny_vlm, tin
     assert "baseline:" in printed and f"wrote {overlay}" in printed
     img = Image.open(overlay)
     assert img.size == (40, 40) and img.mode == "RGB"
+
+
+def test_nano_train_runs_the_recipe_and_goes_on_from_a_saved_model(tmp_path, capsys):
+    from sdrpn_core.models.llava import LlavaAdapter
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    short = ["--phase1-steps", "2", "--phase2-steps", "2", "--phase3-steps", "2", "--probe", "0"]
+    assert main(["nano-train", "--out", str(first), *short]) == 0
+    assert "phase3_steps=2" in capsys.readouterr().out
+    assert main(["nano-train", "--out", str(second), "--init", str(first), "--phase1-steps", "0", "--phase2-steps",
+                 "0", "--phase3-steps", "1", "--probe", "0"]) == 0  # fmt: skip
+    a, b = LlavaAdapter.from_pretrained(first), LlavaAdapter.from_pretrained(second)
+    moved = [not torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True)]
+    assert any(moved)  # one more step changed the weights it started from
