@@ -30,7 +30,7 @@ from sdrpn_core.models.decoder import (
     text_positions,
     truncate_cache,
 )
-from sdrpn_core.roi import PixelBox, RoIPlan, plan_roi, plan_roi_union
+from sdrpn_core.roi import PixelBox, RoIPlan, plan_roi, plan_roi_union, resize_mask
 from sdrpn_core.rpn import RoIPredictor, partial_prefill
 
 
@@ -118,7 +118,8 @@ def crop_tokens(
         return [], [], [], "RoI lies in the square padding, outside the image"
     crops = [adapter.encode_crop(image.crop(b)) for b in pixel_boxes]
     if plan.kind == "mask":
-        return crops, [adapter.keep_mask_for(plan.region, crops[0][1])], pixel_boxes, ""
+        # the RoI cells inside the union box, resized bilinearly to the crop's own grid, > 0.5
+        return crops, [resize_mask(plan.region, crops[0][1])], pixel_boxes, ""
     return crops, [None] * len(crops), pixel_boxes, ""
 
 

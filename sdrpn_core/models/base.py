@@ -112,9 +112,6 @@ class VLMAdapter(Protocol):
         """SD-RPN's pass-2 sequence for batch-1 inputs: crop tokens (those under each keep mask, or all when
         None) after the original image tokens → (embeddings [1, L', D], positions)."""
 
-    def keep_mask_for(self, region: Any, crop_grid: tuple[int, int]) -> Any:
-        """The RoI mask inside the union box resized to a crop's grid (bilinear, > 0.5)."""
-
     def box_to_pixels(self, box: tuple, image_size: tuple[int, int], grid: tuple[int, int]) -> tuple | None:
         """Grid box (x0, y0, x1, y1, exclusive) → source-image pixels, undoing the family's preprocessing."""
 
@@ -129,3 +126,68 @@ class VLMAdapter(Protocol):
 
     def decode(self, token_ids: torch.Tensor | list[int]) -> str: ...
     def save_pretrained(self, path: Any) -> None: ...
+
+
+class DecoderParts:
+    """The structure accessors both HF families share (`model.model.language_model` holds the decoder); adapters
+    inherit them and set `self.model`, `self._image_token_id` and a `grid`."""
+
+    model: nn.Module
+    _image_token_id: int
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.text_config
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.text_config, "head_dim", None) or self.text_config.hidden_size // self.num_heads
+
+    @property
+    def num_image_tokens(self) -> int:
+        rows, cols = self.grid  # type: ignore[attr-defined]
+        return rows * cols
+
+    @property
+    def image_token_id(self) -> int:
+        return self._image_token_id
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.language_model.norm
+
+    @property
+    def rotary_emb(self) -> nn.Module:
+        return self.language_model.rotary_emb
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.language_model.embed_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype

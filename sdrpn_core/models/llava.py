@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from transformers import (
     AutoTokenizer,
     CLIPImageProcessorPil,
@@ -19,9 +18,9 @@ from transformers import (
     LlavaProcessor,
 )
 
-from sdrpn_core.models.base import AdapterError, VLMInputs
+from sdrpn_core.models.base import AdapterError, DecoderParts, VLMInputs
 from sdrpn_core.models.decoder import positions_from_mask
-from sdrpn_core.roi import GridBox, PixelBox, grid_box_to_pixels, pixels_to_grid_box, resize_mask
+from sdrpn_core.roi import GridBox, PixelBox, grid_box_to_pixels, pixels_to_grid_box
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -60,7 +59,7 @@ def load_llava_processor(path: str | Path) -> LlavaProcessor:
     return LlavaProcessor.from_pretrained(path, tokenizer=tokenizer, image_processor=image_processor)
 
 
-class LlavaAdapter:
+class LlavaAdapter(DecoderParts):
     """LLaVA-1.5: a 24×24 raster of image tokens (from the vision config, never hard-coded), vicuna_v1 prompts."""
 
     family = "llava"
@@ -117,64 +116,8 @@ class LlavaAdapter:
         return self.processor.tokenizer
 
     @property
-    def text_config(self):
-        return self.model.config.text_config
-
-    @property
-    def num_layers(self) -> int:
-        return self.text_config.num_hidden_layers
-
-    @property
-    def num_heads(self) -> int:
-        return self.text_config.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        return getattr(self.text_config, "head_dim", None) or self.text_config.hidden_size // self.num_heads
-
-    @property
     def grid(self) -> tuple[int, int]:
         return self._grid
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self._grid[0] * self._grid[1]
-
-    @property
-    def image_token_id(self) -> int:
-        return self._image_token_id
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.layers
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.language_model.norm
-
-    @property
-    def rotary_emb(self) -> nn.Module:
-        return self.language_model.rotary_emb
-
-    @property
-    def embed_tokens(self) -> nn.Module:
-        return self.language_model.embed_tokens
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     pads_to_square = True
 
@@ -259,9 +202,6 @@ class LlavaAdapter:
         cut = int(x.image_positions[0][-1]) + 1
         new = torch.cat([embeds[:, :cut], torch.cat(tokens)[None].to(embeds.dtype), embeds[:, cut:]], dim=1)
         return new, torch.arange(new.shape[1], device=new.device)[None]
-
-    def keep_mask_for(self, region: np.ndarray, crop_grid: tuple[int, int]) -> np.ndarray:
-        return resize_mask(region.astype(np.float32), crop_grid)
 
     def box_to_pixels(self, box: GridBox, image_size: tuple[int, int], grid: tuple[int, int]) -> PixelBox | None:
         return grid_box_to_pixels(box, image_size, grid, self.vision_size)

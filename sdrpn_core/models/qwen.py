@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from sdrpn_core.models.base import AdapterError, VLMInputs
+from sdrpn_core.models.base import AdapterError, DecoderParts, VLMInputs
 from sdrpn_core.models.llava import expand_to_square, resolve_dtype
-from sdrpn_core.roi import GridBox, PixelBox, grid_box_to_pixels, pixels_to_grid_box, resize_mask
+from sdrpn_core.roi import GridBox, PixelBox, grid_box_to_pixels, pixels_to_grid_box
 
 QWEN_SYSTEM = "You are a helpful assistant."
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -94,7 +93,7 @@ def save_qwen_settings(path: str | Path, settings: QwenSettings) -> None:
     (Path(path) / SETTINGS_FILE).write_text(json.dumps(asdict(settings), indent=2))
 
 
-class QwenAdapter:
+class QwenAdapter(DecoderParts):
     """Qwen2.5-VL: merged-token grid from the processed image, chat-template prompts, M-RoPE positions."""
 
     family = "qwen2_5_vl"
@@ -160,66 +159,10 @@ class QwenAdapter:
         return self._tokenizer
 
     @property
-    def text_config(self):
-        return self.model.config.text_config
-
-    @property
-    def num_layers(self) -> int:
-        return self.text_config.num_hidden_layers
-
-    @property
-    def num_heads(self) -> int:
-        return self.text_config.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.text_config.hidden_size // self.num_heads
-
-    @property
     def grid(self) -> tuple[int, int]:
         """The merged grid of a square image at the budget: the fixed grid of the default (padded) setting."""
         side = int(self.settings.max_pixels**0.5) // (self._patch * self._merge)
         return side, side
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def image_token_id(self) -> int:
-        return self._image_token_id
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.layers
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.language_model.norm
-
-    @property
-    def rotary_emb(self) -> nn.Module:
-        return self.language_model.rotary_emb
-
-    @property
-    def embed_tokens(self) -> nn.Module:
-        return self.language_model.embed_tokens
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     @property
     def vision_size(self) -> int:
@@ -364,10 +307,6 @@ class QwenAdapter:
         kept = torch.ones(new_ids.shape[1], dtype=torch.bool, device=dev)
         kept[end : end + len(keep_flags)] = torch.tensor(keep_flags, device=dev)
         return new_embeds[:, kept], pos[:, :, kept]
-
-    def keep_mask_for(self, region: np.ndarray, crop_grid: tuple[int, int]) -> np.ndarray:
-        """The RoI mask inside the union box, resized bilinearly to the crop's grid and thresholded at 0.5."""
-        return resize_mask(region.astype(np.float32), crop_grid)
 
     def box_to_pixels(self, box: GridBox, image_size: tuple[int, int], grid: tuple[int, int]) -> PixelBox | None:
         if self.settings.pad_square:  # the padded square, undone as for LLaVA

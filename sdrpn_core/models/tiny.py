@@ -47,16 +47,21 @@ class TinyLlavaSpec:
     seed: int = 0
 
 
-def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with LLaVA's special tokens: any text encodes, `<image>` stays one token."""
-    specials = ["<unk>", "<pad>", "<s>", "</s>", "<image>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+def byte_bpe(specials: list[str], corpus: list[str], vocab_size: int, unk: str | None = None) -> Tokenizer:
+    """A byte-level BPE trained on `corpus` (any text encodes) with `specials` kept whole."""
+    tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(_CORPUS, trainer)
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """LLaVA's special tokens on a byte-level BPE: any text encodes, `<image>` stays one token."""
+    tok = byte_bpe(["<unk>", "<pad>", "<s>", "</s>", "<image>"], _CORPUS, vocab_size, unk="<unk>")
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     return llava_tokenizer(tok)
@@ -177,13 +182,7 @@ def build_tiny_qwen_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     """Byte-level BPE with Qwen's special tokens; left padding for batched generation."""
     from sdrpn_core.models.qwen import QWEN_SYSTEM, SHORT_ANSWER
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=QWEN_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([*_CORPUS, QWEN_SYSTEM, SHORT_ANSWER, "system user assistant <image>"], trainer)
+    tok = byte_bpe(QWEN_SPECIALS, [*_CORPUS, QWEN_SYSTEM, SHORT_ANSWER, "system user assistant <image>"], vocab_size)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<|endoftext|>",
