@@ -195,6 +195,10 @@ def predict_roi(adapter: VLMAdapter, rpn: RoIPredictor, image: Image.Image | str
     return run_pass1(adapter, rpn, image, question, reuse_kv=False).logits_map
 
 
+PRUNE_ABOVE = 1024  # Qwen: with more original image tokens than this, pass 2 also prunes them …
+PRUNE_SCORE = 0.01  # … keeping those whose max RPN score over the tokens after the image is above this
+
+
 @dataclass
 class Pass1:
     """What pass 1 leaves for pass 2: the inputs, their embeddings and positions, h^K, the layers-0..K−1 cache."""
@@ -207,6 +211,7 @@ class Pass1:
     cache: object | None
     logits_map: np.ndarray
     K: int
+    image_keep: np.ndarray | None = None  # original image tokens pass 2 keeps (Qwen, > 1024 image tokens)
 
     @property
     def image_positions(self) -> torch.Tensor:
@@ -226,10 +231,17 @@ def run_pass1(
     image, x, embeds, positions = _inputs(adapter, image, question)
     cache = new_cache(adapter) if reuse_kv else None
     hidden_k, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, K, cache, positions)
-    query = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
     image_positions = x.image_positions[0].to(embeds.device)
-    logits = rpn(hidden_k, mask, pe, pos, query, image_positions[None])[0].float().cpu().numpy()
-    return Pass1(image, x, embeds, positions, hidden_k, cache, logits.reshape(x.grids[0]), K)
+    h = rpn.twig_hidden(hidden_k, mask, pe, pos)
+    query = torch.tensor([[embeds.shape[1] - 1]], device=embeds.device)
+    logits = rpn.head(h, pe, query, image_positions[None])[0, 0].float().cpu().numpy()
+    keep = None
+    if adapter.family == "qwen2_5_vl" and image_positions.numel() > PRUNE_ABOVE:
+        # the authors' high-resolution pruning (method.md §6.4 step 5): score the image against every token after it
+        after = torch.arange(int(image_positions[-1]) + 1, embeds.shape[1], device=embeds.device)[None]
+        scores = torch.sigmoid(rpn.head(h, pe, after, image_positions[None])[0].float().amax(0))
+        keep = (scores > PRUNE_SCORE).cpu().numpy()
+    return Pass1(image, x, embeds, positions, hidden_k, cache, logits.reshape(x.grids[0]), K, keep)
 
 
 @torch.inference_mode()
@@ -247,7 +259,9 @@ def run_pass2(adapter: VLMAdapter, p1: Pass1, plan: RoIPlan, max_new_tokens: int
         prefix, embeds2, pos2 = p1.embeds.shape[1], p1.embeds, p1.positions
     else:
         prefix = int(p1.image_positions[-1]) + 1
-        embeds2, pos2 = adapter.insert_crop(p1.inputs, p1.embeds, crops, keep)
+        if p1.image_keep is not None and not p1.image_keep.all():  # pruned: reuse stops at the first dropped token
+            prefix = int(p1.image_positions[int(np.argmin(p1.image_keep))])
+        embeds2, pos2 = adapter.insert_crop(p1.inputs, p1.embeds, crops, keep, p1.image_keep)
     total = embeds2.shape[1]
     cache = p1.cache
     if cache is not None:

@@ -41,6 +41,11 @@ class RPNConfig:
     version: int = 1
 
 
+def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t [B, L, d] at index [B, n] → [B, n, d]."""
+    return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding with the models' rotate-half convention (cos/sin already broadcastable to x)."""
     half = x.shape[-1] // 2
@@ -85,23 +90,35 @@ class RoIPredictor(nn.Module):
         image_positions: torch.Tensor,
     ) -> torch.Tensor:
         """h^K [B, L, D] → RoI logits [B, n_img] (row-major over the grid)."""
+        h = self.twig_hidden(hidden_k, mask, position_embeddings, position_ids)
+        return self.head(h, position_embeddings, query_index[:, None], image_positions)[:, 0]
+
+    def twig_hidden(self, hidden_k, mask, position_embeddings, position_ids) -> torch.Tensor:
+        """Twig layers 0..T−2 as ordinary decoder blocks, then (LLaVA) the extra norm."""
         h = run_layers(self.twig_layers[:-1], hidden_k, mask, position_embeddings, position_ids)
-        if self.twig_norm is not None:
-            h = self.twig_norm(h)
-        rows = torch.arange(h.shape[0], device=h.device)
+        return self.twig_norm(h) if self.twig_norm is not None else h
+
+    def head(
+        self,
+        h: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        query_rows: torch.Tensor,
+        image_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """The last twig layer's input norm + q/k projections: [B, n_q, n_img] head-mean of q·k/√d for the
+        `query_rows` [B, n_q] against the image tokens."""
         last = self.twig_layers[-1]
-        q_in = last.input_layernorm(h[rows, query_index])  # [B, D]
-        k_in = last.input_layernorm(h.gather(1, image_positions[..., None].expand(-1, -1, h.shape[-1])))
-        q = last.self_attn.q_proj(q_in).view(h.shape[0], self.num_heads, self.head_dim)
+        width = h.shape[-1]
+        q_in = last.input_layernorm(h.gather(1, query_rows[..., None].expand(-1, -1, width)))
+        k_in = last.input_layernorm(h.gather(1, image_positions[..., None].expand(-1, -1, width)))
+        q = last.self_attn.q_proj(q_in).view(h.shape[0], -1, self.num_heads, self.head_dim)
         k = last.self_attn.k_proj(k_in).view(h.shape[0], -1, self.num_kv_heads, self.head_dim)
-        if self.config.rope_in_head:  # Qwen: M-RoPE at the true positions of the query row and the image tokens
+        if self.config.rope_in_head:  # Qwen: M-RoPE at the true positions of the query rows and the image tokens
             cos, sin = position_embeddings
-            q = _rotate(q, cos[rows, query_index][:, None], sin[rows, query_index][:, None])
-            index = image_positions[..., None].expand(-1, -1, cos.shape[-1])
-            k = _rotate(k, cos.gather(1, index)[:, :, None], sin.gather(1, index)[:, :, None])
+            q = _rotate(q, *(_rows(t, query_rows)[:, :, None] for t in (cos, sin)))
+            k = _rotate(k, *(_rows(t, image_positions)[:, :, None] for t in (cos, sin)))
         k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
-        scores = torch.einsum("bhd,bnhd->bhn", q, k) / math.sqrt(self.head_dim)
-        return scores.mean(1)
+        return torch.einsum("bqhd,bnhd->bqn", q, k) / (math.sqrt(self.head_dim) * self.num_heads)
 
     # -- persistence ---------------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:

@@ -175,9 +175,12 @@ def test_save_load_round_trip_and_input_overrides(tiny_qwen, tmp_path):
         load_adapter(tmp_path / "m", inputs={"max_pix": 1})
 
 
-def test_llava_rejects_input_overrides(tiny_llava_dir):
+def test_llava_rejects_input_overrides_and_image_pruning(tiny_llava_dir, tiny_llava):
     with pytest.raises(AdapterError, match="not adjustable for llava"):
         load_adapter(tiny_llava_dir, inputs={"max_pixels": 10})
+    x = tiny_llava.build_inputs([random_image(0)], [Q])
+    with pytest.raises(AdapterError, match="no high-resolution pruning"):
+        tiny_llava.insert_crop(x, tiny_llava.embed(x), [], [], np.ones(16, dtype=bool))
 
 
 def test_tiny_qwen_is_seeded():
@@ -199,3 +202,44 @@ def test_with_inputs_shares_the_model_and_leaves_the_original_alone(tiny_qwen, t
     ref = ModelRef("fp", "/m", "qwen2_5_vl", "float32", "cpu")
     preset = PRESETS["qwen2.5-vl-7b/natural"]
     assert teacher_fingerprint(ref, preset, 8) != teacher_fingerprint(ref, preset, 8, {"prompt": "grounding"})
+
+
+def test_high_resolution_pruning_drops_low_scoring_image_tokens(tiny_qwen, monkeypatch):
+    """Above 1024 image tokens (here the limit is lowered to the tiny grid) pass 2 keeps only the original image
+    tokens whose max RPN score over the tokens after the image passes the bar; positions stay those of the full
+    layout, and KV reuse still gives the full recompute's answer."""
+    import sdrpn_core.infer as infer
+    from sdrpn_core.infer import crop_tokens, run_pass2
+    from sdrpn_core.roi import RoIPlan
+
+    torch.manual_seed(1)
+    rpn = RoIPredictor.from_adapter(tiny_qwen, K=2, T=2)
+    image = random_image(11, (64, 64))
+    monkeypatch.setattr(infer, "PRUNE_ABOVE", 8)
+    probe = run_pass1(tiny_qwen, rpn, image, Q, reuse_kv=False)
+    # the scores by another path: the RPN's forward with each token after the image as the query
+    x, L = probe.inputs, probe.embeds.shape[1]
+    with torch.no_grad():
+        from sdrpn_core.rpn import partial_prefill
+
+        hk, mask, pe, pos = partial_prefill(tiny_qwen, probe.embeds, x.attention_mask, 2, None, probe.positions)
+        per_row = [
+            rpn(hk, mask, pe, pos, torch.tensor([r]), probe.image_positions[None])[0]
+            for r in range(int(probe.image_positions[-1]) + 1, L)
+        ]
+    scores = torch.sigmoid(torch.stack(per_row).amax(0)).numpy()
+    monkeypatch.setattr(infer, "PRUNE_SCORE", float(np.median(scores)))
+    plan = RoIPlan("mask", ((0, 0, 2, 2),), region=np.ones((2, 2), dtype=bool))
+    answers = []
+    for reuse in (True, False):
+        p1 = run_pass1(tiny_qwen, rpn, image, Q, reuse_kv=reuse)
+        np.testing.assert_array_equal(p1.image_keep, scores > float(np.median(scores)))
+        answers.append(run_pass2(tiny_qwen, p1, plan, max_new_tokens=5)[0])
+    assert answers[0] == answers[1]
+    assert 0 < p1.image_keep.sum() < p1.image_keep.size
+    crops, keep, _, _ = crop_tokens(tiny_qwen, image, plan, p1.grid)
+    _, full_pos = tiny_qwen.insert_crop(x, p1.embeds, crops, keep)
+    _, pruned_pos = tiny_qwen.insert_crop(x, p1.embeds, crops, keep, p1.image_keep)
+    kept = torch.ones(full_pos.shape[-1], dtype=torch.bool)
+    kept[x.image_positions[0]] = torch.from_numpy(p1.image_keep)
+    assert torch.equal(pruned_pos, full_pos[:, :, kept])

@@ -107,10 +107,16 @@ class VLMAdapter(Protocol):
         """A crop of the source image → ([n, D] visual tokens, their (rows, cols) grid)."""
 
     def insert_crop(
-        self, x: VLMInputs, embeds: torch.Tensor, crops: list[tuple[torch.Tensor, tuple[int, int]]], keep: list
+        self,
+        x: VLMInputs,
+        embeds: torch.Tensor,
+        crops: list[tuple[torch.Tensor, tuple[int, int]]],
+        keep: list,
+        keep_image: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """SD-RPN's pass-2 sequence for batch-1 inputs: crop tokens (those under each keep mask, or all when
-        None) after the original image tokens → (embeddings [1, L', D], positions)."""
+        None) after the original image tokens, original image tokens outside `keep_image` dropped (Qwen's
+        high-resolution pruning) → (embeddings [1, L', D], positions)."""
 
     def box_to_pixels(self, box: tuple, image_size: tuple[int, int], grid: tuple[int, int]) -> tuple | None:
         """Grid box (x0, y0, x1, y1, exclusive) → source-image pixels, undoing the family's preprocessing."""

@@ -192,9 +192,12 @@ class LlavaAdapter(DecoderParts):
         embeds: torch.Tensor,
         crops: list[tuple[torch.Tensor, tuple[int, int]]],
         keep: list[np.ndarray | None],
+        keep_image: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop tokens (those under `keep`) right after the original image tokens, no separators, positions
-        0..L'−1 (the authors' `insert_sub_feat`, method.md §6.4)."""
+        0..L'−1 (the authors' `insert_sub_feat`, method.md §6.4). LLaVA never prunes its own image tokens."""
+        if keep_image is not None:
+            raise AdapterError("LLaVA's pass 2 keeps every original image token (no high-resolution pruning)")
         tokens = [
             f if k is None else f[torch.as_tensor(np.asarray(k).reshape(-1), device=f.device)]
             for (f, _grid), k in zip(crops, keep, strict=True)

@@ -284,9 +284,11 @@ class QwenAdapter(DecoderParts):
         embeds: torch.Tensor,
         crops: list[tuple[torch.Tensor, tuple[int, int]]],
         keep: list[np.ndarray | None],
+        keep_image: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pass-2 layout `… <vs> V <vs> V_crop <ve> <ve> …` (method.md §6.4): positions from `get_rope_index` with the
-        crop as a further image, then crop tokens outside `keep` dropped; the survivors keep their 3-D positions."""
+        crop as a further image, then crop tokens outside `keep` (and original image tokens outside `keep_image`,
+        the high-resolution pruning) dropped; the survivors keep their 3-D positions."""
         dev = embeds.device
         ids = x.input_ids[0].to(dev)
         end = int(x.image_positions[0][-1]) + 1  # the original <|vision_end|> sits here
@@ -306,6 +308,8 @@ class QwenAdapter(DecoderParts):
         new_embeds = torch.cat([embeds[:, :end], torch.cat(block_emb)[None], embeds[:, end:]], dim=1)
         kept = torch.ones(new_ids.shape[1], dtype=torch.bool, device=dev)
         kept[end : end + len(keep_flags)] = torch.tensor(keep_flags, device=dev)
+        if keep_image is not None:
+            kept[x.image_positions[0].to(dev)] = torch.as_tensor(np.asarray(keep_image, dtype=bool), device=dev)
         return new_embeds[:, kept], pos[:, :, kept]
 
     def box_to_pixels(self, box: GridBox, image_size: tuple[int, int], grid: tuple[int, int]) -> PixelBox | None:
