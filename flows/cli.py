@@ -110,7 +110,8 @@ def cmd_nano_train(args: argparse.Namespace) -> int:
     from sdrpn_core.synthetic.nano import NanoRecipe, probe, train_nano
 
     steps = {f"phase{i}_steps": getattr(args, f"phase{i}_steps") for i in (1, 2, 3)}
-    recipe = NanoRecipe(seed=args.seed, **{k: v for k, v in steps.items() if v is not None})
+    extra = {"roi_spans": tuple(int(v) for v in args.roi_spans.split(","))} if args.roi_spans else {}
+    recipe = NanoRecipe(seed=args.seed, **{k: v for k, v in steps.items() if v is not None}, **extra)
     init = LlavaAdapter.from_pretrained(args.init, dtype="float32", device=args.device) if args.init else None
     t0 = time.perf_counter()
     adapter = train_nano(recipe, device=args.device, init=init)
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     for i in (1, 2, 3):
         nt.add_argument(f"--phase{i}-steps", type=int, help=f"phase {i} steps (default: the recipe's)")
     nt.add_argument("--device", default="cpu")
+    nt.add_argument("--roi-spans", help="phase 3 window sides in grid cells, e.g. 2,3,3,3,4 (default: the recipe's)")
     nt.add_argument("--probe", type=int, default=100, help="scenes per probe after training (0: none)")
     nt.set_defaults(func=cmd_nano_train)
 

@@ -159,14 +159,23 @@ def _window_targets(scene: SceneSample, window: tuple[int, int, int, int]) -> tu
     return colour.reshape(-1), digit.reshape(-1)
 
 
-def roi_window(rng: np.random.Generator, scene: SceneSample, canvas: int, grid: int = SIDE // PATCH) -> tuple:
-    """A crop shaped like the ones SD-RPN's inference makes: a window of 2–4 grid cells per side (mostly 3: a
+ROI_SPANS = (2, 3, 3, 3, 4)
+
+
+def roi_window(
+    rng: np.random.Generator,
+    scene: SceneSample,
+    canvas: int,
+    grid: int = SIDE // PATCH,
+    spans: tuple[int, ...] = ROI_SPANS,
+) -> tuple:
+    """A crop shaped like the ones SD-RPN's inference makes: a window of `spans` grid cells per side (mostly 3: a
     3×3-grown component), aligned to the token grid, holding the asked box's centre."""
     cell = canvas / grid
     x0, y0, x1, y1 = scene.box
     window = []
     for lo, hi in ((x0, x1), (y0, y1)):
-        span = int(rng.choice([2, 3, 3, 3, 4]))
+        span = int(rng.choice(list(spans)))
         centre = int((lo + hi) / 2 // cell)
         start = int(np.clip(centre - rng.integers(0, span), 0, grid - span))
         window.append((round(start * cell), round((start + span) * cell)))
@@ -193,7 +202,7 @@ def make_example(rng: np.random.Generator, phase: int, echo: float = 0.5) -> Exa
     return Example(scene.image, scene.question, answer, crop, colour, digit)
 
 
-def make_roi_example(rng: np.random.Generator, echo: float = 0.5) -> Example:
+def make_roi_example(rng: np.random.Generator, echo: float = 0.5, spans: tuple[int, ...] = ROI_SPANS) -> Example:
     """Phase 3: 60 % two-view steps whose crop is an RoI-shaped window (`roi_window`, usually holding other boxes
     too, so the colour must be bound inside the crop), with the per-patch loss on the crop view as well; the rest
     is phase 2's mix, so the global view and its attention stay as they were."""
@@ -202,7 +211,7 @@ def make_roi_example(rng: np.random.Generator, echo: float = 0.5) -> Example:
     canvas = int(rng.choice([128, 160, 192, 224, 256, 256, 256]))
     scene = make_scene(rng, "train", canvas=canvas)
     answer = f"{scene.colour} {scene.answer}" if rng.random() < echo else scene.answer
-    window = roi_window(rng, scene, canvas)
+    window = roi_window(rng, scene, canvas, spans=spans)
     crop_colour, crop_digit = _window_targets(scene, window)
     return Example(scene.image, scene.question, answer, scene.image.crop(window), None, None, crop_colour, crop_digit)
 
@@ -215,7 +224,7 @@ class NanoRecipe:
     seed: int = 0
     phase1_steps: int = 1800
     phase2_steps: int = 1500
-    phase3_steps: int = 0
+    phase3_steps: int = 4000
     batch_size: int = 32
     lr1: float = 2e-3
     lr2: float = 1e-3
@@ -224,6 +233,7 @@ class NanoRecipe:
     weight_decay: float = 0.01
     aux_weight: float = 1.0
     echo: float = 0.5
+    roi_spans: tuple[int, ...] = ROI_SPANS  # phase 3 window sides, in grid cells (drawn uniformly from the list)
 
 
 def _lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -333,7 +343,9 @@ def train_nano(
             for group in optimizer.param_groups:
                 group["lr"] = _lr(i, steps, peak, recipe.warmup)
             batch = [
-                make_roi_example(rng, recipe.echo) if phase == 3 else make_example(rng, phase, recipe.echo)
+                make_roi_example(rng, recipe.echo, recipe.roi_spans)
+                if phase == 3
+                else make_example(rng, phase, recipe.echo)
                 for _ in range(recipe.batch_size)
             ]
             loss, lm, aux = _batch_loss(adapter, heads, batch, recipe.aux_weight)
