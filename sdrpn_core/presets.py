@@ -121,16 +121,17 @@ PRESETS: dict[str, Preset] = {
     ]
 }
 PRESETS["sdrpn-nano"] = Preset(
-    # Heads picked by `sdrpn heads` on a synthetic calibration split (seed 777; never the held-out split): layer 2
-    # heads 1 and 2 peak inside the asked box in 78 % of samples.
+    # Chosen on the synthetic calibration split (seed 777; never the held-out one): `sdrpn heads` ranks layer 2
+    # head 1 first (its answer attention peaks inside the asked box for 84 % of scenes; head 2: 70 %), and the
+    # pipeline with head 1 alone, box mode, τ 0.03 scored best there (SD-RPN 0.74 vs 0.62 with heads 1+2).
     "sdrpn-nano",
-    grounding={2: (1, 2)},
+    grounding={2: (1,)},
     sink={},
     sink_thresh=1e-3,
     K=2,
     T=2,
     max_new_tokens=4,
-    roi_threshold=0.15,
+    roi_threshold=0.03,
 )
 PRESETS["qwen2.5-vl-3b"] = PRESETS["qwen2.5-vl-3b/natural"]
 PRESETS["qwen2.5-vl-7b"] = PRESETS["qwen2.5-vl-7b/natural"]

@@ -66,7 +66,7 @@ def test_deployment_run_sdrpn_full(tmp_path):
         _prefect(env, "work-pool", "create", "sdrpn-process", "--type", "process")
         _prefect(env, "deploy", "--all", "--no-prompt")
         config = tmp_path / "config.yaml"
-        config.write_text(yaml.safe_dump(make_config(str(tmp_path / "store")).model_dump(mode="json")))
+        config.write_text(yaml.safe_dump(make_config("llava", str(tmp_path / "store")).model_dump(mode="json")))
         out = _prefect(env, "deployment", "run", "sdrpn/full", "--param", f"config_path={config}")
         assert "sdrpn/full" in out or "Created flow run" in out
         _prefect(env, "worker", "start", "--pool", "sdrpn-process", "--run-once", timeout=400)

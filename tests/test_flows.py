@@ -368,7 +368,7 @@ def test_shipped_nano_loads_from_the_artifact_store_and_runs_a_short_pipeline(
     from stages.model import SHIPPED_NANO, resolve_model
     from storage.artifacts import ArtifactStore
 
-    cfg = PipelineConfig.from_yaml(ROOT / "configs" / "nano.yaml").model_copy(deep=True)
+    cfg = PipelineConfig.from_yaml(ROOT / "configs" / "default.yaml").model_copy(deep=True)
     raw = cfg.model_dump(mode="json")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
