@@ -17,10 +17,19 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from stages.config import PipelineConfig, RunnerSection
 from stages.evaluate import EvalParams, eval_fingerprint
 from stages.labels import labels_fingerprint
+from stages.model import nano_base_fingerprint
 from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, RpnRef, ShardSummary
 from stages.teacher import teacher_fingerprint, teacher_ref
 from stages.train import train_fingerprint
-from tasks.stages import eval_task, labels_task, model_task, samples_task, teacher_shard_task, train_task
+from tasks.stages import (
+    eval_task,
+    labels_task,
+    model_task,
+    nano_base_task,
+    samples_task,
+    teacher_shard_task,
+    train_task,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -87,9 +96,17 @@ def teacher_flow(cfg: PipelineConfig, model: ModelRef, dataset: DatasetRef, fp: 
     return [f.result() for f in futures]
 
 
+def _model(cfg: PipelineConfig) -> ModelRef:
+    """The model stage, after `nano_base` when the config retrains sdrpn-nano from scratch (a cached task)."""
+    settings = cfg.store.settings()
+    if cfg.model.source == "nano" and cfg.model.retrain:
+        nano_base_task(cfg.model.nano, settings, nano_base_fingerprint(cfg.model.nano))
+    return model_task(cfg.model, settings)
+
+
 def _labels(cfg: PipelineConfig) -> tuple[ModelRef, LabelsRef]:
     settings = cfg.store.settings()
-    model = model_task(cfg.model, settings)
+    model = _model(cfg)
     dataset = samples_task(cfg.train_data, settings)
     preset = cfg.teacher.preset_obj()
     t_fp = teacher_fingerprint(model, preset, cfg.teacher.max_new_tokens, cfg.teacher.inputs)
@@ -158,7 +175,7 @@ def train_flow(config: PipelineConfig | None = None, config_path: str | None = N
 def eval_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> list[EvalRef]:
     """Evaluation with the newest RPN trained for the model in this store."""
     cfg = load_config(config, config_path)
-    model = model_task(cfg.model, cfg.store.settings())
+    model = _model(cfg)
     rpn = _latest_rpn(cfg, model) if "sdrpn" in cfg.eval.methods else None
     results = _eval(cfg, model, rpn)
     _publish_results(cfg, model, results)

@@ -12,7 +12,7 @@ from stages.common import cache_dir
 from stages.config import ModelSpec
 from stages.refs import ModelRef
 from storage.artifacts import ArtifactStore
-from storage.fingerprint import hash_obj, model_fingerprint
+from storage.fingerprint import file_sha256, hash_obj, model_fingerprint, stage_fingerprint
 from storage.store import Store
 
 
@@ -73,20 +73,46 @@ def _ref(folder: Path, family: str, dtype: str, spec: ModelSpec) -> ModelRef:
 SHIPPED_NANO = Path(__file__).resolve().parents[1] / "models" / "sdrpn-nano"
 
 
-def _nano(spec: ModelSpec, store: Store, dtype: str) -> ModelRef:
-    """The shipped sdrpn-nano, or (retrain / not shipped) one trained here from the seeded recipe, cached."""
+def nano_base_fingerprint(overrides: dict) -> str:
+    """The recipe (defaults + `model.nano` overrides) and the sources it trains with: the synthetic task and the
+    trainer. Unlike the other stages, edits elsewhere in `sdrpn_core` do not retrain it (it takes the better part
+    of an hour on a CPU)."""
+    import sdrpn_core.synthetic as synthetic
+    from sdrpn_core.synthetic.nano import NanoRecipe
+
+    folder = Path(synthetic.__file__).parent
+    code = {p.name: file_sha256(p) for p in sorted(folder.glob("*.py"))}
+    return stage_fingerprint("nano_base", {}, {"recipe": NanoRecipe(**overrides)}, code=hash_obj(code))
+
+
+def nano_base(overrides: dict, store: Store, fp: str, progress=None) -> str:
+    """The `nano_base` stage: train sdrpn-nano from scratch with the seeded recipe and commit it to the artifact
+    store (`nano_base/<fp>`); a committed one is not trained again. Returns `fp`."""
     from sdrpn_core.synthetic.nano import NanoRecipe, train_nano
 
+    arts = ArtifactStore(store)
+    if not arts.is_committed("nano_base", fp):
+        recipe = NanoRecipe(**overrides)
+        adapter = train_nano(recipe, progress=progress)
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter.save_pretrained(tmp)
+            arts.put_dir("nano_base", fp, tmp, meta={"recipe": hash_obj({"recipe": recipe})})
+    return fp
+
+
+def _nano(spec: ModelSpec, store: Store, dtype: str) -> ModelRef:
+    """The shipped sdrpn-nano, or (retrain / not shipped) the `nano_base` stage's model, fetched from the store."""
     folder = SHIPPED_NANO
     if spec.retrain or not (folder / "config.json").exists():
-        recipe = NanoRecipe(**spec.nano)
-        folder = cache_dir("models") / f"nano-{hash_obj({'recipe': recipe})}"
+        fp = nano_base(spec.nano, store, nano_base_fingerprint(spec.nano))
+        folder = cache_dir("models") / f"nano-{fp}"
         if not (folder / "config.json").exists():
-            adapter = train_nano(recipe)
             tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".nano-"))
-            adapter.model.save_pretrained(tmp)
-            adapter.processor.save_pretrained(tmp)
-            tmp.rename(folder)
+            ArtifactStore(store).fetch_dir("nano_base", fp, tmp)
+            try:
+                tmp.rename(folder)  # atomic: readers never see a half-fetched folder
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
     ref = _ref(folder, "llava", dtype, spec)
     arts = ArtifactStore(store)
     if not arts.is_committed("models", ref.fingerprint):

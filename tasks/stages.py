@@ -46,6 +46,12 @@ def _progress(key: str, what: str) -> Callable[[int, int], None]:
     return update
 
 
+@task(name="nano_base", tags=[GPU_TAG], cache_key_fn=_fp_key("nano_base"))
+def nano_base_task(overrides: dict, settings: StoreSettings, fp: str) -> str:
+    progress = _progress("nano-base", "training sdrpn-nano from scratch")
+    return model.nano_base(overrides, get_store(settings), fp, progress)
+
+
 @task(name="model", **IO_RETRIES)
 def model_task(spec: ModelSpec, settings: StoreSettings) -> ModelRef:
     return model.resolve_model(spec, get_store(settings))

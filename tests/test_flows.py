@@ -388,3 +388,30 @@ def test_shipped_nano_loads_from_the_artifact_store_and_runs_a_short_pipeline(
     summary = sdrpn(cfg)
     assert {s["method"] for s in summary["scores"]} == {"baseline", "sdrpn", "vicrop", "oracle"}
     assert all(s["samples"] == 6 for s in summary["scores"])
+
+
+def test_nano_base_stage_trains_once_commits_to_the_store_and_is_cached(tmp_path, monkeypatch):
+    """`model.retrain: true` trains sdrpn-nano from scratch in the `nano_base` task (a seeded, shortened recipe
+    here), commits it to the store, and a rerun takes it from the cache without training."""
+    from flows.pipeline import labels_flow
+    from sdrpn_core.synthetic import nano as nano_mod
+    from stages import model as model_stage
+    from stages.common import get_store
+    from storage.artifacts import ArtifactStore
+
+    recipe = {"phase1_steps": 2, "phase2_steps": 1, "phase3_steps": 1, "batch_size": 4}
+    cfg = make_config(
+        "llava", str(tmp_path / "store"), **{"model": {"source": "nano", "retrain": True, "nano": recipe}}
+    )
+    trained = []
+    real = nano_mod.train_nano
+    monkeypatch.setattr(nano_mod, "train_nano", lambda *a, **k: trained.append(1) or real(*a, **k))
+    t0 = time.time()
+    labels_flow(cfg)
+    fp = model_stage.nano_base_fingerprint(recipe)
+    assert trained == [1] and ArtifactStore(get_store(cfg.store.settings())).is_committed("nano_base", fp)
+    assert _task_states(t0)["nano_base"] == {"Completed"}
+    t1 = time.time()
+    labels_flow(cfg)
+    assert trained == [1] and _task_states(t1)["nano_base"] == {"Cached"}
+    assert fp != model_stage.nano_base_fingerprint({**recipe, "seed": 1})
