@@ -1,8 +1,10 @@
 """Answering with SD-RPN: pass 1 predicts the RoI, pass 2 answers with the crop's tokens inserted.
 
-Pass 1 is a partial prefill (backbone layers 0..K−1 + the RPN). The RoI plan (`roi.plan_roi`) picks crops from
-the original full-resolution image; their visual tokens go right after the original image tokens; pass 2 is a
-prefill over the longer sequence with contiguous positions, then greedy decoding (method.md §6).
+Pass 1 is a partial prefill (backbone layers 0..K−1 + the RPN). The family's RoI rules (`plan_for`: LLaVA's
+components, Qwen's union mask) pick crops from the original full-resolution image; the adapter inserts their
+visual tokens after the original image tokens (`insert_crop`: LLaVA with contiguous positions, Qwen as its own
+vision block with M-RoPE positions, masked tokens dropped); pass 2 is a prefill over the longer sequence, then
+greedy decoding at the last position + 1 (method.md §6).
 
 Beyond the authors: the prefix (system prompt + original image) is causal and identical in both passes, so
 with `reuse_kv=True` pass 2 takes layers 0..K−1 of the prefix from pass 1's KV cache and h^K of the prefix from
