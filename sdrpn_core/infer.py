@@ -232,7 +232,7 @@ def run_pass1(
     K = rpn.config.K
     image, x, embeds, positions = _inputs(adapter, image, question)
     cache = new_cache(adapter) if reuse_kv else None
-    hidden_k, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, K, cache, positions)
+    hidden_k, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, positions, K, cache)
     image_positions = x.image_positions[0].to(embeds.device)
     h = rpn.twig_hidden(hidden_k, mask, pe, pos)
     query = torch.tensor([[embeds.shape[1] - 1]], device=embeds.device)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sdrpn_core.models.base import AdapterError, VLMAdapter
-from sdrpn_core.models.decoder import layer_inputs, positions_from_mask, run_layers
+from sdrpn_core.models.decoder import layer_inputs, run_layers
 
 RPN_WEIGHTS = "rpn.safetensors"
 RPN_CONFIG = "rpn_config.json"
@@ -108,9 +108,8 @@ class RoIPredictor(nn.Module):
         """The last twig layer's input norm + q/k projections: [B, n_q, n_img] head-mean of q·k/√d for the
         `query_rows` [B, n_q] against the image tokens."""
         last = self.twig_layers[-1]
-        width = h.shape[-1]
-        q_in = last.input_layernorm(h.gather(1, query_rows[..., None].expand(-1, -1, width)))
-        k_in = last.input_layernorm(h.gather(1, image_positions[..., None].expand(-1, -1, width)))
+        q_in = last.input_layernorm(_rows(h, query_rows))
+        k_in = last.input_layernorm(_rows(h, image_positions))
         q = last.self_attn.q_proj(q_in).view(h.shape[0], -1, self.num_heads, self.head_dim)
         k = last.self_attn.k_proj(k_in).view(h.shape[0], -1, self.num_kv_heads, self.head_dim)
         if self.config.rope_in_head:  # Qwen: M-RoPE at the true positions of the query rows and the image tokens
@@ -179,15 +178,13 @@ def partial_prefill(
     adapter: VLMAdapter,
     embeds: torch.Tensor,
     attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
     K: int,
     cache=None,
-    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, object, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Backbone layers 0..K−1 over the input embeddings → (h^K, mask, rotary, position ids) for the RPN.
-    `position_ids` comes from `adapter.position_ids` (M-RoPE for Qwen); by default 1-D positions from the mask."""
+    `position_ids` is `adapter.position_ids(x)`: 1-D for LLaVA, M-RoPE for Qwen (a default would be wrong for one)."""
     attention_mask = attention_mask.to(embeds.device)
-    if position_ids is None:
-        position_ids = positions_from_mask(attention_mask)
     padded = not bool(attention_mask.all())
     mask, pe = layer_inputs(adapter, embeds, position_ids, attention_mask if padded else None, cache)
     hidden = run_layers(adapter.decoder_layers[:K], embeds, mask, pe, position_ids, cache)

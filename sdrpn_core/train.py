@@ -186,7 +186,7 @@ def train_rpn(
             with torch.no_grad():
                 embeds = adapter.embed(x)
                 hidden, mask, pe, pos = partial_prefill(
-                    adapter, embeds, x.attention_mask, config.K, position_ids=adapter.position_ids(x)
+                    adapter, embeds, x.attention_mask, adapter.position_ids(x), config.K
                 )
             query = torch.full((len(pixels),), hidden.shape[1] - 1, device=hidden.device)  # left padding
             with autocast:

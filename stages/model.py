@@ -40,25 +40,33 @@ def resolve_model(spec: ModelSpec, store: Store) -> ModelRef:
 def _tiny(spec: ModelSpec, store: Store, dtype: str) -> ModelRef:
     """A seeded random tiny model (`tiny.family`: llava or qwen2_5_vl), saved once into the artifact store under its
     fingerprint."""
-    from sdrpn_core.models.tiny import build_tiny
+    from sdrpn_core.models.tiny import build_tiny, tiny_family
 
     options = dict(spec.tiny)
-    family = "qwen2_5_vl" if options.pop("family", "llava") in ("qwen", "qwen2_5_vl") else "llava"
+    family = tiny_family(options.pop("family", "llava"))
     key = hash_obj({"tiny": options, "family": family})
     local = cache_dir("models") / f"tiny-{family}-{key}"
     if not (local / "config.json").exists():
-        adapter = build_tiny(family, **options)
-        tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=".tiny-"))
-        adapter.save_pretrained(tmp)
-        try:
-            tmp.rename(local)  # atomic; a concurrent builder that got there first wins
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _fill_atomically(local, build_tiny(family, **options).save_pretrained)
     ref = _ref(local, family, dtype, spec)
     arts = ArtifactStore(store)
     if not arts.is_committed("models", ref.fingerprint):
         arts.put_dir("models", ref.fingerprint, local, meta={"source": "tiny", "family": family, "spec": key})
     return ref
+
+
+def _fill_atomically(folder: Path, fill) -> None:
+    """Write a folder through a hidden sibling renamed into place: readers never see it half-written, and a
+    concurrent writer that got there first wins."""
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        fill(tmp)
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / "config.json").exists():
+            raise  # a real failure, not a concurrent writer that got there first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _ref(folder: Path, family: str, dtype: str, spec: ModelSpec) -> ModelRef:
@@ -107,12 +115,7 @@ def _nano(spec: ModelSpec, store: Store, dtype: str) -> ModelRef:
         fp = nano_base(spec.nano, store, nano_base_fingerprint(spec.nano))
         folder = cache_dir("models") / f"nano-{fp}"
         if not (folder / "config.json").exists():
-            tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".nano-"))
-            ArtifactStore(store).fetch_dir("nano_base", fp, tmp)
-            try:
-                tmp.rename(folder)  # atomic: readers never see a half-fetched folder
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
+            _fill_atomically(folder, lambda tmp: ArtifactStore(store).fetch_dir("nano_base", fp, tmp))
     ref = _ref(folder, "llava", dtype, spec)
     arts = ArtifactStore(store)
     if not arts.is_committed("models", ref.fingerprint):

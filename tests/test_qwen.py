@@ -222,7 +222,7 @@ def test_high_resolution_pruning_drops_low_scoring_image_tokens(tiny_qwen, monke
     with torch.no_grad():
         from sdrpn_core.rpn import partial_prefill
 
-        hk, mask, pe, pos = partial_prefill(tiny_qwen, probe.embeds, x.attention_mask, 2, None, probe.positions)
+        hk, mask, pe, pos = partial_prefill(tiny_qwen, probe.embeds, x.attention_mask, probe.positions, 2)
         per_row = [
             rpn(hk, mask, pe, pos, torch.tensor([r]), probe.image_positions[None])[0]
             for r in range(int(probe.image_positions[-1]) + 1, L)
@@ -243,3 +243,11 @@ def test_high_resolution_pruning_drops_low_scoring_image_tokens(tiny_qwen, monke
     kept = torch.ones(full_pos.shape[-1], dtype=torch.bool)
     kept[x.image_positions[0]] = torch.from_numpy(p1.image_keep)
     assert torch.equal(pruned_pos, full_pos[:, :, kept])
+
+
+def test_tiny_family_names_are_checked():
+    from sdrpn_core.models.tiny import tiny_family
+
+    assert tiny_family("qwen") == tiny_family("qwen2_5_vl") == "qwen2_5_vl" and tiny_family("llava") == "llava"
+    with pytest.raises(AdapterError, match="no tiny model for family 'qwne'"):
+        tiny_family("qwne")

@@ -23,7 +23,7 @@ def batch(tiny_vlm):
     x = tiny_vlm.build_inputs([random_image(i) for i in range(3)], QUESTIONS[:3])
     with torch.no_grad():
         embeds = tiny_vlm.embed(x)
-        hidden, mask, pe, pos = partial_prefill(tiny_vlm, embeds, x.attention_mask, 1, None, tiny_vlm.position_ids(x))
+        hidden, mask, pe, pos = partial_prefill(tiny_vlm, embeds, x.attention_mask, tiny_vlm.position_ids(x), 1)
     return x, hidden, mask, pe, pos
 
 

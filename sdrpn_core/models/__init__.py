@@ -9,7 +9,7 @@ from transformers import AutoConfig
 
 from sdrpn_core.models.base import AdapterError, VLMAdapter, VLMInputs
 from sdrpn_core.models.llava import LlavaAdapter
-from sdrpn_core.models.qwen import QwenAdapter, qwen_settings
+from sdrpn_core.models.qwen import QwenAdapter
 
 ADAPTERS: dict[str, type] = {"llava": LlavaAdapter, "qwen2_5_vl": QwenAdapter}
 
@@ -30,19 +30,10 @@ def load_adapter(
         family = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
     if family not in ADAPTERS:
         raise AdapterError(f"no adapter for model family {family!r} (known: {', '.join(sorted(ADAPTERS))})")
-    kwargs = {}
-    if inputs:
-        if family != "qwen2_5_vl":
-            raise AdapterError(f"model.inputs {sorted(inputs)} is not adjustable for {family} (fixed 336 px input)")
-        kwargs["settings"] = qwen_settings(path, inputs)
-    return ADAPTERS[family].from_pretrained(
-        path,
-        dtype=dtype,
-        device=device,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-        **kwargs,
+    adapter = ADAPTERS[family].from_pretrained(
+        path, dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
     )
+    return adapter.with_inputs(**inputs) if inputs else adapter
 
 
 __all__ = ["ADAPTERS", "AdapterError", "LlavaAdapter", "QwenAdapter", "VLMAdapter", "VLMInputs", "load_adapter"]

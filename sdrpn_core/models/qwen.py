@@ -60,6 +60,16 @@ class QwenSettings:
         if not 0 < self.min_pixels <= self.max_pixels:
             raise AdapterError(f"pixel budget min {self.min_pixels} / max {self.max_pixels} is not 0 < min <= max")
 
+    def updated(self, overrides: dict) -> QwenSettings:
+        """These settings with `overrides` applied; unknown keys are an error naming them."""
+        base = asdict(self)
+        unknown = set(overrides) - set(base)
+        if unknown:
+            raise AdapterError(f"unknown Qwen input settings {sorted(unknown)} (known: {', '.join(base)})")
+        merged = {**base, **overrides}
+        merged["pad_fill"] = tuple(merged["pad_fill"])
+        return QwenSettings(**merged)
+
 
 @dataclass
 class QwenPixels:
@@ -76,17 +86,6 @@ def load_qwen_settings(path: str | Path) -> QwenSettings:
     raw = json.loads(f.read_text())
     raw["pad_fill"] = tuple(raw.get("pad_fill", (127, 127, 127)))
     return QwenSettings(**raw)
-
-
-def qwen_settings(path: str | Path, overrides: dict) -> QwenSettings:
-    """The folder's settings with `overrides` applied; unknown keys are an error naming them."""
-    base = asdict(load_qwen_settings(path))
-    unknown = set(overrides) - set(base)
-    if unknown:
-        raise AdapterError(f"unknown Qwen input settings {sorted(unknown)} (known: {', '.join(base)})")
-    merged = {**base, **overrides}
-    merged["pad_fill"] = tuple(merged["pad_fill"])
-    return QwenSettings(**merged)
 
 
 def save_qwen_settings(path: str | Path, settings: QwenSettings) -> None:
@@ -121,7 +120,7 @@ class QwenAdapter(DecoderParts):
         self._vision_start_id = int(cfg.vision_start_token_id)
         self._vision_end_id = int(cfg.vision_end_token_id)
         self._merge = int(cfg.vision_config.spatial_merge_size)
-        self._patch = int(cfg.vision_config.patch_size)
+        self._factor = int(cfg.vision_config.patch_size) * self._merge  # pixels per merged token along a side
         if tokenizer.convert_tokens_to_ids("<|image_pad|>") != self._image_token_id:
             raise AdapterError(
                 f"tokenizer's <|image_pad|> does not map to config image_token_id {self._image_token_id}"
@@ -136,15 +135,16 @@ class QwenAdapter(DecoderParts):
         device: str | torch.device = "cpu",
         attn_implementation: str = "sdpa",
         trust_remote_code: bool = False,
-        settings: QwenSettings | None = None,
     ) -> QwenAdapter:
+        """Model, processor and the folder's input settings (`sdrpn_qwen.json`, else the authors' defaults);
+        `with_inputs` overrides them."""
         torch_dtype = resolve_dtype(dtype, device)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
         )
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        return cls(model.to(device).eval(), image_processor, tokenizer, settings or load_qwen_settings(path))
+        return cls(model.to(device).eval(), image_processor, tokenizer, load_qwen_settings(path))
 
     def save_pretrained(self, path: str | Path) -> None:
         """Model, image processor, tokenizer and the adapter settings: a folder `from_pretrained` loads."""
@@ -161,18 +161,17 @@ class QwenAdapter(DecoderParts):
     @property
     def grid(self) -> tuple[int, int]:
         """The merged grid of a square image at the budget: the fixed grid of the default (padded) setting."""
-        side = int(self.settings.max_pixels**0.5) // (self._patch * self._merge)
+        side = int(self.settings.max_pixels**0.5) // self._factor
         return side, side
 
     @property
     def vision_size(self) -> int:
         """Side in pixels of a square image at the budget (the default setting's processed side)."""
-        return self.grid[0] * self._patch * self._merge
+        return self.grid[0] * self._factor
 
     def with_inputs(self, **overrides) -> QwenAdapter:
         """The same model (shared, not copied) with other input settings, e.g. the teacher's label prompt."""
-        settings = QwenSettings(**{**asdict(self.settings), **overrides}) if overrides else self.settings
-        return QwenAdapter(self.model, self.image_processor, self._tokenizer, settings)
+        return QwenAdapter(self.model, self.image_processor, self._tokenizer, self.settings.updated(overrides))
 
     @property
     def pads_to_square(self) -> bool:
@@ -314,7 +313,7 @@ class QwenAdapter(DecoderParts):
 
     def box_to_pixels(self, box: GridBox, image_size: tuple[int, int], grid: tuple[int, int]) -> PixelBox | None:
         if self.settings.pad_square:  # the padded square, undone as for LLaVA
-            return grid_box_to_pixels(box, image_size, grid, grid[0] * self._patch * self._merge)
+            return grid_box_to_pixels(box, image_size, grid, grid[0] * self._factor)
         w, h = image_size  # no padding: a plain per-axis scale (method.md §6.3)
         x0, x1 = int(box[0] * w / grid[1]), int(box[2] * w / grid[1])
         y0, y1 = int(box[1] * h / grid[0]), int(box[3] * h / grid[0])
@@ -323,7 +322,7 @@ class QwenAdapter(DecoderParts):
 
     def pixels_to_box(self, box: PixelBox, image_size: tuple[int, int], grid: tuple[int, int]) -> GridBox:
         if self.settings.pad_square:
-            return pixels_to_grid_box(box, image_size, grid, grid[0] * self._patch * self._merge)
+            return pixels_to_grid_box(box, image_size, grid, grid[0] * self._factor)
         w, h = image_size
         x0, x1 = int(box[0] * grid[1] / w), int(np.ceil(box[2] * grid[1] / w))
         y0, y1 = int(box[1] * grid[0] / h), int(np.ceil(box[3] * grid[0] / h))

@@ -251,16 +251,22 @@ def build_tiny_qwen(spec: TinyQwenSpec | None = None, *, dtype: torch.dtype = to
     return QwenAdapter(model, image_processor, tokenizer, settings)
 
 
-TINY_FAMILIES = ("llava", "qwen2_5_vl")
+TINY_FAMILIES = {"llava": "llava", "qwen": "qwen2_5_vl", "qwen2_5_vl": "qwen2_5_vl"}  # name → adapter family
+
+
+def tiny_family(name: str) -> str:
+    """The adapter family a tiny-model name means; an error naming the known ones otherwise."""
+    from sdrpn_core.models.base import AdapterError
+
+    if name not in TINY_FAMILIES:
+        raise AdapterError(f"no tiny model for family {name!r} (known: {', '.join(TINY_FAMILIES)})")
+    return TINY_FAMILIES[name]
 
 
 def build_tiny(family: str = "llava", **spec):
     """A tiny random model of `family` ('llava' or 'qwen2_5_vl'/'qwen') wrapped in its adapter."""
-    from sdrpn_core.models.base import AdapterError
     from sdrpn_core.models.llava import LlavaAdapter
 
-    if family == "llava":
+    if tiny_family(family) == "llava":
         return LlavaAdapter(*build_tiny_llava(TinyLlavaSpec(**spec)))
-    if family in ("qwen", "qwen2_5_vl"):
-        return build_tiny_qwen(TinyQwenSpec(**spec))
-    raise AdapterError(f"no tiny model for family {family!r} (known: {', '.join(TINY_FAMILIES)})")
+    return build_tiny_qwen(TinyQwenSpec(**spec))
