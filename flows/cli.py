@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,11 +38,92 @@ def _print_scores(scores: list[dict]) -> None:
         )
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the process that started it dies, SIGKILL included."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the SIGTERM handler and the finally clause still stop it
+        pass
+
+
+@contextlib.contextmanager
+def temporary_api(timeout_s: float = 90.0):
+    """A Prefect API for this command alone, unless the PREFECT_API_URL setting names one. Prefect's own temporary
+    server is orphaned when the command is killed; this one is stopped on exit, on SIGTERM, and by the kernel on
+    SIGKILL."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield None
+        return
+    import httpx
+    import prefect
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1]), "--factory",
+           "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+           "--lifespan", "on"]
+    server = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+    _SERVERS.append(server)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect API exited with code {server.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the temporary Prefect API did not start within {timeout_s:.0f} s")
+            time.sleep(0.2)
+        log.info("temporary Prefect API at %s (pid %d; stopped when this command ends)", url, server.pid)
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        _stop(server)
+
+
+_SERVERS: list[subprocess.Popen] = []
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def _on_sigterm(signum: int, _frame) -> None:
+    """Stop the temporary API and exit at once, as SIGTERM's default would: every stage commits atomically, so
+    nothing half-written is left, and waiting for the task threads could take as long as the run."""
+    for server in _SERVERS:
+        _stop(server)
+    log.warning("terminated by signal %d; committed work is kept, a rerun resumes", signum)
+    logging.shutdown()
+    os._exit(128 + signum)
+
+
 def cmd_flow(args: argparse.Namespace) -> int:
-    """Run a flow in this process (Prefect starts a temporary API unless PREFECT_API_URL points at a server)."""
+    """Run a flow in this process, on a temporary Prefect API unless PREFECT_API_URL points at a server."""
+    cfg = _config(args)  # a bad config fails here: before any server, model or retry
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    with temporary_api():
+        return _run_flow(args, cfg)
+
+
+def _run_flow(args: argparse.Namespace, cfg) -> int:
     from flows import pipeline
 
-    cfg = _config(args)
     t0 = time.perf_counter()
     if args.command == "run":
         summary = pipeline.sdrpn(cfg)
@@ -133,7 +218,10 @@ def cmd_heads(args: argparse.Namespace) -> int:
     if args.samples:
         from stages.data import read_jsonl_manifest
 
-        rows = [r for r in read_jsonl_manifest(args.samples) if r.get("box")]
+        rows, rejected = read_jsonl_manifest(args.samples)
+        for r in rejected:
+            log.warning("skipped %s", r.reason)
+        rows = [r for r in rows if r.get("box")]
         samples = [(r["image"], r["question"], tuple(r["box"])) for r in rows[: args.n]]
     else:  # a synthetic calibration split, seeded apart from the training and held-out splits
         from sdrpn_core.synthetic import make_split

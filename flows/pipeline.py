@@ -40,26 +40,10 @@ def load_config(config: PipelineConfig | dict | None = None, config_path: str | 
     return PipelineConfig.from_yaml(config_path or DEFAULT_CONFIG)
 
 
-def _result_storage(cfg: PipelineConfig):
-    """Where Prefect persists task results (its cache records): a local folder by default, or an S3 prefix.
-
-    The S3 variant is a RemoteFileSystem block holding only the endpoint; credentials stay in the AWS_* env."""
-    target = cfg.store.result_storage
-    if target is None and "://" not in cfg.store.root:
-        target = str(Path(cfg.store.root).resolve() / "_prefect")
-    if target is None:
-        target = cfg.store.root.rstrip("/") + "/_prefect"
-    if "://" not in target:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        return Path(target)
-    from prefect.filesystems import RemoteFileSystem
-
-    from storage.fingerprint import hash_obj
-
-    settings = {"client_kwargs": {"endpoint_url": cfg.store.endpoint_url}} if cfg.store.endpoint_url else {}
-    name = f"sdrpn-results-{hash_obj({'target': target, 'settings': settings})}"
-    RemoteFileSystem(basepath=target, settings=settings).save(name, overwrite=True)
-    return f"remote-file-system/{name}"
+def _call(task, *args):
+    """Run a task in the current flow and return its value (a stage found in the store ends `Cached` by returning
+    that state; its data is the stage's reference)."""
+    return task(*args, return_state=True).result()
 
 
 def _runner(section: RunnerSection):
@@ -77,10 +61,9 @@ def _runner(section: RunnerSection):
 @flow(name="sdrpn-teacher")
 def teacher_flow(cfg: PipelineConfig, model: ModelRef, dataset: DatasetRef, fp: str) -> list[ShardSummary]:
     """The teacher shards, mapped over the flow's task runner; each shard commits to the store independently."""
-    storage = _result_storage(cfg)
     t = cfg.teacher
     n = max(1, min(t.shards, dataset.rows))
-    futures = teacher_shard_task.with_options(result_storage=storage).map(
+    futures = teacher_shard_task.map(
         cfg.store.settings(),
         model,
         dataset,
@@ -100,7 +83,7 @@ def _model(cfg: PipelineConfig) -> ModelRef:
     """The model stage, after `nano_base` when the config retrains sdrpn-nano from scratch (a cached task)."""
     settings = cfg.store.settings()
     if cfg.model.source == "nano" and cfg.model.retrain:
-        nano_base_task(cfg.model.nano, settings, nano_base_fingerprint(cfg.model.nano))
+        _call(nano_base_task, cfg.model.nano, settings, nano_base_fingerprint(cfg.model.nano))
     return model_task(cfg.model, settings)
 
 
@@ -112,7 +95,8 @@ def _labels(cfg: PipelineConfig) -> tuple[ModelRef, LabelsRef]:
     t_fp = teacher_fingerprint(model, preset, cfg.teacher.max_new_tokens, cfg.teacher.inputs)
     teacher_flow.with_options(task_runner=_runner(cfg.runner))(cfg, model, dataset, t_fp)
     params = cfg.labels.params(preset)
-    labels = labels_task.with_options(result_storage=_result_storage(cfg))(
+    labels = _call(
+        labels_task,
         settings, dataset, t_fp, params, labels_fingerprint(t_fp, dataset, params)
     )
     get_run_logger().info("teacher rows at %s; labels %s", teacher_ref(_store(cfg), t_fp).url, labels.stats)
@@ -122,7 +106,8 @@ def _labels(cfg: PipelineConfig) -> tuple[ModelRef, LabelsRef]:
 def _train(cfg: PipelineConfig, model: ModelRef, labels: LabelsRef) -> RpnRef:
     preset = cfg.teacher.preset_obj()
     params = cfg.train.params(preset)
-    return train_task.with_options(result_storage=_result_storage(cfg))(
+    return _call(
+        train_task,
         cfg.store.settings(), model, labels, params, preset.name, train_fingerprint(model, labels, params, preset.name)
     )
 
@@ -145,9 +130,7 @@ def _eval(cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None) -> list[Eval
     for spec in e.datasets:
         dataset = samples_task(spec, settings)
         results.append(
-            eval_task.with_options(result_storage=_result_storage(cfg))(
-                settings, model, rpn, dataset, params, eval_fingerprint(model, rpn, dataset, params)
-            )
+            _call(eval_task, settings, model, rpn, dataset, params, eval_fingerprint(model, rpn, dataset, params))
         )
     return results
 
@@ -203,14 +186,14 @@ def _publish_results(cfg: PipelineConfig, model: ModelRef, results: list[EvalRef
 
 
 def _latest_rpn(cfg: PipelineConfig, model: ModelRef) -> RpnRef:
+    from stages.train import lookup
     from storage.artifacts import ArtifactStore
 
-    arts = ArtifactStore(_store(cfg))
-    fp = arts.latest(model.fingerprint, "rpn")
-    if fp is None:
+    fp = ArtifactStore(_store(cfg)).latest(model.fingerprint, "rpn")
+    ref = lookup(_store(cfg), fp) if fp is not None else None
+    if ref is None:
         raise ValueError(f"no trained RPN for model {model.fingerprint} in {cfg.store.root}: run `sdrpn train` first")
-    meta = arts.manifest("rpn", fp)["meta"]
-    return RpnRef(fp, arts.url("rpn", fp), meta["steps"], meta["final_loss"])
+    return ref
 
 
 @flow(name="sdrpn", log_prints=True)

@@ -1,13 +1,25 @@
-"""Samples and image loading. A bad sample is an outcome with a reason, never a crash of the run."""
+"""Samples and image loading. A bad sample is an outcome with a reason, never a crash of the run; a failure to
+*reach* an image (a 503, a timeout, a reset connection) is not a bad sample: it is retried, then raised as
+`ImageReadError` so the shard fails and a rerun processes the sample."""
 
 from __future__ import annotations
 
 import io
+import logging
+import time
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+READ_ATTEMPTS = 4
+READ_BACKOFF_S = 0.5
+
+
+class ImageReadError(OSError):
+    """An image that could not be read for a reason outside the sample (network, server): never quarantined."""
 
 
 class BadSample(Exception):
@@ -50,30 +62,54 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def read_image_bytes(source: str) -> bytes:
+    """The bytes at a path / fsspec URL. Missing files and folders are BadSample; anything else that goes wrong
+    while reading (S3 5xx, timeouts, resets) is retried with backoff, then raised as ImageReadError."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            with fsspec.open(source, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise BadSample(f"image not found: {source}") from None
+        except IsADirectoryError:
+            raise BadSample(f"image is a folder, not a file: {source}") from None
+        except PermissionError as e:
+            raise BadSample(f"image not readable (permission denied): {source}: {e}") from None
+        except (OSError, ConnectionError, TimeoutError) as e:
+            if attempt == READ_ATTEMPTS:
+                raise ImageReadError(
+                    f"could not read {source} after {READ_ATTEMPTS} attempts ({type(e).__name__}: {e}); "
+                    "the sample is not quarantined: rerun when the store is reachable"
+                ) from e
+            log.warning("reading %s failed (%s: %s), retrying %d/%d", source, type(e).__name__, e, attempt,
+                        READ_ATTEMPTS)
+            time.sleep(READ_BACKOFF_S * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def decode_image(data: bytes, source: str) -> Image.Image:
+    """Encoded bytes → a fully decoded PIL image; BadSample naming `source` and the problem."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Image.DecompressionBombError as e:
+        raise BadSample(f"image too large to decode safely {source}: {e}") from None
+    except UnidentifiedImageError:
+        raise BadSample(f"not an image file: {source}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSample(f"undecodable image {source}: {e}") from None
+    return image
+
+
 def load_image(source: str | bytes | Image.Image) -> Image.Image:
-    """Open and fully decode an image (a path / URL, encoded bytes, or a PIL image); raise BadSample naming the
-    file and the problem."""
+    """Open and fully decode an image (a path / URL, encoded bytes, or a PIL image); BadSample naming the file and
+    the problem, ImageReadError when the file could not be reached."""
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, bytes):
-        try:
-            image = Image.open(io.BytesIO(source))
-            image.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise BadSample(f"undecodable embedded image ({len(source)} bytes): {e}") from None
+        image = decode_image(source, f"embedded image ({len(source)} bytes)")
     else:
-        try:
-            with fsspec.open(source, "rb") as f:
-                image = Image.open(f)
-                image.load()
-        except FileNotFoundError:
-            raise BadSample(f"image not found: {source}") from None
-        except Image.DecompressionBombError as e:
-            raise BadSample(f"image too large to decode safely {source}: {e}") from None
-        except UnidentifiedImageError:
-            raise BadSample(f"not an image file: {source}") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise BadSample(f"unreadable image {source}: {e}") from None
+        image = decode_image(read_image_bytes(source), source)
     if image.width < 1 or image.height < 1:
         raise BadSample(f"empty image ({image.width}x{image.height}): {source if isinstance(source, str) else ''}")
     return to_rgb(image)

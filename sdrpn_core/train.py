@@ -34,7 +34,7 @@ from sdrpn_core.rpn import RoIPredictor, partial_prefill
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_DIR = "checkpoints"  # step-<N>/ folders under out_dir; the highest complete one is the checkpoint
 
 
 @dataclass(frozen=True)
@@ -92,17 +92,30 @@ def _order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
-def _save_checkpoint(folder: Path, rpn: RoIPredictor, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Write beside the live checkpoint, then swap: a crash leaves the previous checkpoint intact."""
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root` (a `step-<N>` folder; hidden temporaries never count)."""
+    if not root.is_dir():
+        return None
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").exists())
+    return steps[-1] if steps else None
+
+
+def _save_checkpoint(root: Path, rpn: RoIPredictor, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Write a hidden folder, rename it to `step-<N>` (atomic), then remove older checkpoints and temporaries.
+    A kill at any instant leaves at least one complete checkpoint and nothing that blocks the next save."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
     rpn.save(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state))
-    old = folder.parent / f".{folder.name}.old"
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    final = root / f"step-{state['step']:09d}"
+    if final.exists():  # left by a run killed after this very rename: it holds the same step
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(final)
+    for stale in root.iterdir():
+        if stale != final and (stale.name.startswith(".tmp-") or stale.name.startswith("step-")):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _load_checkpoint(folder: Path, rpn: RoIPredictor, optimizer: torch.optim.Optimizer) -> dict:
@@ -150,12 +163,12 @@ def train_rpn(
     step, history, bad_ids = 0, [], set()
     rejected: list[Rejection] = []
     ckpt = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
-    if ckpt is not None and (ckpt / "state.json").exists():
-        state = _load_checkpoint(ckpt, rpn, optimizer)
+    if ckpt is not None and (latest := latest_checkpoint(ckpt)) is not None:
+        state = _load_checkpoint(latest, rpn, optimizer)
         step, history = state["step"], state["history"]
         rejected = [Rejection(**r) for r in state["rejected"]]
         bad_ids = {r.sample_id for r in rejected}
-        log.info("resuming from %s at step %d/%d", ckpt, step, total)
+        log.info("resuming from %s at step %d/%d", latest, step, total)
 
     bar = Progress(total, "train", log, callback=progress)
     bar.done = step

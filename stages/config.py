@@ -1,12 +1,18 @@
-"""The pipeline configuration: one pydantic model, validated at the edge, loaded from YAML (`configs/`)."""
+"""The pipeline configuration: one pydantic model, validated at the edge, loaded from YAML (`configs/`).
+
+Every value is checked before any model work: sizes and counts are positive, τ lies in (0, 1) (or [-1, 0), the
+authors' "fraction of the max" convention), benchmark and preset names are known, local paths exist, and a model
+path is a folder or a hub id. Relative local paths in a YAML file are relative to that file's folder.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdrpn_core.presets import Preset, get_preset
 from sdrpn_core.pseudo_labels import LabelParams
@@ -16,6 +22,31 @@ from storage.store import StoreSettings
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the file, the field and what to change."""
+
+
+Positive = Annotated[int, Field(gt=0)]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _check_exists(path: str | None, what: str) -> str | None:
+    """Local paths must exist now; remote ones (s3://…) are checked by the stages, with retries."""
+    if path and _is_local(path) and not any(c in path for c in "*?[") and not Path(path.removeprefix("file://")).exists():
+        raise ValueError(f"{what} does not exist: {path}")
+    return path
+
+
+def check_threshold(value: float | None) -> float | None:
+    if value is not None and not (0 < value < 1 or -1 <= value < 0):
+        raise ValueError(f"τ must be in (0, 1), or in [-1, 0) for the fraction-of-max rule; got {value}")
+    return value
 
 
 class ModelSpec(_Section):
@@ -35,6 +66,20 @@ class ModelSpec(_Section):
     tiny: dict[str, Any] = Field(default_factory=dict)
     inputs: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _path(self) -> ModelSpec:
+        if self.source != "path":
+            return self
+        if not self.path:
+            raise ValueError("model.path is required when model.source is 'path'")
+        local = Path(self.path.removeprefix("file://"))
+        if not local.is_dir() and (local.exists() or not HUB_ID.match(self.path)):
+            raise ValueError(
+                f"model.path {self.path!r} is neither a model folder nor a hub id (org/name)"
+                + (" (it is a file)" if local.exists() else "")
+            )
+        return self
+
 
 class DatasetSpec(_Section):
     """`kind: jsonl` reads a manifest of {id, image, question[, answers, box, domain]} lines (images relative to it);
@@ -46,20 +91,39 @@ class DatasetSpec(_Section):
     path: str | None = None
     benchmark: str | None = None  # scoring rules for jsonl / benchmark data (default: exact match)
     images: str | None = None
-    n: int = 64
+    # images are read only from the dataset's own folder, `images`, these roots and the store
+    image_roots: list[str] = Field(default_factory=list)
+    allow_http: bool = False  # http(s) images (under an image root) only when switched on
+    n: Positive = 64
     seed: int = 0
     variant: Literal["select", "single"] = "select"
-    canvas: int = 256
-    limit: int | None = None
+    canvas: Annotated[int, Field(ge=32)] = 256
+    limit: Positive | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetSpec:
+        if self.kind in ("jsonl", "benchmark") and not self.path:
+            raise ValueError(f"path is required for kind {self.kind!r}")
+        if self.kind == "benchmark" and not self.benchmark:
+            raise ValueError("benchmark is required for kind 'benchmark'")
+        if self.benchmark is not None:
+            from sdrpn_core.benchmarks import BENCHMARKS
+
+            if self.benchmark not in BENCHMARKS:
+                raise ValueError(f"unknown benchmark {self.benchmark!r}; known: {', '.join(sorted(BENCHMARKS))}")
+        if self.kind != "synthetic":
+            _check_exists(self.path, "dataset path")
+        _check_exists(self.images, "dataset images folder")
+        return self
 
 
 class TeacherSection(_Section):
     preset: str = "llava-1.5-7b"
     overrides: dict[str, Any] = Field(default_factory=dict)
-    batch_size: int = 8
-    max_new_tokens: int | None = None
-    shards: int = 4
-    chunk_size: int = 64
+    batch_size: Positive = 8
+    max_new_tokens: Positive | None = None
+    shards: Positive = 4
+    chunk_size: Positive = 64
     # adapter input settings for the teacher alone, e.g. Qwen's natural-image label prompt: {prompt: grounding};
     # training and evaluation keep the model's own (the authors train the student on the original question)
     inputs: dict[str, Any] = Field(default_factory=dict)
@@ -72,17 +136,25 @@ class TeacherSection(_Section):
                 v[key] = {int(k): None if h is None else tuple(h) for k, h in v[key].items()}
         return v
 
+    @model_validator(mode="after")
+    def _known_preset(self) -> TeacherSection:
+        try:
+            self.preset_obj()
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"teacher preset: {e}") from None
+        return self
+
     def preset_obj(self) -> Preset:
         return get_preset(self.preset, **self.overrides)
 
 
 class LabelSection(_Section):
-    fg_ratio: float = 0.2
-    bg_ratio: float = 0.1
-    max_box_frac: float = 0.5
-    sink_thresh: float | None = None  # None: the preset's
+    fg_ratio: Annotated[float, Field(gt=0, le=1)] = 0.2
+    bg_ratio: Annotated[float, Field(gt=0, le=1)] = 0.1
+    max_box_frac: Annotated[float, Field(gt=0)] = 0.5
+    sink_thresh: Annotated[float, Field(gt=0)] | None = None  # None: the preset's
     variant: Literal["llava", "qwen"] | None = None  # None: the preset's
-    min_max_attn: float = 5e-3
+    min_max_attn: Annotated[float, Field(ge=0)] = 5e-3
 
     def params(self, preset: Preset) -> LabelParams:
         return LabelParams(
@@ -96,16 +168,16 @@ class LabelSection(_Section):
 
 
 class TrainSection(_Section):
-    K: int | None = None  # None: the preset's
-    T: int | None = None
-    lr: float = 5e-5
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    max_grad_norm: float | None = None
+    K: Positive | None = None  # None: the preset's
+    T: Positive | None = None
+    lr: Annotated[float, Field(gt=0)] = 5e-5
+    batch_size: Positive = 8
+    grad_accum: Positive = 1
+    epochs: Positive = 1
+    max_steps: Positive | None = None
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = None
     seed: int = 0
-    checkpoint_every: int = 50
+    checkpoint_every: Positive = 50
 
     def params(self, preset: Preset) -> TrainConfig:
         return TrainConfig(
@@ -134,19 +206,30 @@ class EvalSection(_Section):
     threshold: float | None = None
     mode: Literal["mask", "box"] = "mask"
     reuse_kv: bool = True
-    max_new_tokens: int | None = None
-    vicrop_layer: int | None = None
+    max_new_tokens: Positive | None = None
+    vicrop_layer: Annotated[int, Field(ge=0)] | None = None
     paper_model: str | None = None
-    gallery: int = 6
+    gallery: Annotated[int, Field(ge=0)] = 6
     # adapter input settings for evaluation alone, e.g. the authors' Qwen evaluation without square padding:
     # {pad_square: false}; recorded in protocol.json
     inputs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("threshold")
+    @classmethod
+    def _tau(cls, v: float | None) -> float | None:
+        return check_threshold(v)
+
+    @field_validator("datasets")
+    @classmethod
+    def _some(cls, v: list[DatasetSpec]) -> list[DatasetSpec]:
+        if not v:
+            raise ValueError("eval.datasets is empty: name at least one dataset")
+        return v
 
 
 class StoreSection(_Section):
     root: str = "data"
     endpoint_url: str | None = None
-    result_storage: str | None = None  # Prefect results; default <root>/_prefect (local) — see flows/pipeline.py
 
     def settings(self) -> StoreSettings:
         return StoreSettings(root=self.root, endpoint_url=self.endpoint_url)
@@ -158,13 +241,13 @@ class RunnerSection(_Section):
 
     kind: Literal["threads", "dask"] = "threads"
     address: str | None = None
-    n_workers: int = 2
+    n_workers: Positive = 2
     processes: bool = True
 
 
 class PipelineConfig(_Section):
     name: str = "default"
-    model: ModelSpec = Field(default_factory=ModelSpec)
+    model: ModelSpec  # required: which MLLM (a folder, a hub id, the shipped nano or a tiny random one)
     train_data: DatasetSpec = Field(default_factory=lambda: DatasetSpec(kind="synthetic"))
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     labels: LabelSection = Field(default_factory=LabelSection)
@@ -175,27 +258,53 @@ class PipelineConfig(_Section):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
+        """Load, resolve relative paths from the file's folder, validate; ConfigError naming the file otherwise."""
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
-        _resolve_paths(raw, path.parent)
-        return cls.model_validate(raw)
+            raise ConfigError(f"config file not found: {path}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config must be a YAML mapping of sections, not a {type(raw).__name__}")
+        resolve_paths(raw, path.resolve().parent)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
+            raise ConfigError(f"{path}: {problems}") from None
 
 
-def _resolve_paths(raw: dict, base: Path) -> None:
-    """Relative local paths in a YAML file are relative to the file (URLs and hub ids are left alone)."""
+def _fix(section: object, key: str, base: Path, *, hub_ok: bool = False) -> None:
+    if not isinstance(section, dict) or not isinstance(section.get(key), str) or not section[key]:
+        return
+    value = section[key]
+    if not _is_local(value) or Path(value).is_absolute():
+        return
+    if hub_ok and not (base / value).exists() and HUB_ID.match(value):
+        return  # a hub id such as llava-hf/llava-1.5-7b-hf, not a folder next to the config
+    section[key] = str((base / value).resolve())
 
-    def fix(section: dict | None, key: str) -> None:
-        if not section or not section.get(key):
-            return
-        value = str(section[key])
-        if "://" not in value and not Path(value).is_absolute() and (base / value).exists():
-            section[key] = str((base / value).resolve())
 
-    fix(raw.get("model"), "path")
-    fix(raw.get("train_data"), "path")
-    fix((raw.get("eval") or {}).get("dataset"), "path")
+def _fix_dataset(spec: object, base: Path) -> None:
+    _fix(spec, "path", base)
+    _fix(spec, "images", base)
+    if isinstance(spec, dict) and isinstance(spec.get("image_roots"), list):
+        holder = {"v": None}
+        for i, root in enumerate(spec["image_roots"]):
+            holder["v"] = root
+            _fix(holder, "v", base)
+            spec["image_roots"][i] = holder["v"]
+
+
+def resolve_paths(raw: dict, base: Path) -> None:
+    """Relative local paths in a YAML file are relative to the file's folder (URLs and hub ids are left alone)."""
+    _fix(raw.get("model"), "path", base, hub_ok=True)
+    _fix(raw.get("store"), "root", base)
+    _fix_dataset(raw.get("train_data"), base)
+    datasets = (raw.get("eval") or {}).get("datasets") if isinstance(raw.get("eval"), dict) else None
+    for spec in datasets if isinstance(datasets, list) else []:
+        _fix_dataset(spec, base)

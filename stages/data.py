@@ -1,17 +1,30 @@
-"""The `samples` stage: a dataset spec → a manifest Parquet under `<root>/datasets/<fp>/` with per-row content
-keys (`sample_key`: question + image bytes), which key the teacher rows."""
+"""The `samples` stage: a dataset spec → a verified manifest artifact `<root>/datasets/<fp>/` with per-row content
+keys (`sample_key`: question + image bytes), which key the teacher rows.
+
+Everything a dataset names is untrusted input (a manifest may sit in the shared store): each row is validated
+(types, UTF-8, a unique id), its image must lie under one of the dataset's image roots (the manifest's or
+benchmark's folder, the spec's `image_roots`, the store), and a row that fails is quarantined with its
+`file:line` and the reason, never silently dropped. Only a failure to reach a file (S3 5xx, timeouts) fails the
+stage, so a rerun gets the sample back.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import posixpath
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sdrpn_core.data import Rejection
 from stages.config import DatasetSpec
 from stages.refs import DatasetRef
+from storage.artifacts import ArtifactStore
 from storage.fingerprint import dataset_fingerprint, hash_obj, uri_sha256
 from storage.store import Store
 
@@ -28,34 +41,138 @@ MANIFEST_SCHEMA = pa.schema(
         ("options", pa.string()),  # JSON [[letter, text], …] for multiple choice, else ""
     ]
 )
+REJECTION_SCHEMA = pa.schema([("sample_id", pa.string()), ("reason", pa.string())])
 
 
-def read_jsonl_manifest(path: str) -> list[dict]:
-    base = Path(path).parent
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
+# -- image locations ---------------------------------------------------------------------------------------------
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _normal(uri: str) -> str:
+    """A canonical form to compare locations: real local paths (symlinks and `..` resolved), normalised URLs."""
+    if _is_local(uri):
+        return os.path.realpath(uri.removeprefix("file://"))
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme.lower()}://{posixpath.normpath('/' + rest).lstrip('/')}"
+
+
+def _folder_of(path: str, **storage_options) -> str:
+    """The folder a dataset path stands for: itself if it is a folder, the part before any glob, else its parent."""
+    for i, ch in enumerate(path):
+        if ch in "*?[":
+            return path[:i].rsplit("/", 1)[0] or "/"
+    fs, p = fsspec.core.url_to_fs(path, **storage_options)
+    return path if fs.isdir(p) else path.rstrip("/").rsplit("/", 1)[0] or "/"
+
+
+def image_roots(spec: DatasetSpec, store: Store) -> list[str]:
+    """Where this dataset's images may be read from: its own folder, the roots it names, and the store."""
+    roots = [store.url()]
+    if spec.path:
+        roots.append(_folder_of(spec.path, **_options(spec.path, store)))
+    roots += [r for r in (spec.images, *spec.image_roots) if r]
+    return sorted({_normal(r) for r in roots})
+
+
+def location_problem(uri: str, roots: list[str], allow_http: bool) -> str | None:
+    """Why `uri` may not be read (None: it may): outside every root, or http(s) while that is off."""
+    if uri.startswith(("http://", "https://")) and not allow_http:
+        return (
+            f"http(s) images are off for this dataset ({uri}); set allow_http: true and add the URL prefix to "
+            "image_roots"
+        )
+    where = _normal(uri)
+    sep = os.sep if _is_local(uri) else "/"
+    if any(where == r or where.startswith(r.rstrip(sep) + sep) for r in roots):
+        return None
+    return f"image {uri} is outside the dataset's image roots {roots}; add its folder to image_roots if it is trusted"
+
+
+# -- JSONL manifests -----------------------------------------------------------------------------------------------
+
+
+def _jsonl_row(raw: object, base: str) -> dict:
+    """One manifest object → a manifest row; ValueError naming the bad field."""
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    image, question = raw.get("image"), raw.get("question")
+    if not isinstance(image, str) or not image.strip():
+        raise ValueError("'image' must be a non-empty string")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("'question' must be a non-empty string")
+    answers, box, options = raw.get("answers", []), raw.get("box"), raw.get("options")
+    if not isinstance(answers, list) or not all(isinstance(a, (str, int, float)) for a in answers):
+        raise ValueError("'answers' must be a list of strings")
+    if box is not None and (
+        not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, int) and v >= 0 for v in box)
+    ):
+        raise ValueError("'box' must be four non-negative integers [x0, y0, x1, y1]")
+    for key in ("domain", "category"):
+        if not isinstance(raw.get(key, ""), str):
+            raise ValueError(f"{key!r} must be a string")
+    if _is_local(image) and not Path(image.removeprefix("file://")).is_absolute():
+        image = f"{base}/{image}"
+    return {
+        "image": image,
+        "question": question,
+        "answers": [str(a) for a in answers],
+        "box": box or None,
+        "domain": raw.get("domain") or "default",
+        "category": raw.get("category") or "",
+        "options": json.dumps(options) if options else "",
+    }
+
+
+def _row_id(raw: object, line: int, text: str) -> str:
+    """The row's id; rows without one get `line<N>-<content hash>`, stable while the line's content is."""
+    value = raw.get("id", raw.get("sample_id")) if isinstance(raw, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
+        return f"line{line}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return str(value)
+
+
+def read_jsonl_manifest(url: str, **storage_options) -> tuple[list[dict], list[Rejection]]:
+    """A JSONL manifest (any fsspec URL) → (rows, rejections). A bad line (not JSON, not UTF-8, a wrong-typed
+    field, a repeated id) is a rejection with `file:line` and the reason; images resolve from the file's folder."""
+    with fsspec.open(url, "rb", **storage_options) as f:
+        data = f.read()
+    base = url.rstrip("/").rsplit("/", 1)[0] if "/" in url else "."
+    if _is_local(base):
+        base = os.path.abspath(base.removeprefix("file://"))
+    name = url.rsplit("/", 1)[-1]
+    rows, rejected, first_line = [], [], {}
+    for n, raw_line in enumerate(data.split(b"\n"), 1):
+        where = f"{name}:{n}"
+        try:
+            text = raw_line.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            rejected.append(Rejection(where, f"{where}: not UTF-8 text ({e.reason} at byte {e.start})"))
+            continue
+        if not text:
             continue
         try:
-            raw = json.loads(line)
-            image = str(raw["image"])
-            if "://" not in image and not Path(image).is_absolute():
-                image = str((base / image).resolve())
-            rows.append(
-                {
-                    "sample_id": str(raw.get("id", raw.get("sample_id"))),
-                    "image": image,
-                    "question": str(raw["question"]),
-                    "answers": [str(a) for a in raw.get("answers", [])],
-                    "box": [int(v) for v in raw["box"]] if raw.get("box") else None,
-                    "domain": str(raw.get("domain", "default")),
-                    "category": str(raw.get("category", "")),
-                    "options": json.dumps(raw["options"]) if raw.get("options") else "",
-                }
-            )
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}:{n}: bad manifest line ({type(e).__name__}: {e})") from None
-    return rows
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            rejected.append(Rejection(where, f"{where}: not a JSON line ({e.msg})"))
+            continue
+        sid = _row_id(raw, n, text)
+        if sid in first_line:
+            rejected.append(Rejection(sid, f"{where}: duplicate id {sid!r} (first at line {first_line[sid]})"))
+            continue
+        try:
+            row = _jsonl_row(raw, base)
+        except ValueError as e:
+            rejected.append(Rejection(sid, f"{where}: bad row: {e}"))
+            continue
+        first_line[sid] = n
+        rows.append({"sample_id": sid, **row, "where": where})
+    return rows, rejected
+
+
+# -- sources ---------------------------------------------------------------------------------------------------
 
 
 def _synthetic_rows(spec: DatasetSpec, store: Store) -> list[dict]:
@@ -86,10 +203,9 @@ def _synthetic_rows(spec: DatasetSpec, store: Store) -> list[dict]:
     return rows
 
 
-def _benchmark_rows(spec: DatasetSpec, store: Store) -> tuple[list[dict], list]:
-    """A benchmark's samples; embedded images are written once into the store, content-addressed."""
-    import hashlib
-
+def _benchmark_rows(spec: DatasetSpec, store: Store) -> tuple[list[dict], list[Rejection]]:
+    """A benchmark's samples; embedded images are written once into the store, content-addressed; a repeated id
+    is a rejection naming the first row that had it."""
     from sdrpn_core.benchmarks import get_benchmark
 
     bench = get_benchmark(spec.benchmark or "")
@@ -97,8 +213,12 @@ def _benchmark_rows(spec: DatasetSpec, store: Store) -> tuple[list[dict], list]:
     if bench.name == "mix665k":
         kwargs.update({"limit": spec.limit, "seed": spec.seed if spec.seed else 42})
     samples, rejected = bench.reader(spec.path, **kwargs)
-    rows = []
-    for s in samples:
+    rows, first = [], {}
+    for n, s in enumerate(samples):
+        if s.sample_id in first:
+            rejected.append(Rejection(s.sample_id, f"row {n}: duplicate id (first at row {first[s.sample_id]})"))
+            continue
+        first[s.sample_id] = n
         image = s.image
         if isinstance(image, bytes):
             digest = hashlib.sha256(image).hexdigest()
@@ -118,48 +238,90 @@ def _benchmark_rows(spec: DatasetSpec, store: Store) -> tuple[list[dict], list]:
                 "options": json.dumps([list(o) for o in s.options]) if s.options else "",
             }
         )
-    return rows, rejected
+    return rows, list(rejected)
 
 
-def build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
-    rejected: list = []
-    benchmark = spec.benchmark or "synthetic"
+def _source_rows(spec: DatasetSpec, store: Store) -> tuple[list[dict], list[Rejection], str]:
     if spec.kind == "jsonl":
         if not spec.path:
             raise ValueError("dataset.path is required for kind 'jsonl'")
-        rows, name = read_jsonl_manifest(spec.path), Path(spec.path).parent.name
-    elif spec.kind == "benchmark":
+        rows, rejected = read_jsonl_manifest(spec.path, **_options(spec.path, store))
+        return rows, rejected, spec.path.rstrip("/").rsplit("/", 2)[-2] if "/" in spec.path else spec.path
+    if spec.kind == "benchmark":
         if not spec.path or not spec.benchmark:
             raise ValueError("dataset.benchmark and dataset.path are required for kind 'benchmark'")
         rows, rejected = _benchmark_rows(spec, store)
-        name = spec.benchmark
-    else:
-        rows, name = _synthetic_rows(spec, store), f"synthetic-{spec.variant}-{spec.seed}"
+        return rows, rejected, spec.benchmark
+    return _synthetic_rows(spec, store), [], f"synthetic-{spec.variant}-{spec.seed}"
+
+
+def _options(url: str, store: Store) -> dict:
+    return store.options if url.startswith(("s3://", "s3a://")) else {}
+
+
+def _keyed(rows: list[dict], spec: DatasetSpec, store: Store) -> tuple[list[tuple[dict, str]], list[Rejection]]:
+    """Rows whose image may be read and exists get their content key (returned with the image's sha256); the
+    others become rejections. Reading
+    the image happens only after the location check (a manifest cannot make us open /etc/passwd)."""
+    roots = image_roots(spec, store)
+    kept, rejected = [], []
+    for r in rows:
+        where = r.pop("where", "")  # the source line, for reasons only: not part of the row's content
+        problem = location_problem(r["image"], roots, spec.allow_http)
+        if problem is None:
+            try:
+                image_hash = uri_sha256(r["image"], **_options(r["image"], store))
+            except FileNotFoundError:
+                problem = f"image not found: {r['image']}"
+            except IsADirectoryError:
+                problem = f"image is a folder, not a file: {r['image']}"
+        if problem is not None:
+            rejected.append(Rejection(r["sample_id"], f"{where}: {problem}" if where else problem))
+            continue
+        r["sample_key"] = hash_obj({"question": r["question"], "image": image_hash, "domain": r["domain"]})
+        kept.append((r, image_hash))
+    return kept, rejected
+
+
+def _parquet(rows: list[dict], schema: pa.Schema) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    return buf.getvalue()
+
+
+def build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
+    rows, rejected, name = _source_rows(spec, store)
     if spec.limit and spec.benchmark != "mix665k":
         rows = rows[: spec.limit]
+    keyed, unreadable = _keyed(rows, spec, store)
+    rows = [r for r, _ in keyed]
+    rejected += unreadable
+    quarantine = _parquet([{"sample_id": r.sample_id, "reason": r.reason} for r in rejected], REJECTION_SCHEMA)
     if not rows:
-        raise ValueError(f"dataset {name!r} has no rows")
-    opts = store.options
-    for r in rows:
-        try:
-            image_hash = uri_sha256(r["image"], **opts)
-        except FileNotFoundError:
-            image_hash = f"missing:{r['image']}"  # the teacher will reject it with a reason
-        r["sample_key"] = hash_obj({"question": r["question"], "image": image_hash, "domain": r["domain"]})
-    fp = dataset_fingerprint([{k: v for k, v in r.items() if k not in ("image",)} for r in rows], image_key="image")
-    if not store.exists("datasets", fp, "manifest.parquet"):
-        if rejected:
-            buf = io.BytesIO()
-            pq.write_table(
-                pa.Table.from_pylist([{"sample_id": r.sample_id, "reason": r.reason} for r in rejected]), buf
-            )
-            store.write_bytes(buf.getvalue(), "datasets", fp, "quarantine.parquet")
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), buf)
-        store.write_bytes(buf.getvalue(), "datasets", fp, "manifest.parquet")
-    return DatasetRef(fp, store.url("datasets", fp, "manifest.parquet"), len(rows), name, benchmark, len(rejected))
+        fp = hash_obj({"empty": spec.model_dump(), "rejected": [r.reason for r in rejected]})
+        ArtifactStore(store).put_files("datasets-rejected", fp, {"quarantine.parquet": quarantine})
+        first = "; ".join(r.reason for r in rejected[:3]) or "the source is empty"
+        raise ValueError(
+            f"dataset {name!r} has no usable rows ({len(rejected)} rejected, listed in "
+            f"{store.url('datasets-rejected', fp, 'quarantine.parquet')}): {first}"
+        )
+    fp = dataset_fingerprint(
+        [{k: v for k, v in r.items() if k != "image"} for r in rows], image_hashes=[h for _, h in keyed]
+    )
+    arts = ArtifactStore(store)
+    if arts.verify("datasets", fp) is None:
+        files = {"manifest.parquet": _parquet(rows, MANIFEST_SCHEMA), "quarantine.parquet": quarantine}
+        arts.put_files("datasets", fp, files, meta={"rows": len(rows), "rejected": len(rejected), "name": name})
+    return DatasetRef(fp, arts.url("datasets", fp, "manifest.parquet"), len(rows), name, spec.benchmark or "synthetic",
+                      len(rejected))
 
 
 def read_manifest(ref: DatasetRef, store: Store) -> list[dict]:
-    fp = ref.fingerprint
-    return pq.read_table(io.BytesIO(store.read_bytes("datasets", fp, "manifest.parquet"))).to_pylist()
+    """The manifest's rows, checked against the artifact's commit record (a modified manifest is refused)."""
+    data = ArtifactStore(store).read("datasets", ref.fingerprint, "manifest.parquet")
+    return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+def read_rejections(ref: DatasetRef, store: Store) -> list[dict]:
+    data = ArtifactStore(store).read("datasets", ref.fingerprint, "quarantine.parquet")
+    return pq.read_table(io.BytesIO(data)).to_pylist()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,6 +30,8 @@ from stages.train import load_rpn
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import stage_fingerprint
 from storage.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,13 +71,27 @@ def _sample(row: dict) -> BenchmarkSample:
     )
 
 
+def lookup(store: Store, eval_fp: str, benchmark: str) -> EvalRef | None:
+    """The finished evaluation, if committed and every file (predictions, scores…) matches its marker."""
+    arts = ArtifactStore(store)
+    if arts.verify("eval", eval_fp) is None:
+        return None
+    try:
+        scores = json.loads(arts.read("eval", eval_fp, "scores.json"))
+    except ValueError:
+        scores = None
+    if not isinstance(scores, list) or not all(isinstance(s, dict) for s in scores):
+        log.error("%s: scores.json is not a list of score rows; re-evaluating", arts.url("eval", eval_fp))
+        return None
+    return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), benchmark)
+
+
 def evaluate(
     store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams, eval_fp: str
 ) -> EvalRef:
+    if (ref := lookup(store, eval_fp, dataset.benchmark)) is not None:
+        return ref
     arts = ArtifactStore(store)
-    if arts.is_committed("eval", eval_fp):
-        scores = json.loads(arts.read("eval", eval_fp, "scores.json"))
-        return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), dataset.benchmark)
     bench = get_benchmark(dataset.benchmark)
     adapter = load_model(model)
     if params.inputs:
@@ -145,6 +162,9 @@ def evaluate(
                     "error": "",
                 }
             )
+    if not outcomes:  # nothing evaluated: a failure, never a committed (and so reused) result
+        errors = [p["error"] for p in predictions if p["error"]][:3]
+        raise ValueError(f"no sample of {dataset.name or dataset.benchmark} could be evaluated: {'; '.join(errors)}")
     scores = []
     for method in methods:
         done = per_method[method]

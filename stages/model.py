@@ -93,13 +93,18 @@ def nano_base_fingerprint(overrides: dict) -> str:
     return stage_fingerprint("nano_base", {}, {"recipe": NanoRecipe(**overrides)}, code=hash_obj(code))
 
 
+def nano_base_lookup(store: Store, fp: str) -> bool:
+    """Whether the trained base model is committed and every file matches its marker."""
+    return ArtifactStore(store).verify("nano_base", fp) is not None
+
+
 def nano_base(overrides: dict, store: Store, fp: str, progress=None) -> str:
     """The `nano_base` stage: train sdrpn-nano from scratch with the seeded recipe and commit it to the artifact
     store (`nano_base/<fp>`); a committed one is not trained again. Returns `fp`."""
     from sdrpn_core.synthetic.nano import NanoRecipe, train_nano
 
     arts = ArtifactStore(store)
-    if not arts.is_committed("nano_base", fp):
+    if not nano_base_lookup(store, fp):
         recipe = NanoRecipe(**overrides)
         adapter = train_nano(recipe, progress=progress)
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,11 +1,14 @@
 """The `teacher` stage: run the frozen MLLM over a manifest shard and commit raw maps, chunk by chunk.
 
 Rows are keyed by content (`sample_key`), under a fingerprint of (model, teacher parameters, code): any dataset
-holding a sample reuses its row, and a rerun after a crash redoes only the chunks that were not committed.
+holding a sample reuses its row, and a rerun after a crash redoes only the chunks that were not committed. A
+committed shard that no longer matches its commit record does not count as done: its rows are extracted again
+and the bad record is retired.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -48,7 +51,8 @@ def extract_shard(
 ) -> ShardSummary:
     ds = teacher_dataset(store, teacher_fp)
     rows = shard_rows(read_manifest(dataset, store), shard, n_shards)
-    done = ds.committed_ids()
+    keys = {r["sample_key"] for r in rows}
+    done = ds.committed_ids(among=keys)  # verified commits only: a corrupt shard's keys are redone
     todo, seen = [], set(done)
     for r in rows:
         if r["sample_key"] not in seen:
@@ -59,18 +63,21 @@ def extract_shard(
         adapter = load_model(model)
         if inputs:
             adapter = adapter.with_inputs(**inputs)
+        meta = {"dataset": dataset.fingerprint, "shard": shard}
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
-            samples = [Sample(r["sample_id"], r["image"], r["question"], r["domain"]) for r in chunk]
+            # samples are named by their content key, so a record can only ever land on its own row
+            samples = [Sample(r["sample_key"], r["image"], r["question"], r["domain"]) for r in chunk]
             out = extract_teacher_maps(adapter, samples, preset, batch_size=batch_size, max_new_tokens=max_new_tokens)
-            key_of = {r["sample_id"]: r["sample_key"] for r in chunk}
-            meta = {"dataset": dataset.fingerprint, "shard": shard}
-            ds.write(teacher_table(out.records, [key_of[rec.sample_id] for rec in out.records]), meta)
-            ds.quarantine(((key_of[r.sample_id], r.reason) for r in out.rejected), meta)
+            id_of = {r["sample_key"]: r["sample_id"] for r in chunk}
+            records = [dataclasses.replace(rec, sample_id=id_of[rec.sample_id]) for rec in out.records]
+            ds.write(teacher_table(records, [rec.sample_id for rec in out.records]), meta, skip_committed=False)
+            ds.quarantine(((r.sample_id, r.reason) for r in out.rejected), meta)
             extracted += len(out.records)
             rejected += len(out.rejected)
             if progress is not None:
                 progress(start + len(chunk), len(todo))
+        _retire_replaced(ds, keys)
     log.info(
         "teacher shard %d/%d: %d rows, %d extracted, %d already done, %d rejected",
         shard,
@@ -81,6 +88,15 @@ def extract_shard(
         rejected,
     )
     return ShardSummary(shard, len(rows), extracted, len(rows) - len(todo), rejected)
+
+
+def _retire_replaced(ds, keys: set[str]) -> None:
+    """Retire the records of corrupt shards among `keys` whose every key is now committed by a good shard."""
+    for commit in ds.commits():
+        if keys.isdisjoint(commit.ids) or ds.verified(commit):
+            continue
+        if set(commit.ids) <= ds.committed_ids(among=commit.ids):
+            ds.retire(commit)
 
 
 def teacher_ref(store: Store, teacher_fp: str) -> TeacherRef:

@@ -18,13 +18,29 @@ from stages.refs import LabelsRef, ModelRef, RpnRef
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import stage_fingerprint
 from storage.labels import label_dataset
-from storage.store import Store
+from storage.store import Store, StoreError
 
 
 def train_fingerprint(model: ModelRef, labels: LabelsRef, params: TrainConfig, preset: str) -> str:
     return stage_fingerprint(
         "train", {"model": model.fingerprint, "labels": labels.fingerprint}, {"train": params, "preset": preset}
     )
+
+
+def rpn_ref(arts: ArtifactStore, fp: str, manifest: dict) -> RpnRef:
+    """The reference to a committed RPN artifact, from its validated marker."""
+    meta = manifest["meta"]
+    steps, loss = meta.get("steps"), meta.get("final_loss")
+    if not isinstance(steps, int) or not isinstance(loss, (int, float)):
+        raise StoreError(f"{arts.url('rpn', fp)}: marker meta lacks steps / final_loss")
+    return RpnRef(fp, arts.url("rpn", fp), steps, float(loss))
+
+
+def lookup(store: Store, train_fp: str) -> RpnRef | None:
+    """The trained RPN, if committed and every file matches its marker."""
+    arts = ArtifactStore(store)
+    manifest = arts.verify("rpn", train_fp)
+    return None if manifest is None else rpn_ref(arts, train_fp, manifest)
 
 
 def train(
@@ -36,10 +52,9 @@ def train(
     preset: str,
     progress: Callable[[int, int], None] | None = None,
 ) -> RpnRef:
+    if (ref := lookup(store, train_fp)) is not None:
+        return ref
     arts = ArtifactStore(store)
-    if arts.is_committed("rpn", train_fp):
-        meta = arts.manifest("rpn", train_fp)["meta"]
-        return RpnRef(train_fp, arts.url("rpn", train_fp), meta["steps"], meta["final_loss"])
     frame = label_dataset(store, labels.fingerprint).scan().filter(pl.col("valid")).collect()
     if frame.height == 0:
         raise ValueError(

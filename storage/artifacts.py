@@ -1,19 +1,59 @@
 """Artifacts keyed by stage fingerprint: RPN checkpoints, predictions, reports, images.
 
 `<root>/<kind>/<fingerprint>/…` holds the files and `_COMMITTED.json` (names, sizes, sha256), written last:
-an artifact without it is invisible (a crashed upload leaves nothing readers trust), and a fetch checks every
-file against it. `<root>/latest/<model_fp>/<kind>.json` points serving code at the newest artifact of a kind.
+an artifact without it is invisible (a crashed upload leaves nothing readers trust), and a read checks every
+file against it. The marker is data from a shared store: its names are validated on read as on write (no
+absolute paths, no `..`), so a planted marker cannot make `fetch_dir` write outside its destination.
+`<root>/latest/<model_fp>/<kind>.json` points serving code at the newest artifact of a kind.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import time
 from pathlib import Path
 
 from storage.store import Store, StoreError
 
+log = logging.getLogger(__name__)
+
 MARKER = "_COMMITTED.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_name(name: object) -> str:
+    """A file name inside an artifact: relative, '/'-separated, no `..`, no empty or hidden-marker parts."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if (
+        not parts
+        or name == MARKER
+        or any(p in ("", ".", "..") for p in parts)
+        or "\\" in name
+        or "\0" in name
+        or ":" in parts[0]
+    ):
+        raise ValueError(f"bad artifact file name {name!r}")
+    return name
+
+
+def _check_listing(url: str, raw: object) -> dict:
+    """A marker read from the store → its validated content; StoreError naming the artifact and the entry."""
+    files = raw.get("files") if isinstance(raw, dict) else None
+    if not isinstance(files, dict):
+        raise StoreError(f"{url}/{MARKER} is malformed: no file listing")
+    for name, entry in files.items():
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise StoreError(f"{url}/{MARKER} refused: {e}") from None
+        ok = isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+        if not ok or not _SHA256.fullmatch(entry["sha256"]):
+            raise StoreError(f"{url}/{MARKER} refused: bad size/sha256 for {name!r}")
+    if not isinstance(raw.get("meta", {}), dict):
+        raise StoreError(f"{url}/{MARKER} is malformed: meta is not an object")
+    return raw
 
 
 class ArtifactStore:
@@ -30,8 +70,7 @@ class ArtifactStore:
         """Upload files (name → bytes; names may contain '/'), then the marker. Returns the artifact URL."""
         listing = {}
         for name, data in sorted(files.items()):
-            if name == MARKER or name.startswith("/") or ".." in name.split("/"):
-                raise ValueError(f"bad artifact file name {name!r}")
+            check_name(name)
             self.store.write_bytes(data, kind, fp, name)
             listing[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         self.store.write_json({"files": listing, "meta": meta or {}, "created": time.time()}, kind, fp, MARKER)
@@ -47,10 +86,14 @@ class ArtifactStore:
     def manifest(self, kind: str, fp: str) -> dict:
         if not self.is_committed(kind, fp):
             raise FileNotFoundError(f"no committed artifact at {self.url(kind, fp)}")
-        return self.store.read_json(kind, fp, MARKER)
+        try:
+            raw = self.store.read_json(kind, fp, MARKER)
+        except ValueError as e:
+            raise StoreError(f"{self.url(kind, fp)}/{MARKER} is not valid JSON: {e}") from None
+        return _check_listing(self.url(kind, fp), raw)
 
-    def read(self, kind: str, fp: str, name: str) -> bytes:
-        expected = self.manifest(kind, fp)["files"].get(name)
+    def read(self, kind: str, fp: str, name: str, manifest: dict | None = None) -> bytes:
+        expected = (manifest or self.manifest(kind, fp))["files"].get(name)
         if expected is None:
             raise FileNotFoundError(f"{self.url(kind, fp)} has no file {name!r}")
         data = self.store.read_bytes(kind, fp, name)
@@ -61,11 +104,26 @@ class ArtifactStore:
     def fetch_dir(self, kind: str, fp: str, dest: str | Path) -> Path:
         """Download a committed artifact into `dest` (verified), e.g. an RPN checkpoint to load locally."""
         dest = Path(dest)
-        for name in self.manifest(kind, fp)["files"]:
+        manifest = self.manifest(kind, fp)  # every name validated before anything is written
+        for name in manifest["files"]:
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.read(kind, fp, name))
+            target.write_bytes(self.read(kind, fp, name, manifest))
         return dest
+
+    def verify(self, kind: str, fp: str) -> dict | None:
+        """The marker's content if the artifact is committed and every file matches it, else None (logged): a
+        stage treats a modified or half-deleted artifact as not done and rebuilds it."""
+        if not self.is_committed(kind, fp):
+            return None
+        try:
+            manifest = self.manifest(kind, fp)
+            for name in manifest["files"]:
+                self.read(kind, fp, name, manifest)
+        except (StoreError, FileNotFoundError) as e:
+            log.error("artifact %s fails verification, it will be rebuilt: %s", self.url(kind, fp), e)
+            return None
+        return manifest
 
     # -- latest pointers -----------------------------------------------------------------------------------------
     def set_latest(self, model_fp: str, kind: str, fp: str) -> None:
@@ -76,4 +134,10 @@ class ArtifactStore:
     def latest(self, model_fp: str, kind: str) -> str | None:
         if not self.store.exists("latest", model_fp, f"{kind}.json"):
             return None
-        return self.store.read_json("latest", model_fp, f"{kind}.json")["fingerprint"]
+        try:
+            fp = self.store.read_json("latest", model_fp, f"{kind}.json").get("fingerprint")
+        except (ValueError, AttributeError):
+            fp = None
+        if not isinstance(fp, str) or not re.fullmatch(r"[\w-][\w.-]*", fp):
+            raise StoreError(f"{self.store.url('latest', model_fp, kind + '.json')} is malformed (no fingerprint)")
+        return fp

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -170,14 +170,24 @@ def module_fingerprint(model, *, adapter: str) -> str:
 # -- datasets --------------------------------------------------------------------------------------------------
 
 
-def dataset_fingerprint(rows: Iterable[Mapping[str, Any]], *, image_key: str = "image", **storage_options) -> str:
+def dataset_fingerprint(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    image_key: str = "image",
+    image_hashes: Sequence[str] | None = None,
+    **storage_options,
+) -> str:
     """Order- and location-independent hash of a manifest: each row is hashed with its image's content hash in
-    place of the image URI; the row hashes are sorted before the final hash."""
+    place of the image URI (read from `image_key`, or given as `image_hashes` when already known); the row hashes
+    are sorted before the final hash."""
     row_hashes = []
-    for row in rows:
+    for i, row in enumerate(rows):
         content = {k: v for k, v in row.items() if k != image_key}
         image = row.get(image_key)
-        content["image_sha256"] = uri_sha256(image, **storage_options) if isinstance(image, str) else None
+        if image_hashes is not None:
+            content["image_sha256"] = image_hashes[i]
+        else:
+            content["image_sha256"] = uri_sha256(image, **storage_options) if isinstance(image, str) else None
         row_hashes.append(hash_obj(content))
     return hash_obj(sorted(row_hashes))
 

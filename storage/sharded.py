@@ -1,26 +1,32 @@
-"""A dataset of Parquet shards with an append-only commit log: the unit of crash safety and resume.
+"""A dataset of Parquet shards with an append-only commit log: the unit of crash safety, resume and integrity.
 
 Layout under `<root>/<kind>/<fingerprint>/`:
 
-    part-<time>-<uuid>.parquet      shards (rows of one schema)
-    quarantine-<time>-<uuid>.parquet  rejected samples: sample_id, reason
-    _commits/<time>-<uuid>.json     one record per committed shard: shard name, kind, row count, sample ids,
-                                    schema version, writer metadata
+    part-<time>-<uuid>.parquet        shards (rows of one schema)
+    quarantine-<time>-<uuid>.parquet  rejected samples: key, reason
+    _commits/<time>-<uuid>.json       one record per committed shard: shard name, kind, row count, keys, size and
+                                      sha256 of the shard's bytes, schema version, writer metadata
+    _retired/<record>.json            records of shards found corrupt and since replaced (kept for the audit trail)
 
 A shard becomes visible only when its commit record exists, and the record is written after the shard, so a
-crashed writer leaves nothing readers see. Commit records never overwrite each other (unique names), so two
-writers on one dataset cannot lose each other's rows; a writer skips ids already committed, and readers keep the
-first committed row of an id, so no reader ever sees a duplicate. A shard that is missing or unreadable is
-reported by name and skipped (or raises, with `strict=True`) while the others stay readable.
+crashed writer leaves nothing readers see. Every shard is checked against its record's sha256 before its rows are
+used: a missing, truncated or modified shard is reported by name (and raises with `strict=True`), and its keys
+count as *not* committed, so the writer's next run re-extracts them. Commit records never overwrite each other
+(unique names), so two writers on one dataset cannot lose each other's rows; a writer skips keys already
+committed, and readers keep the first committed row of a key, so no reader ever sees a duplicate. Commit records
+are JSON validated field by field: a record that does not parse, or names a file outside the dataset, is a
+reported problem, never followed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import re
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import polars as pl
@@ -33,6 +39,8 @@ from storage.store import Store, StoreError
 log = logging.getLogger(__name__)
 
 COMMITS = "_commits"
+RETIRED = "_retired"
+_SHARD_NAME = re.compile(r"^(part|quarantine)-[0-9]{20}-[0-9a-f]{12}\.parquet$")
 
 
 class SchemaError(ValueError):
@@ -48,10 +56,34 @@ class Commit:
     ids: tuple[str, ...]
     schema_version: int
     meta: dict
+    sha256: str
+    size: int
 
 
 def _stamp() -> str:
     return f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+
+
+def parse_commit(record: str, raw: object) -> Commit:
+    """A commit record read from the store → Commit; ValueError naming the first bad field."""
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    shard, kind, rows, ids = raw.get("shard"), raw.get("kind", "data"), raw.get("rows"), raw.get("ids")
+    if not isinstance(shard, str) or not _SHARD_NAME.match(shard):
+        raise ValueError(f"bad shard name {shard!r}")
+    if kind not in ("data", "quarantine") or shard.startswith("part") != (kind == "data"):
+        raise ValueError(f"bad kind {kind!r} for shard {shard}")
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        raise ValueError(f"bad row count {rows!r}")
+    if not isinstance(ids, list) or len(ids) != rows or not all(isinstance(i, str) for i in ids):
+        raise ValueError("ids must be a list of strings, one per row")
+    sha, size, version = raw.get("sha256"), raw.get("size"), raw.get("schema_version", 0)
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise ValueError("no sha256 of the shard (written by an older sdrpn, or tampered with)")
+    if not isinstance(size, int) or size < 0 or not isinstance(version, int):
+        raise ValueError("bad size or schema version")
+    meta = raw.get("meta") or {}
+    return Commit(record, shard, kind, rows, tuple(ids), version, meta if isinstance(meta, dict) else {}, sha, size)
 
 
 class ShardedDataset:
@@ -67,6 +99,7 @@ class ShardedDataset:
         self.schema_version = schema_version
         self.problems: list[str] = []
         self._strict = False
+        self._verified: dict[str, bool] = {}  # commit record → its shard matched the record (checked once)
 
     def __repr__(self) -> str:
         return f"ShardedDataset({self.store.url(self.prefix)!r})"
@@ -77,35 +110,58 @@ class ShardedDataset:
 
     # -- the commit log ----------------------------------------------------------------------------------------
     def commits(self) -> list[Commit]:
+        """Every well-formed commit record, oldest first; malformed ones are reported problems."""
         out = []
         for name in self.store.ls(self.prefix, COMMITS):
             if not name.endswith(".json"):
                 continue
-            raw = self.store.read_json(self.prefix, COMMITS, name)
-            version = int(raw.get("schema_version", 0))
-            if version > self.schema_version:
+            try:
+                raw = self.store.read_json(self.prefix, COMMITS, name)
+            except ValueError as e:
+                self._problem(f"commit record {name} is not valid JSON: {e}")
+                continue
+            version = raw.get("schema_version", 0) if isinstance(raw, dict) else 0
+            if isinstance(version, int) and version > self.schema_version:
                 raise SchemaError(
                     f"{self.url}: commit {name} was written with schema v{version}; this sdrpn reads up to "
                     f"v{self.schema_version} — upgrade sdrpn"
                 )
-            out.append(
-                Commit(
-                    name,
-                    raw["shard"],
-                    raw.get("kind", "data"),
-                    raw["rows"],
-                    tuple(raw["ids"]),
-                    version,
-                    raw.get("meta", {}),
-                )
-            )
+            try:
+                out.append(parse_commit(name, raw))
+            except ValueError as e:
+                self._problem(f"commit record {name} is malformed: {e}")
         return out
 
-    def committed_ids(self, include_quarantine: bool = True) -> set[str]:
-        return {i for c in self.commits() if include_quarantine or c.kind == "data" for i in c.ids}
+    def verified(self, commit: Commit) -> bool:
+        """Whether the shard's bytes match its commit record (read and hashed once per instance)."""
+        if commit.record not in self._verified:
+            self._verified[commit.record] = self._shard_bytes(commit) is not None
+        return self._verified[commit.record]
+
+    def committed_ids(self, include_quarantine: bool = True, among: Iterable[str] | None = None) -> set[str]:
+        """Keys held by verified commits. With `among`, only commits holding one of those keys are checked (a
+        writer asks about its own keys without hashing the whole dataset)."""
+        wanted = set(among) if among is not None else None
+        out: set[str] = set()
+        for c in self.commits():
+            if not include_quarantine and c.kind != "data":
+                continue
+            if wanted is not None and wanted.isdisjoint(c.ids):
+                continue
+            if self.verified(c):
+                out.update(c.ids)
+        return out if wanted is None else out & wanted
 
     def is_empty(self) -> bool:
         return not self.commits()
+
+    def retire(self, commit: Commit) -> None:
+        """Move a bad shard's record out of the log once its rows are committed again (its keys stay readable)."""
+        data = self.store.read_bytes(self.prefix, COMMITS, commit.record)
+        self.store.write_bytes(data, self.prefix, RETIRED, commit.record)
+        self.store.rm(self.prefix, COMMITS, commit.record)
+        log.warning("%s: retired commit %s (shard %s was corrupt; its rows were re-committed)", self.url,
+                    commit.record, commit.shard)
 
     # -- writing -----------------------------------------------------------------------------------------------
     def _commit(self, table: pa.Table, kind: str, meta: dict | None) -> Commit:
@@ -113,26 +169,39 @@ class ShardedDataset:
         shard = f"{'part' if kind == 'data' else 'quarantine'}-{stamp}.parquet"
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        self.store.write_bytes(buf.getvalue(), self.prefix, shard)
+        data = buf.getvalue()
+        self.store.write_bytes(data, self.prefix, shard)
         ids = tuple(table.column(self.key).to_pylist())
+        sha = hashlib.sha256(data).hexdigest()
         record = {
             "shard": shard,
             "kind": kind,
             "rows": table.num_rows,
             "ids": list(ids),
+            "sha256": sha,
+            "size": len(data),
             "schema_version": self.schema_version,
             "meta": meta or {},
             "created": time.time(),
         }
-        self.store.write_json(record, self.prefix, COMMITS, f"{stamp}.json")
-        return Commit(f"{stamp}.json", shard, kind, table.num_rows, ids, self.schema_version, meta or {})
+        self.store.write_json(record, self.prefix, COMMITS, f"{stamp}.json")  # after the shard: never dangling
+        commit = Commit(f"{stamp}.json", shard, kind, table.num_rows, ids, self.schema_version, meta or {}, sha,
+                        len(data))
+        self._verified[commit.record] = True
+        return commit
 
-    def write(self, table: pa.Table, meta: dict | None = None, *, skip_committed: bool = True) -> Commit | None:
-        """Commit one shard. Rows whose key is already committed (or repeated in `table`) are dropped."""
+    def write(
+        self, table: pa.Table, meta: dict | None = None, *, skip_committed: bool = True, skip: set[str] | None = None
+    ) -> Commit | None:
+        """Commit one shard. Rows whose key is already committed (verified), in `skip`, or repeated in `table`
+        are dropped."""
         table = table.cast(self.schema) if table.schema != self.schema else table
-        seen = self.committed_ids() if skip_committed else set()
+        keys = table.column(self.key).to_pylist()
+        seen = set(skip or ())
+        if skip_committed:
+            seen |= self.committed_ids(among=keys)
         keep, fresh = [], set()
-        for i, sid in enumerate(table.column(self.key).to_pylist()):
+        for i, sid in enumerate(keys):
             if sid not in seen and sid not in fresh:
                 keep.append(i)
                 fresh.add(sid)
@@ -156,19 +225,32 @@ class ShardedDataset:
         return self._commit(table, "quarantine", meta)
 
     # -- reading -----------------------------------------------------------------------------------------------
-    def _read_shard(self, commit: Commit, columns: Sequence[str] | None) -> pa.Table | None:
+    def _shard_bytes(self, commit: Commit) -> bytes | None:
         try:
             data = self.store.read_bytes(self.prefix, commit.shard)
         except FileNotFoundError:
             self._problem(f"shard {commit.shard} is named by commit {commit.record} but missing")
             return None
+        if len(data) != commit.size or hashlib.sha256(data).hexdigest() != commit.sha256:
+            self._problem(
+                f"shard {commit.shard} does not match its commit record {commit.record} ({len(data)} bytes, "
+                f"record says {commit.size}; sha256 differs): truncated, corrupt or modified"
+            )
+            return None
+        return data
+
+    def _read_shard(self, commit: Commit, columns: Sequence[str] | None) -> pa.Table | None:
+        data = self._shard_bytes(commit)
+        self._verified[commit.record] = data is not None
+        if data is None:
+            return None
         try:
             table = pq.read_table(io.BytesIO(data), columns=list(columns) if columns else None)
         except (pa.ArrowInvalid, OSError) as e:
-            self._problem(f"shard {commit.shard} is corrupt or truncated: {e}")
+            self._problem(f"shard {commit.shard} is unreadable Parquet: {e}")
             return None
-        if table.num_rows != commit.rows:
-            self._problem(f"shard {commit.shard} has {table.num_rows} rows, its commit says {commit.rows}")
+        if table.num_rows != commit.rows or table.column(self.key).to_pylist() != list(commit.ids):
+            self._problem(f"shard {commit.shard} does not hold the {commit.rows} keys its commit names")
             return None
         return table
 
@@ -179,64 +261,64 @@ class ShardedDataset:
         if self._strict:
             raise StoreError(full)
 
-    def read(self, columns: Sequence[str] | None = None, *, strict: bool = False) -> pa.Table:
-        """Every committed data row, first commit wins per sample id; bad shards reported in `.problems`."""
+    def iter_shards(
+        self, columns: Sequence[str] | None = None, *, strict: bool = False, among: set[str] | None = None
+    ) -> Iterator[pa.Table]:
+        """Verified data shards one at a time (bounded memory), first commit wins per key; with `among`, only
+        shards holding those keys, filtered to them. Bad shards are skipped and reported in `.problems`."""
         self._strict = strict
         self.problems = []
         schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
-        tables, seen = [], set()
+        wanted = columns if columns is None or self.key in columns else [*columns, self.key]
+        seen: set[str] = set()
         for commit in self.commits():
-            if commit.kind != "data":
+            if commit.kind != "data" or (among is not None and among.isdisjoint(commit.ids)):
                 continue
-            table = self._read_shard(
-                commit, columns if columns is None or self.key in columns else [*columns, self.key]
-            )
+            table = self._read_shard(commit, wanted)
             if table is None:
                 continue
             ids = table.column(self.key).to_pylist()
-            keep = [i for i, sid in enumerate(ids) if sid not in seen]
+            keep = [i for i, sid in enumerate(ids) if sid not in seen and (among is None or sid in among)]
             seen.update(ids)
-            table = table.take(pa.array(keep, type=pa.int64())) if len(keep) < len(ids) else table
-            tables.append(table.select(schema.names).cast(schema))
+            if len(keep) < len(ids):
+                table = table.take(pa.array(keep, type=pa.int64()))
+            if table.num_rows:
+                yield table.select(schema.names).cast(schema)
+
+    def read(self, columns: Sequence[str] | None = None, *, strict: bool = False) -> pa.Table:
+        """Every committed data row, first commit wins per key; bad shards reported in `.problems`."""
+        schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
+        tables = list(self.iter_shards(columns, strict=strict))
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def valid_shards(self, *, strict: bool = False) -> list[Commit]:
-        """Data commits whose shard exists and has a readable footer with the committed row count."""
+        """Data commits whose shard matches its record (content hash)."""
         self._strict = strict
         self.problems = []
-        good = []
-        for commit in self.commits():
-            if commit.kind != "data":
-                continue
-            path = self.store.path(self.prefix, commit.shard)
-            try:
-                with self.store.fs.open(path, "rb") as f:
-                    rows = pq.read_metadata(f).num_rows
-            except FileNotFoundError:
-                self._problem(f"shard {commit.shard} is named by commit {commit.record} but missing")
-                continue
-            except (pa.ArrowInvalid, OSError) as e:
-                self._problem(f"shard {commit.shard} is corrupt or truncated: {e}")
-                continue
-            if rows != commit.rows:
-                self._problem(f"shard {commit.shard} has {rows} rows, its commit says {commit.rows}")
-                continue
-            good.append(commit)
-        return good
+        return [c for c in self.commits() if c.kind == "data" and self.verified(c)]
 
     def scan(self, *, strict: bool = False) -> pl.LazyFrame:
-        """A lazy polars scan over the valid committed shards; filters and projections are pushed down to the
-        Parquet reader, and the first committed row of each sample id wins."""
+        """A lazy polars scan over the verified committed shards; filters and projections are pushed down to the
+        Parquet reader, and the first committed row of each key wins."""
         paths = [self.store.path(self.prefix, c.shard) for c in self.valid_shards(strict=strict)]
         if not paths:
             return pl.from_arrow(self.schema.empty_table()).lazy()  # type: ignore[union-attr]
         dataset = pads.dataset(paths, schema=self.schema, format="parquet", filesystem=self.store.fs)
         return pl.scan_pyarrow_dataset(dataset).unique(subset=[self.key], keep="first", maintain_order=True)
 
-    def quarantined(self) -> pa.Table:
+    def quarantined(self, among: set[str] | None = None) -> pa.Table:
         self._strict = False
-        tables = [t for c in self.commits() if c.kind == "quarantine" if (t := self._read_shard(c, None)) is not None]
+        tables = [
+            t
+            for c in self.commits()
+            if c.kind == "quarantine" and (among is None or not among.isdisjoint(c.ids))
+            if (t := self._read_shard(c, None)) is not None
+        ]
         return pa.concat_tables(tables) if tables else self.quarantine_schema.empty_table()
+
+    def bad_commits(self) -> list[Commit]:
+        """Commits whose shard is missing or does not match the record."""
+        return [c for c in self.commits() if not self.verified(c)]
 
     def stats(self) -> dict:
         commits = self.commits()

@@ -59,7 +59,10 @@ class StoreSettings:
         return opts
 
 
-def _transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
+    """A failure worth retrying: the network or the server, not the request (missing files, bad input)."""
+    if isinstance(exc, StoreError):
+        return is_transient(exc.__cause__) if exc.__cause__ is not None else False
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)):
         return False
     return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or type(exc).__name__ in {
@@ -110,7 +113,7 @@ class Store:
             for attempt in Retrying(
                 stop=stop_after_attempt(s.retries),
                 wait=wait_exponential(multiplier=s.backoff_s, max=s.backoff_max_s),
-                retry=retry_if_exception(_transient),
+                retry=retry_if_exception(is_transient),
                 reraise=False,
             ):
                 with attempt:

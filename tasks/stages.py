@@ -1,18 +1,25 @@
 """One thin Prefect task per pipeline stage. Each calls its `stages.*` function and holds no method logic.
 
-Cache keys are the stages' content fingerprints (model + data + parameters + code version), so "is it done?" has
-the same answer in Prefect's cache and in the store. I/O-bound stages retry with exponential backoff; the
-model-bound ones carry the `sdrpn-gpu` tag, so `prefect concurrency-limit create sdrpn-gpu 1` serialises them
-on a one-GPU worker.
+The store is the only cache. Each stage's output lives under its content fingerprint (model + data + parameters
++ code version) and is verified against its commit records before it is reused; a task whose output is found
+ends in a `Cached` state without running its stage. Prefect persists no results: its result records are
+pickles, and a store others can write to must never hold anything that is executed on read.
+
+Retries are for transient failures only (connection resets, timeouts, S3 5xx): a bad config, a missing file or
+a validation error fails at once. The model-bound tasks carry the `sdrpn-gpu` tag, so
+`prefect concurrency-limit create sdrpn-gpu 1` serialises them on a one-GPU worker.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from sdrpn_core.presets import Preset
@@ -22,14 +29,28 @@ from stages import data, evaluate, labels, model, teacher, train
 from stages.common import get_store
 from stages.config import DatasetSpec, ModelSpec
 from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, RpnRef, ShardSummary
-from storage.store import StoreSettings
+from storage.store import StoreSettings, is_transient
 
 GPU_TAG = "sdrpn-gpu"
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0.2}
+STORE_IS_THE_CACHE = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
-def _fp_key(stage: str) -> Callable:
-    return lambda _ctx, params: f"sdrpn-{stage}-{params['fp']}"
+def _retry_if_transient(_task, _run, state) -> bool:
+    return is_transient(state.data) if isinstance(state.data, BaseException) else False
+
+
+IO_RETRIES = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+    "retry_jitter_factor": 0.2,
+    "retry_condition_fn": _retry_if_transient,
+}
+
+
+def cached(ref: Any, what: str) -> State:
+    """The `Cached` state for a stage whose output was found (and verified) in the store."""
+    get_run_logger().info("%s: found in the store and verified, not recomputed", what)
+    return Completed(name="Cached", data=ref, message=f"{what} found in the store")
 
 
 def _progress(key: str, what: str) -> Callable[[int, int], None]:
@@ -46,28 +67,26 @@ def _progress(key: str, what: str) -> Callable[[int, int], None]:
     return update
 
 
-@task(name="nano_base", tags=[GPU_TAG], cache_key_fn=_fp_key("nano_base"))
-def nano_base_task(overrides: dict, settings: StoreSettings, fp: str) -> str:
+@task(name="nano_base", tags=[GPU_TAG], **STORE_IS_THE_CACHE)
+def nano_base_task(overrides: dict, settings: StoreSettings, fp: str) -> str | State:
+    store = get_store(settings)
+    if model.nano_base_lookup(store, fp):
+        return cached(fp, f"sdrpn-nano base model {fp}")
     progress = _progress("nano-base", "training sdrpn-nano from scratch")
-    return model.nano_base(overrides, get_store(settings), fp, progress)
+    return model.nano_base(overrides, store, fp, progress)
 
 
-@task(name="model", **IO_RETRIES)
+@task(name="model", **STORE_IS_THE_CACHE, **IO_RETRIES)
 def model_task(spec: ModelSpec, settings: StoreSettings) -> ModelRef:
     return model.resolve_model(spec, get_store(settings))
 
 
-@task(name="samples", **IO_RETRIES)
+@task(name="samples", **STORE_IS_THE_CACHE, **IO_RETRIES)
 def samples_task(spec: DatasetSpec, settings: StoreSettings) -> DatasetRef:
     return data.build_manifest(spec, get_store(settings))
 
 
-@task(
-    name="teacher-shard",
-    tags=[GPU_TAG],
-    retries=1,
-    cache_key_fn=lambda _ctx, p: f"sdrpn-teacher-{p['fp']}-{p['dataset'].fingerprint}-{p['shard']}of{p['n_shards']}",
-)
+@task(name="teacher-shard", tags=[GPU_TAG], **STORE_IS_THE_CACHE, **IO_RETRIES)
 def teacher_shard_task(
     settings: StoreSettings,
     model_ref: ModelRef,
@@ -80,7 +99,8 @@ def teacher_shard_task(
     chunk_size: int,
     max_new_tokens: int | None,
     inputs: dict | None = None,
-) -> ShardSummary:
+) -> ShardSummary | State:
+    """Extracts only the shard's samples that have no verified row yet; `Cached` when there were none."""
     progress = _progress(f"teacher-shard-{shard}", f"teacher extraction, shard {shard + 1}/{n_shards}")
     summary = teacher.extract_shard(
         get_store(settings),
@@ -96,28 +116,36 @@ def teacher_shard_task(
         progress=progress,
         inputs=inputs,
     )
+    if summary.already_done == summary.rows:
+        return cached(summary, f"teacher shard {shard + 1}/{n_shards}")
     get_run_logger().info("shard %d: %s", shard, summary)
     return summary
 
 
-@task(name="labels", cache_key_fn=_fp_key("labels"), **IO_RETRIES)
+@task(name="labels", **STORE_IS_THE_CACHE, **IO_RETRIES)
 def labels_task(
     settings: StoreSettings, dataset: DatasetRef, teacher_fp: str, params: LabelParams, fp: str
-) -> LabelsRef:
-    ref = labels.denoise(get_store(settings), dataset, teacher_fp, params, fp)
+) -> LabelsRef | State:
+    store = get_store(settings)
+    if (ref := labels.lookup(store, fp)) is not None:
+        return cached(ref, f"label set {fp}")
+    ref = labels.denoise(store, dataset, teacher_fp, params, fp)
     get_run_logger().info("labels: %s", ref.stats)
     return ref
 
 
-@task(name="train", tags=[GPU_TAG], cache_key_fn=_fp_key("train"))
+@task(name="train", tags=[GPU_TAG], **STORE_IS_THE_CACHE)
 def train_task(
     settings: StoreSettings, model_ref: ModelRef, labels_ref: LabelsRef, params: TrainConfig, preset: str, fp: str
-) -> RpnRef:
+) -> RpnRef | State:
+    store = get_store(settings)
+    if (ref := train.lookup(store, fp)) is not None:
+        return cached(ref, f"RPN {fp}")
     progress = _progress("train-progress", "RPN training steps")
-    return train.train(get_store(settings), model_ref, labels_ref, params, fp, preset, progress=progress)
+    return train.train(store, model_ref, labels_ref, params, fp, preset, progress=progress)
 
 
-@task(name="evaluate", tags=[GPU_TAG], cache_key_fn=_fp_key("eval"))
+@task(name="evaluate", tags=[GPU_TAG], **STORE_IS_THE_CACHE)
 def eval_task(
     settings: StoreSettings,
     model_ref: ModelRef,
@@ -125,5 +153,8 @@ def eval_task(
     dataset: DatasetRef,
     params: evaluate.EvalParams,
     fp: str,
-) -> EvalRef:
-    return evaluate.evaluate(get_store(settings), model_ref, rpn, dataset, params, fp)
+) -> EvalRef | State:
+    store = get_store(settings)
+    if (ref := evaluate.lookup(store, fp, dataset.benchmark)) is not None:
+        return cached(ref, f"evaluation of {dataset.name or dataset.benchmark} {fp}")
+    return evaluate.evaluate(store, model_ref, rpn, dataset, params, fp)

@@ -13,12 +13,17 @@ from storage.store import Store
 from tests.conftest import random_image
 
 
-def test_bad_manifest_line_is_named(tmp_path):
+def test_bad_manifest_line_is_quarantined_with_its_location(tmp_path):
+    from stages.data import read_rejections
+
     manifest = tmp_path / "samples.jsonl"
     random_image(0).save(tmp_path / "x.png")
     manifest.write_text('{"id": "a", "image": "x.png", "question": "q"}\n{"id": "b", "question": "q"}\n')
-    with pytest.raises(ValueError, match=r"samples.jsonl:2: bad manifest line"):
-        build_manifest(DatasetSpec(kind="jsonl", path=str(manifest)), Store(str(tmp_path / "store")))
+    store = Store(str(tmp_path / "store"))
+    ref = build_manifest(DatasetSpec(kind="jsonl", path=str(manifest)), store)
+    assert ref.rows == 1 and ref.rejected == 1
+    (rejection,) = read_rejections(ref, store)
+    assert rejection["sample_id"] == "b" and rejection["reason"].startswith("samples.jsonl:2: bad row: 'image'")
 
 
 def test_jsonl_manifest_resolves_relative_images_and_is_stable(tmp_path):
@@ -48,7 +53,7 @@ def test_config_yaml_validation(tmp_path):
     bad.write_text("model: {source: tiny}\ntrian: {lr: 1}\n")  # a typo'd section is an error, not ignored
     with pytest.raises(ValueError, match="trian"):
         PipelineConfig.from_yaml(bad)
-    with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):
+    with pytest.raises(ValueError, match=r"config file not found: .*nope\.yaml"):
         PipelineConfig.from_yaml(tmp_path / "nope.yaml")
 
 

@@ -336,7 +336,7 @@ def test_full_flow_on_s3(family, moto_server, s3_settings, tmp_path, monkeypatch
     summary = sdrpn(cfg)
     assert summary["rpn"].startswith("s3://") and summary["eval"][0].startswith("s3://")
     store = Store(cfg.store.settings())
-    assert store.ls("_prefect")  # Prefect's cache records live in the bucket too
+    assert not store.ls("_prefect")  # no Prefect result records (pickles) in the shared bucket: the store is the cache
     calls = Calls(monkeypatch)
     assert sdrpn(cfg)["scores"] == summary["scores"] and calls.n == {}
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdrpn_core.train import CHECKPOINT_DIR, TrainConfig, TrainSample, lr_at, rpn_loss, train_rpn
+from sdrpn_core.train import CHECKPOINT_DIR, TrainConfig, TrainSample, latest_checkpoint, lr_at, rpn_loss, train_rpn
 from tests.conftest import QUESTIONS, random_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,9 +134,9 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, family):
     script = WORKER.format(root=str(ROOT), samples=spec, cfg=json.dumps(cfg), die_at=5, out=str(out), family=family)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    state = json.loads((out / CHECKPOINT_DIR / "state.json").read_text())
+    state = json.loads((latest_checkpoint(out / CHECKPOINT_DIR) / "state.json").read_text())
     assert state["step"] == 4  # the checkpoint of step 4 survived; step 5 was lost with the process
-    assert not list(out.glob(".*.tmp"))  # no half-written checkpoint where readers look
+    assert [p.name for p in (out / CHECKPOINT_DIR).iterdir()] == ["step-000000004"]  # nothing half-written
 
     resumed = train_rpn(build_tiny(family), samples, TrainConfig(**cfg), out_dir=out)
     straight = train_rpn(build_tiny(family), samples, TrainConfig(**cfg))
@@ -144,3 +144,46 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, family):
     for (name, a), (_, b) in zip(resumed.rpn.state_dict().items(), straight.rpn.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL inside the checkpoint swap: nothing after the injection point runs."""
+
+
+@pytest.mark.parametrize("kill_at", ["rename", "cleanup"])
+def test_kill_at_each_checkpoint_swap_step_leaves_a_resumable_run(tmp_path, tiny_llava, monkeypatch, kill_at):
+    """A kill after the new checkpoint is written but before it is renamed into place, or after the rename but
+    before the old one is removed: the next run resumes from a complete checkpoint and its saves still work (the
+    old design failed every rerun with "Directory not empty" after the second case)."""
+    import shutil
+
+    import sdrpn_core.train as train_mod
+
+    samples = make_samples(tmp_path, 8)
+    cfg = TrainConfig(K=1, T=2, lr=1e-3, batch_size=4, epochs=3, checkpoint_every=2)
+    out = tmp_path / "run"
+    real = {"rename": Path.rename, "cleanup": shutil.rmtree}
+    calls = {"n": 0}
+    # the save of step 2 renames (call 1) and has nothing to clean up; the save of step 4 renames (call 2), then
+    # removes step 2 (the first cleanup call): the kill hits the save of step 4 either way
+    kill_call = {"rename": 2, "cleanup": 1}[kill_at]
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == kill_call:
+            raise _Killed
+        return real[kill_at](*args, **kwargs)
+
+    target = (Path, "rename") if kill_at == "rename" else (train_mod.shutil, "rmtree")
+    monkeypatch.setattr(*target, dying)
+    with pytest.raises(_Killed):
+        train_rpn(tiny_llava, samples, cfg, out_dir=out)
+    monkeypatch.undo()
+    names = sorted(p.name for p in (out / CHECKPOINT_DIR).iterdir())
+    expected_step = 2 if kill_at == "rename" else 4  # before the rename the new one is a hidden temporary
+    assert latest_checkpoint(out / CHECKPOINT_DIR).name == f"step-{expected_step:09d}", names
+    resumed = train_rpn(tiny_llava, samples, cfg, out_dir=out)
+    straight = train_rpn(tiny_llava, samples, cfg)
+    assert resumed.steps == straight.steps == 6
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    assert [p.name for p in (out / CHECKPOINT_DIR).iterdir()] == ["step-000000006"]  # leftovers cleaned up

@@ -1,0 +1,155 @@
+"""Peak memory of the labels stage as the number of teacher rows grows: it must stream the teacher shards, so
+the peak should stay flat (goal: the larger run within 1.5× the smaller).
+
+For each size, synthetic teacher rows of a 24×24 grid (LLaVA-1.5's 576 image tokens: grounding and sink maps)
+are committed to a temporary local store in shards of 2,000 rows, with a manifest of the same samples; then a
+fresh process runs `stages.labels.denoise` over them and reports its peak RSS above the RSS it had just before
+(imports done). Each measurement is a separate process, so one size's allocations cannot hide another's.
+
+    python benchmarks/labels_memory.py [--quick] [--sizes 10000,100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARD_ROWS = 2_000
+CELLS = 576
+
+
+def _teacher_shard(start: int, n: int, rng):
+    import numpy as np
+    import pyarrow as pa
+
+    from storage.labels import TEACHER_SCHEMA
+
+    def lists(values):
+        offsets = pa.array(np.arange(0, n * CELLS + 1, CELLS, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.float32()))
+
+    grounding = rng.random((n, CELLS)) ** 6 * 0.01
+    grounding[np.arange(n), rng.integers(0, CELLS, n)] += 0.05  # one clear peak per map
+    cols = {
+        "sample_key": pa.array([f"{i:016x}" for i in range(start, start + n)]),
+        "sample_id": pa.array([f"gqa-{i:08d}" for i in range(start, start + n)]),
+        "image": pa.array([f"/data/gqa/images/{i:08d}.jpg" for i in range(start, start + n)]),
+        "question": pa.array(["Is the man to the left or to the right of the bus?"] * n),
+        "answer": pa.array(["left"] * n),
+        "grid_h": pa.array(np.full(n, 24, np.int16)),
+        "grid_w": pa.array(np.full(n, 24, np.int16)),
+        "image_w": pa.array(np.full(n, 640, np.int32)),
+        "image_h": pa.array(np.full(n, 480, np.int32)),
+        "n_steps": pa.array(np.full(n, 2, np.int16)),
+        "grounding": lists(grounding.astype(np.float32)),
+        "sink": lists((rng.random((n, CELLS)) * 2e-3).astype(np.float32)),
+        "image_hidden_norms": pa.nulls(n, pa.list_(pa.float32())),
+    }
+    return pa.Table.from_pydict(cols, schema=TEACHER_SCHEMA)
+
+
+def prepare(root: str, rows: int) -> dict:
+    """Teacher rows + manifest in a store at `root`; returns what the measuring process needs."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.data import MANIFEST_SCHEMA
+    from storage.artifacts import ArtifactStore
+    from storage.labels import teacher_dataset
+    from storage.store import Store
+
+    store = Store(root)
+    rng = np.random.default_rng(0)
+    ds = teacher_dataset(store, "teacherfp0000000")
+    for start in range(0, rows, SHARD_ROWS):
+        ds.write(_teacher_shard(start, min(SHARD_ROWS, rows - start), rng), skip_committed=False)
+    manifest = pa.table(
+        {
+            "sample_id": [f"gqa-{i:08d}" for i in range(rows)],
+            "sample_key": [f"{i:016x}" for i in range(rows)],
+            "image": [f"/data/gqa/images/{i:08d}.jpg" for i in range(rows)],
+            "question": ["Is the man to the left or to the right of the bus?"] * rows,
+            "answers": [["left"]] * rows,
+            "box": pa.nulls(rows, pa.list_(pa.int32())),
+            "domain": ["default"] * rows,
+            "category": [""] * rows,
+            "options": [""] * rows,
+        },
+        schema=MANIFEST_SCHEMA,
+    )
+    buf = io.BytesIO()
+    pq.write_table(manifest, buf)
+    ArtifactStore(store).put_files("datasets", f"bench{rows:011d}", {"manifest.parquet": buf.getvalue()})
+    return {"root": root, "dataset": f"bench{rows:011d}", "rows": rows}
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure(job: dict) -> dict:
+    """Run in a fresh process: the labels stage over the prepared store; peak RSS above the start."""
+    import resource
+
+    from sdrpn_core.pseudo_labels import LabelParams
+    from stages.labels import denoise
+    from stages.refs import DatasetRef
+    from storage.store import Store
+
+    store = Store(job["root"])
+    dataset = DatasetRef(job["dataset"], "", job["rows"])
+    start = _rss_mib()
+    t0 = time.perf_counter()
+    ref = denoise(store, dataset, "teacherfp0000000", LabelParams(), "labelsfp00000000")
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    assert ref.rows == job["rows"], (ref.rows, job["rows"])
+    return {"rows": job["rows"], "peak_above_start_mib": peak - start, "start_mib": start, "seconds": seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2K and 20K rows (under a minute)")
+    p.add_argument("--sizes", default="10000,100000")
+    p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: the child process's job (JSON)
+    args = p.parse_args()
+    if args.measure:
+        print(json.dumps(measure(json.loads(args.measure))))
+        return
+    sizes = [2_000, 20_000] if args.quick else [int(v) for v in args.sizes.split(",")]
+    results = []
+    for rows in sizes:
+        with tempfile.TemporaryDirectory() as d:
+            job = prepare(d, rows)
+            out = subprocess.run(
+                [sys.executable, __file__, "--measure", json.dumps(job)], check=True, capture_output=True, text=True
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(
+            f"{rows:>7} teacher rows: labels stage peak {r['peak_above_start_mib']:7.1f} MiB above start "
+            f"({r['start_mib']:.0f} MiB at start), {r['seconds']:.1f} s ({rows / r['seconds']:.0f} rows/s)"
+        )
+    small, large = results[0], results[-1]
+    ratio = large["peak_above_start_mib"] / max(small["peak_above_start_mib"], 1e-9)
+    print(f"{large['rows'] // small['rows']}× the rows → {ratio:.2f}× the peak (goal ≤ 1.5×)")
+    tag = {2_000: "2k", 20_000: "20k", 10_000: "10k", 100_000: "100k"}
+    keys = [f"labels_peak_mib_{tag.get(r['rows'], str(r['rows']))}={r['peak_above_start_mib']:.1f}" for r in results]
+    print(f"RESULT {' '.join(keys)} peak_ratio={ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
