@@ -2,11 +2,13 @@
 the peak should stay flat (goal: the larger run within 1.5× the smaller).
 
 For each size, synthetic teacher rows of a 24×24 grid (LLaVA-1.5's 576 image tokens: grounding and sink maps)
-are committed to a temporary local store in shards of 2,000 rows, with a manifest of the same samples; then a
-fresh process runs `stages.labels.denoise` over them and reports its peak RSS above the RSS it had just before
-(imports done). Each measurement is a separate process, so one size's allocations cannot hide another's.
+are committed to a temporary local store in shards of 2,000 rows (`--shard-rows`), with a manifest of the same
+samples; then a fresh process runs `stages.labels.denoise` over them and reports its peak RSS above the RSS it
+had just before (imports done). Each size runs three times in fresh processes (median reported: single peaks move
+by tens of MiB with the allocators' arenas). `--warm-up-shards N` first runs the stage over N other shards in the
+same process, to see the working set without the allocators' ramp-up.
 
-    python benchmarks/labels_memory.py [--quick] [--sizes 10000,100000]
+    python benchmarks/labels_memory.py [--quick] [--sizes 10000,100000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _teacher_shard(start: int, n: int, rng):
     return pa.Table.from_pydict(cols, schema=TEACHER_SCHEMA)
 
 
-def prepare(root: str, rows: int) -> dict:
+def prepare(root: str, rows: int, teacher_fp: str = "teacherfp0000000", shard_rows: int = SHARD_ROWS) -> dict:
     """Teacher rows + manifest in a store at `root`; returns what the measuring process needs."""
     import io
 
@@ -70,9 +72,9 @@ def prepare(root: str, rows: int) -> dict:
 
     store = Store(root)
     rng = np.random.default_rng(0)
-    ds = teacher_dataset(store, "teacherfp0000000")
-    for start in range(0, rows, SHARD_ROWS):
-        ds.write(_teacher_shard(start, min(SHARD_ROWS, rows - start), rng), skip_committed=False)
+    ds = teacher_dataset(store, teacher_fp)
+    for start in range(0, rows, shard_rows):
+        ds.write(_teacher_shard(start, min(shard_rows, rows - start), rng), skip_committed=False)
     manifest = pa.table(
         {
             "sample_id": [f"gqa-{i:08d}" for i in range(rows)],
@@ -90,7 +92,7 @@ def prepare(root: str, rows: int) -> dict:
     buf = io.BytesIO()
     pq.write_table(manifest, buf)
     ArtifactStore(store).put_files("datasets", f"bench{rows:011d}", {"manifest.parquet": buf.getvalue()})
-    return {"root": root, "dataset": f"bench{rows:011d}", "rows": rows}
+    return {"root": root, "dataset": f"bench{rows:011d}", "rows": rows, "teacher": teacher_fp}
 
 
 def _rss_mib() -> float:
@@ -101,7 +103,8 @@ def _rss_mib() -> float:
 
 
 def measure(job: dict) -> dict:
-    """Run in a fresh process: the labels stage over the prepared store; peak RSS above the start."""
+    """Run in a fresh process: the labels stage over the prepared store; peak RSS above the start. A warm-up run
+    over other shards first (`warm_up`, optional) pays the one-off costs (lazy imports, allocator arenas)."""
     import resource
 
     from sdrpn_core.pseudo_labels import LabelParams
@@ -110,10 +113,13 @@ def measure(job: dict) -> dict:
     from storage.store import Store
 
     store = Store(job["root"])
+    run = job["run"]  # each repeat labels into its own fingerprint: a finished label set would be a cache hit
+    if warm := job.get("warm_up"):
+        denoise(store, DatasetRef(warm["dataset"], "", warm["rows"]), warm["teacher"], LabelParams(), f"warm{run:012d}")
     dataset = DatasetRef(job["dataset"], "", job["rows"])
     start = _rss_mib()
     t0 = time.perf_counter()
-    ref = denoise(store, dataset, "teacherfp0000000", LabelParams(), "labelsfp00000000")
+    ref = denoise(store, dataset, job["teacher"], LabelParams(), f"labels{run:010d}")
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     assert ref.rows == job["rows"], (ref.rows, job["rows"])
@@ -122,26 +128,41 @@ def measure(job: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2K and 20K rows (under a minute)")
+    p.add_argument("--quick", action="store_true", help="2K and 20K rows in shards of 500 (under a minute)")
     p.add_argument("--sizes", default="10000,100000")
+    p.add_argument("--shard-rows", type=int, default=SHARD_ROWS, help="teacher rows per committed shard")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per size; the median is reported")
+    p.add_argument("--warm-up-shards", type=int, default=0, help="shards labelled first, outside the measurement")
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: the child process's job (JSON)
     args = p.parse_args()
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))))
         return
     sizes = [2_000, 20_000] if args.quick else [int(v) for v in args.sizes.split(",")]
+    shard_rows = 500 if args.quick else args.shard_rows
     results = []
     for rows in sizes:
         with tempfile.TemporaryDirectory() as d:
-            job = prepare(d, rows)
-            out = subprocess.run(
-                [sys.executable, __file__, "--measure", json.dumps(job)], check=True, capture_output=True, text=True
-            )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            job = prepare(d, rows, shard_rows=shard_rows)
+            if args.warm_up_shards:
+                job["warm_up"] = prepare(d, args.warm_up_shards * shard_rows, "teacherwarm00000", shard_rows)
+            runs = []
+            for run in range(args.repeats):  # RSS peaks move by ±20 MiB run to run (allocator arenas): the median
+                out = subprocess.run(
+                    [sys.executable, __file__, "--measure", json.dumps({**job, "run": run})],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs.sort(key=lambda r: r["peak_above_start_mib"])
+        r = runs[len(runs) // 2]
         results.append(r)
+        each = ", ".join(f"{x['peak_above_start_mib']:.0f}" for x in runs)
         print(
-            f"{rows:>7} teacher rows: labels stage peak {r['peak_above_start_mib']:7.1f} MiB above start "
-            f"({r['start_mib']:.0f} MiB at start), {r['seconds']:.1f} s ({rows / r['seconds']:.0f} rows/s)"
+            f"{rows:>7} teacher rows: labels stage peak {r['peak_above_start_mib']:7.1f} MiB above start (median of "
+            f"{len(runs)}: {each}; {r['start_mib']:.0f} MiB at start), {r['seconds']:.1f} s "
+            f"({rows / r['seconds']:.0f} rows/s)"
         )
     small, large = results[0], results[-1]
     ratio = large["peak_above_start_mib"] / max(small["peak_above_start_mib"], 1e-9)

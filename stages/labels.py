@@ -1,10 +1,11 @@
 """The `labels` stage: teacher rows of a dataset's samples → three-state labels and statistics (cheap; rerun
 whenever label parameters change, reusing the stored teacher maps).
 
-Teacher shards are streamed one at a time (memory stays flat in the number of rows), each checked against its
-commit record. Every manifest sample ends as a label row or a quarantine row with the teacher's reason; a sample
-with neither (a missing or corrupt teacher shard, an extraction that did not finish) is an error naming the
-shards, never a silent gap.
+Teacher shards are streamed one at a time, each checked against its commit record, and matched to the manifest
+with Arrow joins; what the stage remembers per sample is one byte (a mask over the manifest rows), so memory stays
+flat in the number of rows (`benchmarks/labels_memory.py`). Every manifest sample ends as a label row or a
+quarantine row with the teacher's reason; a sample with neither (a missing or corrupt teacher shard, an extraction
+that did not finish) is an error naming the shards, never a silent gap.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -23,106 +25,138 @@ from stages.refs import DatasetRef, LabelsRef
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import stage_fingerprint
 from storage.labels import label_dataset, label_table, teacher_dataset, teacher_records
+from storage.sharded import ShardedDataset
 from storage.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 DONE = "_DONE.json"
+LABEL_SLICE = 256  # teacher rows turned into label rows at a time
+_STAT_COLUMNS = ["sample_id", "valid", "num_fg", "num_bg", "num_sink", "reason"]
 
 
 def labels_fingerprint(teacher_fp: str, dataset: DatasetRef, params: LabelParams) -> str:
     return stage_fingerprint("labels", {"teacher": teacher_fp, "dataset": dataset.fingerprint}, params)
 
 
-def _ref(store: Store, labels_fp: str) -> LabelsRef:
-    ds = label_dataset(store, labels_fp)
-    table = ds.read(columns=["sample_id", "valid", "num_fg", "num_bg", "num_ignore", "num_sink", "reason"])
-    valid = np.asarray(table.column("valid").to_pylist(), dtype=bool)
-    reasons = table.column("reason").to_pylist()
-    stats = {
-        "samples": table.num_rows,
-        "usable": int(valid.sum()),
-        "all_ignore": int((~valid).sum()),
-        "quarantined": ds.quarantined().num_rows,
-        "mean_fg": float(np.mean(table.column("num_fg").to_numpy())) if table.num_rows else 0.0,
-        "mean_bg": float(np.mean(table.column("num_bg").to_numpy())) if table.num_rows else 0.0,
-        "mean_sink": float(np.mean(table.column("num_sink").to_numpy())) if table.num_rows else 0.0,
-        "ignored_because": {r: reasons.count(r) for r in sorted(set(reasons)) if r},
-    }
-    return LabelsRef(labels_fp, ds.url, table.num_rows, int(valid.sum()), stats)
-
-
 def lookup(store: Store, labels_fp: str) -> LabelsRef | None:
-    """The finished label set, if its done marker is there and every shard matches its commit record."""
+    """The finished label set, if its done record is valid and every shard matches its commit record."""
     if not store.exists("labels", labels_fp, DONE):
         return None
     ds = label_dataset(store, labels_fp)
+    try:
+        stats = store.read_json("labels", labels_fp, DONE).get("stats")
+    except (ValueError, AttributeError):
+        stats = None
+    if not isinstance(stats, dict) or not all(isinstance(stats.get(k), int) for k in ("samples", "usable")):
+        log.error("label set %s: malformed %s, relabelling", ds.url, DONE)
+        return None
     bad = ds.bad_commits()
     if bad:
         log.error("label set %s has %d corrupt shards (%s): relabelling", ds.url, len(bad), bad[0].shard)
         store.rm("labels", labels_fp, DONE)
         return None
-    return _ref(store, labels_fp)
+    return LabelsRef(labels_fp, ds.url, stats["samples"], stats["usable"], stats)
 
 
 def _manifest_index(dataset: DatasetRef, store: Store) -> pa.Table:
-    """sample_id, sample_key, image of every manifest row (a compact Arrow table, not Python dicts)."""
+    """sample_id, sample_key, image and row number of every manifest row (compact Arrow, not Python objects)."""
     data = ArtifactStore(store).read("datasets", dataset.fingerprint, "manifest.parquet")
-    return pq.read_table(io.BytesIO(data), columns=["sample_id", "sample_key", "image"])
+    table = pq.read_table(io.BytesIO(data), columns=["sample_id", "sample_key", "image"])
+    return table.append_column("_mrow", pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
 
-def _isin(column: pa.ChunkedArray, values) -> pa.ChunkedArray:
+def _isin(column: pa.ChunkedArray | pa.Array, values) -> pa.ChunkedArray:
     return pc.is_in(column, value_set=pa.array(sorted(values), type=pa.string()))
 
 
-def _label_shard(
-    ds, shard: pa.Table, manifest: pa.Table, params: LabelParams, meta: dict, done: set[str]
-) -> set[str]:
-    """Label one teacher shard's rows for every manifest row that holds them (but those in `done`, labelled by an
-    earlier, interrupted run); returns the keys covered."""
-    rows = pa.table({"sample_key": shard.column("sample_key"), "_row": pa.array(range(shard.num_rows))})
-    pairs = rows.join(manifest, "sample_key", join_type="inner")  # Arrow joins no list columns: join row numbers
+def _first_unseen(pairs: pa.Table, seen: np.ndarray) -> pa.Table:
+    """Rows of `pairs` (with `_mrow`) whose manifest row is not yet in `seen`, each manifest row once; marks them."""
+    mrows = pairs.column("_mrow").to_numpy()
+    _, first = np.unique(mrows, return_index=True)
+    keep = np.sort(first[~seen[mrows[first]]])
+    seen[mrows[keep]] = True
+    return pairs.take(pa.array(keep, type=pa.int64()))
+
+
+def _label_shard(ds: ShardedDataset, shard: pa.Table, manifest: pa.Table, covered: np.ndarray, params, meta) -> None:
+    """Label one teacher shard's rows for every manifest row they hold that has no label yet (first commit wins)."""
+    rows = pa.table({"sample_key": shard.column("sample_key"), "_row": pa.array(np.arange(shard.num_rows))})
+    # Arrow joins no list columns (so row numbers are joined), and builds its hash table on the right side: the
+    # shard, so each join costs memory in the shard's size, not the manifest's
+    pairs = _first_unseen(manifest.join(rows, "sample_key", join_type="inner", use_threads=False), covered)
+    if not pairs.num_rows:
+        return
     joined = shard.take(pairs.column("_row")).drop_columns(["sample_id", "image"])
     joined = joined.append_column("sample_id", pairs.column("sample_id")).append_column("image", pairs.column("image"))
-    if done:
-        joined = joined.filter(pc.invert(_isin(joined.column("sample_id"), done)))
-    if joined.num_rows:
-        ds.write(label_table(teacher_records(joined), params), meta, skip_committed=False)
-    return set(shard.column("sample_key").to_pylist())
+    slices = range(0, joined.num_rows, LABEL_SLICE)  # the Python-side working set stays small whatever the shard
+    parts = [label_table(teacher_records(joined.slice(i, LABEL_SLICE)), params) for i in slices]
+    ds.write(pa.concat_tables(parts), meta, skip_committed=False)
+
+
+def _stats(ds: ShardedDataset, manifest: pa.Table) -> dict:
+    """Label statistics over the committed label rows (each manifest sample counted once), streamed."""
+    counted = np.zeros(manifest.num_rows, dtype=bool)
+    sums: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    ids = manifest.select(["sample_id", "_mrow"])
+    for shard in ds.iter_shards(_STAT_COLUMNS, dedup=False):
+        rows = _first_unseen(ids.join(shard, "sample_id", join_type="inner", use_threads=False), counted)
+        sums["samples"] += rows.num_rows
+        for column in ("valid", "num_fg", "num_bg", "num_sink"):
+            sums[column] += int(pc.sum(rows.column(column).cast(pa.int64())).as_py() or 0)
+        reasons.update(r for r in rows.column("reason").to_pylist() if r)
+    n = sums["samples"]
+    return {
+        "samples": n,
+        "usable": sums["valid"],
+        "all_ignore": n - sums["valid"],
+        **{f"mean_{k}": sums[f"num_{k}"] / n if n else 0.0 for k in ("fg", "bg", "sink")},
+        "ignored_because": dict(sorted(reasons.items())),
+    }
+
+
+def _quarantine_rejected(ds, teacher, manifest: pa.Table, covered: np.ndarray, meta: dict) -> np.ndarray:
+    """Manifest rows the teacher rejected (and that have no label row) → label quarantine with its reason."""
+    rejected = np.zeros(manifest.num_rows, dtype=bool)
+    reasons = teacher.quarantined()
+    pairs = reasons.join(manifest.select(["sample_key", "sample_id", "_mrow"]), "sample_key", join_type="inner")
+    pairs = pairs.filter(pa.array(~covered[pairs.column("_mrow").to_numpy()]))
+    pairs = _first_unseen(pairs, rejected)
+    already = ds.committed_ids(among=pairs.column("sample_id").to_pylist())
+    ds.quarantine(
+        [(i, r) for i, r in zip(pairs.column("sample_id").to_pylist(), pairs.column("reason").to_pylist(), strict=True)
+         if i not in already],
+        meta,
+    )
+    return rejected
 
 
 def denoise(store: Store, dataset: DatasetRef, teacher_fp: str, params: LabelParams, labels_fp: str) -> LabelsRef:
-    """Idempotent: a done marker is written last; a crashed run is completed (committed ids are skipped)."""
+    """Idempotent: a done record is written last; a crashed run is completed (labelled samples are skipped)."""
     if (ref := lookup(store, labels_fp)) is not None:
         return ref
     ds = label_dataset(store, labels_fp)
     manifest = _manifest_index(dataset, store)
-    keys = set(manifest.column("sample_key").to_pylist())
+    covered = np.asarray(_isin(manifest.column("sample_id"), ds.committed_ids(include_quarantine=False)))
     teacher = teacher_dataset(store, teacher_fp)
     meta = {"teacher": teacher_fp, "dataset": dataset.fingerprint}
-    done, covered = ds.committed_ids(), set()
-    for shard in teacher.iter_shards(among=keys):
-        covered |= _label_shard(ds, shard, manifest, params, meta, done)
+    for shard in teacher.iter_shards(dedup=False):
+        _label_shard(ds, shard, manifest, covered, params, meta)
     problems = list(teacher.problems)
-    rejected = teacher.quarantined(among=keys - covered)
-    reasons = dict(zip(rejected.column("sample_key").to_pylist(), rejected.column("reason").to_pylist(), strict=True))
-    missing = keys - covered - reasons.keys()
-    if missing:
+    rejected = _quarantine_rejected(ds, teacher, manifest, covered, meta)
+    missing = ~covered & ~rejected
+    if missing.any():
+        examples = manifest.column("sample_id").take(pa.array(np.flatnonzero(missing)[:3])).to_pylist()
         raise StoreError(
-            f"{len(missing)} of {len(keys)} samples of dataset {dataset.fingerprint} have no teacher row and no "
-            f"rejection in {teacher.url}: "
+            f"{int(missing.sum())} of {manifest.num_rows} samples of dataset {dataset.fingerprint} (e.g. {examples}) "
+            f"have no teacher row and no rejection in {teacher.url}: "
             + ("; ".join(problems[:3]) if problems else "the teacher stage has not finished")
             + ". Rerun the teacher stage: missing and corrupt shards are re-extracted."
         )
-    quarantine = manifest.filter(_isin(manifest.column("sample_key"), reasons.keys()))
-    ids, qkeys = quarantine.column("sample_id").to_pylist(), quarantine.column("sample_key").to_pylist()
-    ds.quarantine([(sid, reasons[k]) for sid, k in zip(ids, qkeys, strict=True) if sid not in done], meta)
-    if not covered:  # an empty label set is a failure, never a finished (and so reused) stage
-        first = "; ".join(sorted(set(reasons.values()))[:3])
+    if not covered.any():  # an empty label set is a failure, never a finished (and so reused) stage
+        first = "; ".join(sorted(set(teacher.quarantined().column("reason").to_pylist()))[:3])
         raise ValueError(f"no sample of dataset {dataset.fingerprint} got a teacher row: all were rejected ({first})")
-    store.write_json(
-        {"teacher": teacher_fp, "dataset": dataset.fingerprint, "params": dataclasses.asdict(params)},
-        "labels",
-        labels_fp,
-        DONE,
-    )
-    return _ref(store, labels_fp)
+    stats = {**_stats(ds, manifest), "quarantined": int(rejected.sum())}
+    done = {"teacher": teacher_fp, "dataset": dataset.fingerprint, "params": dataclasses.asdict(params), "stats": stats}
+    store.write_json(done, "labels", labels_fp, DONE)
+    return LabelsRef(labels_fp, ds.url, stats["samples"], stats["usable"], stats)

@@ -98,25 +98,42 @@ def teacher_table(records: Sequence[TeacherRecord], keys: Sequence[str] | None =
     return pa.Table.from_pydict(cols, schema=TEACHER_SCHEMA)
 
 
+def _float_lists(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+    """A list<float32> column → one float32 array per row, sliced from one flat buffer (no Python floats)."""
+    array = column.combine_chunks()
+    values = array.flatten()
+    # a view on Arrow's buffer where possible: no multi-MB malloc per shard for the allocator to fragment
+    flat = values.to_numpy(zero_copy_only=values.null_count == 0)
+    offsets = np.asarray(array.offsets) - array.offsets[0].as_py()
+    valid = np.asarray(array.is_valid())
+    return [flat[offsets[i] : offsets[i + 1]] if valid[i] else None for i in range(len(array))]
+
+
 def teacher_records(table: pa.Table) -> list[TeacherRecord]:
-    out = []
-    for r in table.to_pylist():
-        norms = r.get("image_hidden_norms")
-        out.append(
-            TeacherRecord(
-                sample_id=r["sample_id"],
-                image=r["image"],
-                question=r["question"],
-                answer=r["answer"],
-                grid=(r["grid_h"], r["grid_w"]),
-                grounding=np.asarray(r["grounding"], dtype=np.float32),
-                sink=np.asarray(r["sink"], dtype=np.float32),
-                n_steps=r["n_steps"],
-                image_size=(r["image_w"], r["image_h"]),
-                image_hidden_norms=None if norms is None else np.asarray(norms, dtype=np.float32),
-            )
+    scalars = table.select(
+        ["sample_id", "image", "question", "answer", "grid_h", "grid_w", "n_steps", "image_w", "image_h"]
+    ).to_pylist()
+    grounding, sink = _float_lists(table.column("grounding")), _float_lists(table.column("sink"))
+    norms = (
+        _float_lists(table.column("image_hidden_norms"))
+        if "image_hidden_norms" in table.column_names
+        else [None] * table.num_rows
+    )
+    return [
+        TeacherRecord(
+            sample_id=r["sample_id"],
+            image=r["image"],
+            question=r["question"],
+            answer=r["answer"],
+            grid=(r["grid_h"], r["grid_w"]),
+            grounding=g,
+            sink=k,
+            n_steps=r["n_steps"],
+            image_size=(r["image_w"], r["image_h"]),
+            image_hidden_norms=n,
         )
-    return out
+        for r, g, k, n in zip(scalars, grounding, sink, norms, strict=True)
+    ]
 
 
 def label_table(records: Sequence[TeacherRecord], params: LabelParams, meta: dict | None = None) -> pa.Table:

@@ -111,7 +111,10 @@ class ShardedDataset:
     # -- the commit log ----------------------------------------------------------------------------------------
     def commits(self) -> list[Commit]:
         """Every well-formed commit record, oldest first; malformed ones are reported problems."""
-        out = []
+        return list(self.iter_commits())
+
+    def iter_commits(self) -> Iterator[Commit]:
+        """The commit records one at a time (a reader of a large dataset never holds every record's keys)."""
         for name in self.store.ls(self.prefix, COMMITS):
             if not name.endswith(".json"):
                 continue
@@ -127,10 +130,9 @@ class ShardedDataset:
                     f"v{self.schema_version} — upgrade sdrpn"
                 )
             try:
-                out.append(parse_commit(name, raw))
+                yield parse_commit(name, raw)
             except ValueError as e:
                 self._problem(f"commit record {name} is malformed: {e}")
-        return out
 
     def verified(self, commit: Commit) -> bool:
         """Whether the shard's bytes match its commit record (read and hashed once per instance)."""
@@ -262,26 +264,34 @@ class ShardedDataset:
             raise StoreError(full)
 
     def iter_shards(
-        self, columns: Sequence[str] | None = None, *, strict: bool = False, among: set[str] | None = None
+        self,
+        columns: Sequence[str] | None = None,
+        *,
+        strict: bool = False,
+        among: set[str] | None = None,
+        dedup: bool = True,
     ) -> Iterator[pa.Table]:
-        """Verified data shards one at a time (bounded memory), first commit wins per key; with `among`, only
-        shards holding those keys, filtered to them. Bad shards are skipped and reported in `.problems`."""
+        """Verified data shards one at a time (bounded memory), in commit order, first commit winning per key;
+        with `among`, only shards holding those keys, filtered to them. `dedup=False` leaves repeated keys to the
+        caller (who then holds no set of every key seen). Bad shards are skipped and reported in `.problems`."""
         self._strict = strict
         self.problems = []
         schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
         wanted = columns if columns is None or self.key in columns else [*columns, self.key]
         seen: set[str] = set()
-        for commit in self.commits():
+        for commit in self.iter_commits():
             if commit.kind != "data" or (among is not None and among.isdisjoint(commit.ids)):
                 continue
             table = self._read_shard(commit, wanted)
             if table is None:
                 continue
-            ids = table.column(self.key).to_pylist()
-            keep = [i for i, sid in enumerate(ids) if sid not in seen and (among is None or sid in among)]
-            seen.update(ids)
-            if len(keep) < len(ids):
-                table = table.take(pa.array(keep, type=pa.int64()))
+            if dedup or among is not None:
+                ids = table.column(self.key).to_pylist()
+                keep = [i for i, k in enumerate(ids) if (not dedup or k not in seen) and (among is None or k in among)]
+                if dedup:
+                    seen.update(ids)
+                if len(keep) < len(ids):
+                    table = table.take(pa.array(keep, type=pa.int64()))
             if table.num_rows:
                 yield table.select(schema.names).cast(schema)
 

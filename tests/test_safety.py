@@ -376,3 +376,21 @@ def test_killed_cli_does_not_leave_its_temporary_prefect_server(tmp_path, sig):
     else:
         os.kill(server_pid, signal.SIGKILL)
         pytest.fail(f"the temporary Prefect server (pid {server_pid}) outlived the killed CLI")
+
+
+def test_a_manifest_and_its_images_on_s3(s3_settings, tmp_path):
+    """`train_data.path` may be any fsspec URL: a JSONL manifest in a bucket, its images beside it."""
+    import io
+
+    store = Store(s3_settings)
+    for i in range(2):
+        buf = io.BytesIO()
+        random_image(i).save(buf, format="PNG")
+        store.write_bytes(buf.getvalue(), "incoming", "imgs", f"{i}.png")
+    lines = [json.dumps({"id": f"s{i}", "image": f"imgs/{i}.png", "question": f"q{i}?"}) for i in range(2)]
+    store.write_bytes("\n".join([*lines, "{broken"]).encode(), "incoming", "m.jsonl")
+    ref = build_manifest(DatasetSpec(kind="jsonl", path=store.url("incoming", "m.jsonl")), store)
+    rows = read_manifest(ref, store)
+    assert [r["image"] for r in rows] == [store.url("incoming", "imgs", f"{i}.png") for i in range(2)]
+    assert [r["reason"] for r in read_rejections(ref, store)] == ["m.jsonl:3: not a JSON line (Expecting property "
+                                                                  "name enclosed in double quotes)"]
