@@ -88,7 +88,16 @@ def temporary_api(timeout_s: float = 90.0):
         with temporary_settings({PREFECT_API_URL: url}):
             yield url
     finally:
+        _flush_logs()
         _stop(server)
+
+
+def _flush_logs() -> None:
+    """Send Prefect's queued run logs while the API is still up (else they fail after it stops)."""
+    from prefect.logging.handlers import APILogWorker
+
+    with contextlib.suppress(Exception):
+        APILogWorker.drain_all(timeout=10)
 
 
 _SERVERS: list[subprocess.Popen] = []

@@ -55,7 +55,8 @@ def train(
     if (ref := lookup(store, train_fp)) is not None:
         return ref
     arts = ArtifactStore(store)
-    frame = label_dataset(store, labels.fingerprint).scan().filter(pl.col("valid")).collect()
+    # sorted: the training order must not depend on the order shards were committed in (threads, workers)
+    frame = label_dataset(store, labels.fingerprint).scan().filter(pl.col("valid")).sort("sample_id").collect()
     if frame.height == 0:
         raise ValueError(
             f"no usable labels in {labels.url}: all {labels.rows} samples are all-ignore or were rejected "
@@ -91,13 +92,14 @@ def train(
         },
     )
     arts.set_latest(model.fingerprint, "rpn", train_fp)
+    # the scratch only serves a resume after a crash: once committed it goes, so a later run whose artifact is
+    # gone (deleted, or failing verification) trains afresh instead of "resuming" at the last step
+    shutil.rmtree(scratch, ignore_errors=True)
     return RpnRef(train_fp, arts.url("rpn", train_fp), result.steps, final_loss)
 
 
 def load_rpn(store: Store, rpn: RpnRef, model: ModelRef):
     from sdrpn_core.rpn import RoIPredictor
 
-    local = cache_dir("rpn", rpn.fingerprint)
-    if not (local / "rpn.safetensors").exists():
-        ArtifactStore(store).fetch_dir("rpn", rpn.fingerprint, local)
+    local = ArtifactStore(store).fetch_dir("rpn", rpn.fingerprint, cache_dir("rpn", rpn.fingerprint))  # checked
     return RoIPredictor.load(local, load_model(model), check_fingerprint=model.fingerprint)

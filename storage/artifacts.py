@@ -15,6 +15,7 @@ import re
 import time
 from pathlib import Path
 
+from storage.files import write_atomic
 from storage.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -102,13 +103,19 @@ class ArtifactStore:
         return data
 
     def fetch_dir(self, kind: str, fp: str, dest: str | Path) -> Path:
-        """Download a committed artifact into `dest` (verified), e.g. an RPN checkpoint to load locally."""
+        """Bring a committed artifact into `dest` (verified), e.g. an RPN checkpoint to load locally. A local file
+        that already matches the marker (size and sha256) is kept; any other is downloaded again, so a stale or
+        modified local copy is never used."""
         dest = Path(dest)
         manifest = self.manifest(kind, fp)  # every name validated before anything is written
-        for name in manifest["files"]:
+        for name, expected in manifest["files"].items():
             target = dest / name
+            if target.is_file() and target.stat().st_size == expected["size"]:
+                if hashlib.sha256(target.read_bytes()).hexdigest() == expected["sha256"]:
+                    continue
+                log.warning("local copy %s differs from %s: fetched again", target, self.url(kind, fp, name))
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.read(kind, fp, name, manifest))
+            write_atomic(str(target), lambda f, n=name: f.write(self.read(kind, fp, n, manifest)))
         return dest
 
     def verify(self, kind: str, fp: str) -> dict | None:

@@ -394,3 +394,15 @@ def test_a_manifest_and_its_images_on_s3(s3_settings, tmp_path):
     assert [r["image"] for r in rows] == [store.url("incoming", "imgs", f"{i}.png") for i in range(2)]
     assert [r["reason"] for r in read_rejections(ref, store)] == ["m.jsonl:3: not a JSON line (Expecting property "
                                                                   "name enclosed in double quotes)"]
+
+
+def test_a_stale_local_copy_of_an_artifact_is_replaced_not_used(store, tmp_path):
+    """A local cache left by another run (same fingerprint, other bytes) must not stand in for the artifact."""
+    arts = ArtifactStore(store)
+    arts.put_files("rpn", "fp2", {"rpn.safetensors": b"fresh weights", "rpn_config.json": b"{}"})
+    local = tmp_path / "cache"
+    local.mkdir()
+    (local / "rpn.safetensors").write_bytes(b"stale weights")  # same size, other content
+    (local / "rpn_config.json").write_bytes(b"{}")
+    arts.fetch_dir("rpn", "fp2", local)
+    assert (local / "rpn.safetensors").read_bytes() == b"fresh weights"
