@@ -64,14 +64,22 @@ def _full_prefill(adapter: VLMAdapter, embeds: torch.Tensor, positions: torch.Te
 
 
 def _greedy(
-    adapter: VLMAdapter, cache, logits: torch.Tensor, positions: torch.Tensor, max_new_tokens: int
+    adapter: VLMAdapter,
+    cache,
+    logits: torch.Tensor,
+    positions: torch.Tensor,
+    max_new_tokens: int,
+    scores: list[torch.Tensor] | None = None,
 ) -> list[int]:
     """Greedy decoding with an explicit cache; each new token takes the last position + 1 (the KV length for 1-D
-    positions; after M-RoPE or dropped crop tokens, the max position + 1, as Qwen's `rope_deltas` give)."""
+    positions; after M-RoPE or dropped crop tokens, the max position + 1, as Qwen's `rope_deltas` give).
+    `scores`, when given, receives each step's next-token logits (as `generate(output_scores=True)` does)."""
     eos = set(eos_token_ids(adapter.model))
     start = int(positions.max()) + 1
     tokens: list[int] = []
     for step in range(max_new_tokens):
+        if scores is not None:
+            scores.append(logits[0].float().cpu())
         token = int(logits[0].argmax())
         tokens.append(token)
         if token in eos or step == max_new_tokens - 1:
@@ -247,8 +255,15 @@ def run_pass1(
 
 
 @torch.inference_mode()
-def run_pass2(adapter: VLMAdapter, p1: Pass1, plan: RoIPlan, max_new_tokens: int = 128) -> tuple[list[int], RoIOutcome]:
-    """Insert the plan's crop tokens after the original image tokens, prefill, decode greedily.
+def run_pass2(
+    adapter: VLMAdapter,
+    p1: Pass1,
+    plan: RoIPlan,
+    max_new_tokens: int = 128,
+    scores: list[torch.Tensor] | None = None,
+) -> tuple[list[int], RoIOutcome]:
+    """Insert the plan's crop tokens after the original image tokens, prefill, decode greedily (`scores` receives
+    each step's logits).
 
     With a pass-1 cache (reuse), layers 0..K−1 run only over the tokens after the unchanged prefix and layers
     K.. run over the whole sequence from h^K; without one, the whole prefill is recomputed (the authors' way).
@@ -280,7 +295,7 @@ def run_pass2(adapter: VLMAdapter, p1: Pass1, plan: RoIPlan, max_new_tokens: int
         next_logits = _next_logits(adapter, run_layers(layers[K:], h_k, m_all, pe_all, pos2, cache))
     else:
         next_logits, cache = _full_prefill(adapter, embeds2, pos2)
-    tokens = _greedy(adapter, cache, next_logits, pos2, max_new_tokens)
+    tokens = _greedy(adapter, cache, next_logits, pos2, max_new_tokens, scores)
     return tokens, RoIOutcome(plan, p1.logits_map, pixel_boxes, total - p1.embeds.shape[1])
 
 

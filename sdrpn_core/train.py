@@ -126,6 +126,16 @@ def _load_checkpoint(folder: Path, rpn: RoIPredictor, optimizer: torch.optim.Opt
     return json.loads((folder / "state.json").read_text())
 
 
+def rpn_logits(adapter: VLMAdapter, rpn: RoIPredictor, x, K: int) -> torch.Tensor:
+    """The RPN's RoI logits [B, n_img] for a collated batch: the frozen backbone's layers 0..K−1 (no gradient),
+    then the RPN queried at each row's last prompt token (the last column: batches are left-padded)."""
+    with torch.no_grad():
+        embeds = adapter.embed(x)
+        hidden, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, adapter.position_ids(x), K)
+    query = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
+    return rpn(hidden, mask, pe, pos, query, torch.stack(x.image_positions).to(hidden.device))
+
+
 def train_rpn(
     adapter: VLMAdapter,
     samples: Sequence[TrainSample],
@@ -196,14 +206,8 @@ def train_rpn(
             if not pixels:
                 continue
             x = adapter.collate(pixels, questions)
-            with torch.no_grad():
-                embeds = adapter.embed(x)
-                hidden, mask, pe, pos = partial_prefill(
-                    adapter, embeds, x.attention_mask, adapter.position_ids(x), config.K
-                )
-            query = torch.full((len(pixels),), hidden.shape[1] - 1, device=hidden.device)  # left padding
             with autocast:
-                logits = rpn(hidden, mask, pe, pos, query, torch.stack(x.image_positions).to(hidden.device))
+                logits = rpn_logits(adapter, rpn, x, config.K)
             target = torch.stack(labels).to(logits.device)
             loss = rpn_loss(logits, target)
             (loss / config.grad_accum).backward()

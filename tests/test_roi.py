@@ -150,3 +150,29 @@ def test_qwen_sink_strips_are_suppressed_only_on_large_maps():
     small = np.full(G, LOW)  # 576 cells: no suppression
     small[0:6, 0] = HIGH
     assert plan_roi_union(small, G, 0.1).kind == "mask"
+
+
+def test_grown_width_counts_the_cells_of_small_lines():
+    """A 3-cell line grows to its own length + 1 (the authors' `x1 − x0 + 1` on exclusive stops), not to 3."""
+    b = np.zeros(G, dtype=bool)
+    b[10, 10:13] = True  # x0=10, x1=13 → bw = max(3, 4) = 4, centre 11.5; y: 10..11 → bh = 3, centre 10.5
+    assert component_boxes(b) == [(9, 9, 13, 12)]
+    ell = np.zeros(G, dtype=bool)
+    ell[10, 10:12] = ell[11, 10] = True  # 3 cells in a 2×2 frame: bw = bh = 3 around (11, 11)
+    assert component_boxes(ell) == [(9, 9, 12, 12)]
+
+
+def test_threshold_is_strictly_greater_than():
+    """Cells exactly at τ are out (the authors' `>`): a 6×6 plateau's 4×4 interior blurs to one value v; τ = v gives
+    no RoI, τ just below v gives the interior as one box."""
+    logits = np.full(G, LOW)
+    logits[4:10, 4:10] = 8.0
+    probe = plan_roi(logits, G, 0.5)
+    interior = probe.prob[5:9, 5:9]
+    v = float(interior[0, 0])
+    assert np.all(interior == v) and probe.prob.max() == v
+    assert plan_roi(logits, G, v).kind == "none"
+    below = plan_roi(logits, G, float(np.nextafter(v, 0)))
+    assert below.kind == "box" and below.boxes == ((5, 5, 9, 9),)
+    assert plan_roi_union(logits, G, v).kind == "none"
+    assert plan_roi_union(logits, G, float(np.nextafter(v, 0))).boxes == ((5, 5, 9, 9),)

@@ -125,3 +125,30 @@ def test_authors_checkpoint_keys_load(tiny_vlm, rpn, tmp_path):
 def test_bad_depth_is_rejected(tiny_vlm):
     with pytest.raises(AdapterError, match="K\\+T <= 4"):
         RoIPredictor.from_adapter(tiny_vlm, K=3, T=2)
+
+
+def test_rpn_reads_the_last_prompt_token_in_training_and_inference(tiny_vlm):
+    """The query row is picked by hand here: position L−1 of the prompt, whose h^K comes from the model's own
+    forward (`output_hidden_states`), not from our partial prefill. Training's batch logits and inference's pass-1
+    map must both equal the RPN at that row, and differ from the row before it."""
+    from sdrpn_core.infer import run_pass1
+    from sdrpn_core.rpn import partial_prefill
+    from sdrpn_core.train import rpn_logits
+    from tests.conftest import random_image
+
+    torch.manual_seed(1)
+    K = 1
+    rpn = RoIPredictor.from_adapter(tiny_vlm, K=K, T=2).float()
+    image, question = random_image(3, (40, 40)), "what colour is the car on the left side of the image ?"
+    x = tiny_vlm.build_inputs([image], [question])
+    L = x.input_ids.shape[1]
+    with torch.no_grad():
+        h_k = tiny_vlm.model(**x.model_kwargs(), output_hidden_states=True).hidden_states[K]
+        _, mask, pe, pos = partial_prefill(tiny_vlm, tiny_vlm.embed(x), x.attention_mask, tiny_vlm.position_ids(x), K)
+        image_positions = torch.stack(x.image_positions)
+        at = {row: rpn(h_k, mask, pe, pos, torch.tensor([row]), image_positions)[0] for row in (L - 1, L - 2)}
+        trained = rpn_logits(tiny_vlm, rpn, tiny_vlm.collate([tiny_vlm.pixel_values(image)], [question]), K)[0]
+    inferred = torch.as_tensor(run_pass1(tiny_vlm, rpn, image, question).logits_map).reshape(-1)
+    assert not torch.allclose(at[L - 1], at[L - 2], atol=1e-4)
+    torch.testing.assert_close(trained, at[L - 1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(inferred, at[L - 1], atol=1e-4, rtol=1e-4)

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from sdrpn_core.data import Rejection
@@ -204,3 +205,66 @@ def test_env_credentials_are_used(moto_server, s3_settings, monkeypatch):
     store = Store(StoreSettings(root=s3_settings.root))
     store.write_json({"ok": 1}, "probe.json")
     assert store.read_json("probe.json") == {"ok": 1}
+
+
+def _keyed_rows(pairs: list[tuple[str, str]]):
+    import pyarrow as pa
+
+    from storage.labels import TEACHER_SCHEMA
+
+    n = len(pairs)
+    cols = {f.name: [None] * n for f in TEACHER_SCHEMA}
+    cols.update(
+        sample_key=[k for k, _ in pairs], sample_id=[k for k, _ in pairs], image=["i"] * n,
+        question=[q for _, q in pairs], answer=["a"] * n, grid_h=[1] * n, grid_w=[2] * n, image_w=[8] * n,
+        image_h=[8] * n, n_steps=[1] * n, grounding=[[0.5, 0.5]] * n, sink=[[0.0, 0.0]] * n,
+    )
+    return pa.Table.from_pydict(cols, schema=TEACHER_SCHEMA)
+
+
+def test_every_reader_keeps_the_first_commit_of_a_key(store):
+    """Duplicates written on purpose (two writers that both skipped the check): read, scan, iter_shards and the
+    labels stage's view all see the first committed row of a key, once."""
+    ds = teacher_dataset(store, "dups")
+    ds.write(_keyed_rows([("a", "first a"), ("b", "first b")]))
+    ds.write(_keyed_rows([("b", "second b"), ("c", "first c")]), skip_committed=False)
+    ds.write(_keyed_rows([("a", "third a")]), skip_committed=False)
+    expected = {"a": "first a", "b": "first b", "c": "first c"}
+
+    def as_dict(table):
+        keys, questions = table.column("sample_key").to_pylist(), table.column("question").to_pylist()
+        assert len(keys) == len(set(keys)), keys
+        return dict(zip(keys, questions, strict=True))
+
+    assert as_dict(ds.read()) == expected
+    assert as_dict(ds.scan().collect().to_arrow()) == expected
+    assert as_dict(pa.concat_tables(ds.iter_shards())) == expected
+    assert as_dict(pa.concat_tables(ds.iter_shards(among={"a", "b"}))) == {"a": "first a", "b": "first b"}
+    assert ds.committed_ids() == {"a", "b", "c"}
+
+
+class _Killed(BaseException):
+    """Stands for the writer being killed between two writes."""
+
+
+def test_a_writer_killed_between_shard_and_record_leaves_nothing_visible(store, monkeypatch):
+    """The shard is written first and its commit record second: a kill between the two leaves an orphan shard no
+    reader sees, never a record that points at a missing or partial shard."""
+    ds = teacher_dataset(store, "kill")
+    ds.write(_keyed_rows([("a", "q")]))
+    real, writes = store.write_bytes, []
+
+    def dying(data, *parts):
+        writes.append(parts[-1])
+        if len(writes) == 2:  # the second write of the commit
+            raise _Killed
+        return real(data, *parts)
+
+    monkeypatch.setattr(store, "write_bytes", dying)
+    with pytest.raises(_Killed):
+        ds.write(_keyed_rows([("b", "q")]))
+    monkeypatch.undo()
+    assert writes[0].startswith("part-") and writes[1].endswith(".json")  # shard, then record
+    fresh = teacher_dataset(store, "kill")
+    assert fresh.committed_ids() == {"a"} and fresh.read().num_rows == 1 and not fresh.problems
+    assert all(store.exists(fresh.prefix, c.shard) for c in fresh.commits())

@@ -233,3 +233,39 @@ def test_head_scores_rank_heads_against_ground_truth_boxes(tiny_vlm, images):
     np.testing.assert_allclose(per[0, 0, [0, 3]].mean(0).numpy(), out.records[0].grounding, rtol=1e-5, atol=1e-7)
     assert pixels_to_grid_box((0, 0, 40, 28), (40, 28), (4, 4), 32) == (0, 0, 4, 4)
     assert pixels_to_grid_box((0, 0, 20, 14), (40, 28), (4, 4), 32) == (0, 0, 2, 3)
+
+
+def test_maps_equal_a_reference_written_out_in_the_test(tiny_vlm, tiny_preset, images, early_eos):
+    """Independent of the module's averaging helpers: `generate(output_attentions=True)` one sample at a time, then,
+    by hand, the mean over the answer tokens that were fed back (up to the first EOS; never the last token), then
+    the plain mean over the preset's (layer, head) pairs, each pair weighted equally whatever its layer holds."""
+    out = extract_teacher_maps(
+        tiny_vlm, samples_for(images), tiny_preset, batch_size=4, max_new_tokens=MAX_NEW,
+        generation_kwargs={"eos_token_id": early_eos},
+    )
+    pairs = [(layer, h) for layer, heads in tiny_preset.grounding.items() for h in heads]
+    assert len({layer for layer, _ in pairs}) > 1 and len(pairs) > len({layer for layer, _ in pairs})
+    model = tiny_vlm.model
+    previous = model.config.text_config._attn_implementation
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        for i, (image, question) in enumerate(zip(images, QUESTIONS, strict=False)):
+            x = tiny_vlm.build_inputs([image], [question])
+            with torch.no_grad():
+                g = model.generate(
+                    **x.model_kwargs(), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=early_eos,
+                    output_attentions=True, return_dict_in_generate=True,
+                )
+            answer = g.sequences[0, x.input_ids.shape[1] :].tolist()
+            fed = answer.index(early_eos) if early_eos in answer else len(answer) - 1
+            image_cols = x.image_positions[0]
+            total = torch.zeros(len(image_cols))
+            for layer, head in pairs:
+                per_step = [g.attentions[1 + t][layer][0, head, -1, image_cols].float() for t in range(fed)]
+                total += sum(per_step) / fed
+            expected = (total / len(pairs)).numpy()
+            rec = out.records[i]
+            assert rec.n_steps == fed
+            np.testing.assert_allclose(rec.grounding, expected, rtol=1e-4, atol=1e-7)
+    finally:
+        model.set_attn_implementation({"text_config": previous})
