@@ -82,7 +82,7 @@ def test_round_trip_through_load_adapter(tiny_llava, tiny_llava_dir, images):
 
 
 def test_missing_model_fails_clearly(tmp_path):
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="no-such-model"):
         load_adapter(str(tmp_path / "no-such-model"))
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -39,9 +40,12 @@ def test_model_fingerprint_follows_content_adapter_and_dtype(model_dir):
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
     assert model_fingerprint(model_dir, adapter="llava", dtype="float32") != fp
+    changed = model_fingerprint(model_dir, adapter="llava", dtype="float32")
     cfg = model_dir / "config.json"
-    cfg.write_text(cfg.read_text().replace('"vision_feature_layer": -2', '"vision_feature_layer": -1'))
-    assert model_fingerprint(model_dir, adapter="llava", dtype="float32") not in (fp,)
+    raw = json.loads(cfg.read_text())
+    raw["text_config"]["max_position_embeddings"] += 1  # a key both families' configs have
+    cfg.write_text(json.dumps(raw))
+    assert model_fingerprint(model_dir, adapter="llava", dtype="float32") not in (fp, changed)
 
 
 def test_model_fingerprint_ignores_location(model_dir, tmp_path):

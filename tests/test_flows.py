@@ -103,10 +103,6 @@ class Calls:
             ("eval", eval_stage, "evaluate"),
         ]:
             monkeypatch.setattr(module, attr, self._wrap(name, getattr(module, attr)))
-        from tasks import stages as task_mod
-
-        monkeypatch.setattr(task_mod.labels, "denoise", labels_stage.denoise)
-        monkeypatch.setattr(task_mod.evaluate, "evaluate", eval_stage.evaluate)
 
     def _wrap(self, name, fn):
         def wrapped(*args, **kwargs):
@@ -162,7 +158,10 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     summary = sdrpn(cfg)
     methods = {s["method"]: s for s in summary["scores"]}
     assert set(methods) == {"baseline", "sdrpn", "vicrop", "oracle"}
-    assert methods["baseline"]["relative_throughput"] == 1.0 and methods["oracle"]["samples"] == 4
+    assert methods["oracle"]["samples"] == 4
+    for m in methods.values():  # throughput relative to the baseline's, from the measured rates
+        assert m["relative_throughput"] == pytest.approx(m["samples_per_s"] / methods["baseline"]["samples_per_s"])
+    assert methods["sdrpn"]["relative_throughput"] != 1.0
     (eval_url,) = summary["eval"]
     eval_dir = Path(eval_url)
     assert {"predictions.parquet", "scores.json", "protocol.json", "report.md", "gallery.png", "_COMMITTED.json"} <= {

@@ -57,8 +57,9 @@ def test_grown_box_is_clamped_to_last_index_at_the_border():
 def test_no_component_gives_baseline():
     plan = plan_roi(np.full(G, LOW), G, 0.15)
     assert plan.kind == "none" and plan.reason
-    one_cell = logit_map((5, 5, 5, 5))
-    assert plan_roi(np.full(G, LOW) + 0 * one_cell, G, 0.9).kind == "none"
+    one_cell = plan_roi(logit_map((5, 5, 5, 5)), G, 0.15)  # the centre blurs to ≈0.20, its neighbours to ≈0.12
+    assert (one_cell.prob > 0.15).sum() == 1 and one_cell.kind == "none"  # dropped by the 1-cell rule, not by τ
+    assert plan_roi(logit_map((5, 5, 5, 6)), G, 0.15).kind == "box"  # while two cells make a component
 
 
 def test_all_above_threshold_is_one_giant_component_hence_baseline():
