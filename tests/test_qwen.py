@@ -251,3 +251,34 @@ def test_tiny_family_names_are_checked():
     assert tiny_family("qwen") == tiny_family("qwen2_5_vl") == "qwen2_5_vl" and tiny_family("llava") == "llava"
     with pytest.raises(AdapterError, match="no tiny model for family 'qwne'"):
         tiny_family("qwne")
+
+
+def test_pruning_uses_the_authors_constants_above_1024_image_tokens():
+    """The real constants, not lowered ones: a 33×33 grid (1,089 image tokens) prunes, a 32×32 one (exactly
+    1,024) does not; a token is kept exactly where the sigmoid of its max RPN score over the tokens after the image,
+    computed here by another path (the RPN's forward, one query row at a time), is above 0.01."""
+    from sdrpn_core.infer import PRUNE_ABOVE, PRUNE_SCORE
+    from sdrpn_core.models.tiny import TinyQwenSpec, build_tiny_qwen
+    from sdrpn_core.rpn import partial_prefill
+
+    assert (PRUNE_ABOVE, PRUNE_SCORE) == (1024, 0.01)
+    adapter = build_tiny_qwen(TinyQwenSpec(side=28 * 33, text_layers=3))
+    torch.manual_seed(2)
+    rpn = RoIPredictor.from_adapter(adapter, K=1, T=2)
+    q_proj = rpn.twig_layers[-1].self_attn.q_proj
+    with torch.no_grad():  # a large query bias spreads the random head's scores to both sides of 0.01
+        q_proj.weight.zero_()
+        q_proj.bias.copy_(torch.randn_like(q_proj.bias) * 400)
+    big = run_pass1(adapter, rpn, random_image(3, (28 * 33, 28 * 33)), Q)
+    assert big.grid == (33, 33) and big.image_keep is not None
+    x, L = big.inputs, big.embeds.shape[1]
+    with torch.no_grad():
+        hk, mask, pe, pos = partial_prefill(adapter, big.embeds, x.attention_mask, big.positions, 1)
+        rows = range(int(big.image_positions[-1]) + 1, L)
+        per_row = torch.stack([rpn(hk, mask, pe, pos, torch.tensor([r]), big.image_positions[None])[0] for r in rows])
+    scores = torch.sigmoid(per_row.amax(0)).numpy()
+    np.testing.assert_array_equal(big.image_keep, scores > 0.01)
+    assert 0 < big.image_keep.sum() < 33 * 33  # some dropped, some kept, at the real bar
+    budget = (28 * 32) ** 2
+    edge = run_pass1(adapter.with_inputs(min_pixels=budget, max_pixels=budget), rpn, random_image(3, (900, 900)), Q)
+    assert edge.grid == (32, 32) and edge.image_keep is None  # "more than 1024": exactly 1024 is not pruned
