@@ -95,10 +95,7 @@ def _labels(cfg: PipelineConfig) -> tuple[ModelRef, LabelsRef]:
     t_fp = teacher_fingerprint(model, preset, cfg.teacher.max_new_tokens, cfg.teacher.inputs)
     teacher_flow.with_options(task_runner=_runner(cfg.runner))(cfg, model, dataset, t_fp)
     params = cfg.labels.params(preset)
-    labels = _call(
-        labels_task,
-        settings, dataset, t_fp, params, labels_fingerprint(t_fp, dataset, params)
-    )
+    labels = _call(labels_task, settings, dataset, t_fp, params, labels_fingerprint(t_fp, dataset, params))
     get_run_logger().info("teacher rows at %s; labels %s", teacher_ref(_store(cfg), t_fp).url, labels.stats)
     return model, labels
 
@@ -106,10 +103,8 @@ def _labels(cfg: PipelineConfig) -> tuple[ModelRef, LabelsRef]:
 def _train(cfg: PipelineConfig, model: ModelRef, labels: LabelsRef) -> RpnRef:
     preset = cfg.teacher.preset_obj()
     params = cfg.train.params(preset)
-    return _call(
-        train_task,
-        cfg.store.settings(), model, labels, params, preset.name, train_fingerprint(model, labels, params, preset.name)
-    )
+    fp = train_fingerprint(model, labels, params, preset.name)
+    return _call(train_task, cfg.store.settings(), model, labels, params, preset.name, fp)
 
 
 def _eval(cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None) -> list[EvalRef]:
