@@ -140,3 +140,26 @@ def test_answer_records_timings_and_roi(nano):
     adapter, rpn = nano
     a = answer_sdrpn(adapter, rpn, random_image(2), Q, threshold=0.5, max_new_tokens=4)
     assert set(a.seconds) == {"pass1", "pass2+decode"} and a.roi.logits.shape == G
+
+
+def test_llava_pass2_equals_hf_generate_on_the_written_out_two_image_sequence():
+    """SD-RPN's pass 2 on LLaVA (box plan: every crop token kept, KV reuse on) against the model's own `generate`
+    on the sequence written out: the original image tokens followed at once by the crop's, two pixel inputs."""
+    model, processor = build_tiny_llava(TinyLlavaSpec(image_size=64, patch_size=8, seed=3))
+    adapter = LlavaAdapter(model, processor)
+    torch.manual_seed(0)
+    rpn = RoIPredictor.from_adapter(adapter, K=2, T=2)
+    image = random_image(12, (90, 60))
+    plan = plan_for(adapter, PLANS["box"], 0.5, mode="box")
+    tokens, roi = run_pass2(adapter, run_pass1(adapter, rpn, image, Q, reuse_kv=True), plan, max_new_tokens=6)
+    (box,) = roi.pixel_boxes
+    x = adapter.build_inputs([image], [Q])
+    n = adapter.num_image_tokens
+    cut = int(x.image_positions[0][-1]) + 1
+    ids = torch.cat([x.input_ids[:, :cut], x.input_ids[:, cut - n : cut], x.input_ids[:, cut:]], dim=1)
+    pixels = torch.stack([x.pixel_values[0], adapter.crop_pixel_values(image.crop(box))])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, max_new_tokens=6, do_sample=False
+        )
+    assert roi.n_crop_tokens == n and tokens == out[0, ids.shape[1] :].tolist()
