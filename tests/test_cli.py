@@ -95,6 +95,22 @@ def test_predict_prints_the_answer_and_writes_an_overlay(tmp_path, tiny_vlm, tin
     assert "baseline:" in printed and f"wrote {overlay}" in printed
     img = Image.open(overlay)
     assert img.size == (40, 40) and img.mode == "RGB"
+    # --no-kv-reuse recomputes pass 2 from scratch (the authors' way): the same answer
+    answer = printed.splitlines()[0]
+    args = ["predict", str(image), "what is the digit ?", "--rpn", str(tmp_path / "rpn"), "--max-new-tokens", "3",
+            "--overlay", str(tmp_path / "o2.png")]  # fmt: skip
+    assert main([*args, "--no-kv-reuse"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == answer
+
+
+def test_heads_ranks_every_head_on_a_calibration_split(tiny_llava_dir, capsys):
+    assert main(["heads", "--model", tiny_llava_dir, "--n", "6", "--canvas", "64", "--max-new-tokens", "2",
+                 "--top", "5"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("6 calibration samples")
+    rows = [line for line in lines[1:] if line.strip().startswith("layer")]
+    hits = [float(r.split("hit")[1].split()[0]) for r in rows]
+    assert len(rows) == 5 and hits == sorted(hits, reverse=True) and all(0 <= h <= 1 for h in hits)
 
 
 def test_nano_train_runs_the_recipe_and_goes_on_from_a_saved_model(tmp_path, capsys):

@@ -585,3 +585,24 @@ def test_the_nano_default_reads_small_details_with_sd_rpn(tmp_path):
     scores = {s["method"]: s["score"] for s in sdrpn(PipelineConfig.model_validate(raw))["scores"]}
     assert scores["sdrpn"] >= scores["baseline"] + 25, scores
     assert scores["oracle"] > scores["sdrpn"], scores
+
+
+def test_cli_labels_then_train(tmp_path, capsys, monkeypatch):
+    """`sdrpn labels` and `sdrpn train`: the sub-flows from the command line; train reuses the labels it finds."""
+    import yaml
+
+    from flows.cli import main
+
+    cfg = make_config("llava", str(tmp_path / "store"))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["labels", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "labels: " in out and "(12 samples, 12 usable)" in out
+    labels_url = out.split("labels: ")[1].split(" ")[0]
+    calls = Calls(monkeypatch)
+    assert main(["train", str(path)]) == 0
+    assert calls.n == {"train": 1}  # no teacher or label work: found in the store
+    out = capsys.readouterr().out
+    rpn_url = out.split("RPN: ")[1].split(" ")[0]
+    assert (Path(rpn_url) / "rpn.safetensors").exists() and Path(labels_url).is_dir() and "steps, final loss" in out
