@@ -15,7 +15,7 @@ from sdrpn_core.pseudo_labels import BACKGROUND, FOREGROUND, IGNORE, make_pseudo
 from sdrpn_core.roi import component_boxes, grid_box_to_pixels, plan_roi, plan_roi_union
 from storage.fingerprint import hash_obj
 
-SETTINGS = settings(max_examples=150, deadline=None)
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True)  # the same examples on every CI run
 grids = st.tuples(st.integers(3, 16), st.integers(3, 16))
 
 
@@ -102,7 +102,8 @@ def test_grid_boxes_map_inside_the_image_with_at_least_one_pixel(size, x0, y0, b
 @st.composite
 def attention_maps(draw):
     h, w = draw(grids)
-    grounding = draw(arrays(np.float64, h * w, elements=st.floats(0, 1)))
+    attention = st.floats(0, 1).map(lambda v: v if v > 1e-300 else 0.0)  # no values whose products underflow
+    grounding = draw(arrays(np.float64, h * w, elements=attention))
     sink = draw(arrays(np.float64, h * w, elements=st.floats(0, 2e-3)))
     return (h, w), grounding, sink
 
@@ -127,8 +128,9 @@ def test_pseudo_labels_counts_box_and_ignore_rule(maps, fg_ratio, bg_ratio, vari
     assert st_.num_fg > 0 and np.all(inside[grid == FOREGROUND])  # foreground lies in the box
     assert np.all(~inside[grid == BACKGROUND])  # background outside it (no padding cells on a square image)
     assert not np.any((sink >= 1e-3) & (labels == FOREGROUND))  # a sink is never foreground
-    if variant == "llava":  # the rules are relative to the map's max: scaling the map changes nothing
-        scaled, _ = make_pseudo_labels_with_stats(2.5 * grounding, sink, (h, w), 1e-3, fg_ratio, bg_ratio, 0.5)
+    if variant == "llava":  # the rules are relative to the map's max: scaling the map (by 4: exact in binary
+        # floating point, so no comparison can flip by rounding) changes nothing
+        scaled, _ = make_pseudo_labels_with_stats(4.0 * grounding, sink, (h, w), 1e-3, fg_ratio, bg_ratio, 0.5)
         assert np.array_equal(scaled, labels)
 
 
