@@ -156,6 +156,8 @@ def denoise(store: Store, dataset: DatasetRef, teacher_fp: str, params: LabelPar
     if not covered.any():  # an empty label set is a failure, never a finished (and so reused) stage
         first = "; ".join(sorted(set(teacher.quarantined().column("reason").to_pylist()))[:3])
         raise ValueError(f"no sample of dataset {dataset.fingerprint} got a teacher row: all were rejected ({first})")
+    if ds.bad_commits():  # corrupt label shards of an earlier run, relabelled above: retire their records
+        ds.retire_replaced(set(manifest.column("sample_id").to_pylist()))
     stats = {**_stats(ds, manifest), "quarantined": int(rejected.sum())}
     done = {"teacher": teacher_fp, "dataset": dataset.fingerprint, "params": dataclasses.asdict(params), "stats": stats}
     store.write_json(done, "labels", labels_fp, DONE)

@@ -77,7 +77,7 @@ def extract_shard(
             rejected += len(out.rejected)
             if progress is not None:
                 progress(start + len(chunk), len(todo))
-        _retire_replaced(ds, keys)
+        ds.retire_replaced(keys)
     log.info(
         "teacher shard %d/%d: %d rows, %d extracted, %d already done, %d rejected",
         shard,
@@ -88,15 +88,6 @@ def extract_shard(
         rejected,
     )
     return ShardSummary(shard, len(rows), extracted, len(rows) - len(todo), rejected)
-
-
-def _retire_replaced(ds, keys: set[str]) -> None:
-    """Retire the records of corrupt shards among `keys` whose every key is now committed by a good shard."""
-    for commit in ds.commits():
-        if keys.isdisjoint(commit.ids) or ds.verified(commit):
-            continue
-        if set(commit.ids) <= ds.committed_ids(among=commit.ids):
-            ds.retire(commit)
 
 
 def teacher_ref(store: Store, teacher_fp: str) -> TeacherRef:

@@ -56,7 +56,9 @@ def train(
         return ref
     arts = ArtifactStore(store)
     # sorted: the training order must not depend on the order shards were committed in (threads, workers)
-    frame = label_dataset(store, labels.fingerprint).scan().filter(pl.col("valid")).sort("sample_id").collect()
+    # strict: a label shard that no longer matches its record is an error naming it (the next run relabels)
+    labelled = label_dataset(store, labels.fingerprint).scan(strict=True)
+    frame = labelled.filter(pl.col("valid")).sort("sample_id").collect()
     if frame.height == 0:
         raise ValueError(
             f"no usable labels in {labels.url}: all {labels.rows} samples are all-ignore or were rejected "

@@ -120,6 +120,8 @@ class ShardedDataset:
                 continue
             try:
                 raw = self.store.read_json(self.prefix, COMMITS, name)
+            except FileNotFoundError:  # retired by another process since the listing
+                continue
             except ValueError as e:
                 self._problem(f"commit record {name} is not valid JSON: {e}")
                 continue
@@ -164,6 +166,15 @@ class ShardedDataset:
         self.store.rm(self.prefix, COMMITS, commit.record)
         log.warning("%s: retired commit %s (shard %s was corrupt; its rows were re-committed)", self.url,
                     commit.record, commit.shard)
+
+    def retire_replaced(self, among: set[str]) -> None:
+        """Retire the records of bad shards holding keys of `among` once every one of their keys is committed by
+        a good shard again (so later reads stop reporting them, and a label set stops looking corrupt)."""
+        for commit in self.commits():
+            if among.isdisjoint(commit.ids) or self.verified(commit):
+                continue
+            if set(commit.ids) <= self.committed_ids(among=commit.ids):
+                self.retire(commit)
 
     # -- writing -----------------------------------------------------------------------------------------------
     def _commit(self, table: pa.Table, kind: str, meta: dict | None) -> Commit:

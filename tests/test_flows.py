@@ -606,3 +606,18 @@ def test_cli_labels_then_train(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     rpn_url = out.split("RPN: ")[1].split(" ")[0]
     assert (Path(rpn_url) / "rpn.safetensors").exists() and Path(labels_url).is_dir() and "steps, final loss" in out
+
+
+def test_a_corrupt_label_shard_is_relabelled_once_then_cached(tmp_path, monkeypatch):
+    from flows.pipeline import labels_flow
+
+    cfg = make_config("llava", str(tmp_path / "store"))
+    first = labels_flow(cfg)
+    (label_shard,) = sorted((tmp_path / "store" / "labels").glob("*/part-*.parquet"))[:1]
+    _flip_a_bit(label_shard)
+    calls = Calls(monkeypatch)
+    again = labels_flow(cfg)
+    assert calls.n == {"labels": 1} and again.rows == first.rows == 12  # relabelled from the stored teacher rows
+    assert list(label_shard.parent.glob("_retired/*.json"))  # the bad record retired …
+    calls.n.clear()
+    assert labels_flow(cfg).rows == 12 and calls.n == {}  # … so the next run is cached again
