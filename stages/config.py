@@ -32,13 +32,14 @@ Positive = Annotated[int, Field(gt=0)]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _is_local(path: str) -> bool:
+def is_local(path: str) -> bool:
+    """A plain path or a file:// URL (as opposed to s3://, http://…)."""
     return "://" not in path or path.startswith("file://")
 
 
 def _check_exists(path: str | None, what: str) -> str | None:
     """Local paths must exist now; remote ones (s3://…) are checked by the stages, with retries."""
-    if path and _is_local(path) and not any(c in path for c in "*?[") and not Path(path.removeprefix("file://")).exists():
+    if path and is_local(path) and not any(c in path for c in "*?[") and not Path(path.removeprefix("file://")).exists():
         raise ValueError(f"{what} does not exist: {path}")
     return path
 
@@ -282,7 +283,7 @@ def _fix(section: object, key: str, base: Path, *, hub_ok: bool = False) -> None
     if not isinstance(section, dict) or not isinstance(section.get(key), str) or not section[key]:
         return
     value = section[key]
-    if not _is_local(value) or Path(value).is_absolute():
+    if not is_local(value) or Path(value).is_absolute():
         return
     if hub_ok and not (base / value).exists() and HUB_ID.match(value):
         return  # a hub id such as llava-hf/llava-1.5-7b-hf, not a folder next to the config

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdrpn_core.data import Rejection
-from stages.config import DatasetSpec
+from stages.config import DatasetSpec, is_local
 from stages.refs import DatasetRef
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import dataset_fingerprint, hash_obj, uri_sha256
@@ -47,13 +47,9 @@ REJECTION_SCHEMA = pa.schema([("sample_id", pa.string()), ("reason", pa.string()
 # -- image locations ---------------------------------------------------------------------------------------------
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
 def _normal(uri: str) -> str:
     """A canonical form to compare locations: real local paths (symlinks and `..` resolved), normalised URLs."""
-    if _is_local(uri):
+    if is_local(uri):
         return os.path.realpath(uri.removeprefix("file://"))
     scheme, rest = uri.split("://", 1)
     return f"{scheme.lower()}://{posixpath.normpath('/' + rest).lstrip('/')}"
@@ -85,7 +81,7 @@ def location_problem(uri: str, roots: list[str], allow_http: bool) -> str | None
             "image_roots"
         )
     where = _normal(uri)
-    sep = os.sep if _is_local(uri) else "/"
+    sep = os.sep if is_local(uri) else "/"
     if any(where == r or where.startswith(r.rstrip(sep) + sep) for r in roots):
         return None
     return f"image {uri} is outside the dataset's image roots {roots}; add its folder to image_roots if it is trusted"
@@ -113,7 +109,7 @@ def _jsonl_row(raw: object, base: str) -> dict:
     for key in ("domain", "category"):
         if not isinstance(raw.get(key, ""), str):
             raise ValueError(f"{key!r} must be a string")
-    if _is_local(image) and not Path(image.removeprefix("file://")).is_absolute():
+    if is_local(image) and not Path(image.removeprefix("file://")).is_absolute():
         image = f"{base}/{image}"
     return {
         "image": image,
@@ -140,7 +136,7 @@ def read_jsonl_manifest(url: str, **storage_options) -> tuple[list[dict], list[R
     with fsspec.open(url, "rb", **storage_options) as f:
         data = f.read()
     base = url.rstrip("/").rsplit("/", 1)[0] if "/" in url else "."
-    if _is_local(base):
+    if is_local(base):
         base = os.path.abspath(base.removeprefix("file://"))
     name = url.rsplit("/", 1)[-1]
     rows, rejected, first_line = [], [], {}

@@ -74,11 +74,12 @@ def _sample(row: dict) -> BenchmarkSample:
 def lookup(store: Store, eval_fp: str, benchmark: str) -> EvalRef | None:
     """The finished evaluation, if committed and every file (predictions, scores…) matches its marker."""
     arts = ArtifactStore(store)
-    if arts.verify("eval", eval_fp) is None:
+    manifest = arts.verify("eval", eval_fp)
+    if manifest is None:
         return None
     try:
-        scores = json.loads(arts.read("eval", eval_fp, "scores.json"))
-    except ValueError:
+        scores = json.loads(arts.read("eval", eval_fp, "scores.json", manifest))
+    except (ValueError, FileNotFoundError):
         scores = None
     if not isinstance(scores, list) or not all(isinstance(s, dict) for s in scores):
         log.error("%s: scores.json is not a list of score rows; re-evaluating", arts.url("eval", eval_fp))

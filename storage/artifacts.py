@@ -15,7 +15,7 @@ import re
 import time
 from pathlib import Path
 
-from storage.files import write_atomic
+from storage.files import matches, write_atomic
 from storage.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class ArtifactStore:
         if expected is None:
             raise FileNotFoundError(f"{self.url(kind, fp)} has no file {name!r}")
         data = self.store.read_bytes(kind, fp, name)
-        if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        if not matches(data, expected["size"], expected["sha256"]):
             raise StoreError(f"{self.url(kind, fp, name)} does not match its committed size/hash (corrupt)")
         return data
 
@@ -111,7 +111,7 @@ class ArtifactStore:
         for name, expected in manifest["files"].items():
             target = dest / name
             if target.is_file() and target.stat().st_size == expected["size"]:
-                if hashlib.sha256(target.read_bytes()).hexdigest() == expected["sha256"]:
+                if matches(target.read_bytes(), expected["size"], expected["sha256"]):
                     continue
                 log.warning("local copy %s differs from %s: fetched again", target, self.url(kind, fp, name))
             target.parent.mkdir(parents=True, exist_ok=True)

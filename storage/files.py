@@ -1,7 +1,9 @@
-"""Atomic writes on any fsspec filesystem: readers never see a half-written file."""
+"""Atomic writes on any fsspec filesystem (readers never see a half-written file), and the content check every
+reader of committed data uses."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable
 from typing import IO
@@ -31,3 +33,8 @@ def write_atomic(url: str, write: Callable[[IO[bytes]], None], **storage_options
         if fs.exists(tmp):
             fs.rm(tmp)
         raise
+
+
+def matches(data: bytes, size: int, sha256: str) -> bool:
+    """Whether `data` is exactly what a commit record or artifact marker recorded (size, then sha256)."""
+    return len(data) == size and hashlib.sha256(data).hexdigest() == sha256

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from storage.files import matches
 from storage.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -137,9 +138,10 @@ class ShardedDataset:
                 self._problem(f"commit record {name} is malformed: {e}")
 
     def verified(self, commit: Commit) -> bool:
-        """Whether the shard's bytes match its commit record (read and hashed once per instance)."""
+        """Whether the shard matches its commit record: its bytes (size, sha256) and the keys it holds (checked
+        once per instance)."""
         if commit.record not in self._verified:
-            self._verified[commit.record] = self._shard_bytes(commit) is not None
+            self._read_shard(commit, [self.key])
         return self._verified[commit.record]
 
     def committed_ids(self, include_quarantine: bool = True, among: Iterable[str] | None = None) -> set[str]:
@@ -244,7 +246,7 @@ class ShardedDataset:
         except FileNotFoundError:
             self._problem(f"shard {commit.shard} is named by commit {commit.record} but missing")
             return None
-        if len(data) != commit.size or hashlib.sha256(data).hexdigest() != commit.sha256:
+        if not matches(data, commit.size, commit.sha256):
             self._problem(
                 f"shard {commit.shard} does not match its commit record {commit.record} ({len(data)} bytes, "
                 f"record says {commit.size}; sha256 differs): truncated, corrupt or modified"
@@ -253,8 +255,10 @@ class ShardedDataset:
         return data
 
     def _read_shard(self, commit: Commit, columns: Sequence[str] | None) -> pa.Table | None:
+        """The shard's table, or None (a reported problem) when it does not match its commit record in any way;
+        the outcome is remembered for `verified`."""
+        self._verified[commit.record] = False
         data = self._shard_bytes(commit)
-        self._verified[commit.record] = data is not None
         if data is None:
             return None
         try:
@@ -265,6 +269,7 @@ class ShardedDataset:
         if table.num_rows != commit.rows or table.column(self.key).to_pylist() != list(commit.ids):
             self._problem(f"shard {commit.shard} does not hold the {commit.rows} keys its commit names")
             return None
+        self._verified[commit.record] = True
         return table
 
     def _problem(self, message: str) -> None:
