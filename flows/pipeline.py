@@ -120,6 +120,7 @@ def _eval(cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None) -> list[Eval
         vicrop_layer=e.vicrop_layer if e.vicrop_layer is not None else min(preset.grounding),
         gallery=e.gallery,
         inputs=tuple(sorted(e.inputs.items())),
+        model_key=preset.name.split("/")[0],
     )
     results = []
     for spec in e.datasets:

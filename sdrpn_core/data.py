@@ -81,8 +81,9 @@ def read_image_bytes(source: str) -> bytes:
                     f"could not read {source} after {READ_ATTEMPTS} attempts ({type(e).__name__}: {e}); "
                     "the sample is not quarantined: rerun when the store is reachable"
                 ) from e
-            log.warning("reading %s failed (%s: %s), retrying %d/%d", source, type(e).__name__, e, attempt,
-                        READ_ATTEMPTS)
+            log.warning(
+                "reading %s failed (%s: %s), retrying %d/%d", source, type(e).__name__, e, attempt, READ_ATTEMPTS
+            )
             time.sleep(READ_BACKOFF_S * 2 ** (attempt - 1))
     raise AssertionError("unreachable")
 

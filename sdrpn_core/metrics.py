@@ -1,12 +1,17 @@
-"""The benchmarks' official answer metrics, re-implemented (no external API calls).
+"""The benchmarks' answer metrics as the harness behind the paper computes them, on the raw model output.
 
-* `vqa_accuracy`: TextVQA / VQAv2 soft accuracy with the EvalAI answer normalisation, averaged over the ten
-  leave-one-annotator-out subsets (min(1, #matches among the other nine / 3)).
-* `anls`: average normalised Levenshtein similarity, threshold 0.5 (DocVQA, InfoVQA).
-* `relaxed_accuracy`: ChartQA's 5 % relative tolerance for numbers, exact match otherwise.
-* `ocrbench_score`: OCRBench's containment rule (whitespace-free for handwritten maths).
-* `extract_choice` / `choice_accuracy`: multiple-choice letters (V*, HR-Bench), parsed locally, no GPT judge.
-* `pope_metrics`: accuracy / precision / recall / F1 / yes-ratio with "yes" as the positive class.
+The reference is the lmms-eval copy vendored in the authors' repository (its task files are byte-identical to
+lmms-eval 0.4.0 on PyPI, which the parity tests run against these functions):
+* `vqa_accuracy`: TextVQA soft accuracy, EvalAI answer normalisation, mean over the leave-one-annotator-out
+  subsets of min(1, #matches among the others / 3) (one reference alone scores 0, as there).
+* `anls`: 1 - normalised Levenshtein distance of the lower-cased, whitespace-collapsed strings, divided by the
+  longer *raw* length; kept when >= 0.5 (DocVQA, InfoVQA).
+* `relaxed_accuracy`: ChartQA, 5 % relative tolerance when both parse as numbers and the target is non-zero,
+  else case-insensitive string equality (nothing stripped).
+* `ocrbench_score`: OCRBench containment; for the HME100k handwritten maths set all spaces and newlines go.
+* `vstar_letter` / `choice_accuracy`: V*'s letter extraction; `hrbench_letter`: HR-Bench's rule-based option
+  matcher (its GPT judge, called when the rules fail, needs a network: such answers score 0 here).
+* `pope_metrics`: accuracy, precision, recall, F1 with "yes" positive on the exact lower-cased answer.
 """
 
 from __future__ import annotations
@@ -154,47 +159,44 @@ _NUMBER_WORDS = {
 }
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+# The harness's pattern reads as a look-ahead for the text "<=\d": it deletes every '.' not followed by a digit.
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
+_MAX_PERIODS = 32  # the harness passes re.UNICODE (32) as `count`: at most 32 periods are removed
 
 
 def _punctuation(text: str) -> str:
     """Punctuation next to a space, or any when the text has a digit-comma-digit, is deleted; other punctuation
-    becomes a space; periods go unless they are decimal points."""
+    becomes a space; periods go unless a digit follows. Every test looks at the original text."""
     out = text
     for p in _PUNCT:
         if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, _MAX_PERIODS)
 
 
 def _digits_articles(text: str) -> str:
-    words = []
-    for word in text.lower().split():
-        word = _NUMBER_WORDS.get(word, word)
-        if word not in _ARTICLES:
-            words.append(_CONTRACTIONS.get(word, word))
-    return " ".join(words)
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def normalize_vqa_answer(text: str) -> str:
-    """EvalAI's answer processor: whitespace, punctuation, number words → digits, articles, contractions."""
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    return _digits_articles(_punctuation(text)).strip()
+    """EvalAI's answer processor: lower case, ',' '?' dropped, "'s" split off, punctuation, number words to
+    digits, articles dropped, contractions restored."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return _digits_articles(_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """Soft accuracy against the (usually ten) human answers, averaged over leave-one-out subsets."""
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer")
     pred = normalize_vqa_answer(prediction)
     gts = [normalize_vqa_answer(a) for a in answers]
-    scores = []
-    for i in range(len(gts)):
-        others = gts[:i] + gts[i + 1 :] if len(gts) > 1 else gts
-        scores.append(min(1.0, sum(g == pred for g in others) / 3.0))
+    scores = [min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3.0) for i in range(len(gts))]
     return sum(scores) / len(scores)
 
 
@@ -213,113 +215,145 @@ def levenshtein(a: str, b: str) -> int:
     return previous[-1]
 
 
-def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
-    """max over references of 1 − NL (normalised Levenshtein distance), zeroed when NL ≥ threshold."""
-    pred = " ".join(prediction.strip().lower().split())
-    best = 0.0
+def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
+    """1 - the smallest normalised Levenshtein distance over the references, 0 below `threshold`. The distance is
+    taken between normalised strings but divided by the longer raw length, as the harness does."""
+    if not answers:
+        raise ValueError("anls needs at least one reference answer")
+    det = " ".join(prediction.strip().lower().split())
+    distances = []
     for answer in answers:
         gt = " ".join(answer.strip().lower().split())
-        longest = max(len(gt), len(pred))
-        dist = levenshtein(gt, pred) / longest if longest else 0.0
-        best = max(best, 0.0 if dist >= threshold else 1.0 - dist)
-    return best
+        length = max(len(answer.upper()), len(prediction.upper()))
+        distances.append(levenshtein(gt, det) / length if length else 0.0)
+    best = 1.0 - min(distances)
+    return 0.0 if best < threshold else best
 
 
 # -- ChartQA relaxed accuracy ------------------------------------------------------------------------------------
 
 
 def _to_float(text: str) -> float | None:
-    text = text.strip()
     try:
-        if text.endswith("%"):
-            return float(text.rstrip("%")) / 100.0
-        return float(text)
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
     except ValueError:
         return None
 
 
-def relaxed_accuracy(prediction: str, answers: list[str], max_relative_change: float = 0.05) -> float:
-    """1.0 when a number is within 5 % of a numeric reference (exact for a zero reference), or the strings match
-    case-insensitively; a trailing '%' means a percentage."""
-    pred = prediction.strip().rstrip(".")
-    for answer in answers:
-        p, t = _to_float(pred), _to_float(answer)
-        if p is not None and t is not None:
-            ok = abs(p - t) / abs(t) <= max_relative_change if t != 0 else p == t
-        else:
-            ok = pred.lower() == answer.strip().lower()
-        if ok:
+def relaxed_accuracy(prediction: str, answers: Sequence[str], max_relative_change: float = 0.05) -> float:
+    """1.0 when prediction and a target both parse as numbers ('%' divides by 100) and differ by at most 5 % of a
+    non-zero target; otherwise when the strings are equal ignoring case. A zero target is compared as a string."""
+    p = _to_float(prediction)
+    for target in answers:
+        t = _to_float(target)
+        numeric = p is not None and bool(t)
+        if abs(p - t) / abs(t) <= max_relative_change if numeric else prediction.lower() == target.lower():
             return 1.0
     return 0.0
 
 
 # -- OCRBench ------------------------------------------------------------------------------------------------------
 
+HANDWRITTEN_MATH = "HME100k"  # OCRBench's source dataset scored without spaces
 
-def ocrbench_score(prediction: str, answers: list[str], category: str = "") -> float:
-    """1 when a reference is contained in the prediction (case-insensitive); for handwritten mathematical
-    expressions all whitespace is removed first."""
-    pred = prediction.strip().lower().replace("\n", " ")
+
+def ocrbench_score(prediction: str, answers: Sequence[str], dataset: str = "") -> float:
+    """1 when a reference is contained in the lower-cased prediction. For `HME100k` spaces and newlines are removed
+    from both and the reference keeps its case (so, as in the authors' harness, an upper-case formula cannot
+    match); otherwise the reference is lower-cased too."""
+    pred = prediction.lower().strip()
     for answer in answers:
-        if category == "Handwritten Mathematical Expression Recognition":
-            a = re.sub(r"\s+", "", answer)
-            if a and a in re.sub(r"\s+", "", prediction):
-                return 1.0
+        if dataset == HANDWRITTEN_MATH:
+            a = answer.strip().replace("\n", " ").replace(" ", "")
+            hit = a in pred.replace("\n", " ").replace(" ", "")
         else:
-            a = answer.strip().lower().replace("\n", " ")
-            if a and a in pred:
-                return 1.0
+            hit = answer.lower().strip().replace("\n", " ") in pred.replace("\n", " ")
+        if hit:
+            return 1.0
     return 0.0
 
 
 # -- multiple choice and yes/no ----------------------------------------------------------------------------------
 
-_CHOICE = re.compile(r"(?:^|[\s(\[])([A-F])(?:$|[\s).:,\]])")
+_VSTAR_PATTERNS = [
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"^([A-D])\s*[\.)\]]*",
+        r"(?:THE\s+)?(?:ANSWER|CHOICE|OPTION)(?:\s+IS)?[\s:]+([A-D])",
+        r"\(([A-D])\)",
+        r"([A-D])\s*(?:\.|\)|])",
+        r"(?:^|\s)([A-D])(?:\s|$)",
+    )
+]
 
 
-def extract_choice(prediction: str, options: Sequence[str] = ("A", "B", "C", "D")) -> str | None:
-    """The chosen option letter: a bare letter ("B", "(B)", "B.", "B) red"), else an option whose text the answer
-    repeats; None when nothing matches."""
-    text = prediction.strip()
-    m = _CHOICE.search(text)
-    if m and m.group(1) in options:
-        return m.group(1)
-    return None
+def vstar_letter(prediction: str) -> str | None:
+    """V*'s extraction, in its order: a leading letter ("Blue" reads as B, as there), "answer is X", "(X)", "X." /
+    "X)", a lone letter; then the only A-D letter in the text, then the first character."""
+    text = prediction.strip().upper()
+    for pattern in _VSTAR_PATTERNS:
+        if m := pattern.search(text):
+            return m.group(1).upper()
+    letters = re.findall(r"[A-D]", text)
+    if len(letters) == 1:
+        return letters[0]
+    return text[0] if text and text[0] in "ABCD" else None
 
 
-def choice_accuracy(prediction: str, answer: str, option_texts: dict[str, str] | None = None) -> float:
-    letter = extract_choice(prediction, tuple(option_texts or ("A", "B", "C", "D")))
-    if letter is None and option_texts:
-        low = prediction.strip().lower().rstrip(".")
-        hits = [k for k, v in option_texts.items() if v and v.strip().lower() == low]
-        letter = hits[0] if len(hits) == 1 else None
-    return 1.0 if letter == answer.strip().upper() else 0.0
+def choice_accuracy(prediction: str, answer: str) -> float:
+    return 1.0 if vstar_letter(prediction) == answer.strip().upper() else 0.0
 
 
-def yes_no(prediction: str) -> str | None:
-    words = re.findall(r"[a-z]+", prediction.lower())
-    for w in words[:3]:
-        if w in ("yes", "no"):
-            return w
-    return None
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+
+
+def hrbench_letter(prediction: str, options: dict[str, str]) -> str | None:
+    """HR-Bench's rule-based matcher: exactly one option letter as a whole token (after .()[],:;!*#{} become
+    spaces; case-sensitive), else 'Z' for a refusal or a lone 'Z', else exactly one option text contained in the
+    answer (case-insensitive); None where the harness would ask its GPT judge."""
+    if "Failed to obtain answer via API" in prediction:
+        return None
+    if any(r in prediction for r in _REFUSALS):
+        return "Z"
+    tokens = re.sub(r"[.()\[\],:;!*#{}]", " ", prediction).split()
+    hits = [k for k in options if k in tokens]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits and "Z" in tokens:
+        return "Z"
+    low = prediction.lower()
+    texts = [k for k, v in options.items() if str(v).lower() in low]
+    return texts[0] if len(texts) == 1 else None
 
 
 def pope_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
-    """POPE: "yes" is positive; an unparseable prediction counts as "no" (as the official script does)."""
-    tp = fp = tn = fn = yes = 0
-    for pred, gt in zip(predictions, answers, strict=True):
-        p = yes_no(pred) == "yes"
-        g = gt.strip().lower() == "yes"
-        yes += p
-        tp += p and g
-        fp += p and not g
-        tn += (not p) and (not g)
-        fn += (not p) and g
-    n = max(len(answers), 1)
+    """POPE as the harness counts: the answer is the whole lower-cased, stripped output ("Yes." is neither yes nor
+    no); an answer that is neither is wrong and counts in neither FP nor FN. `yes_ratio` is the harness's: the
+    share of "yes" among the ground truth; `pred_yes_ratio` is the share of "yes" answers."""
+    preds = [p.lower().strip() for p in predictions]
+    gts = [g.lower().strip() for g in answers]
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(preds, gts, strict=True))
+    fp = sum(p == "yes" and g == "no" for p, g in zip(preds, gts, strict=True))
+    fn = sum(p == "no" and g == "yes" for p, g in zip(preds, gts, strict=True))
+    correct = sum(p == g for p, g in zip(preds, gts, strict=True))
+    n = max(len(gts), 1)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1, "yes_ratio": yes / n}
+    labelled = sum(g in ("yes", "no") for g in gts)
+    return {
+        "accuracy": correct / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": sum(g == "yes" for g in gts) / labelled if labelled else 0.0,
+        "pred_yes_ratio": sum(p == "yes" for p in preds) / n,
+    }
 
 
 # -- the synthetic task ------------------------------------------------------------------------------------------

@@ -39,7 +39,12 @@ def is_local(path: str) -> bool:
 
 def _check_exists(path: str | None, what: str) -> str | None:
     """Local paths must exist now; remote ones (s3://…) are checked by the stages, with retries."""
-    if path and is_local(path) and not any(c in path for c in "*?[") and not Path(path.removeprefix("file://")).exists():
+    if (
+        path
+        and is_local(path)
+        and not any(c in path for c in "*?[")
+        and not Path(path.removeprefix("file://")).exists()
+    ):
         raise ValueError(f"{what} does not exist: {path}")
     return path
 
@@ -86,12 +91,15 @@ class DatasetSpec(_Section):
     """`kind: jsonl` reads a manifest of {id, image, question[, answers, box, domain]} lines (images relative to it);
     `kind: synthetic` generates the fine-grained digit scenes of `sdrpn_core.synthetic`; `kind: benchmark` reads
     a benchmark's files in their official / lmms-lab layout (`benchmark`: a name of `sdrpn_core.benchmarks`,
-    `path`: the file or folder, `images`: the image folder where the layout keeps images apart)."""
+    `path`: the downloaded repository folder, a config folder, a file or a glob; `images`: the image folder where
+    the layout keeps images apart; `split` / `config`: another split or config than the paper's)."""
 
     kind: Literal["jsonl", "synthetic", "benchmark"] = "jsonl"
     path: str | None = None
     benchmark: str | None = None  # scoring rules for jsonl / benchmark data (default: exact match)
     images: str | None = None
+    split: str | None = None  # default: the split the paper evaluates (e.g. validation)
+    config: str | None = None  # default: the benchmark's config (DocVQA vs InfographicVQA)
     # images are read only from the dataset's own folder, `images`, these roots and the store
     image_roots: list[str] = Field(default_factory=list)
     allow_http: bool = False  # http(s) images (under an image root) only when switched on

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 from pathlib import Path
@@ -21,12 +22,15 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sdrpn_core.benchmarks import get_benchmark
 from sdrpn_core.data import Rejection
 from stages.config import DatasetSpec, is_local
 from stages.refs import DatasetRef
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import dataset_fingerprint, hash_obj, uri_sha256
 from storage.store import Store
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -39,6 +43,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("domain", pa.string()),
         ("category", pa.string()),
         ("options", pa.string()),  # JSON [[letter, text], …] for multiple choice, else ""
+        ("meta", pa.string()),  # JSON {field: value} the benchmark's metric reads, else ""
     ]
 )
 REJECTION_SCHEMA = pa.schema([("sample_id", pa.string()), ("reason", pa.string())])
@@ -199,15 +204,16 @@ def _synthetic_rows(spec: DatasetSpec, store: Store) -> list[dict]:
     return rows
 
 
-def _benchmark_rows(spec: DatasetSpec, store: Store) -> tuple[list[dict], list[Rejection]]:
-    """A benchmark's samples; embedded images are written once into the store, content-addressed; a repeated id
-    is a rejection naming the first row that had it."""
-    from sdrpn_core.benchmarks import get_benchmark
-
+def _benchmark_rows(spec: DatasetSpec, store: Store) -> tuple[list[dict], list[Rejection], list[str]]:
+    """A benchmark's samples, streamed from its files: embedded images are written once into the store,
+    content-addressed; a repeated id is a rejection naming the first row that had it. Also returns warnings (a
+    count that differs from the published size of the split)."""
     bench = get_benchmark(spec.benchmark or "")
-    kwargs = {"images": spec.images} if spec.images else {}
-    if bench.name == "mix665k":
+    kwargs: dict = {"images": spec.images} if spec.images else {}
+    kwargs.update({k: v for k, v in (("split", spec.split), ("config", spec.config)) if v is not None})
+    if bench.seeded_subset:
         kwargs.update({"limit": spec.limit, "seed": spec.seed if spec.seed else 42})
+    kwargs.update(_options(spec.path or "", store))
     samples, rejected = bench.reader(spec.path, **kwargs)
     rows, first = [], {}
     for n, s in enumerate(samples):
@@ -215,40 +221,51 @@ def _benchmark_rows(spec: DatasetSpec, store: Store) -> tuple[list[dict], list[R
             rejected.append(Rejection(s.sample_id, f"row {n}: duplicate id (first at row {first[s.sample_id]})"))
             continue
         first[s.sample_id] = n
-        image = s.image
-        if isinstance(image, bytes):
-            digest = hashlib.sha256(image).hexdigest()
-            name = f"{digest[:2]}/{digest}.img"
-            if not store.exists("datasets", "images", name):
-                store.write_bytes(image, "datasets", "images", name)
-            image = store.url("datasets", "images", name)
-        rows.append(
-            {
-                "sample_id": s.sample_id,
-                "image": image,
-                "question": s.question,
-                "answers": list(s.answers),
-                "box": list(s.box) if s.box else None,
-                "domain": "default",
-                "category": s.category,
-                "options": json.dumps([list(o) for o in s.options]) if s.options else "",
-            }
+        rows.append(_benchmark_row(s, store))
+    warnings = []
+    expected = bench.published_rows if not (spec.split or spec.config) else None
+    if expected and not spec.limit and len(rows) != expected:
+        warnings.append(
+            f"{bench.name}: read {len(rows)} rows ({len(rejected)} rejected) from {spec.path}, but the published "
+            f"{bench.split} split has {expected}: the score is not comparable with the paper's"
         )
-    return rows, list(rejected)
+        log.warning("%s", warnings[-1])
+    return rows, list(rejected), warnings
 
 
-def _source_rows(spec: DatasetSpec, store: Store) -> tuple[list[dict], list[Rejection], str]:
+def _benchmark_row(s, store: Store) -> dict:
+    image = s.image
+    if isinstance(image, bytes):
+        digest = hashlib.sha256(image).hexdigest()
+        name = f"{digest[:2]}/{digest}.img"
+        if not store.exists("datasets", "images", name):
+            store.write_bytes(image, "datasets", "images", name)
+        image = store.url("datasets", "images", name)
+    return {
+        "sample_id": s.sample_id,
+        "image": image,
+        "question": s.question,
+        "answers": list(s.answers),
+        "box": list(s.box) if s.box else None,
+        "domain": "default",
+        "category": s.category,
+        "options": json.dumps([list(o) for o in s.options]) if s.options else "",
+        "meta": json.dumps(dict(s.meta)) if s.meta else "",
+    }
+
+
+def _source_rows(spec: DatasetSpec, store: Store) -> tuple[list[dict], list[Rejection], str, list[str]]:
     if spec.kind == "jsonl":
         if not spec.path:
             raise ValueError("dataset.path is required for kind 'jsonl'")
         rows, rejected = read_jsonl_manifest(spec.path, **_options(spec.path, store))
-        return rows, rejected, spec.path.rstrip("/").rsplit("/", 2)[-2] if "/" in spec.path else spec.path
+        return rows, rejected, spec.path.rstrip("/").rsplit("/", 2)[-2] if "/" in spec.path else spec.path, []
     if spec.kind == "benchmark":
         if not spec.path or not spec.benchmark:
             raise ValueError("dataset.benchmark and dataset.path are required for kind 'benchmark'")
-        rows, rejected = _benchmark_rows(spec, store)
-        return rows, rejected, spec.benchmark
-    return _synthetic_rows(spec, store), [], f"synthetic-{spec.variant}-{spec.seed}"
+        rows, rejected, warnings = _benchmark_rows(spec, store)
+        return rows, rejected, spec.benchmark, warnings
+    return _synthetic_rows(spec, store), [], f"synthetic-{spec.variant}-{spec.seed}", []
 
 
 def _options(url: str, store: Store) -> dict:
@@ -286,8 +303,8 @@ def _parquet(rows: list[dict], schema: pa.Schema) -> bytes:
 
 
 def build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
-    rows, rejected, name = _source_rows(spec, store)
-    if spec.limit and spec.benchmark != "mix665k":
+    rows, rejected, name, warnings = _source_rows(spec, store)
+    if spec.limit and not (spec.benchmark and get_benchmark(spec.benchmark).seeded_subset):
         rows = rows[: spec.limit]
     keyed, unreadable = _keyed(rows, spec, store)
     rows = [r for r, _ in keyed]
@@ -308,8 +325,15 @@ def build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
     if arts.verify("datasets", fp) is None:
         files = {"manifest.parquet": _parquet(rows, MANIFEST_SCHEMA), "quarantine.parquet": quarantine}
         arts.put_files("datasets", fp, files, meta={"rows": len(rows), "rejected": len(rejected), "name": name})
-    return DatasetRef(fp, arts.url("datasets", fp, "manifest.parquet"), len(rows), name, spec.benchmark or "synthetic",
-                      len(rejected))
+    return DatasetRef(
+        fp,
+        arts.url("datasets", fp, "manifest.parquet"),
+        len(rows),
+        name,
+        spec.benchmark or "synthetic",
+        len(rejected),
+        tuple(warnings),
+    )
 
 
 def read_manifest(ref: DatasetRef, store: Store) -> list[dict]:

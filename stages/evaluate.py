@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from sdrpn_core.benchmarks import BenchmarkSample, get_benchmark
+from sdrpn_core.benchmarks import Benchmark, BenchmarkSample, get_benchmark
 from sdrpn_core.benchmarks.scoring import aggregate, score
 from sdrpn_core.data import BadSample, load_image
 from sdrpn_core.infer import answer_baseline, answer_sdrpn, answer_vicrop, answer_with_boxes
@@ -45,6 +45,8 @@ class EvalParams:
     vicrop_layer: int = 14
     gallery: int = 6
     inputs: tuple[tuple[str, Any], ...] = ()  # adapter input overrides for evaluation (sorted items)
+    model_key: str = ""  # the preset's model ("qwen2.5-vl-3b"): selects the authors' per-model τ
+    protocol: str = "lmms-eval 0.4.0 (the authors' vendored copy)"  # prompts and metrics scored as by this harness
 
 
 def eval_fingerprint(model: ModelRef, rpn: RpnRef | None, dataset: DatasetRef, params: EvalParams) -> str:
@@ -68,6 +70,7 @@ def _sample(row: dict) -> BenchmarkSample:
         row.get("category") or "",
         options,
         tuple(row["box"]) if row.get("box") else None,
+        tuple(json.loads(row["meta"]).items()) if row.get("meta") else (),
     )
 
 
@@ -95,14 +98,18 @@ def evaluate(
     arts = ArtifactStore(store)
     bench = get_benchmark(dataset.benchmark)
     adapter = load_model(model)
-    if params.inputs:
-        adapter = adapter.with_inputs(**dict(params.inputs))
+    inputs = {**adapter.evaluation_inputs, **dict(params.inputs)}
+    if inputs:
+        adapter = adapter.with_inputs(**inputs)
     methods = [m for m in params.methods if m != "sdrpn" or rpn_ref is not None]
     rpn = load_rpn(store, rpn_ref, model) if "sdrpn" in methods else None
+    tokens = adapter.image_token_budget
     threshold = (
-        params.threshold if params.threshold is not None else bench.threshold(model.family, params.default_threshold)
+        params.threshold
+        if params.threshold is not None
+        else bench.threshold(model.family, params.default_threshold, params.model_key, tokens)
     )
-    max_new = params.max_new_tokens or bench.max_new_tokens
+    max_new = params.max_new_tokens or bench.max_new_tokens or adapter.default_max_new_tokens
     rows = read_manifest(dataset, store)
     predictions: list[dict] = []
     seconds = dict.fromkeys(methods, 0.0)
@@ -177,13 +184,18 @@ def evaluate(
         s["relative_throughput"] = s["samples_per_s"] / base_rate if base_rate else None
     protocol = {
         "benchmark": bench.name,
+        "harness": params.protocol,
         "dataset": dataset.fingerprint,
         "rows": dataset.rows,
+        "published_rows": bench.published_rows,
         "rejected": dataset.rejected,
-        "metric": bench.metric,
+        "warnings": list(dataset.warnings),
+        "differences_from_harness": bench.notes,
+        "metric": bench.metric_name,
         "post_prompt": bench.post_prompt,
         "ocr_tokens_in_prompt": False,
         "max_new_tokens": max_new,
+        "image_token_budget": tokens,
         "model": model.fingerprint,
         "model_path": model.path,
         "family": model.family,
@@ -197,19 +209,14 @@ def evaluate(
         "roi_mode": params.mode,
         "kv_reuse": params.reuse_kv,
         "vicrop_layer": params.vicrop_layer,
-        "answer_format": "free text scored by the benchmark's metric"
-        + (
-            "; the model may echo the colour before the digit: the last word is scored"
-            if bench.name == "synthetic"
-            else ""
-        ),
+        "answer_format": bench.answer_format,
         "params": asdict(params),
     }
     files = {
         "predictions.parquet": _parquet(predictions, {"sdrpn.protocol": json.dumps(protocol, default=str)}),
         "scores.json": json.dumps(scores, indent=1).encode(),
         "protocol.json": json.dumps(protocol, indent=1, default=str).encode(),
-        "report.md": report_markdown(bench.name, dataset, scores).encode(),
+        "report.md": report_markdown(bench, dataset, scores).encode(),
     }
     if "sdrpn" in methods and "baseline" in methods and params.gallery:
         files["gallery.png"] = _png(gallery(outcomes, params.gallery, adapter))
@@ -251,19 +258,20 @@ def gallery(outcomes: dict[str, dict], n: int, adapter, tile: int = 224) -> Imag
     return canvas
 
 
-def report_markdown(name: str, dataset: DatasetRef, scores: list[dict]) -> str:
-    subs = [k for k in ("attr", "spatial", "fsp", "fcp", "f1", "accuracy") if any(k in s for s in scores)]
+def report_markdown(bench: Benchmark, dataset: DatasetRef, scores: list[dict]) -> str:
+    subs = [k for k in dict.fromkeys(k for s in scores for k in s) if k not in _NOT_SUBSCORES]
     head = "| method | score | " + " | ".join(subs) + (" | " if subs else "") + "samples/s | relative throughput |"
-    lines = [
-        f"## {name} ({dataset.rows} samples, {dataset.rejected} rejected rows)",
-        "",
-        head,
-        "|" + "---|" * (4 + len(subs)),
-    ]
+    lines = [f"## {bench.name} ({dataset.rows} samples, {dataset.rejected} rejected rows)", ""]
+    lines += [f"> **Warning:** {w}" for w in dataset.warnings]
+    lines += [f"> Differs from the harness: {bench.notes}" for _ in [0] if bench.notes]
+    lines += ["" if dataset.warnings or bench.notes else None, head, "|" + "---|" * (4 + len(subs))]
     for s in scores:
         rel = f"{s['relative_throughput']:.2f}×" if s.get("relative_throughput") else "–"
         cells = " | ".join(f"{s.get(k, float('nan')):.1f}" for k in subs)
         lines.append(
             f"| {s['method']} | {s['score']:.1f} | {cells}{' | ' if subs else ''}{s['samples_per_s']:.2f} | {rel} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+_NOT_SUBSCORES = {"benchmark", "method", "score", "samples", "samples_per_s", "relative_throughput"}

@@ -124,8 +124,11 @@ def _quarantine_rejected(ds, teacher, manifest: pa.Table, covered: np.ndarray, m
     pairs = _first_unseen(pairs, rejected)
     already = ds.committed_ids(among=pairs.column("sample_id").to_pylist())
     ds.quarantine(
-        [(i, r) for i, r in zip(pairs.column("sample_id").to_pylist(), pairs.column("reason").to_pylist(), strict=True)
-         if i not in already],
+        [
+            (i, r)
+            for i, r in zip(pairs.column("sample_id").to_pylist(), pairs.column("reason").to_pylist(), strict=True)
+            if i not in already
+        ],
         meta,
     )
     return rejected

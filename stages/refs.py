@@ -23,6 +23,7 @@ class DatasetRef:
     name: str = ""
     benchmark: str = "synthetic"  # the scoring rules (a name of sdrpn_core.benchmarks)
     rejected: int = 0
+    warnings: tuple[str, ...] = ()  # e.g. a row count that is not the split's published size
 
 
 @dataclass(frozen=True)

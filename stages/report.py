@@ -20,12 +20,13 @@ def results_rows(results: list[EvalRef]) -> list[dict]:
     rows: dict[str, dict] = {}
     thru: dict[str, list[float]] = {}
     for ref in results:
-        column = get_benchmark(ref.benchmark).paper_key or ref.benchmark
+        bench = get_benchmark(ref.benchmark)
+        column = bench.paper_key or ref.benchmark
         for s in ref.scores:
             row = rows.setdefault(s["method"], {"method": s["method"]})
             row[column] = round(s["score"], 1)
-            for sub, label in (("attr", "V* Attr"), ("spatial", "V* Spatial"), ("accuracy", "POPE Acc")):
-                if sub in s and ref.benchmark in ("vstar", "pope"):
+            for sub, label in bench.columns.items():
+                if sub in s:
                     row[label] = round(s[sub], 1)
             if s.get("relative_throughput"):
                 thru.setdefault(s["method"], []).append(s["relative_throughput"])

@@ -1,8 +1,8 @@
-"""Every reader on small fixture files in the real layouts (made here), bad rows quarantined; scoring."""
+"""Bad rows quarantined with their location; the training-set reader; scoring and aggregates; the results table.
+(The published layouts of every benchmark: test_benchmark_layouts.py.)"""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 
@@ -33,174 +33,23 @@ def write_parquet(path, rows):
     return str(path)
 
 
-def test_textvqa_official_json_and_lmms_parquet(tmp_path):
-    (tmp_path / "train_images").mkdir()
-    random_image(0).save(tmp_path / "train_images" / "abc.jpg")
-    data = {
-        "data": [
-            {"question_id": 1, "image_id": "abc", "question": "what brand?", "answers": ["nike"] * 10},
-            {"question_id": 2, "image_id": "abc", "question": "empty answers", "answers": []},
-            {"question_id": 3, "image_id": "abc", "question": "  ", "answers": ["x"] * 10},
-        ]
-    }
-    (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps(data))
-    samples, rejected = get_benchmark("textvqa").reader(str(tmp_path / "TextVQA_0.5.1_val.json"))
-    assert [s.sample_id for s in samples] == ["1"] and samples[0].image.endswith("train_images/abc.jpg")
-    assert load_image(samples[0].image).size == (40, 28)
-    assert {r.reason.split(":")[0] for r in rejected} == {"data[1]", "data[2]"}
-    assert "no answers" in rejected[0].reason and "empty question" in rejected[1].reason
-
-    folder = tmp_path / "lmms"
-    write_parquet(
-        folder / "validation-00000-of-00001.parquet",
-        [
-            {
-                "image_id": "x",
-                "question_id": 7,
-                "question": "what is written?",
-                "question_tokens": ["what"],
-                "image": img_struct(1),
-                "image_width": 20,
-                "image_height": 16,
-                "answers": ["stop"] * 10,
-                "image_classes": ["sign"],
-                "set_name": "val",
-                "ocr_tokens": ["STOP"],
-            }
-        ],
-    )
-    samples, rejected = get_benchmark("textvqa").reader(str(folder))
-    assert samples[0].answers == ("stop",) * 10 and load_image(samples[0].image).size == (20, 16) and not rejected
-    assert get_benchmark("textvqa").prompt(samples[0]) == (
-        "what is written?\nAnswer the question using a single word or phrase."
-    )  # no OCR tokens in the prompt
-
-
-def test_docvqa_and_infovqa_parquet(tmp_path):
-    path = write_parquet(
-        tmp_path / "DocVQA" / "validation-0.parquet",
-        [
-            {
-                "questionId": "q1",
-                "question": "What is the date?",
-                "question_types": ["layout"],
-                "image": img_struct(),
-                "docId": 1,
-                "ucsf_document_id": "u",
-                "ucsf_document_page_no": "1",
-                "answers": ["1 May", "May 1"],
-            },
-            {
-                "questionId": "q2",
-                "question": "no image",
-                "question_types": [],
-                "image": {"bytes": b"", "path": None},
-                "docId": 2,
-                "ucsf_document_id": "u",
-                "ucsf_document_page_no": "1",
-                "answers": ["x"],
-            },
-        ],
-    )
-    for name in ("docvqa", "infovqa"):
-        samples, rejected = get_benchmark(name).reader(path)
-        assert [s.sample_id for s in samples] == ["q1"] and samples[0].answers == ("1 May", "May 1")
-        assert rejected[0].sample_id == "q2" and "no image" in rejected[0].reason
-    assert get_benchmark("docvqa").max_new_tokens == 32 and get_benchmark("docvqa").metric == "anls"
-
-
-def test_chartqa_ocrbench_pope(tmp_path):
-    chart = write_parquet(
-        tmp_path / "chartqa.parquet",
-        [{"type": "human_test", "question": "How many?", "answer": "12", "image": img_struct()}],
-    )
-    s, _ = get_benchmark("chartqa").reader(chart)
-    assert s[0].answers == ("12",) and get_benchmark("chartqa").prompt(s[0]).endswith("with a single word.")
-    ocr = write_parquet(
-        tmp_path / "ocrbench.parquet",
-        [
-            {
-                "dataset": "IIIT5K",
-                "question": "what is written?",
-                "question_type": "Regular Text Recognition",
-                "answer": ["CAFE"],
-                "image": img_struct(),
-            }
-        ],
-    )
-    s, _ = get_benchmark("ocrbench").reader(ocr)
-    assert s[0].category == "Regular Text Recognition" and s[0].answers == ("CAFE",)
-    write_parquet(
-        tmp_path / "pope" / "test-0.parquet",
-        [
-            {
-                "id": "0",
-                "question_id": "p1",
-                "question": "Is there a dog in the image?",
-                "answer": "yes",
-                "image_source": "coco",
-                "image": img_struct(),
-                "category": "adversarial",
-            },
-            {
-                "id": "1",
-                "question_id": "p2",
-                "question": "Is there a cat?",
-                "answer": "maybe",
-                "image_source": "coco",
-                "image": img_struct(),
-                "category": "random",
-            },
-        ],
-    )
-    s, rejected = get_benchmark("pope").reader(str(tmp_path / "pope"))
-    assert [x.sample_id for x in s] == ["p1"] and "not yes/no" in rejected[0].reason
-
-
-def test_vstar_and_hrbench(tmp_path):
-    vstar = write_parquet(
-        tmp_path / "vstar.parquet",
-        [
-            {
-                "question_id": "v1",
-                "question": "What is the colour of the cup?\n(A) red\n(B) blue",
-                "answer": "B",
-                "category": "direct_attributes",
-                "image": img_struct(),
-            },
-            {
-                "question_id": "v2",
-                "question": "Where?\n(A) left\n(B) right",
-                "answer": "Z",
-                "category": "relative_position",
-                "image": img_struct(),
-            },
-        ],
-    )
-    s, rejected = get_benchmark("vstar").reader(vstar)
-    assert s[0].options == (("A", "red"), ("B", "blue")) and s[0].answers == ("B",) and len(rejected) == 1
-    assert get_benchmark("vstar").prompt(s[0]).endswith("from the given choices directly.")
-    hr = write_parquet(
-        tmp_path / "hr_bench_4k.parquet",
-        [
-            {
-                "index": 3,
-                "question": "What colour is the car?",
-                "answer": "C",
-                "category": "single",
-                "A": "red",
-                "B": "blue",
-                "C": "green",
-                "D": "white",
-                "image": base64.b64encode(png()).decode(),
-                "cycle_category": "0",
-            }
-        ],
-    )
-    s, _ = get_benchmark("hrbench4k").reader(hr)
-    assert load_image(s[0].image).size == (20, 16)
-    prompt = get_benchmark("hrbench4k").prompt(s[0])
-    assert "A. red\nB. blue\nC. green\nD. white" in prompt
+def test_bad_rows_are_quarantined_with_their_location(tmp_path):
+    good = {"questionId": "q1", "question": "What is the date?", "image": img_struct(), "answers": ["1 May"]}
+    rows = [
+        good,
+        {**good, "questionId": "q2", "image": {"bytes": b"", "path": None}},
+        {**good, "questionId": "q3", "answers": None},
+        {**good, "questionId": "q4", "question": "  "},
+    ]
+    path = write_parquet(tmp_path / "DocVQA" / "validation-00000-of-00001.parquet", rows)
+    samples, rejected = get_benchmark("docvqa").reader(path)
+    assert [s.sample_id for s in samples] == ["q1"]
+    assert [(r.sample_id, r.reason.split(": ", 1)[1].split(" (")[0]) for r in rejected] == [
+        ("q2", "no image"),
+        ("q3", "bad row"),
+        ("q4", "empty question"),
+    ]
+    assert rejected[0].reason.startswith("validation-00000-of-00001.parquet:1") and "no answers" in rejected[1].reason
 
 
 def test_mix665k_first_turns_and_seeded_subset(tmp_path):
@@ -291,26 +140,6 @@ def test_scoring_and_aggregates():
     assert np.isclose(get_benchmark("ocrbench").threshold("llava"), 0.05)
     with pytest.raises(KeyError, match="unknown benchmark"):
         get_benchmark("mmmu")
-
-
-def test_vstar_original_jsonl_layout_with_target_boxes(tmp_path):
-    (tmp_path / "direct_attributes").mkdir()
-    random_image(0, (60, 40)).save(tmp_path / "direct_attributes" / "sa_1.jpg")
-    (tmp_path / "direct_attributes" / "sa_1.json").write_text(
-        json.dumps({"target_object": ["cup", "glove"], "bbox": [[10, 5, 8, 6], [30, 20, 4, 4]]})
-    )
-    line = {
-        "question_id": 0,
-        "image": "direct_attributes/sa_1.jpg",
-        "category": "direct_attributes",
-        "label": "A",
-        "text": "What is the colour of the cup?\n(A) red\n(B) blue\n"
-        "Answer with the option's letter from the given choices directly.",
-    }
-    (tmp_path / "test_questions.jsonl").write_text(json.dumps(line) + "\n")
-    (s,), rejected = get_benchmark("vstar").reader(str(tmp_path / "test_questions.jsonl"))
-    assert not rejected and s.box == (10, 5, 34, 24) and s.options == (("A", "red"), ("B", "blue"))
-    assert get_benchmark("vstar").prompt(s).count("Answer with the option's letter") == 1
 
 
 def test_results_table_has_the_papers_rows_beside_ours():

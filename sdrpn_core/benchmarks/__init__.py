@@ -1,27 +1,23 @@
-"""Benchmark readers, one module per benchmark, and a registry by name. Readers take any fsspec URL to the files
-a user downloads (the official or lmms-lab layouts) and return (samples, rejected rows with reasons)."""
+"""Benchmarks, one self-describing module each, registered by name when this package is imported. A module
+declares its `Benchmark` (reader, split, prompt, metric, sub-scores, paper columns, τ) and calls `register`;
+adding a benchmark is that module and its test."""
 
 from __future__ import annotations
 
-from sdrpn_core.benchmarks import chartqa, docvqa, hrbench, mix665k, ocrbench, pope, synthetic, textvqa, vstar
+import importlib
+import pkgutil
+
 from sdrpn_core.benchmarks.base import Benchmark, BenchmarkSample
 
-BENCHMARKS: dict[str, Benchmark] = {
-    b.name: b
-    for b in (
-        textvqa.BENCHMARK,
-        docvqa.DOCVQA,
-        docvqa.INFOVQA,
-        chartqa.BENCHMARK,
-        ocrbench.BENCHMARK,
-        vstar.BENCHMARK,
-        pope.BENCHMARK,
-        hrbench.HRBENCH_4K,
-        hrbench.HRBENCH_8K,
-        mix665k.BENCHMARK,
-        synthetic.BENCHMARK,
-    )
-}
+BENCHMARKS: dict[str, Benchmark] = {}
+_INFRASTRUCTURE = {"base", "layout", "scoring", "published"}
+
+
+def register(benchmark: Benchmark) -> Benchmark:
+    if benchmark.name in BENCHMARKS and BENCHMARKS[benchmark.name] is not benchmark:
+        raise ValueError(f"benchmark {benchmark.name!r} is registered twice")
+    BENCHMARKS[benchmark.name] = benchmark
+    return benchmark
 
 
 def get_benchmark(name: str) -> Benchmark:
@@ -30,4 +26,8 @@ def get_benchmark(name: str) -> Benchmark:
     return BENCHMARKS[name]
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "BenchmarkSample", "get_benchmark"]
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _INFRASTRUCTURE:
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["BENCHMARKS", "Benchmark", "BenchmarkSample", "get_benchmark", "register"]

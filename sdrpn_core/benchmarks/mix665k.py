@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import random
 
-from sdrpn_core.benchmarks.base import Benchmark, BenchmarkSample, collect, read_json
+from sdrpn_core import metrics
+from sdrpn_core.benchmarks import register
+from sdrpn_core.benchmarks.base import Benchmark, BenchmarkSample, collect
+from sdrpn_core.benchmarks.layout import read_json
 
 
 def read(
@@ -33,7 +36,11 @@ def read(
             str(row["id"]), f"{root}/{row['image']}", question, (answer,), category=row["image"].split("/")[0]
         )
 
-    return collect(((f"[{i}]", r) for i, r in enumerate(kept)), make)
+    return collect(lambda: ((f"[{i}]", r) for i, r in enumerate(kept)), make)
 
 
-BENCHMARK = Benchmark("mix665k", read, "exact_match")
+def exact_match(prediction: str, sample: BenchmarkSample) -> float:
+    return metrics.exact_match(prediction, list(sample.answers))
+
+
+BENCHMARK = register(Benchmark("mix665k", read, exact_match, max_new_tokens=None, seeded_subset=True))

@@ -1,24 +1,46 @@
-"""OCRBench in the `echo840/OCRBench` Parquet layout (containment score, reported as %)."""
+"""OCRBench from `echo840/OCRBench` (`data/test-*.parquet`, 1,000 questions; `answer` a list; no id column, so the
+id is the row's position). lmms-eval's `ocrbench`: the stripped question alone, 128 new tokens, containment
+scoring with the handwritten-maths rule for the `HME100k` source; the total out of 1,000, shown as a percent."""
 
 from __future__ import annotations
 
-from sdrpn_core.benchmarks.base import Benchmark, BenchmarkSample, collect, image_bytes, parquet_rows
+from sdrpn_core import metrics
+from sdrpn_core.benchmarks import register
+from sdrpn_core.benchmarks.base import Benchmark, BenchmarkSample, answers_of
+from sdrpn_core.benchmarks.layout import image_value, read_split
+
+SPLIT = "test"
 
 
-def read(url: str, **storage_options):
-    def make(where, row):
-        answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
-        if not answers:
-            raise ValueError("no answers")
+def read(url: str, split: str = SPLIT, config: str = "", **storage_options):
+    def make(where: str, row: dict, file: str) -> BenchmarkSample:
         return BenchmarkSample(
             where,
-            image_bytes(row["image"]) or b"",
+            image_value(row["image"], file),
             str(row["question"]),
-            tuple(str(a) for a in answers),
-            category=str(row.get("question_type", "")),
+            answers_of(row["answer"]),
+            category=str(row.get("question_type") or ""),
+            meta=(("dataset", str(row.get("dataset") or "")),),
         )
 
-    return collect(parquet_rows(url, **storage_options), make)
+    return read_split(url, make, split, config, **storage_options)
 
 
-BENCHMARK = Benchmark("ocrbench", read, "ocrbench_score", "", 128, {"llava": 0.05, "qwen2_5_vl": 0.05}, "OCRBench")
+def ocrbench_score(prediction: str, sample: BenchmarkSample) -> float:
+    return metrics.ocrbench_score(prediction, sample.answers, sample.get("dataset"))
+
+
+BENCHMARK = register(
+    Benchmark(
+        "ocrbench",
+        read,
+        ocrbench_score,
+        "",
+        128,
+        {"llava": 0.05, "qwen2_5_vl": 0.05},
+        "OCRBench",
+        question=lambda s: s.question.strip(),
+        split=SPLIT,
+        published_rows=1000,
+    )
+)

@@ -7,6 +7,8 @@ import json
 
 import fsspec
 
+from sdrpn_core import metrics
+from sdrpn_core.benchmarks import register
 from sdrpn_core.benchmarks.base import Benchmark, BenchmarkSample, collect
 
 
@@ -36,7 +38,21 @@ def read(url: str, **storage_options):
         except json.JSONDecodeError as e:
             raise ValueError(f"not JSON: {e}") from None
 
-    return collect(rows(), safe)
+    return collect(rows, safe)
 
 
-BENCHMARK = Benchmark("synthetic", read, "exact_match", "", 8, {"llava": 0.15}, "")
+def exact_match(prediction: str, sample: BenchmarkSample) -> float:
+    return metrics.exact_match(prediction, list(sample.answers))
+
+
+BENCHMARK = register(
+    Benchmark(
+        "synthetic",
+        read,
+        exact_match,
+        "",
+        8,
+        {"llava": 0.15},
+        answer_format="free text; the model may echo the colour before the digit: the last word is scored",
+    )
+)

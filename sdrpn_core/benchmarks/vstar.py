@@ -1,80 +1,103 @@
-"""V* Bench: the original `test_questions.jsonl` + image folders (with per-image JSON of target boxes, which give
-an oracle row), or the `lmms-lab/vstar-bench` Parquet layout. Multiple choice with the options in the question
-text; categories `direct_attributes` (Attr) and `relative_position` (Spatial)."""
+"""V* Bench: the original release (`test_questions.jsonl` + `direct_attributes/`, `relative_position/` with a
+`<image>.json` of target boxes beside each image, which gives an oracle row) or `lmms-lab/vstar-bench`
+(`data/test-*.parquet`; columns text, label, category, question_id, image). 191 questions. lmms-eval's
+`vstar_bench`: the `(A) x` options rewritten as `A. x` lines, the letter instruction appended, 16 new tokens,
+its letter extraction; the headline is accuracy pooled over all questions, Attr and Spatial are sub-scores."""
 
 from __future__ import annotations
 
+import json
 import re
 
-from sdrpn_core.benchmarks.base import LETTER_ANSWER, Benchmark, BenchmarkSample, collect, image_bytes, parquet_rows
+import fsspec
 
-_OPTION = re.compile(r"^\(?([A-D])[.)]\s*(.+)$", re.MULTILINE)
+from sdrpn_core import metrics
+from sdrpn_core.benchmarks import register
+from sdrpn_core.benchmarks.base import LETTER_ANSWER, Benchmark, BenchmarkSample
+from sdrpn_core.benchmarks.layout import image_value, read_split
+
+SPLIT = "test"
+_OPTIONS = re.compile(r"\([A-D]\)\s*([^()]+?)(?=\s*\([A-D]\)|$)")
 
 
-def _read_jsonl(url: str, **storage_options):
-    """Lines {question_id, image (relative), text (question + options + the letter instruction), category, label};
-    `<image stem>.json` beside an image may hold its targets' boxes as [x, y, w, h] under "bbox"."""
-    import json
+def question_text(sample: BenchmarkSample) -> str:
+    """The harness's doc_to_text: the question before "(A)", then one "L. option" line per option. (When the
+    dataset text ends with the letter instruction, it stays attached to the last option, as there.)"""
+    text = sample.question
+    found = _OPTIONS.findall(text)
+    if not found:
+        return text
+    return (
+        text.split("(A)")[0].strip()
+        + "\n"
+        + "\n".join(f"{k}. {o.strip()}" for k, o in zip("ABCD", found, strict=False))
+    )
 
-    import fsspec
 
-    base = url.rsplit("/", 1)[0]
-    with fsspec.open(url, "r", **storage_options) as f:
-        lines = [json.loads(line) for line in f.read().splitlines() if line.strip()]
-    fs, _ = fsspec.core.url_to_fs(base, **storage_options)
+def _box(fs, image: str) -> tuple[int, int, int, int] | None:
+    """The union of the targets' [x, y, w, h] boxes from `<image stem>.json`, if there is one."""
+    meta = image.rsplit(".", 1)[0] + ".json"
+    if not fs.exists(meta):
+        return None
+    with fs.open(meta, "r") as m:
+        boxes = json.load(m).get("bbox") or []
+    if not boxes:
+        return None
+    return (
+        int(min(b[0] for b in boxes)),
+        int(min(b[1] for b in boxes)),
+        int(max(b[0] + b[2] for b in boxes)),
+        int(max(b[1] + b[3] for b in boxes)),
+    )
 
-    def make(where, row):
-        text = str(row["text"]).replace(LETTER_ANSWER.strip(), "").strip()
-        answer = str(row["label"]).strip().strip("()").upper()
-        if len(answer) != 1 or answer not in "ABCD":
+
+def read(url: str, split: str = SPLIT, config: str = "", **storage_options):
+    fs, _ = fsspec.core.url_to_fs(url, **storage_options)
+
+    def make(where: str, row: dict, file: str) -> BenchmarkSample:
+        if "_error" in row:
+            raise ValueError(row["_error"])
+        label = str(row["label"]).strip().strip("()").upper()
+        if len(label) != 1 or label not in "ABCD":
             raise ValueError(f"label {row['label']!r} is not an option letter")
-        image = f"{base}/{row['image']}"
-        box = None
-        meta_path = image.rsplit(".", 1)[0] + ".json"
-        if fs.exists(meta_path):
-            with fs.open(meta_path, "r") as m:
-                boxes = json.load(m).get("bbox") or []
-            if boxes:
-                box = (
-                    min(b[0] for b in boxes),
-                    min(b[1] for b in boxes),
-                    max(b[0] + b[2] for b in boxes),
-                    max(b[1] + b[3] for b in boxes),
-                )
-        options = tuple((m.group(1), m.group(2).strip()) for m in _OPTION.finditer(text))
+        text = str(row["text"])
+        found = _OPTIONS.findall(text)
+        options = tuple((k, o.replace(LETTER_ANSWER.strip(), "").strip()) for k, o in zip("ABCD", found, strict=False))
+        if isinstance(row["image"], str) and not row["image"].startswith(("/", "data:")) and file.endswith(".jsonl"):
+            image: str | bytes = f"{file.rsplit('/', 1)[0]}/{row['image']}"
+            box = _box(fs, fsspec.core.url_to_fs(image, **storage_options)[1])
+        else:
+            image, box = image_value(row["image"], file), None
         return BenchmarkSample(
             str(row.get("question_id", where)),
             image,
             text,
-            (answer,),
-            category=str(row.get("category", "")),
+            (label,),
+            category=str(row.get("category") or ""),
             options=options,
-            box=tuple(int(v) for v in box) if box else None,
+            box=box,
         )
 
-    return collect(((f"line {i + 1}", r) for i, r in enumerate(lines)), make)
+    return read_split(url, make, split, config, (("test_questions.jsonl",),), **storage_options)
 
 
-def read(url: str, **storage_options):
-    if url.endswith(".jsonl"):
-        return _read_jsonl(url, **storage_options)
-
-    def make(where, row):
-        question = str(row["question"])
-        answer = str(row["answer"]).strip().strip("()").upper()
-        if answer not in "ABCD" or len(answer) != 1:
-            raise ValueError(f"answer {row['answer']!r} is not an option letter")
-        options = tuple((m.group(1), m.group(2).strip()) for m in _OPTION.finditer(question))
-        return BenchmarkSample(
-            str(row.get("question_id", where)),
-            image_bytes(row["image"]) or b"",
-            question,
-            (answer,),
-            category=str(row.get("category", "")),
-            options=options,
-        )
-
-    return collect(parquet_rows(url, **storage_options), make)
+def letter_accuracy(prediction: str, sample: BenchmarkSample) -> float:
+    return metrics.choice_accuracy(prediction, sample.answers[0])
 
 
-BENCHMARK = Benchmark("vstar", read, "choice_accuracy", LETTER_ANSWER, 16, {"llava": 0.1, "qwen2_5_vl": 0.075}, "V*")
+BENCHMARK = register(
+    Benchmark(
+        "vstar",
+        read,
+        letter_accuracy,
+        LETTER_ANSWER,
+        16,
+        {"llava": 0.1, "qwen2_5_vl": 0.075, "qwen2.5-vl-3b": 0.175, "qwen2.5-vl-7b@3072": 0.05},
+        "V*",
+        question=question_text,
+        split=SPLIT,
+        published_rows=191,
+        groups={"attr": "direct_attributes", "spatial": "relative_position"},
+        columns={"attr": "V* Attr", "spatial": "V* Spatial"},
+    )
+)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -140,6 +140,15 @@ class DecoderParts:
 
     model: nn.Module
     _image_token_id: int
+    # the input settings evaluation uses (the authors evaluate some families differently from how they label)
+    evaluation_inputs: ClassVar[dict[str, Any]] = {}
+    # the generation limit of the authors' evaluation wrapper, used when a benchmark's task sets none
+    default_max_new_tokens: ClassVar[int] = 1024
+
+    @property
+    def image_token_budget(self) -> int | None:
+        """The image-token budget the authors' τ tables are keyed on, where the family has one."""
+        return None
 
     @property
     def text_config(self) -> Any:

@@ -16,6 +16,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -96,6 +97,9 @@ class QwenAdapter(DecoderParts):
     """Qwen2.5-VL: merged-token grid from the processed image, chat-template prompts, M-RoPE positions."""
 
     family = "qwen2_5_vl"
+    # the authors' lmms-eval wrapper: no square padding, the task's prompt as given (its post-prompt included)
+    evaluation_inputs: ClassVar[dict[str, Any]] = {"pad_square": False, "prompt": "plain"}
+    default_max_new_tokens: ClassVar[int] = 32768  # their wrapper's default; generation ends at EOS
 
     def __init__(
         self,
@@ -176,6 +180,11 @@ class QwenAdapter(DecoderParts):
     @property
     def pads_to_square(self) -> bool:
         return self.settings.pad_square
+
+    @property
+    def image_token_budget(self) -> int | None:
+        side = self.image_processor.patch_size * self.image_processor.merge_size
+        return self.settings.max_pixels // (side * side)
 
     def describe(self) -> dict:
         return {"family": self.family, **asdict(self.settings)}
