@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 # Outside these machines, add e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
 TORCH_VERSION  ?= 2.13.0
 TORCH_PIP_ARGS ?=
+LMMS_EVAL_VERSION ?= 0.4.0
 
 .PHONY: setup demo test test-fast lint bench-quick clean
 
@@ -14,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	$(BIN)/pip install -q -e ".[test]"
+	# the harness behind the paper, for the parity tests: its task code only (its own pins would replace torch)
+	$(BIN)/pip install -q --no-deps lmms-eval==$(LMMS_EVAL_VERSION)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -367,3 +367,33 @@ def test_every_benchmark_declares_what_the_paper_evaluates():
     assert get_benchmark("vstar").threshold("qwen2_5_vl", model="qwen2.5-vl-7b", tokens=576) == 0.075
     assert get_benchmark("vstar").threshold("qwen2_5_vl", model="qwen2.5-vl-3b", tokens=576) == 0.175
     assert get_benchmark("hrbench8k").threshold("qwen2_5_vl", model="qwen2.5-vl-3b", tokens=4096) == 0.05
+
+
+# -- the samples stage on a benchmark ------------------------------------------------------------------------------
+
+
+def test_samples_stage_warns_when_the_count_is_not_the_published_size(tmp_path, store):
+    from stages.config import DatasetSpec
+    from stages.data import build_manifest, read_manifest
+
+    repo = tmp_path / "textvqa"
+    write(repo / "data" / "validation-00000-of-00001.parquet", textvqa_rows("val", range(4)), TEXTVQA)
+    ref = build_manifest(DatasetSpec(kind="benchmark", benchmark="textvqa", path=str(repo)), store)
+    assert ref.rows == 4 and len(ref.warnings) == 1
+    assert "read 4 rows" in ref.warnings[0] and "published validation split has 5000" in ref.warnings[0]
+    rows = read_manifest(ref, store)
+    assert rows[0]["image"].startswith(store.url("datasets", "images")) and rows[0]["answers"] == ["brand 0"] * 10
+    limited = build_manifest(DatasetSpec(kind="benchmark", benchmark="textvqa", path=str(repo), limit=2), store)
+    assert limited.rows == 2 and not limited.warnings  # a slice on purpose is not a mismatch
+
+
+def test_a_benchmark_with_every_row_rejected_writes_its_quarantine(tmp_path, store):
+    from stages.config import DatasetSpec
+    from stages.data import build_manifest
+
+    repo = tmp_path / "textvqa"
+    write(repo / "data" / "test-00000-of-00001.parquet", textvqa_rows("test", range(3), answers=False), TEXTVQA)
+    spec = DatasetSpec(kind="benchmark", benchmark="textvqa", path=str(repo), split="test")
+    with pytest.raises(ValueError, match=r"no usable rows \(3 rejected.*no answers"):
+        build_manifest(spec, store)
+    assert store.fs.glob(store.url("datasets-rejected", "*", "quarantine.parquet").split("://", 1)[-1])

@@ -8,8 +8,9 @@ from sdrpn_core.benchmarks.base import Benchmark, BenchmarkSample
 
 
 def score(benchmark: Benchmark, sample: BenchmarkSample, prediction: str) -> float:
-    """The benchmark's metric on the raw model output, in [0, 1]."""
-    return float(benchmark.metric(prediction, sample))
+    """The benchmark's metric on the model output, in [0, 1]. The harness strips every output before its
+    metrics see it; so do we."""
+    return float(benchmark.metric(prediction.strip(), sample))
 
 
 def aggregate(
