@@ -70,17 +70,25 @@ def _greedy(
     positions: torch.Tensor,
     max_new_tokens: int,
     scores: list[torch.Tensor] | None = None,
+    prompt_ids: torch.Tensor | None = None,
 ) -> list[int]:
     """Greedy decoding with an explicit cache; each new token takes the last position + 1 (the KV length for 1-D
     positions; after M-RoPE or dropped crop tokens, the max position + 1, as Qwen's `rope_deltas` give).
-    `scores`, when given, receives each step's next-token logits (as `generate(output_scores=True)` does)."""
+    The checkpoint's `repetition_penalty` applies to the prompt's ids and the answer so far, as `generate` does
+    with the generation config (Qwen2.5-VL-Instruct ships 1.05). `scores`, when given, receives each step's
+    next-token scores (as `generate(output_scores=True)` does)."""
     eos = set(eos_token_ids(adapter.model))
+    penalty = float(getattr(adapter.model.generation_config, "repetition_penalty", None) or 1.0)
+    seen = set(prompt_ids.tolist()) if prompt_ids is not None and penalty != 1.0 else set()
     start = int(positions.max()) + 1
     tokens: list[int] = []
     for step in range(max_new_tokens):
+        if penalty != 1.0:
+            logits = _penalised(logits, seen, penalty)
         if scores is not None:
             scores.append(logits[0].float().cpu())
         token = int(logits[0].argmax())
+        seen.add(token)
         tokens.append(token)
         if token in eos or step == max_new_tokens - 1:
             break
@@ -89,6 +97,21 @@ def _greedy(
         mask, pe = layer_inputs(adapter, emb, pos, None, cache)
         logits = _next_logits(adapter, run_layers(adapter.decoder_layers, emb, mask, pe, pos, cache))
     return tokens
+
+
+def _penalised(logits: torch.Tensor, seen: set[int], penalty: float) -> torch.Tensor:
+    """HF's repetition penalty: the logits of tokens already seen are divided by it (multiplied when negative)."""
+    if not seen:
+        return logits
+    ids = torch.tensor(sorted(seen), device=logits.device)
+    picked = logits[0, ids]
+    out = logits.clone()
+    out[0, ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return out
+
+
+def _prompt_ids(x) -> torch.Tensor:
+    return x.input_ids[0][x.attention_mask[0].bool()]
 
 
 def _finish(adapter: VLMAdapter, tokens: list[int], roi: RoIOutcome | None, seconds: dict[str, float]) -> Answer:
@@ -106,10 +129,10 @@ def _inputs(adapter: VLMAdapter, image: Image.Image | str, question: str):
 def answer_baseline(adapter: VLMAdapter, image: Image.Image | str, question: str, max_new_tokens: int = 128) -> Answer:
     """The MLLM alone (same prompt and decoding as SD-RPN's pass 2, without an insertion)."""
     t0 = time.perf_counter()
-    _, _, embeds, positions = _inputs(adapter, image, question)
+    _, x, embeds, positions = _inputs(adapter, image, question)
     logits, cache = _full_prefill(adapter, embeds, positions)
     t1 = time.perf_counter()
-    tokens = _greedy(adapter, cache, logits, positions, max_new_tokens)
+    tokens = _greedy(adapter, cache, logits, positions, max_new_tokens, prompt_ids=_prompt_ids(x))
     return _finish(adapter, tokens, None, {"prefill": t1 - t0, "decode": time.perf_counter() - t1})
 
 
@@ -148,7 +171,7 @@ def answer_with_boxes(
         crops = [adapter.encode_crop(image.crop(b)) for b in pixel_boxes]
         embeds, positions = adapter.insert_crop(x, embeds, crops, [None] * len(crops))
     logits, cache = _full_prefill(adapter, embeds, positions)
-    tokens = _greedy(adapter, cache, logits, positions, max_new_tokens)
+    tokens = _greedy(adapter, cache, logits, positions, max_new_tokens, prompt_ids=_prompt_ids(x))
     return _finish(adapter, tokens, None, {"total": time.perf_counter() - t0})
 
 
@@ -295,7 +318,7 @@ def run_pass2(
         next_logits = _next_logits(adapter, run_layers(layers[K:], h_k, m_all, pe_all, pos2, cache))
     else:
         next_logits, cache = _full_prefill(adapter, embeds2, pos2)
-    tokens = _greedy(adapter, cache, next_logits, pos2, max_new_tokens, scores)
+    tokens = _greedy(adapter, cache, next_logits, pos2, max_new_tokens, scores, _prompt_ids(p1.inputs))
     return tokens, RoIOutcome(plan, p1.logits_map, pixel_boxes, total - p1.embeds.shape[1])
 
 

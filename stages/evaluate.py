@@ -195,6 +195,8 @@ def evaluate(
         "post_prompt": bench.post_prompt,
         "ocr_tokens_in_prompt": False,
         "max_new_tokens": max_new,
+        "decoding": "greedy",
+        "repetition_penalty": getattr(adapter.model.generation_config, "repetition_penalty", None),
         "image_token_budget": tokens,
         "model": model.fingerprint,
         "model_path": model.path,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdrpn_core.infer import _full_prefill, answer_sdrpn, answer_with_boxes, run_pass1
+from sdrpn_core.infer import _full_prefill, answer_baseline, answer_sdrpn, answer_with_boxes, run_pass1
 from sdrpn_core.models import AdapterError, load_adapter
 from sdrpn_core.models.qwen import SHORT_ANSWER, QwenSettings
 from sdrpn_core.models.tiny import TinyQwenSpec, build_tiny_qwen
@@ -282,3 +282,21 @@ def test_pruning_uses_the_authors_constants_above_1024_image_tokens():
     budget = (28 * 32) ** 2
     edge = run_pass1(adapter.with_inputs(min_pixels=budget, max_pixels=budget), rpn, random_image(3, (900, 900)), Q)
     assert edge.grid == (32, 32) and edge.image_keep is None  # "more than 1024": exactly 1024 is not pruned
+
+
+def test_decoding_follows_the_checkpoints_repetition_penalty_as_generate_does(tiny_qwen):
+    """Qwen2.5-VL-Instruct's generation config carries repetition_penalty 1.05, which the authors' `generate` calls
+    inherit; ours applies it the same way (a strong value here, so that it changes this random model's answer)."""
+    image = random_image(3, (64, 48))
+    config = tiny_qwen.model.generation_config
+    plain = answer_baseline(tiny_qwen, image, Q, max_new_tokens=10).token_ids
+    config.repetition_penalty = 3.0
+    try:
+        ours = answer_baseline(tiny_qwen, image, Q, max_new_tokens=10).token_ids
+        x = tiny_qwen.build_inputs([image], [Q])
+        with torch.no_grad():
+            ref = tiny_qwen.model.generate(**x.model_kwargs(), max_new_tokens=10, do_sample=False)
+    finally:
+        config.repetition_penalty = None
+    assert ours == ref[0, x.input_ids.shape[1] :].tolist()
+    assert ours != plain and len(set(ours)) > len(set(plain))  # the penalty did something
