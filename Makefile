@@ -34,7 +34,7 @@ test-fast: setup lint  # without the real-server deployment test
 	$(BIN)/python -m pytest -q -m "not server"
 
 bench-quick: setup
-	for b in teacher_memory infer_overhead label_store labels_memory rerun; do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
+	for b in teacher_memory infer_overhead label_store labels_memory read_memory rerun; do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs data

@@ -203,7 +203,7 @@ def evaluate(
         "family": model.family,
         "dtype": model.dtype,
         "device": model.device,
-        "prompt_template": "vicuna_v1" if model.family == "llava" else model.family,
+        "prompt_template": adapter.prompt_template,
         "attn_implementation": adapter.model.config.text_config._attn_implementation,
         "inputs": adapter.describe(),
         "rpn": rpn_ref.fingerprint if rpn_ref else None,

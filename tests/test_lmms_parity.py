@@ -34,11 +34,49 @@ from tests.test_benchmark_layouts import (
 )
 
 OUTPUTS = [
-    "", " ", "Yes", "yes.", " no ", "No", "maybe", "A", "(B)", "b", "The answer is C.", "D. leather", "Blue",
-    "answer: b", "leather", "Z", "B or C", "12", " 12 ", "12.5", "1,000", "50%", "0", "0.0", "1e1", "x ^ { 2 } + 1",
-    "HELLO world", "Nike's", "two dogs", "U.S.A.", "brand 0", "Brand 0.", "the brand 0", "1 May", "may 1", "10",
-    "20", "red", "kevlar", "green car", "C", "\n\nA\n",
-]  # fmt: skip
+    "",
+    " ",
+    "Yes",
+    "yes.",
+    " no ",
+    "No",
+    "maybe",
+    "A",
+    "(B)",
+    "b",
+    "The answer is C.",
+    "D. leather",
+    "Blue",
+    "answer: b",
+    "leather",
+    "Z",
+    "B or C",
+    "12",
+    " 12 ",
+    "12.5",
+    "1,000",
+    "50%",
+    "0",
+    "0.0",
+    "1e1",
+    "x ^ { 2 } + 1",
+    "HELLO world",
+    "Nike's",
+    "two dogs",
+    "U.S.A.",
+    "brand 0",
+    "Brand 0.",
+    "the brand 0",
+    "1 May",
+    "may 1",
+    "10",
+    "20",
+    "red",
+    "kevlar",
+    "green car",
+    "C",
+    "\n\nA\n",
+]
 
 
 def _package_dir() -> Path:
@@ -138,20 +176,22 @@ def test_docvqa_and_infovqa_parity(harness, tmp_path):
 
 
 def test_chartqa_and_ocrbench_parity(harness, tmp_path):
+    cases = [("human_test", "12"), ("augmented_test", "0"), ("human_test", "50%"), ("human_test", "Yes")]
     rows = [
         {"type": t, "question": f"How many {i}?", "answer": a, "image": {"bytes": png(i), "path": ""}}
-        for i, (t, a) in enumerate([("human_test", "12"), ("augmented_test", "0"), ("human_test", "50%"), ("human_test", "Yes")])
-    ]  # fmt: skip
+        for i, (t, a) in enumerate(cases)
+    ]
     samples, _ = get_benchmark("chartqa").reader(write(tmp_path / "chart" / "test-00000-of-00001.parquet", rows))
     cfg = task_config(harness.root, "chartqa", "chartqa.yaml")
     process = lambda doc, out: harness.chartqa.chartqa_process_results(doc, [out])["relaxed_overall"]  # noqa: E731
     kwargs = cfg["lmms_eval_specific_kwargs"]["default"]
     check("chartqa", samples, rows, harness.chartqa.chartqa_doc_to_text, process, kwargs, cfg, "test")
 
+    cases = [("IIIT5K", ["HELLO"]), ("HME100k", ["x^{2}+1"]), ("HME100k", ["\\frac{A}{2}"]), ("SROIE", ["1 May", "12"])]
     rows = [
-        {"dataset": d, "question": " What is written? ", "question_type": "t", "answer": a, "image": {"bytes": png(i), "path": ""}}
-        for i, (d, a) in enumerate([("IIIT5K", ["HELLO"]), ("HME100k", ["x^{2}+1"]), ("HME100k", ["\\frac{A}{2}"]), ("SROIE", ["1 May", "12"])])
-    ]  # fmt: skip
+        {"dataset": d, "question": " What is written? ", "question_type": "t", "answer": a, "image": {"bytes": png(i)}}
+        for i, (d, a) in enumerate(cases)
+    ]
     samples, _ = get_benchmark("ocrbench").reader(write(tmp_path / "ocr" / "test-00000-of-00001.parquet", rows))
     cfg = task_config(harness.root, "ocrbench", "ocrbench.yaml")
     process = lambda doc, out: harness.ocrbench.ocrbench_process_results(doc, [out])["ocrbench_accuracy"]["score"]  # noqa: E731
@@ -166,10 +206,11 @@ def test_vstar_parity(harness, tmp_path):
         "What is the colour of the car?\n(A) green\n(B) red",
         "Is the cup on the left or right of the dog? (A) left (B) right",
     ]
+    categories = ["direct_attributes", "direct_attributes", "relative_position"]
     rows = [
         {"image": {"bytes": png(i), "path": None}, "text": t, "label": "ABA"[i], "category": c, "question_id": str(i)}
-        for i, (t, c) in enumerate(zip(texts, ["direct_attributes", "direct_attributes", "relative_position"], strict=True))
-    ]  # fmt: skip
+        for i, (t, c) in enumerate(zip(texts, categories, strict=True))
+    ]
     samples, _ = get_benchmark("vstar").reader(write(tmp_path / "data" / "test-00000-of-00001.parquet", rows))
     cfg = task_config(harness.root, "vstar_bench", "vstar_bench.yaml")
     process = lambda doc, out: harness.vstar_bench.vstar_process_results(doc, [out])["vstar_overall_acc"]["score"]  # noqa: E731
@@ -185,7 +226,7 @@ def test_vstar_parity(harness, tmp_path):
         outs,
         [score(get_benchmark("vstar"), s, o) for s, o in zip(samples, outs, strict=True)],
     )
-    assert ours["score"] == pytest.approx(harness.vstar_bench.vstar_aggregate_results(results))  # fmt: skip
+    assert ours["score"] == pytest.approx(harness.vstar_bench.vstar_aggregate_results(results))
 
 
 def test_pope_parity(harness, tmp_path):
@@ -208,7 +249,8 @@ def test_pope_parity(harness, tmp_path):
         ("recall", "recall"),
         ("yes_ratio", "yes_ratio"),
     ]:
-        assert ours[key] == pytest.approx(100 * getattr(harness.pope, f"pope_aggregate_{fn}")(results)), key  # fmt: skip
+        expected = getattr(harness.pope, f"pope_aggregate_{fn}")(results)
+        assert ours[key] == pytest.approx(100 * expected), key
     assert ours["score"] == ours["f1"]
 
 
@@ -245,4 +287,4 @@ def test_hrbench_parity(harness, tmp_path):
     ours = aggregate(bench, list(samples), outs, scores)
     assert ours["score"] == pytest.approx(100 * harness.hrbench.hrbench_aggregate_results(items, None))
     single = [it for it, d in zip(items, rows, strict=True) if d["category"] == "single"]
-    assert ours["fsp"] == pytest.approx(100 * harness.hrbench.hrbench_aggregate_results(single, None))  # fmt: skip
+    assert ours["fsp"] == pytest.approx(100 * harness.hrbench.hrbench_aggregate_results(single, None))

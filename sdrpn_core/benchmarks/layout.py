@@ -90,10 +90,12 @@ def _parquet_rows(url: str, name: str, **storage_options) -> Iterator[tuple[str,
         except Exception as e:  # pyarrow raises ArrowInvalid for a file that is not Parquet
             raise ValueError(f"{url}: not a Parquet file ({e})") from None
         n = 0
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, use_threads=False):
-            for row in batch.to_pylist():
-                yield f"{name}:{n}", row
-                n += 1
+        # one row group per call: over a whole file, iter_batches keeps memory in proportion to the file
+        for group in range(pf.num_row_groups):
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=[group], use_threads=False):
+                for row in batch.to_pylist():
+                    yield f"{name}:{n}", row
+                    n += 1
 
 
 def _tsv_rows(url: str, name: str, **storage_options) -> Iterator[tuple[str, dict]]:

@@ -144,6 +144,7 @@ class DecoderParts:
     evaluation_inputs: ClassVar[dict[str, Any]] = {}
     # the generation limit of the authors' evaluation wrapper, used when a benchmark's task sets none
     default_max_new_tokens: ClassVar[int] = 1024
+    prompt_template: ClassVar[str] = ""  # the conversation template's name, recorded with results
 
     @property
     def image_token_budget(self) -> int | None:

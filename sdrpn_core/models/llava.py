@@ -63,6 +63,7 @@ class LlavaAdapter(DecoderParts):
     """LLaVA-1.5: a 24×24 raster of image tokens (from the vision config, never hard-coded), vicuna_v1 prompts."""
 
     family = "llava"
+    prompt_template = "vicuna_v1"
 
     def __init__(self, model: LlavaForConditionalGeneration, processor: LlavaProcessor):
         self.model = model

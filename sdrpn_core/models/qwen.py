@@ -97,6 +97,7 @@ class QwenAdapter(DecoderParts):
     """Qwen2.5-VL: merged-token grid from the processed image, chat-template prompts, M-RoPE positions."""
 
     family = "qwen2_5_vl"
+    prompt_template = "qwen2_5_vl chat template (system, image, text)"
     # the authors' lmms-eval wrapper: no square padding, the task's prompt as given (its post-prompt included)
     evaluation_inputs: ClassVar[dict[str, Any]] = {"pad_square": False, "prompt": "plain"}
     default_max_new_tokens: ClassVar[int] = 32768  # their wrapper's default; generation ends at EOS
