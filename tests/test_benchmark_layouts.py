@@ -397,3 +397,15 @@ def test_a_benchmark_with_every_row_rejected_writes_its_quarantine(tmp_path, sto
     with pytest.raises(ValueError, match=r"no usable rows \(3 rejected.*no answers"):
         build_manifest(spec, store)
     assert store.fs.glob(store.url("datasets-rejected", "*", "quarantine.parquet").split("://", 1)[-1])
+
+
+def test_the_eval_report_carries_the_size_warning_and_the_harness_difference():
+    from stages.evaluate import report_markdown
+    from stages.refs import DatasetRef
+
+    dataset = DatasetRef("fp", "u", 3, "hrbench4k", "hrbench4k", 1, ("hrbench4k: read 3 rows … published 800",))
+    scores = [{"benchmark": "hrbench4k", "method": "baseline", "score": 50.0, "fsp": 40.0, "fcp": 60.0,
+               "samples": 3.0, "samples_per_s": 2.0, "relative_throughput": 1.0}]  # fmt: skip
+    md = report_markdown(get_benchmark("hrbench4k"), dataset, scores)
+    assert "> **Warning:** hrbench4k: read 3 rows … published 800" in md
+    assert "GPT judge" in md and "| baseline | 50.0 | 40.0 | 60.0 | 2.00 | 1.00× |" in md

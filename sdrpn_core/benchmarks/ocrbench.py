@@ -37,7 +37,7 @@ BENCHMARK = register(
         ocrbench_score,
         "",
         128,
-        {"llava": 0.05, "qwen2_5_vl": 0.05},
+        {"llava": 0.05, "qwen2_5_vl": 0.05, "qwen2.5-vl-3b": 0.03},
         "OCRBench",
         question=lambda s: s.question.strip(),
         split=SPLIT,

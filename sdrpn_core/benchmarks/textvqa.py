@@ -43,7 +43,7 @@ BENCHMARK = register(
         vqa_accuracy,
         SHORT_ANSWER,
         max_new_tokens=None,
-        thresholds={"llava": 0.15, "qwen2_5_vl": 0.075},
+        thresholds={"llava": 0.15, "qwen2_5_vl": 0.075, "qwen2.5-vl-3b": 0.15},
         paper_key="TextVQA",
         question=lambda s: s.question.capitalize(),
         split=SPLIT,
