@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdrpn_core.roi import component_boxes, gaussian_blur, grid_box_to_pixels, plan_roi, plan_roi_union, resize_mask
+from sdrpn_core.roi import (
+    component_boxes,
+    gaussian_blur,
+    grid_box_to_pixels,
+    pixels_to_grid_box,
+    plan_roi,
+    plan_roi_union,
+    resize_mask,
+)
 
 G = (24, 24)
 LOW, HIGH = -8.0, 8.0  # sigmoid ≈ 0.0003 / 0.9997
@@ -177,3 +185,81 @@ def test_threshold_is_strictly_greater_than():
     assert below.kind == "box" and below.boxes == ((5, 5, 9, 9),)
     assert plan_roi_union(logits, G, v).kind == "none"
     assert plan_roi_union(logits, G, float(np.nextafter(v, 0))).boxes == ((5, 5, 9, 9),)
+
+
+# -- written against the survivors of `python benchmarks/mutation.py`: exact arithmetic on non-square cases ------
+
+
+def _ref_grid_to_pixels(box, image_size, grid, vision):
+    """get_bbox4src as the authors write it (float arithmetic, their order of operations), not the module's code."""
+    w, h = image_size
+    r = min(vision / w, vision / h)
+    pad = ((vision - int(w * r)) / 2, (vision - int(h * r)) / 2)
+    cell = (vision / grid[1], vision / grid[0])
+    f = [(box[i] * cell[i % 2] - pad[i % 2]) / r for i in range(4)]
+    if f[2] <= 0 or f[3] <= 0 or f[0] >= w or f[1] >= h:
+        return None
+    x0, x1 = (int(min(max(v, 0), w)) for v in (f[0], f[2]))
+    y0, y1 = (int(min(max(v, 0), h)) for v in (f[1], f[3]))
+    x0, y0 = min(x0, w - 1), min(y0, h - 1)
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def test_grid_box_to_pixels_on_non_square_grids_and_images():
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        grid = (int(rng.integers(2, 9)), int(rng.integers(2, 9)))
+        image = (int(rng.integers(20, 400)), int(rng.integers(20, 400)))
+        x0, y0 = int(rng.integers(0, grid[1])), int(rng.integers(0, grid[0]))
+        box = (x0, y0, int(rng.integers(x0 + 1, grid[1] + 1)), int(rng.integers(y0 + 1, grid[0] + 1)))
+        assert grid_box_to_pixels(box, image, grid, 336) == _ref_grid_to_pixels(box, image, grid, 336)
+    # worked by hand: 200x100 image, 6x12 grid: r 1.68, pad_y 84, cells 28 wide and 56 high
+    assert grid_box_to_pixels((3, 2, 6, 4), (200, 100), (6, 12), 336) == (50, 16, 100, 83)
+    # a box ending exactly at the padding's edge covers no pixel: None (not a 1-pixel sliver)
+    assert grid_box_to_pixels((0, 0, 12, 1), (200, 100), (4, 12), 336) is None
+    assert grid_box_to_pixels((0, 0, 1, 12), (100, 200), (12, 4), 336) is None
+    assert grid_box_to_pixels((0, 0, 76, 12), (100, 200), (12, 300), 336) == (0, 0, 1, 200)  # 0 < x1 < 1 px
+    assert grid_box_to_pixels((11, 2, 12, 3), (200, 100), (6, 12), 336) == (183, 16, 200, 50)
+
+
+def test_pixels_to_grid_box_on_non_square_grids_and_images():
+    import math
+
+    def ref(box, image, grid, vision):
+        w, h = image
+        r = min(vision / w, vision / h)
+        pad = ((vision - int(w * r)) / 2, (vision - int(h * r)) / 2)
+        cell = (vision / grid[1], vision / grid[0])
+        lo = [int((box[i] * r + pad[i]) // cell[i]) for i in (0, 1)]
+        hi = [math.ceil((box[i + 2] * r + pad[i]) / cell[i]) for i in (0, 1)]
+        return max(0, lo[0]), max(0, lo[1]), min(grid[1], max(hi[0], lo[0] + 1)), min(grid[0], max(hi[1], lo[1] + 1))
+
+    rng = np.random.default_rng(1)
+    for _ in range(400):
+        grid = (int(rng.integers(2, 9)), int(rng.integers(2, 9)))
+        image = (int(rng.integers(20, 400)), int(rng.integers(20, 400)))
+        x0, y0 = int(rng.integers(0, image[0])), int(rng.integers(0, image[1]))
+        box = (x0, y0, int(rng.integers(x0, image[0] + 1)), int(rng.integers(y0, image[1] + 1)))
+        assert pixels_to_grid_box(box, image, grid, 336) == ref(box, image, grid, 336), (box, image, grid)
+    assert pixels_to_grid_box((50, 16, 100, 83), (200, 100), (6, 12), 336) == (3, 1, 6, 4)
+
+
+def test_resize_mask_is_half_pixel_bilinear_then_strictly_above_half():
+    up = resize_mask(np.array([[1, 0], [0, 0]]), (4, 4))
+    # sources at (i + 0.5) / 2 - 0.5: weights 1, 0.75, 0.25, 0 along each axis; products > 0.5 survive
+    assert up.tolist() == [[True, True, False, False], [True, True, False, False], [False] * 4, [False] * 4]
+    assert resize_mask(np.array([[1, 0]]), (1, 3)).tolist() == [[True, False, False]]  # the middle is exactly 0.5
+
+
+def test_plan_roi_defaults_are_the_authors():
+    # after the 3x3 σ=1 blur, a block of saturated cells stays exactly itself above 0.3 (inside ≥ 0.527, the ring
+    # outside ≤ 0.274): a 2x2 block (4 cells, kept as is under min_area 4) and a 2x113 block (226 > 225 cells)
+    logits = np.full((10, 120), -30.0)  # (blocks kept off the border: the blur reflects there)
+    logits[2:4, 2:4] = 30.0
+    logits[6:8, 3:116] = 30.0
+    plan = plan_roi(logits, (10, 120), 0.3, mode="box")
+    assert plan.kind == "box" and plan.boxes == ((2, 2, 4, 4),)
+    assert plan_roi(logits, (10, 120), 0.3, mode="box", min_area=5).boxes == ((1, 1, 4, 4),)  # grown to 3x3
+    assert len(plan_roi(logits, (10, 120), 0.3, mode="box", max_area=226).boxes) == 2
+    assert plan_roi(logits, (10, 120)).kind == "none"  # at the default τ 0.15 the halos join both: one part, too big
+    assert plan_roi(np.zeros((10, 120)), (10, 120)).kind == "none"  # sigmoid(0)=0.5 everywhere: one 1,200-cell part
