@@ -18,27 +18,69 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (name, file, original text, planted text, the tests that must catch it)
 BUGS = [
-    ("kv-reuse positions shifted by one", "sdrpn_core/infer.py", "pos_new = pos2[..., prefix:]",
-     "pos_new = pos2[..., prefix:] + 1", "tests/test_infer.py"),
-    ("RPN query row one token early (inference)", "sdrpn_core/infer.py",
-     "query = torch.tensor([[embeds.shape[1] - 1]]", "query = torch.tensor([[embeds.shape[1] - 2]]",
-     "tests/test_rpn.py"),
-    ("RPN query row one token early (training)", "sdrpn_core/train.py",
-     "query = torch.full((hidden.shape[0],), hidden.shape[1] - 1,", "query = torch.full((hidden.shape[0],), "
-     "hidden.shape[1] - 2,", "tests/test_rpn.py"),
-    ("teacher maps divided by n + 1", "sdrpn_core/teacher.py", "/ n_valid.clamp(min=1)",
-     "/ (n_valid + 1).clamp(min=1)", "tests/test_teacher.py"),
-    ("teacher maps: mean per layer, then over layers", "sdrpn_core/teacher.py", "pairs.append(mean[:, cols])",
-     "pairs.append(mean[:, cols].mean(1, keepdim=True))", "tests/test_teacher.py"),
-    ("sharded reader without first-commit-wins", "storage/sharded.py", "(not dedup or k not in seen)",
-     "(not dedup or True)", "tests/test_storage.py"),
-    ("commit record written before its shard", "storage/sharded.py",
-     "        self.store.write_bytes(data, self.prefix, shard)\n",
-     "", "tests/test_storage.py"),
-    ("grown box one cell narrower", "sdrpn_core/roi.py", "bw, bh = max(3, x1 - x0 + 1), max(3, y1 - y0 + 1)",
-     "bw, bh = max(3, x1 - x0), max(3, y1 - y0)", "tests/test_roi.py"),
-    (">= instead of > at τ", "sdrpn_core/roi.py", "        binary = prob > threshold\n    boxes",
-     "        binary = prob >= threshold\n    boxes", "tests/test_roi.py"),
+    (
+        "kv-reuse positions shifted by one",
+        "sdrpn_core/infer.py",
+        "pos_new = pos2[..., prefix:]",
+        "pos_new = pos2[..., prefix:] + 1",
+        "tests/test_infer.py",
+    ),
+    (
+        "RPN query row one token early (inference)",
+        "sdrpn_core/infer.py",
+        "query = torch.tensor([[embeds.shape[1] - 1]]",
+        "query = torch.tensor([[embeds.shape[1] - 2]]",
+        "tests/test_rpn.py",
+    ),
+    (
+        "RPN query row one token early (training)",
+        "sdrpn_core/train.py",
+        "query = torch.full((hidden.shape[0],), hidden.shape[1] - 1,",
+        "query = torch.full((hidden.shape[0],), hidden.shape[1] - 2,",
+        "tests/test_rpn.py",
+    ),
+    (
+        "teacher maps divided by n + 1",
+        "sdrpn_core/teacher.py",
+        "/ n_valid.clamp(min=1)",
+        "/ (n_valid + 1).clamp(min=1)",
+        "tests/test_teacher.py",
+    ),
+    (
+        "teacher maps: mean per layer, then over layers",
+        "sdrpn_core/teacher.py",
+        "pairs.append(mean[:, cols])",
+        "pairs.append(mean[:, cols].mean(1, keepdim=True))",
+        "tests/test_teacher.py",
+    ),
+    (
+        "sharded reader without first-commit-wins",
+        "storage/sharded.py",
+        "(not dedup or k not in seen)",
+        "(not dedup or True)",
+        "tests/test_storage.py",
+    ),
+    (
+        "commit record written before its shard",
+        "storage/sharded.py",
+        "        self.store.write_bytes(data, self.prefix, shard)\n",
+        "",
+        "tests/test_storage.py",
+    ),
+    (
+        "grown box one cell narrower",
+        "sdrpn_core/roi.py",
+        "bw, bh = max(3, x1 - x0 + 1), max(3, y1 - y0 + 1)",
+        "bw, bh = max(3, x1 - x0), max(3, y1 - y0)",
+        "tests/test_roi.py",
+    ),
+    (
+        ">= instead of > at τ",
+        "sdrpn_core/roi.py",
+        "        binary = prob > threshold\n    boxes",
+        "        binary = prob >= threshold\n    boxes",
+        "tests/test_roi.py",
+    ),
 ]
 
 
@@ -47,7 +89,7 @@ def plant(path: Path, original: str, planted: str) -> str:
     if text.count(original) != 1:
         raise SystemExit(f"{path}: the text to mutate is not there exactly once: {original!r}")
     if not planted:  # the "record before shard" bug: move the shard write after the record write
-        record = "        self.store.write_json(record, self.prefix, COMMITS, f\"{stamp}.json\")"
+        record = '        self.store.write_json(record, self.prefix, COMMITS, f"{stamp}.json")'
         body = text.replace(original, "")
         return body.replace(record, record + "\n        self.store.write_bytes(data, self.prefix, shard)", 1)
     return text.replace(original, planted)
@@ -67,7 +109,9 @@ def main() -> None:
             path.write_text(plant(path, original, planted))
             run = subprocess.run(
                 [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", tests],
-                cwd=ROOT, capture_output=True, text=True,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
             )
         finally:
             path.write_text(clean)

@@ -32,7 +32,7 @@ from sdrpn_core.models.decoder import (
     text_positions,
     truncate_cache,
 )
-from sdrpn_core.roi import PixelBox, RoIPlan, plan_roi, plan_roi_union, resize_mask
+from sdrpn_core.roi import PixelBox, RoIPlan, resize_mask
 from sdrpn_core.rpn import RoIPredictor, partial_prefill
 
 
@@ -269,7 +269,7 @@ def run_pass1(
     query = torch.tensor([[embeds.shape[1] - 1]], device=embeds.device)
     logits = rpn.head(h, pe, query, image_positions[None])[0, 0].float().cpu().numpy()
     keep = None
-    if adapter.family == "qwen2_5_vl" and image_positions.numel() > PRUNE_ABOVE:
+    if adapter.prunes_image_tokens and image_positions.numel() > PRUNE_ABOVE:
         # the authors' high-resolution pruning (method.md §6.4 step 5): score the image against every token after it
         after = torch.arange(int(image_positions[-1]) + 1, embeds.shape[1], device=embeds.device)[None]
         scores = torch.sigmoid(rpn.head(h, pe, after, image_positions[None])[0].float().amax(0))
@@ -323,10 +323,8 @@ def run_pass2(
 
 
 def plan_for(adapter: VLMAdapter, logits_map: np.ndarray, threshold: float, mode: str = "mask") -> RoIPlan:
-    """The family's RoI rules: LLaVA's components ('mask' or 'box' mode), Qwen's union mask (mode ignored)."""
-    if adapter.family == "qwen2_5_vl":
-        return plan_roi_union(logits_map, logits_map.shape, threshold)
-    return plan_roi(logits_map, logits_map.shape, threshold, mode)  # type: ignore[arg-type]
+    """The family's RoI rules (the adapter's): LLaVA's components ('mask' or 'box' mode), Qwen's union mask."""
+    return adapter.plan_roi(logits_map, threshold, mode)
 
 
 def answer_sdrpn(

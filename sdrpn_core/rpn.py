@@ -70,8 +70,8 @@ class RoIPredictor(nn.Module):
         n = adapter.num_layers
         if K < 1 or T < 1 or n < K + T:
             raise AdapterError(f"RPN needs 1 <= K, 1 <= T, K+T <= {n} layers; got K={K}, T={T}")
-        twig_norm = config_fields.pop("twig_norm", adapter.family == "llava")
-        rope = config_fields.pop("rope_in_head", adapter.family == "qwen2_5_vl")
+        twig_norm = config_fields.pop("twig_norm", adapter.rpn_twig_norm)
+        rope = config_fields.pop("rope_in_head", adapter.rpn_rope_in_head)
         config = RPNConfig(
             K=K, T=T, family=adapter.family, grid=adapter.grid, twig_norm=twig_norm, rope_in_head=rope, **config_fields
         )
@@ -138,8 +138,7 @@ class RoIPredictor(nn.Module):
         raw = json.loads(cfg_path.read_text())
         raw["grid"] = tuple(raw["grid"])
         config = RPNConfig(**raw)
-        fixed_grid = config.family == "llava"  # Qwen's head scores any number of image tokens
-        if config.family != adapter.family or (fixed_grid and config.grid != adapter.grid):
+        if config.family != adapter.family or (adapter.rpn_fixed_grid and config.grid != adapter.grid):
             raise AdapterError(
                 f"RPN in {folder} was trained for a {config.family} model with grid {config.grid}; "
                 f"this model is {adapter.family} with grid {adapter.grid}"

@@ -166,8 +166,12 @@ class ShardedDataset:
         data = self.store.read_bytes(self.prefix, COMMITS, commit.record)
         self.store.write_bytes(data, self.prefix, RETIRED, commit.record)
         self.store.rm(self.prefix, COMMITS, commit.record)
-        log.warning("%s: retired commit %s (shard %s was corrupt; its rows were re-committed)", self.url,
-                    commit.record, commit.shard)
+        log.warning(
+            "%s: retired commit %s (shard %s was corrupt; its rows were re-committed)",
+            self.url,
+            commit.record,
+            commit.shard,
+        )
 
     def retire_replaced(self, among: set[str]) -> None:
         """Retire the records of bad shards holding keys of `among` once every one of their keys is committed by
@@ -200,8 +204,9 @@ class ShardedDataset:
             "created": time.time(),
         }
         self.store.write_json(record, self.prefix, COMMITS, f"{stamp}.json")  # after the shard: never dangling
-        commit = Commit(f"{stamp}.json", shard, kind, table.num_rows, ids, self.schema_version, meta or {}, sha,
-                        len(data))
+        commit = Commit(
+            f"{stamp}.json", shard, kind, table.num_rows, ids, self.schema_version, meta or {}, sha, len(data)
+        )
         self._verified[commit.record] = True
         return commit
 

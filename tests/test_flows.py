@@ -462,8 +462,10 @@ def test_planted_prefect_cache_payload_does_not_run(tmp_path, monkeypatch):
     record = _prefect_record(marker)
     # every place and key a Prefect result could be read from: the store's old cache folder (each stage key of
     # this run) and Prefect's local result storage
-    keys = [f"sdrpn-{stage}-{fp}" for stage, fp in [("eval", Path(first["eval"][0]).name),
-                                                      ("train", Path(first["rpn"]).name)]]
+    keys = [
+        f"sdrpn-{stage}-{fp}"
+        for stage, fp in [("eval", Path(first["eval"][0]).name), ("train", Path(first["rpn"]).name)]
+    ]
     keys.append(f"sdrpn-labels-{Path(first['labels']).name}")
     for folder in (store_dir / "_prefect", Path(PREFECT_LOCAL_STORAGE_PATH.value())):
         folder.mkdir(parents=True, exist_ok=True)
@@ -502,6 +504,7 @@ def test_tampered_shards_and_results_are_detected_and_repaired_on_rerun(tmp_path
     again = sdrpn(cfg)
     assert calls.samples_extracted == pq_rows(shard)  # the corrupt shard's rows were extracted again
     assert calls.n.get("labels") is None and calls.n.get("train") is None  # their own outputs still verify
+
     def measured(scores):  # scores without the timing
         return [(s["method"], s["score"], s["samples"]) for s in scores]
 

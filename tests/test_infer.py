@@ -91,8 +91,9 @@ def test_reuse_keeps_every_step_logits_close_through_run_pass2(nano, branch):
     steps = {}
     for reuse in (True, False):
         steps[reuse] = []
-        run_pass2(adapter, run_pass1(adapter, rpn, image, Q, reuse_kv=reuse), plan, max_new_tokens=4,
-                  scores=steps[reuse])
+        run_pass2(
+            adapter, run_pass1(adapter, rpn, image, Q, reuse_kv=reuse), plan, max_new_tokens=4, scores=steps[reuse]
+        )
     assert len(steps[True]) == len(steps[False]) >= 1
     for with_reuse, recomputed in zip(steps[True], steps[False], strict=True):
         torch.testing.assert_close(with_reuse, recomputed, atol=2e-5, rtol=0)

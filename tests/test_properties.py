@@ -22,8 +22,11 @@ grids = st.tuples(st.integers(3, 16), st.integers(3, 16))
 @st.composite
 def logit_maps(draw):
     h, w = draw(grids)
-    blobs = draw(st.lists(st.tuples(st.integers(0, h - 1), st.integers(0, w - 1), st.integers(1, 5),
-                                    st.integers(1, 5)), max_size=4))
+    blobs = draw(
+        st.lists(
+            st.tuples(st.integers(0, h - 1), st.integers(0, w - 1), st.integers(1, 5), st.integers(1, 5)), max_size=4
+        )
+    )
     m = np.full((h, w), draw(st.floats(-9, -2)))
     for r, c, bh, bw in blobs:
         m[r : r + bh, c : c + bw] = draw(st.floats(-1, 9))
@@ -45,7 +48,7 @@ def test_roi_plan_boxes_lie_in_the_grid_and_hold_cells_above_tau(logits, tau, mo
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
         assert binary[y0 : y1 + 1, x0 : x1 + 1].sum() >= 2  # never a box around a lone cell
     if plan.kind == "mask":  # the union box of every cell above τ, and the keep-mask is exactly those cells
-        (x0, y0, x1, y1), = plan.boxes
+        ((x0, y0, x1, y1),) = plan.boxes
         ys, xs = np.nonzero(binary)
         assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
         assert np.array_equal(plan.region, binary[y0:y1, x0:x1])
@@ -89,7 +92,10 @@ def test_qwen_union_plan_is_the_box_of_every_cell_above_tau(logits, tau):
 @SETTINGS
 @given(
     st.tuples(st.integers(1, 3000), st.integers(1, 3000)),
-    st.integers(0, 23), st.integers(0, 23), st.integers(1, 24), st.integers(1, 24),
+    st.integers(0, 23),
+    st.integers(0, 23),
+    st.integers(1, 24),
+    st.integers(1, 24),
 )
 def test_grid_boxes_map_inside_the_image_with_at_least_one_pixel(size, x0, y0, bw, bh):
     box = (x0, y0, min(24, x0 + bw), min(24, y0 + bh))

@@ -65,8 +65,17 @@ def _rows(keys: list[str]) -> pa.Table:
     n = len(keys)
     cols = {f.name: [None] * n for f in TEACHER_SCHEMA}
     cols.update(
-        sample_key=keys, sample_id=keys, image=["i"] * n, question=["q"] * n, answer=["a"] * n, grid_h=[2] * n,
-        grid_w=[2] * n, image_w=[8] * n, image_h=[8] * n, n_steps=[1] * n, grounding=[[0.1, 0.2, 0.3, 0.4]] * n,
+        sample_key=keys,
+        sample_id=keys,
+        image=["i"] * n,
+        question=["q"] * n,
+        answer=["a"] * n,
+        grid_h=[2] * n,
+        grid_w=[2] * n,
+        image_w=[8] * n,
+        image_h=[8] * n,
+        n_steps=[1] * n,
+        grounding=[[0.1, 0.2, 0.3, 0.4]] * n,
         sink=[[0.0] * 4] * n,
     )
     return pa.Table.from_pydict(cols, schema=TEACHER_SCHEMA)
@@ -93,7 +102,9 @@ def test_commit_records_are_validated_not_followed(store):
     ds.write(_rows(["a"]))
     store.write_json(
         {"shard": "../../etc/passwd", "kind": "data", "rows": 1, "ids": ["x"], "sha256": "0" * 64, "size": 1},
-        ds.prefix, "_commits", "00000000000000000001-planted.json",
+        ds.prefix,
+        "_commits",
+        "00000000000000000001-planted.json",
     )
     store.write_bytes(b"\x80\x04not json", ds.prefix, "_commits", "00000000000000000002-junk.json")
     fresh = _shards(store)
@@ -152,9 +163,10 @@ def test_images_are_read_only_from_the_dataset_roots(tmp_path):
     ref = build_manifest(DatasetSpec(kind="jsonl", path=str(data / "m.jsonl")), store)
     assert [r["sample_id"] for r in read_manifest(ref, store)] == ["ok"]
     reasons = {r["sample_id"]: r["reason"] for r in read_rejections(ref, store)}
-    assert "outside the dataset's image roots" in reasons["passwd"] and "add its folder to image_roots" in reasons[
-        "passwd"
-    ]
+    assert (
+        "outside the dataset's image roots" in reasons["passwd"]
+        and "add its folder to image_roots" in reasons["passwd"]
+    )
     assert str(data) in reasons["dotdot"] and "outside" in reasons["dotdot"]
     assert "http(s) images are off" in reasons["metadata"]
     # a root the user names is trusted
@@ -356,7 +368,10 @@ def test_killed_cli_does_not_leave_its_temporary_prefect_server(tmp_path, sig):
     env.update(PYTHONPATH=str(ROOT), SDRPN_CACHE_DIR=str(tmp_path / "cache"), PREFECT_HOME=str(tmp_path / "home"))
     cli = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", str(tmp_path / "c.yaml")],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     server_pid = None
     deadline = time.time() + 120
@@ -392,8 +407,9 @@ def test_a_manifest_and_its_images_on_s3(s3_settings, tmp_path):
     ref = build_manifest(DatasetSpec(kind="jsonl", path=store.url("incoming", "m.jsonl")), store)
     rows = read_manifest(ref, store)
     assert [r["image"] for r in rows] == [store.url("incoming", "imgs", f"{i}.png") for i in range(2)]
-    assert [r["reason"] for r in read_rejections(ref, store)] == ["m.jsonl:3: not a JSON line (Expecting property "
-                                                                  "name enclosed in double quotes)"]
+    assert [r["reason"] for r in read_rejections(ref, store)] == [
+        "m.jsonl:3: not a JSON line (Expecting property name enclosed in double quotes)"
+    ]
 
 
 def test_a_stale_local_copy_of_an_artifact_is_replaced_not_used(store, tmp_path):

@@ -215,9 +215,18 @@ def _keyed_rows(pairs: list[tuple[str, str]]):
     n = len(pairs)
     cols = {f.name: [None] * n for f in TEACHER_SCHEMA}
     cols.update(
-        sample_key=[k for k, _ in pairs], sample_id=[k for k, _ in pairs], image=["i"] * n,
-        question=[q for _, q in pairs], answer=["a"] * n, grid_h=[1] * n, grid_w=[2] * n, image_w=[8] * n,
-        image_h=[8] * n, n_steps=[1] * n, grounding=[[0.5, 0.5]] * n, sink=[[0.0, 0.0]] * n,
+        sample_key=[k for k, _ in pairs],
+        sample_id=[k for k, _ in pairs],
+        image=["i"] * n,
+        question=[q for _, q in pairs],
+        answer=["a"] * n,
+        grid_h=[1] * n,
+        grid_w=[2] * n,
+        image_w=[8] * n,
+        image_h=[8] * n,
+        n_steps=[1] * n,
+        grounding=[[0.5, 0.5]] * n,
+        sink=[[0.0, 0.0]] * n,
     )
     return pa.Table.from_pydict(cols, schema=TEACHER_SCHEMA)
 

@@ -240,7 +240,11 @@ def test_maps_equal_a_reference_written_out_in_the_test(tiny_vlm, tiny_preset, i
     by hand, the mean over the answer tokens that were fed back (up to the first EOS; never the last token), then
     the plain mean over the preset's (layer, head) pairs, each pair weighted equally whatever its layer holds."""
     out = extract_teacher_maps(
-        tiny_vlm, samples_for(images), tiny_preset, batch_size=4, max_new_tokens=MAX_NEW,
+        tiny_vlm,
+        samples_for(images),
+        tiny_preset,
+        batch_size=4,
+        max_new_tokens=MAX_NEW,
         generation_kwargs={"eos_token_id": early_eos},
     )
     pairs = [(layer, h) for layer, heads in tiny_preset.grounding.items() for h in heads]
@@ -253,8 +257,12 @@ def test_maps_equal_a_reference_written_out_in_the_test(tiny_vlm, tiny_preset, i
             x = tiny_vlm.build_inputs([image], [question])
             with torch.no_grad():
                 g = model.generate(
-                    **x.model_kwargs(), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=early_eos,
-                    output_attentions=True, return_dict_in_generate=True,
+                    **x.model_kwargs(),
+                    max_new_tokens=MAX_NEW,
+                    do_sample=False,
+                    eos_token_id=early_eos,
+                    output_attentions=True,
+                    return_dict_in_generate=True,
                 )
             answer = g.sequences[0, x.input_ids.shape[1] :].tolist()
             fed = answer.index(early_eos) if early_eos in answer else len(answer) - 1

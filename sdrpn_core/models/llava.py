@@ -20,7 +20,7 @@ from transformers import (
 
 from sdrpn_core.models.base import AdapterError, DecoderParts, VLMInputs
 from sdrpn_core.models.decoder import positions_from_mask
-from sdrpn_core.roi import GridBox, PixelBox, grid_box_to_pixels, pixels_to_grid_box
+from sdrpn_core.roi import GridBox, PixelBox, RoIPlan, grid_box_to_pixels, pixels_to_grid_box, plan_roi
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -64,6 +64,10 @@ class LlavaAdapter(DecoderParts):
 
     family = "llava"
     prompt_template = "vicuna_v1"
+    rpn_twig_norm = True  # the authors' LLaVA twig applies a copy of the final norm
+    rpn_rope_in_head = False
+    rpn_fixed_grid = True  # 24x24 tokens whatever the image
+    prunes_image_tokens = False
 
     def __init__(self, model: LlavaForConditionalGeneration, processor: LlavaProcessor):
         self.model = model
@@ -121,6 +125,10 @@ class LlavaAdapter(DecoderParts):
         return self._grid
 
     pads_to_square = True
+
+    def plan_roi(self, logits_map: np.ndarray, threshold: float, mode: str = "mask") -> RoIPlan:
+        """The authors' LLaVA rule: components of the blurred map ('mask' or 'box' mode, method.md §6.2)."""
+        return plan_roi(logits_map, logits_map.shape, threshold, mode)  # type: ignore[arg-type]
 
     @property
     def vision_size(self) -> int:

@@ -26,7 +26,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from sdrpn_core.models.base import AdapterError, DecoderParts, VLMInputs
 from sdrpn_core.models.llava import expand_to_square, resolve_dtype
-from sdrpn_core.roi import GridBox, PixelBox, grid_box_to_pixels, pixels_to_grid_box
+from sdrpn_core.roi import GridBox, PixelBox, RoIPlan, grid_box_to_pixels, pixels_to_grid_box, plan_roi_union
 
 QWEN_SYSTEM = "You are a helpful assistant."
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -98,6 +98,10 @@ class QwenAdapter(DecoderParts):
 
     family = "qwen2_5_vl"
     prompt_template = "qwen2_5_vl chat template (system, image, text)"
+    rpn_twig_norm = False  # the released checkpoint carries one, the authors' forward never applies it
+    rpn_rope_in_head = True
+    rpn_fixed_grid = False  # the head scores any number of merged tokens
+    prunes_image_tokens = True  # above PRUNE_ABOVE image tokens (method.md §6.4)
     # the authors' lmms-eval wrapper: no square padding, the task's prompt as given (its post-prompt included)
     evaluation_inputs: ClassVar[dict[str, Any]] = {"pad_square": False, "prompt": "plain"}
     default_max_new_tokens: ClassVar[int] = 32768  # their wrapper's default; generation ends at EOS
@@ -177,6 +181,10 @@ class QwenAdapter(DecoderParts):
     def with_inputs(self, **overrides) -> QwenAdapter:
         """The same model (shared, not copied) with other input settings, e.g. the teacher's label prompt."""
         return QwenAdapter(self.model, self.image_processor, self._tokenizer, self.settings.updated(overrides))
+
+    def plan_roi(self, logits_map: np.ndarray, threshold: float, mode: str = "mask") -> RoIPlan:
+        """The authors' Qwen rule: always the union mask (method.md §6.3); `mode` does not apply."""
+        return plan_roi_union(logits_map, logits_map.shape, threshold)
 
     @property
     def pads_to_square(self) -> bool:
