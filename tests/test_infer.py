@@ -164,3 +164,43 @@ def test_llava_pass2_equals_hf_generate_on_the_written_out_two_image_sequence():
             input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, max_new_tokens=6, do_sample=False
         )
     assert roi.n_crop_tokens == n and tokens == out[0, ids.shape[1] :].tolist()
+
+
+def test_best_window_picks_the_highest_total_and_stays_on_the_grid():
+    from sdrpn_core.infer import best_window
+
+    score = np.zeros((6, 8))
+    score[4, 6] = 5.0  # the 3x3 windows holding this cell: their top-left corner in rows 2..3, cols 4..5
+    score[0, 0] = 4.0
+    assert best_window(score, 3) == (4, 2, 7, 5)  # first in row-major order among the ties
+    score[2, 4] = 1.0
+    assert best_window(score, 3) == (4, 2, 7, 5)  # now the unique best: holds both
+    assert best_window(score, 20) == (1, 0, 7, 6)  # the side is clamped to the short side (6): cols 1-6 hold 6.0
+    assert best_window(score, 0) == (6, 4, 7, 5)  # … and to at least one cell: the single best cell
+
+
+def test_vicrop_relative_attention_and_window_against_output_attentions(nano):
+    """ViCrop's rel-att map from an independent computation (the model's own eager forward with
+    output_attentions), and the window and crop answer_vicrop takes from it."""
+    from sdrpn_core.infer import VICROP_GENERIC_PROMPT, answer_vicrop, best_window, vicrop_map
+
+    adapter, _ = nano
+    image, layer = random_image(11, (90, 60)), 1
+    ratio = vicrop_map(adapter, image, Q, layer)
+
+    def last_token_to_image(question: str) -> torch.Tensor:
+        x = adapter.build_inputs([image], [question])
+        attn = adapter.model.config.text_config._attn_implementation
+        adapter.model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                out = adapter.model(**x.model_kwargs(), output_attentions=True)
+        finally:
+            adapter.model.set_attn_implementation(attn)
+        return out.attentions[layer][0, :, -1, x.image_positions[0]].float().mean(0)
+
+    expected = last_token_to_image(Q) / (last_token_to_image(VICROP_GENERIC_PROMPT) + 1e-8)
+    np.testing.assert_allclose(ratio.reshape(-1), expected.numpy(), rtol=1e-4, atol=1e-6)
+    ans = answer_vicrop(adapter, image, Q, layer=layer, max_new_tokens=3)
+    box = best_window(ratio, round(min(ratio.shape) * 0.5))
+    assert ans.roi.plan.boxes == (box,) and ans.roi.pixel_boxes == [adapter.box_to_pixels(box, image.size, ratio.shape)]
