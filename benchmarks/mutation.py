@@ -143,7 +143,7 @@ def module_of(name: str, modules: list[str]) -> str:
     return next(m for m in modules if name.startswith(m[:-3].replace("/", ".") + "."))
 
 
-def report(dest: Path, modules: list[str], status: dict[str, str]) -> dict[str, int]:
+def report(dest: Path, modules: list[str], status: dict[str, str], out: Path = SURVIVORS) -> dict[str, int]:
     """Sort the survivors (listed equivalent, automatically equivalent, message text, behaviour), print a line per
     module and write the behaviour survivors' diffs to SURVIVORS."""
     listed = load_equivalent()
@@ -172,8 +172,8 @@ def report(dest: Path, modules: list[str], status: dict[str, str]) -> dict[str, 
         print(f"{m:32s} " + "  ".join(f"{k}={v}" for k, v in sorted(c.items())))
     if stale:
         print(f"{len(stale)} equivalence entries are stale (the mutated line changed): {', '.join(stale[:5])}")
-    SURVIVORS.parent.mkdir(parents=True, exist_ok=True)
-    SURVIVORS.write_text(
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         f"# Surviving mutants that change behaviour ({len(rows)})\n\n"
         "Written by `python benchmarks/mutation.py` (message-text and equivalent survivors are counted, not listed);\n"
         "see `mutation.md` for the summary.\n\n" + "\n".join(rows)
@@ -196,7 +196,8 @@ def main() -> None:
             write_config(dest, modules)
             with open(dest / "mutmut.log", "w") as log:
                 mutmut(dest, "run", "--max-children", str(os.cpu_count() or 2), log=log)
-        counts = report(dest, modules, statuses(dest, modules))
+        out = SURVIVORS.with_name("mutation_survivors_quick.md") if args.quick else SURVIVORS
+        counts = report(dest, modules, statuses(dest, modules), out)
     finally:
         if not args.keep:
             shutil.rmtree(dest, ignore_errors=True)
@@ -205,7 +206,7 @@ def main() -> None:
     behaviour_score = counts["killed"] / max(counts["mutants"] - equivalent - message, 1)
     print(
         f"{time.perf_counter() - t0:.0f} s; survivors: {equivalent} equivalent, {message} changing only a message's "
-        f"text, {behaviour} changing behaviour (listed in {SURVIVORS.relative_to(ROOT)})"
+        f"text, {behaviour} changing behaviour (listed in {out.relative_to(ROOT)})"
     )
     print(f"score without the message-text mutants: {behaviour_score:.3f}")
     print(
