@@ -264,16 +264,17 @@ def report_markdown(bench: Benchmark, dataset: DatasetRef, scores: list[dict]) -
     subs = [k for k in dict.fromkeys(k for s in scores for k in s) if k not in _NOT_SUBSCORES]
     head = "| method | score | " + " | ".join(subs) + (" | " if subs else "") + "samples/s | relative throughput |"
     lines = [f"## {bench.name} ({dataset.rows} samples, {dataset.rejected} rejected rows)", ""]
-    lines += [f"> **Warning:** {w}" for w in dataset.warnings]
-    lines += [f"> Differs from the harness: {bench.notes}" for _ in [0] if bench.notes]
-    lines += ["" if dataset.warnings or bench.notes else None, head, "|" + "---|" * (4 + len(subs))]
+    notes = [f"> **Warning:** {w}" for w in dataset.warnings]
+    if bench.notes:
+        notes.append(f"> Differs from the harness: {bench.notes}")
+    lines += [*notes, *([""] if notes else []), head, "|" + "---|" * (4 + len(subs))]
     for s in scores:
         rel = f"{s['relative_throughput']:.2f}×" if s.get("relative_throughput") else "–"
         cells = " | ".join(f"{s.get(k, float('nan')):.1f}" for k in subs)
         lines.append(
             f"| {s['method']} | {s['score']:.1f} | {cells}{' | ' if subs else ''}{s['samples_per_s']:.2f} | {rel} |"
         )
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 _NOT_SUBSCORES = {"benchmark", "method", "score", "samples", "samples_per_s", "relative_throughput"}
