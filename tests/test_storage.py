@@ -277,3 +277,29 @@ def test_a_writer_killed_between_shard_and_record_leaves_nothing_visible(store, 
     fresh = teacher_dataset(store, "kill")
     assert fresh.committed_ids() == {"a"} and fresh.read().num_rows == 1 and not fresh.problems
     assert all(store.exists(fresh.prefix, c.shard) for c in fresh.commits())
+
+
+def test_stats_count_shards_rows_and_quarantine_and_retire_moves_only_replaced_bad_records(store):
+    """Written against mutation survivors: `stats` and `retire_replaced` were not called by any fast test."""
+    ds = teacher_dataset(store, "retire")
+    good = ds.write(_keyed_rows([("a", "qa"), ("b", "qb")]))
+    bad = ds.write(_keyed_rows([("c", "qc"), ("d", "qd")]))
+    ds.quarantine([("x", "image not found"), ("y", "empty question"), ("z", "bad row")])
+    assert ds.stats() == {"shards": 2, "rows": 4, "quarantined": 3}
+    data = store.read_bytes("teacher/retire", bad.shard)
+    store.write_bytes(data[: len(data) // 2], "teacher/retire", bad.shard)  # the shard rots
+    ds = teacher_dataset(store, "retire")  # another process (a writer trusts its own shards once written)
+    ds.retire_replaced({"c", "d"})
+    assert store.exists("teacher/retire", "_commits", bad.record)  # c, d not committed again: kept, still reported
+    ds.write(_keyed_rows([("c", "qc again")]), skip_committed=False)
+    ds.retire_replaced({"c", "d"})
+    assert store.exists("teacher/retire", "_commits", bad.record)  # d is still only in the bad shard
+    ds.write(_keyed_rows([("d", "qd again")]), skip_committed=False)
+    ds.retire_replaced({"a", "b"})  # keys disjoint from the bad shard's: nothing moves
+    assert store.exists("teacher/retire", "_commits", bad.record)
+    ds.retire_replaced({"c"})
+    assert not store.exists("teacher/retire", "_commits", bad.record)
+    assert store.exists("teacher/retire", "_retired", bad.record)
+    assert store.exists("teacher/retire", "_commits", good.record)  # a good record is never retired
+    assert ds.stats() == {"shards": 3, "rows": 4, "quarantined": 3}
+    assert sorted(ds.read().column("question").to_pylist()) == ["qa", "qb", "qc again", "qd again"]
