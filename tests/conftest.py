@@ -59,6 +59,31 @@ def random_image(seed: int, size: tuple[int, int] = (40, 28)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
+def teacher_rows(pairs: list[tuple[str, str]], grounding=(0.5, 0.5), grid=(1, 2)):
+    """Teacher rows keyed and questioned as given ([(key, question)]), with one small map for all."""
+    import pyarrow as pa
+
+    from storage.labels import TEACHER_SCHEMA
+
+    n = len(pairs)
+    cols = {f.name: [None] * n for f in TEACHER_SCHEMA}
+    cols.update(
+        sample_key=[k for k, _ in pairs],
+        sample_id=[k for k, _ in pairs],
+        image=["i"] * n,
+        question=[q for _, q in pairs],
+        answer=["a"] * n,
+        grid_h=[grid[0]] * n,
+        grid_w=[grid[1]] * n,
+        image_w=[8] * n,
+        image_h=[8] * n,
+        n_steps=[1] * n,
+        grounding=[list(grounding)] * n,
+        sink=[[0.0] * len(grounding)] * n,
+    )
+    return pa.Table.from_pydict(cols, schema=TEACHER_SCHEMA)
+
+
 @pytest.fixture
 def images() -> list[Image.Image]:
     return [random_image(i, (24 + 9 * i, 40 - 5 * i)) for i in range(4)]

@@ -23,7 +23,7 @@ from storage.artifacts import MARKER, ArtifactStore
 from storage.labels import teacher_dataset
 from storage.sharded import ShardedDataset
 from storage.store import Store, StoreError
-from tests.conftest import random_image
+from tests.conftest import random_image, teacher_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,25 +60,7 @@ def _shards(store: Store) -> ShardedDataset:
 
 
 def _rows(keys: list[str]) -> pa.Table:
-    from storage.labels import TEACHER_SCHEMA
-
-    n = len(keys)
-    cols = {f.name: [None] * n for f in TEACHER_SCHEMA}
-    cols.update(
-        sample_key=keys,
-        sample_id=keys,
-        image=["i"] * n,
-        question=["q"] * n,
-        answer=["a"] * n,
-        grid_h=[2] * n,
-        grid_w=[2] * n,
-        image_w=[8] * n,
-        image_h=[8] * n,
-        n_steps=[1] * n,
-        grounding=[[0.1, 0.2, 0.3, 0.4]] * n,
-        sink=[[0.0] * 4] * n,
-    )
-    return pa.Table.from_pydict(cols, schema=TEACHER_SCHEMA)
+    return teacher_rows([(k, "q") for k in keys], grounding=(0.1, 0.2, 0.3, 0.4), grid=(2, 2))
 
 
 def test_a_single_bit_flip_in_a_shard_is_detected_and_its_keys_count_as_not_committed(store):

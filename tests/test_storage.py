@@ -23,6 +23,7 @@ from storage.labels import (
 )
 from storage.sharded import SchemaError
 from storage.store import Store, StoreError, StoreSettings
+from tests.conftest import teacher_rows
 
 
 def records(ids, seed=0):
@@ -207,37 +208,13 @@ def test_env_credentials_are_used(moto_server, s3_settings, monkeypatch):
     assert store.read_json("probe.json") == {"ok": 1}
 
 
-def _keyed_rows(pairs: list[tuple[str, str]]):
-    import pyarrow as pa
-
-    from storage.labels import TEACHER_SCHEMA
-
-    n = len(pairs)
-    cols = {f.name: [None] * n for f in TEACHER_SCHEMA}
-    cols.update(
-        sample_key=[k for k, _ in pairs],
-        sample_id=[k for k, _ in pairs],
-        image=["i"] * n,
-        question=[q for _, q in pairs],
-        answer=["a"] * n,
-        grid_h=[1] * n,
-        grid_w=[2] * n,
-        image_w=[8] * n,
-        image_h=[8] * n,
-        n_steps=[1] * n,
-        grounding=[[0.5, 0.5]] * n,
-        sink=[[0.0, 0.0]] * n,
-    )
-    return pa.Table.from_pydict(cols, schema=TEACHER_SCHEMA)
-
-
 def test_every_reader_keeps_the_first_commit_of_a_key(store):
     """Duplicates written on purpose (two writers that both skipped the check): read, scan, iter_shards and the
     labels stage's view all see the first committed row of a key, once."""
     ds = teacher_dataset(store, "dups")
-    ds.write(_keyed_rows([("a", "first a"), ("b", "first b")]))
-    ds.write(_keyed_rows([("b", "second b"), ("c", "first c")]), skip_committed=False)
-    ds.write(_keyed_rows([("a", "third a")]), skip_committed=False)
+    ds.write(teacher_rows([("a", "first a"), ("b", "first b")]))
+    ds.write(teacher_rows([("b", "second b"), ("c", "first c")]), skip_committed=False)
+    ds.write(teacher_rows([("a", "third a")]), skip_committed=False)
     expected = {"a": "first a", "b": "first b", "c": "first c"}
 
     def as_dict(table):
@@ -260,7 +237,7 @@ def test_a_writer_killed_between_shard_and_record_leaves_nothing_visible(store, 
     """The shard is written first and its commit record second: a kill between the two leaves an orphan shard no
     reader sees, never a record that points at a missing or partial shard."""
     ds = teacher_dataset(store, "kill")
-    ds.write(_keyed_rows([("a", "q")]))
+    ds.write(teacher_rows([("a", "q")]))
     real, writes = store.write_bytes, []
 
     def dying(data, *parts):
@@ -271,7 +248,7 @@ def test_a_writer_killed_between_shard_and_record_leaves_nothing_visible(store, 
 
     monkeypatch.setattr(store, "write_bytes", dying)
     with pytest.raises(_Killed):
-        ds.write(_keyed_rows([("b", "q")]))
+        ds.write(teacher_rows([("b", "q")]))
     monkeypatch.undo()
     assert writes[0].startswith("part-") and writes[1].endswith(".json")  # shard, then record
     fresh = teacher_dataset(store, "kill")
@@ -282,8 +259,8 @@ def test_a_writer_killed_between_shard_and_record_leaves_nothing_visible(store, 
 def test_stats_count_shards_rows_and_quarantine_and_retire_moves_only_replaced_bad_records(store):
     """Written against mutation survivors: `stats` and `retire_replaced` were not called by any fast test."""
     ds = teacher_dataset(store, "retire")
-    good = ds.write(_keyed_rows([("a", "qa"), ("b", "qb")]))
-    bad = ds.write(_keyed_rows([("c", "qc"), ("d", "qd")]))
+    good = ds.write(teacher_rows([("a", "qa"), ("b", "qb")]))
+    bad = ds.write(teacher_rows([("c", "qc"), ("d", "qd")]))
     ds.quarantine([("x", "image not found"), ("y", "empty question"), ("z", "bad row")])
     assert ds.stats() == {"shards": 2, "rows": 4, "quarantined": 3}
     data = store.read_bytes("teacher/retire", bad.shard)
@@ -291,10 +268,10 @@ def test_stats_count_shards_rows_and_quarantine_and_retire_moves_only_replaced_b
     ds = teacher_dataset(store, "retire")  # another process (a writer trusts its own shards once written)
     ds.retire_replaced({"c", "d"})
     assert store.exists("teacher/retire", "_commits", bad.record)  # c, d not committed again: kept, still reported
-    ds.write(_keyed_rows([("c", "qc again")]), skip_committed=False)
+    ds.write(teacher_rows([("c", "qc again")]), skip_committed=False)
     ds.retire_replaced({"c", "d"})
     assert store.exists("teacher/retire", "_commits", bad.record)  # d is still only in the bad shard
-    ds.write(_keyed_rows([("d", "qd again")]), skip_committed=False)
+    ds.write(teacher_rows([("d", "qd again")]), skip_committed=False)
     ds.retire_replaced({"a", "b"})  # keys disjoint from the bad shard's: nothing moves
     assert store.exists("teacher/retire", "_commits", bad.record)
     ds.retire_replaced({"c"})

@@ -4,6 +4,8 @@ rows have no answers and are never scored. ANLS, 32 new tokens, the question as 
 
 from __future__ import annotations
 
+from functools import partial
+
 from sdrpn_core import metrics
 from sdrpn_core.benchmarks import register
 from sdrpn_core.benchmarks.base import SHORT_ANSWER, Benchmark, BenchmarkSample, answers_of
@@ -22,11 +24,7 @@ def _make(where: str, row: dict, file: str) -> BenchmarkSample:
     )
 
 
-def read_docvqa(url: str, split: str = SPLIT, config: str = "DocVQA", **storage_options):
-    return read_split(url, _make, split, config, **storage_options)
-
-
-def read_infovqa(url: str, split: str = SPLIT, config: str = "InfographicVQA", **storage_options):
+def read(url: str, split: str = SPLIT, config: str = "DocVQA", **storage_options):
     return read_split(url, _make, split, config, **storage_options)
 
 
@@ -34,31 +32,23 @@ def anls(prediction: str, sample: BenchmarkSample) -> float:
     return metrics.anls(prediction, sample.answers)
 
 
-DOCVQA = register(
-    Benchmark(
-        "docvqa",
-        read_docvqa,
-        anls,
-        SHORT_ANSWER,
-        32,
-        {"llava": 0.1, "qwen2_5_vl": 0.1},
-        "DocVQA",
-        split=SPLIT,
-        config="DocVQA",
-        published_rows=5349,
+def _benchmark(name: str, config: str, rows: int, thresholds: dict[str, float], key: str) -> Benchmark:
+    """One config of the repository: its reader defaults to that config."""
+    return register(
+        Benchmark(
+            name,
+            partial(read, config=config),
+            anls,
+            SHORT_ANSWER,
+            32,
+            thresholds,
+            key,
+            split=SPLIT,
+            config=config,
+            published_rows=rows,
+        )
     )
-)
-INFOVQA = register(
-    Benchmark(
-        "infovqa",
-        read_infovqa,
-        anls,
-        SHORT_ANSWER,
-        32,
-        {"llava": 0.15, "qwen2_5_vl": 0.1},
-        "InfoVQA",
-        split=SPLIT,
-        config="InfographicVQA",
-        published_rows=2801,
-    )
-)
+
+
+DOCVQA = _benchmark("docvqa", "DocVQA", 5349, {"llava": 0.1, "qwen2_5_vl": 0.1}, "DocVQA")
+INFOVQA = _benchmark("infovqa", "InfographicVQA", 2801, {"llava": 0.15, "qwen2_5_vl": 0.1}, "InfoVQA")
