@@ -5,7 +5,7 @@ keyword argument changed), runs the tests that call that function against each v
 test failed ("killed") or all passed ("survived"). It works on a copy of the repository in a temporary folder,
 so the sources here are never touched.
 
-    python benchmarks/mutation.py [--quick] [--keep DIR]     # --quick: roi.py and pseudo_labels.py only
+    python benchmarks/mutation.py [--quick | --only MODULE...] [--keep DIR]   # --quick: roi.py, pseudo_labels.py
 
 Survivors that cannot be killed because they do not change behaviour are listed, with the reason, in
 `benchmarks/mutation_equivalent.json` (keyed by mutant name and the mutated line, so an entry goes stale when
@@ -186,8 +186,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="roi.py and pseudo_labels.py only")
     p.add_argument("--keep", type=Path, help="work in this folder and keep it (mutmut browse / show there)")
+    p.add_argument("--only", nargs="+", choices=list(MODULES), help="these modules only (while writing tests)")
     args = p.parse_args()
-    modules = QUICK if args.quick else list(MODULES)
+    modules = args.only or (QUICK if args.quick else list(MODULES))
     dest = args.keep or Path(tempfile.mkdtemp(prefix="sdrpn-mutation-"))
     t0 = time.perf_counter()
     try:
@@ -196,7 +197,8 @@ def main() -> None:
             write_config(dest, modules)
             with open(dest / "mutmut.log", "w") as log:
                 mutmut(dest, "run", "--max-children", str(os.cpu_count() or 2), log=log)
-        out = SURVIVORS.with_name("mutation_survivors_quick.md") if args.quick else SURVIVORS
+        partial = args.quick or args.only
+        out = SURVIVORS.with_name("mutation_survivors_partial.md") if partial else SURVIVORS
         counts = report(dest, modules, statuses(dest, modules), out)
     finally:
         if not args.keep:

@@ -289,15 +289,14 @@ _VSTAR_PATTERNS = [
 
 def vstar_letter(prediction: str) -> str | None:
     """V*'s extraction, in its order: a leading letter ("Blue" reads as B, as there), "answer is X", "(X)", "X." /
-    "X)", a lone letter; then the only A-D letter in the text, then the first character."""
+    "X)", a lone letter; then the only A-D letter in the text."""
     text = prediction.strip().upper()
     for pattern in _VSTAR_PATTERNS:
         if m := pattern.search(text):
             return m.group(1).upper()
     letters = re.findall(r"[A-D]", text)
-    if len(letters) == 1:
-        return letters[0]
-    return text[0] if text and text[0] in "ABCD" else None
+    # the harness then falls back to the first character when it is A-D, which the leading-letter pattern took
+    return letters[0] if len(letters) == 1 else None
 
 
 def choice_accuracy(prediction: str, answer: str) -> float:

@@ -14,6 +14,7 @@ kernel (SDPA or eager) untouched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -65,7 +66,7 @@ class _Capture:
     """Per-generate state: which attention modules to read, their heads, and the image columns of each row."""
 
     def __init__(
-        self, modules: dict[int, int], heads: dict[int, list[int]], image_positions: torch.Tensor, prefill: bool = False
+        self, modules: dict[int, int], heads: dict[int, list[int]], image_positions: torch.Tensor, prefill: bool
     ):
         self.prefill = prefill  # read the last prompt token's row at prefill (ViCrop) instead of decode steps
         self.layer_of = modules  # id(self_attn module) → layer index
@@ -101,24 +102,23 @@ _SWITCH_LOCK = threading.Lock()
 _USERS: dict[int, tuple[int, str]] = {}  # id(model) → (threads capturing on it, implementation to restore)
 
 
-def _make_capture_fn(delegate):
-    def capture_attention(module, query, key, value, attention_mask, **kwargs):
-        cap = _ACTIVE.stack[-1] if _ACTIVE.stack else None
-        if cap is not None and id(module) in cap.layer_of:
-            scaling = kwargs.get("scaling", module.scaling)
-            if query.shape[2] == 1 and not cap.prefill:
-                cap.record(module, query, key, attention_mask, scaling)
-            elif query.shape[2] > 1 and cap.prefill:
-                last_mask = attention_mask[..., -1:, :] if attention_mask is not None else None
-                cap.record(module, query[:, :, -1:], key, last_mask, scaling)
-        return delegate(module, query, key, value, attention_mask, **kwargs)
-
-    return capture_attention
+def capture_attention(delegate, module, query, key, value, attention_mask, **kwargs):
+    """The attention function installed while capturing: records the capture's rows, then runs `delegate` (the
+    model's own SDPA or eager kernel) unchanged. Registered below with `delegate` bound by `functools.partial`."""
+    cap = _ACTIVE.stack[-1] if _ACTIVE.stack else None
+    if cap is not None and id(module) in cap.layer_of:
+        scaling = kwargs.get("scaling", module.scaling)
+        if query.shape[2] == 1 and not cap.prefill:
+            cap.record(module, query, key, attention_mask, scaling)
+        elif query.shape[2] > 1 and cap.prefill:
+            last_mask = attention_mask[..., -1:, :] if attention_mask is not None else None
+            cap.record(module, query[:, :, -1:], key, last_mask, scaling)
+    return delegate(module, query, key, value, attention_mask, **kwargs)
 
 
 _IMPLS = {"sdpa": sdpa_attention_forward, "eager": eager_attention_forward}
 for _base, _fn in _IMPLS.items():
-    AttentionInterface.register(f"sdrpn_capture_{_base}", _make_capture_fn(_fn))
+    AttentionInterface.register(f"sdrpn_capture_{_base}", functools.partial(capture_attention, _fn))
     AttentionMaskInterface.register(f"sdrpn_capture_{_base}", ALL_MASK_ATTENTION_FUNCTIONS[_base])
 
 

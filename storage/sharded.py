@@ -101,6 +101,7 @@ class ShardedDataset:
         self.problems: list[str] = []
         self._strict = False
         self._verified: dict[str, bool] = {}  # commit record → its shard matched the record (checked once)
+        self._why: dict[str, str] = {}  # commit record → why its shard was refused
 
     def __repr__(self) -> str:
         return f"ShardedDataset({self.store.url(self.prefix)!r})"
@@ -142,6 +143,8 @@ class ShardedDataset:
         once per instance)."""
         if commit.record not in self._verified:
             self._read_shard(commit, [self.key])
+        elif not self._verified[commit.record]:  # known bad: reported again, so every read names what it skipped
+            self._problem(self._why[commit.record], commit)
         return self._verified[commit.record]
 
     def committed_ids(self, include_quarantine: bool = True, among: Iterable[str] | None = None) -> set[str]:
@@ -249,12 +252,13 @@ class ShardedDataset:
         try:
             data = self.store.read_bytes(self.prefix, commit.shard)
         except FileNotFoundError:
-            self._problem(f"shard {commit.shard} is named by commit {commit.record} but missing")
+            self._problem(f"shard {commit.shard} is named by commit {commit.record} but missing", commit)
             return None
         if not matches(data, commit.size, commit.sha256):
             self._problem(
                 f"shard {commit.shard} does not match its commit record {commit.record} ({len(data)} bytes, "
-                f"record says {commit.size}; sha256 differs): truncated, corrupt or modified"
+                f"record says {commit.size}; sha256 differs): truncated, corrupt or modified",
+                commit,
             )
             return None
         return data
@@ -269,18 +273,22 @@ class ShardedDataset:
         try:
             table = pq.read_table(io.BytesIO(data), columns=list(columns) if columns else None)
         except (pa.ArrowInvalid, OSError) as e:
-            self._problem(f"shard {commit.shard} is unreadable Parquet: {e}")
+            self._problem(f"shard {commit.shard} is unreadable Parquet: {e}", commit)
             return None
         if table.num_rows != commit.rows or table.column(self.key).to_pylist() != list(commit.ids):
-            self._problem(f"shard {commit.shard} does not hold the {commit.rows} keys its commit names")
+            self._problem(f"shard {commit.shard} does not hold the {commit.rows} keys its commit names", commit)
             return None
         self._verified[commit.record] = True
         return table
 
-    def _problem(self, message: str) -> None:
+    def _problem(self, message: str, commit: Commit | None = None) -> None:
+        """Report a bad record or shard (once per read: `problems` is reset by each reader call)."""
+        if commit is not None:
+            self._why[commit.record] = message
         full = f"{self.url}: {message}"
-        self.problems.append(full)
-        log.error(full)
+        if full not in self.problems:
+            self.problems.append(full)
+            log.error(full)
         if self._strict:
             raise StoreError(full)
 

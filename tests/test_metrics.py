@@ -160,3 +160,51 @@ def test_pope_metrics_exact_answers():
 
 def test_exact_match_with_echoed_colour():
     assert exact_match("red 7", ["7"]) == 1.0 and exact_match("7.", ["7"]) == 1.0 and exact_match("1", ["7"]) == 0.0
+
+
+# -- written against mutation survivors (benchmarks/results/mutation.md) -------------------------------------------
+
+
+def test_pope_counts_by_hand_on_an_asymmetric_set():
+    preds = ["yes", "Yes", "no", "no", "yes.", "maybe", " YES "]
+    gts = ["yes", "no", "yes", "no", "yes", "no", "yes"]
+    m = pope_metrics(preds, gts)  # tp: 0, 6; fp: 1; fn: 2; correct: 0, 3, 6
+    assert m == pytest.approx(
+        {"accuracy": 3 / 7, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 4 / 7, "pred_yes_ratio": 3 / 7}
+    )
+    assert pope_metrics(["yes"], ["yes"])["accuracy"] == 1.0
+    none_yes = pope_metrics(["no", "no"], ["no", "no"])  # nothing predicted or labelled yes: 0, not 1
+    assert (none_yes["precision"], none_yes["recall"], none_yes["f1"], none_yes["accuracy"]) == (0.0, 0.0, 0.0, 1.0)
+    assert pope_metrics(["no"], ["yes"])["recall"] == 0.0 and pope_metrics(["maybe"], ["maybe"])["yes_ratio"] == 0.0
+    with pytest.raises(ValueError):
+        pope_metrics(["yes", "no"], ["yes"])
+
+
+def test_ocrbench_newlines_and_spaces():
+    assert ocrbench_score("a b", ["a\nb"]) == 1.0 and ocrbench_score("a\nb", ["a b"]) == 1.0
+    assert ocrbench_score("x+1", ["x\n+ 1"], "HME100k") == 1.0 and ocrbench_score("x +\n1", ["x+1"], "HME100k") == 1.0
+    assert ocrbench_score("x+2", ["x + 1"], "HME100k") == 0.0
+
+
+def test_vqa_normaliser_drops_commas_question_marks_and_splits_possessives():
+    assert normalize_vqa_answer("1,000?") == "1000"
+    assert normalize_vqa_answer("Dog's\tbone\nhere") == "dog 's bone here"
+    assert normalize_vqa_answer("a.b c") == "ab c"  # a period not followed by a digit goes
+    # a '-' next to a space anywhere deletes every '-' (joining words); otherwise each becomes a space
+    assert normalize_vqa_answer("x-y- z") == "xy z" and normalize_vqa_answer("x-y -z") == "xy z"
+    assert normalize_vqa_answer("x-y") == "x y"
+
+
+def test_levenshtein_both_orders_and_insertions():
+    for a, b, d in [("ab", "abc", 1), ("abc", "ab", 1), ("", "abc", 3), ("abc", "axc", 1), ("ac", "abc", 1)]:
+        assert levenshtein(a, b) == d
+    assert levenshtein("abcdef", "azced") == 3
+
+
+def test_anls_threshold_and_percent_targets():
+    assert anls("abxy", ["abcd"], threshold=0.6) == 0.0 and anls("abcx", ["abcd"], threshold=0.75) == 0.75
+    assert relaxed_accuracy("0.5", ["50%"]) == 1.0 and relaxed_accuracy("0.53", ["50%"]) == 0.0
+
+
+def test_exact_match_reads_the_last_word_only():
+    assert exact_match("7 red", ["7"]) == 0.0 and exact_match("it is 7", ["7"]) == 1.0

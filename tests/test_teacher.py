@@ -277,3 +277,180 @@ def test_maps_equal_a_reference_written_out_in_the_test(tiny_vlm, tiny_preset, i
             np.testing.assert_allclose(rec.grounding, expected, rtol=1e-4, atol=1e-7)
     finally:
         model.set_attn_implementation({"text_config": previous})
+
+
+# -- written against mutation survivors (benchmarks/results/mutation.md) -------------------------------------------
+
+
+def test_average_maps_by_hand():
+    """Two rows with 1 and 3 valid steps (a 1-step row divides by 1, not by a clamped 2), a layer read at heads
+    (0, 2) of which the spec takes head 2 only, and an empty spec giving zeros of the batch's shape."""
+    from sdrpn_core.teacher import average_maps
+
+    steps = {1: torch.arange(3 * 2 * 2 * 2, dtype=torch.float32).reshape(3, 2, 2, 2)}  # [S=3, B=2, h=2, n_img=2]
+    n_valid = torch.tensor([1, 3])
+    got = average_maps(steps, {1: [0, 2]}, {1: (2,)}, n_valid, 2)
+    row0 = steps[1][0, 0, 1]  # one step, read column of head 2
+    row1 = steps[1][:, 1, 1].mean(0)
+    torch.testing.assert_close(got, torch.stack([row0, row1]))
+    both = average_maps(steps, {1: [0, 2]}, {1: None}, n_valid, 2)
+    torch.testing.assert_close(both[1], steps[1][:, 1].mean(0).mean(0))
+    per_head = average_maps(steps, {1: [0, 2]}, {1: (2, 0)}, n_valid, 2, per_head=True)
+    torch.testing.assert_close(per_head[0], steps[1][0, 0, [1, 0]])
+    empty = average_maps(steps, {1: [0, 2]}, {}, n_valid, 5)
+    assert empty.shape == (2, 5) and not empty.any()
+
+
+def test_records_carry_the_sample_and_float32_maps(tiny_vlm, tiny_preset, images, tmp_path):
+    path = tmp_path / "a.png"
+    images[0].save(path)
+    samples = [Sample("a", str(path), "what is here ?"), Sample("b", images[1], "and here ?")]
+    out = extract_teacher_maps(tiny_vlm, samples, tiny_preset, max_new_tokens=3, hidden_norm_layer=0)
+    a, b = out.records
+    assert (a.image, a.question, a.image_size) == (str(path), "what is here ?", images[0].size)
+    assert (b.question, b.image_size) == ("and here ?", images[1].size)
+    for rec in (a, b):
+        assert rec.grounding.dtype == rec.sink.dtype == rec.image_hidden_norms.dtype == np.float32
+
+
+def test_hidden_norm_layer_bounds(tiny_vlm, tiny_preset, images):
+    last = tiny_vlm.num_layers - 1
+    out = extract_teacher_maps(tiny_vlm, samples_for(images[:1]), tiny_preset, max_new_tokens=2, hidden_norm_layer=last)
+    assert out.records[0].image_hidden_norms.shape == (tiny_vlm.num_image_tokens,)
+    for bad in (-1, tiny_vlm.num_layers):
+        with pytest.raises(ValueError, match=rf"hidden_norm_layer {bad} outside the model's 4 layers"):
+            extract_teacher_maps(tiny_vlm, samples_for(images[:1]), tiny_preset, hidden_norm_layer=bad)
+
+
+def spy_batches(monkeypatch, adapter, fail_on: str | None = None) -> list[list[str]]:
+    """Record the questions of every generate call the teacher makes; raise inside a call holding `fail_on`
+    (fault injection, as a CUDA error or a bad sample would)."""
+    calls: list[list[str]] = []
+    collated: list[list[str]] = []
+    real_collate, real_generate = adapter.collate, teacher_mod._generate_batch
+
+    def collate(pixels, questions):
+        collated.append(list(questions))
+        return real_collate(pixels, questions)
+
+    def generate(adapter, inputs, *args, **kwargs):
+        calls.append(collated[-1])
+        if fail_on in calls[-1]:
+            raise RuntimeError(f"injected failure on {fail_on!r}")
+        return real_generate(adapter, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "collate", collate)
+    monkeypatch.setattr(teacher_mod, "_generate_batch", generate)
+    return calls
+
+
+def test_a_failing_batch_is_retried_one_sample_at_a_time(tiny_vlm, tiny_preset, images, monkeypatch):
+    calls = spy_batches(monkeypatch, tiny_vlm, fail_on="bad ?")
+    samples = [Sample("s0", images[0], "one ?"), Sample("bad", images[1], "bad ?"), Sample("s2", images[2], "two ?")]
+    seen: list[tuple[int, int]] = []
+    out = extract_teacher_maps(
+        tiny_vlm, samples, tiny_preset, batch_size=3, max_new_tokens=2, progress=lambda d, t: seen.append((d, t))
+    )
+    assert calls == [["one ?", "bad ?", "two ?"], ["one ?"], ["bad ?"], ["two ?"]]
+    assert [r.sample_id for r in out.records] == ["s0", "s2"]
+    assert [(r.sample_id, r.reason) for r in out.rejected] == [
+        ("bad", "generation failed: RuntimeError: injected failure on 'bad ?'")
+    ]
+    assert seen == [(3, 3)]
+
+
+def test_a_failing_single_sample_batch_is_rejected_once(tiny_vlm, tiny_preset, images, monkeypatch):
+    calls = spy_batches(monkeypatch, tiny_vlm, fail_on="bad ?")
+    samples = [Sample("bad", images[1], "bad ?"), Sample("s1", images[0], "one ?")]
+    seen: list[tuple[int, int]] = []
+    out = extract_teacher_maps(
+        tiny_vlm, samples, tiny_preset, batch_size=1, max_new_tokens=2, progress=lambda d, t: seen.append((d, t))
+    )
+    assert calls == [["bad ?"], ["one ?"]]
+    assert [r.sample_id for r in out.records] == ["s1"]
+    assert [(r.sample_id, r.reason) for r in out.rejected] == [
+        ("bad", "generation failed: RuntimeError: injected failure on 'bad ?'")
+    ]
+    assert seen == [(1, 2), (2, 2)]
+
+
+def test_default_batch_is_eight_samples(tiny_llava, images, monkeypatch):
+    preset = get_preset("llava-1.5-7b", grounding={2: (0,)}, sink={}, K=1, T=2)
+    calls = spy_batches(monkeypatch, tiny_llava)
+    samples = [Sample(f"s{i}", images[i % 4], f"q{i} ?") for i in range(9)]
+    out = extract_teacher_maps(tiny_llava, samples, preset, max_new_tokens=2)
+    assert [len(c) for c in calls] == [8, 1] and len(out.records) == 9
+
+
+def test_rows_of_different_grids_are_generated_apart(monkeypatch):
+    """Qwen's dynamic resolution: a batch whose images give two grids is split into one generate per grid."""
+    from sdrpn_core.models.qwen import QwenSettings
+    from sdrpn_core.models.tiny import TinyQwenSpec, build_tiny_qwen
+
+    settings = QwenSettings(min_pixels=56 * 56, max_pixels=112 * 112, pad_square=False)
+    qwen = build_tiny_qwen(TinyQwenSpec(), settings=settings)
+    preset = get_preset("qwen2.5-vl-7b/natural", grounding={2: (0,)}, sink={}, K=1, T=2)
+    calls = spy_batches(monkeypatch, qwen)
+    samples = [
+        Sample("wide", random_image(1, (112, 56)), "wide ?"),
+        Sample("square", random_image(2, (112, 112)), "square ?"),
+        Sample("wide2", random_image(3, (112, 56)), "wide two ?"),
+    ]
+    out = extract_teacher_maps(qwen, samples, preset, max_new_tokens=2)
+    assert calls == [["wide ?", "wide two ?"], ["square ?"]]
+    grids = {r.sample_id: r.grid for r in out.records}
+    assert grids["wide"] == grids["wide2"] != grids["square"] and not out.rejected
+
+
+def test_an_empty_answer_does_not_stop_the_batch(tiny_vlm, tiny_preset, images):
+    x = tiny_vlm.build_inputs(images, QUESTIONS)
+    with torch.no_grad():
+        first = tiny_vlm.model(**x.model_kwargs()).logits[:, -1].argmax(-1).tolist()
+    later = next(i for i in range(1, len(first)) if first[i] != first[0])
+    samples = [samples_for(images)[0], samples_for(images)[later]]
+    out = extract_teacher_maps(
+        tiny_vlm, samples, tiny_preset, max_new_tokens=3, generation_kwargs={"eos_token_id": first[0]}
+    )
+    assert [r.sample_id for r in out.rejected] == ["s0"] and [r.sample_id for r in out.records] == [f"s{later}"]
+
+
+def test_capture_matches_eager_attention_with_padding(tiny_vlm, tiny_preset, images, early_eos):
+    """Under the eager kernel the mask is additive (floats), under SDPA boolean: both give the reference maps."""
+    kw = {"eos_token_id": early_eos}
+    sdpa = extract_teacher_maps(tiny_vlm, samples_for(images), tiny_preset, max_new_tokens=MAX_NEW, generation_kwargs=kw)
+    model = tiny_vlm.model
+    previous = model.config.text_config._attn_implementation
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        eager = extract_teacher_maps(
+            tiny_vlm, samples_for(images), tiny_preset, max_new_tokens=MAX_NEW, generation_kwargs=kw
+        )
+        assert model.config.text_config._attn_implementation == "eager"  # restored to the eager it found
+    finally:
+        model.set_attn_implementation({"text_config": previous})
+    assert len({len(q) for q in QUESTIONS}) > 1  # left padding in the batch
+    for a, b in zip(sdpa.records, eager.records, strict=True):
+        np.testing.assert_allclose(a.grounding, b.grounding, rtol=1e-4, atol=1e-7)
+
+
+def test_maps_stay_float32_under_a_bfloat16_model(images):
+    """The paper's maps are fp32 softmax rows: under a bf16 model they must hold values bf16 cannot represent."""
+    from sdrpn_core.models import LlavaAdapter
+    from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
+
+    adapter = LlavaAdapter(*build_tiny_llava(TinyLlavaSpec(), dtype=torch.bfloat16))
+    preset = get_preset("llava-1.5-7b", grounding={2: (0, 3), 1: (2,)}, sink={0: None}, K=1, T=2)
+    kw = {"eos_token_id": 10**6 % len(adapter.tokenizer)}
+    out = extract_teacher_maps(adapter, samples_for(images[:2]), preset, max_new_tokens=4, generation_kwargs=kw)
+    g = torch.from_numpy(out.records[0].grounding)
+    assert not torch.equal(g, g.to(torch.bfloat16).float())
+    x = adapter.build_inputs(images[:2], QUESTIONS[:2])
+    ref_g, _, _ = reference_maps_output_attentions(adapter, x, preset, 4, **kw)
+    np.testing.assert_allclose(out.records[0].grounding, ref_g[0].numpy(), rtol=2e-2, atol=1e-3)
+
+
+def test_reference_restores_the_kernel_and_handles_no_decode_step(tiny_vlm, tiny_preset, images):
+    x = tiny_vlm.build_inputs(images[:2], QUESTIONS[:2])
+    g, s, gen = reference_maps_output_attentions(tiny_vlm, x, tiny_preset, 1)
+    assert tiny_vlm.model.config.text_config._attn_implementation == "sdpa"
+    assert g.shape == s.shape == (2, tiny_vlm.num_image_tokens) and not g.any() and gen.shape == (2, 1)
