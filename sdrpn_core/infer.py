@@ -324,6 +324,8 @@ def run_pass2(
 
 def plan_for(adapter: VLMAdapter, logits_map: np.ndarray, threshold: float, mode: str = "mask") -> RoIPlan:
     """The family's RoI rules (the adapter's): LLaVA's components ('mask' or 'box' mode), Qwen's union mask."""
+    if mode not in ("mask", "box"):
+        raise ValueError(f"RoI mode {mode!r}: choose 'mask' or 'box'")
     return adapter.plan_roi(logits_map, threshold, mode)
 
 

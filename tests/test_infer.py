@@ -204,3 +204,96 @@ def test_vicrop_relative_attention_and_window_against_output_attentions(nano):
     ans = answer_vicrop(adapter, image, Q, layer=layer, max_new_tokens=3)
     box = best_window(ratio, round(min(ratio.shape) * 0.5))
     assert ans.roi.plan.boxes == (box,) and ans.roi.pixel_boxes == [adapter.box_to_pixels(box, image.size, ratio.shape)]
+
+
+# -- written against mutation survivors (benchmarks/results/mutation.md) -------------------------------------------
+
+
+def test_repetition_penalty_by_hand():
+    from sdrpn_core.infer import _penalised
+
+    logits = torch.tensor([[2.0, -2.0, 0.5, 3.0]])
+    out = _penalised(logits, {0, 1}, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 0.5, 3.0]] and logits.tolist() == [[2.0, -2.0, 0.5, 3.0]]
+    assert _penalised(logits, set(), 2.0) is logits
+
+
+def test_every_step_scores_text_and_penalty_match_hf_generate(nano, monkeypatch):
+    """Decoding against `generate(output_scores=True)` step by step, under a repetition penalty and with an EOS
+    that ends the answer early: positions of the new tokens, the penalty over prompt and answer, the stop rule and
+    the answer text (EOS dropped) all show here; tokens alone would not."""
+    adapter, rpn = nano
+    image = random_image(5, (80, 50))
+    config = adapter.model.generation_config
+    monkeypatch.setattr(config, "repetition_penalty", 1.3)
+    free = answer_baseline(adapter, image, Q, max_new_tokens=6).token_ids
+    stop = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])
+    monkeypatch.setattr(config, "eos_token_id", stop)
+    x = adapter.build_inputs([image], [Q])
+    with torch.no_grad():
+        ref = adapter.model.generate(
+            **x.model_kwargs(), max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+    ref_tokens = ref.sequences[0, x.input_ids.shape[1] :].tolist()
+    assert ref_tokens[-1] == stop and len(ref_tokens) < 6
+    steps: list[torch.Tensor] = []
+    tokens, _ = run_pass2(adapter, run_pass1(adapter, rpn, image, Q), plan_for(adapter, PLANS["none"], 0.5), 6, steps)
+    assert tokens == ref_tokens and len(steps) == len(ref.scores)
+    for ours, theirs in zip(steps, ref.scores, strict=True):
+        torch.testing.assert_close(ours, theirs[0].float(), atol=1e-4, rtol=1e-4)
+    base = answer_baseline(adapter, image, Q, max_new_tokens=6)
+    assert base.token_ids == ref_tokens and base.text == adapter.decode(ref_tokens[:-1])
+    assert base.text != adapter.decode([stop])
+
+
+def test_baseline_prefill_is_causal_under_the_eager_kernel(nano):
+    adapter, _ = nano
+    image = random_image(6, (60, 80))
+    x = adapter.build_inputs([image], [Q])
+    previous = adapter.model.config.text_config._attn_implementation
+    adapter.model.set_attn_implementation({"text_config": "eager"})
+    try:
+        ours = answer_baseline(adapter, image, Q, max_new_tokens=5).token_ids
+        with torch.no_grad():
+            ref = adapter.model.generate(**x.model_kwargs(), max_new_tokens=5, do_sample=False)
+    finally:
+        adapter.model.set_attn_implementation({"text_config": previous})
+    assert ours == ref[0, x.input_ids.shape[1] :].tolist()
+
+
+def test_default_answer_length_and_sdrpn_defaults(nano, monkeypatch):
+    """Without an EOS in reach every answer runs to the default 128 tokens; SD-RPN's defaults are τ 0.15, mask."""
+    from sdrpn_core.infer import answer_vicrop, answer_with_boxes
+
+    adapter, rpn = nano
+    monkeypatch.setattr(adapter.model.generation_config, "eos_token_id", 10**6)
+    image = random_image(3, (64, 48))
+    assert len(answer_baseline(adapter, image, Q).token_ids) == 128
+    assert len(answer_with_boxes(adapter, image, Q, []).token_ids) == 128
+    assert len(answer_vicrop(adapter, image, Q, layer=1).token_ids) == 128
+    default = answer_sdrpn(adapter, rpn, image, Q)
+    explicit = answer_sdrpn(adapter, rpn, image, Q, threshold=0.15, mode="mask", max_new_tokens=128)
+    assert default.token_ids == explicit.token_ids and len(default.token_ids) == 128
+    assert default.roi.plan.boxes == explicit.roi.plan.boxes and default.roi.plan.kind != "none"
+    with pytest.raises(ValueError, match=r"RoI mode 'bxo': choose 'mask' or 'box'"):
+        answer_sdrpn(adapter, rpn, image, Q, mode="bxo")
+
+
+def test_vicrop_outcome_fields(nano, monkeypatch):
+    from sdrpn_core import infer
+    from sdrpn_core.infer import answer_vicrop
+
+    adapter, _ = nano
+    image = random_image(11, (90, 60))
+    a = answer_vicrop(adapter, image, Q, layer=1, max_new_tokens=3)
+    ratio = a.roi.logits
+    assert a.roi.plan.kind == "box" and a.roi.n_crop_tokens == -1 and len(a.roi.pixel_boxes) == 1
+    np.testing.assert_allclose(a.roi.plan.prob, ratio / ratio.max())
+    np.testing.assert_allclose(ratio, infer.vicrop_map(adapter, image, Q, 1))
+    assert set(a.seconds) == {"total"} and 0 < a.seconds["total"] < 60
+    with_box = infer.answer_with_boxes(adapter, image, Q, a.roi.pixel_boxes, 3)
+    assert a.token_ids == with_box.token_ids
+    monkeypatch.setattr(adapter, "box_to_pixels", lambda *args: None)  # the window fell in the padding
+    b = answer_vicrop(adapter, image, Q, layer=1, max_new_tokens=3)
+    assert b.roi.plan.kind == "none" and b.roi.pixel_boxes == [] and b.roi.n_crop_tokens == 0
+    assert b.token_ids == answer_baseline(adapter, image, Q, max_new_tokens=3).token_ids

@@ -148,3 +148,104 @@ def test_hidden_norm_sink_criterion():
 def test_empty_foreground_is_invalid_even_with_a_loose_box_limit():
     lab, st = make_pseudo_labels_with_stats(np.zeros(64), None, grid=G, max_box_frac=1.5)
     assert (lab == -100).all() and not st.valid and st.reason == "no foreground"
+
+
+# -- written against mutation survivors (benchmarks/results/mutation.md) -------------------------------------------
+
+
+def test_padding_mask_by_hand():
+    """The authors' extents: content starts at (side - n) // 2 and ends at n + ceil((side - n) / 2)."""
+    wide = padding_mask((40, 10), (4, 4)).reshape(4, 4)  # n_h = 1: rows 1..2 are content
+    assert wide.tolist() == [[True] * 4, [False] * 4, [False] * 4, [True] * 4]
+    tall = padding_mask((10, 40), (4, 4)).reshape(4, 4)  # n_w = 1: columns 1..2
+    assert tall.tolist() == [[True, False, False, True]] * 4
+    # a sliver truncates to 0 cells and is kept as 1: on a 5-grid the content is row (or column) 2 alone
+    assert np.flatnonzero(~padding_mask((100, 1), (5, 5)).reshape(5, 5).all(1)).tolist() == [2]
+    assert np.flatnonzero(~padding_mask((1, 100), (5, 5)).reshape(5, 5).all(0)).tolist() == [2]
+    assert not padding_mask((1, 1), (4, 4)).any() and not padding_mask((30, 29), (4, 4)).any()
+    assert padding_mask((1, 10), (4, 4)).any() and padding_mask((10, 1), (4, 4)).any()  # 1 pixel is a size
+    for bad in [(0, 10), (10, 0), (-1, 5)]:
+        with pytest.raises(ValueError, match=r"image size must be positive"):
+            padding_mask(bad, (4, 4))
+
+
+def test_hidden_norm_sinks_strictly_above_threshold_on_any_shape():
+    assert hidden_norm_sinks(np.array([[1.0, 2.0], [3.0, 2.0]]), 2.0).tolist() == [False, False, True, False]
+
+
+def test_two_dimensional_maps_and_float_sink_masks_are_accepted():
+    a = grid_map({(2, 2): 1.0})
+    flat, _ = make_pseudo_labels_with_stats(a, None, G)
+    square, _ = make_pseudo_labels_with_stats(a.reshape(G), np.zeros(G), G)
+    assert square.tolist() == flat.tolist() and flat.dtype == np.int64
+    sinks = np.zeros(G)
+    sinks[0, 0] = 1.0
+    masked, st = make_pseudo_labels_with_stats(a, None, G, sink_mask=sinks)
+    assert st.num_sink == 1 and masked.tolist() == flat.tolist()
+    with pytest.raises(ValueError, match=r"grounding map has 63 values, expected 64"):
+        make_pseudo_labels_with_stats(a[:63], None, G)
+
+
+def test_stats_box_and_fraction_on_a_non_square_grid():
+    grid = (3, 5)
+    a = np.zeros(15)
+    a[[1 * 5 + 2, 2 * 5 + 3]] = 1.0  # fg at (1, 2) and (2, 3): box rows 1-2, cols 2-3
+    labels, st = make_pseudo_labels_with_stats(a, None, grid, max_box_frac=0.5)
+    assert st.box == (1, 2, 2, 3) and st.box_frac == pytest.approx(4 / 15) and st.valid and st.reason == ""
+    _, empty = make_pseudo_labels_with_stats(np.zeros(15), None, grid)
+    assert empty.box == (0, 0, 2, 4) and empty.box_frac == 1.0 and empty.reason == "no foreground"
+
+
+def test_qwen_max_attention_exactly_at_the_minimum_is_kept():
+    a = grid_map({(3, 3): 5e-3})
+    _, st = make_pseudo_labels_with_stats(a, None, G, variant="qwen", image_size=(8, 8), min_max_attn=5e-3)
+    assert st.valid and st.max_attn == 5e-3
+
+
+# defaults are the authors' constants (method.md §3.5): sink 1e-3, fg 0.2, bg 0.1, max box 0.5
+BIG_BOX = grid_map({(r, c): 1.0 for r in range(6) for c in range(6)})  # 36 of 64 cells: too large at 0.5
+MIXED = grid_map({(2, 2): 1.0, (6, 6): 0.5, (0, 7): 0.09}, base=0.0)
+SINKS = grid_map({(1, 1): 2e-3, (1, 2): 5e-4})
+
+
+def test_defaults_are_the_papers_constants():
+    from sdrpn_core.pseudo_labels import LabelParams
+
+    p = LabelParams()
+    assert (p.sink_thresh, p.fg_ratio, p.bg_ratio, p.max_box_frac, p.variant, p.min_max_attn) == (
+        1e-3,
+        0.2,
+        0.1,
+        0.5,
+        "llava",
+        5e-3,
+    )
+    for fn in (make_pseudo_labels, lambda *a: make_pseudo_labels_with_stats(*a)[0]):
+        assert fn(BIG_BOX, None, G).tolist() == [-100] * 64  # max box 0.5
+        explicit = make_pseudo_labels(MIXED, SINKS, G, 1e-3, 0.2, 0.1, 0.5)
+        assert fn(MIXED, SINKS, G).tolist() == explicit.tolist()
+    assert label_at(explicit, 0, 7) == 0 and label_at(explicit, 6, 6) == 1  # 0.09 < 0.1·max; 0.5 > 0.2·max
+    assert make_pseudo_labels_with_stats(MIXED, SINKS, G)[1].num_sink == 1  # 2e-3 ≥ 1e-3 > 5e-4
+    assert make_pseudo_labels(BIG_BOX, None, G, max_box_frac=0.6).tolist() != [-100] * 64  # forwarded
+
+
+def test_label_params_forward_every_field():
+    from sdrpn_core.presets import PRESETS
+    from sdrpn_core.pseudo_labels import LabelParams
+
+    a = grid_map({(2, 2): 0.02, (2, 3): 0.009, (5, 5): 0.004, (0, 0): 0.0019})
+    s = grid_map({(2, 3): 0.03, (4, 4): 0.005})
+    sinks = np.zeros(64, dtype=bool)
+    sinks[[3, 4]] = True
+    kw = dict(sink_thresh=0.01, fg_ratio=0.3, bg_ratio=0.05, max_box_frac=0.4, variant="qwen", min_max_attn=0.01)
+    params = LabelParams(**kw)
+    for mask in (None, sinks):
+        got = params.apply(a, s, G, image_size=(16, 12), sink_mask=mask)
+        want = make_pseudo_labels_with_stats(
+            a, s, G, 0.01, 0.3, 0.05, 0.4, variant="qwen", image_size=(16, 12), min_max_attn=0.01, sink_mask=mask
+        )
+        assert got[0].tolist() == want[0].tolist() and got[1] == want[1]
+    assert params.apply(a, s, G, image_size=(16, 12), sink_mask=sinks)[1].num_sink == 2
+    assert params.apply(a, s, G, image_size=(16, 12))[1].box != LabelParams().apply(a, s, G)[1].box
+    qwen = LabelParams.from_preset(PRESETS["qwen2.5-vl-7b/natural"], fg_ratio=0.3)
+    assert (qwen.sink_thresh, qwen.variant, qwen.fg_ratio) == (1e-2, "qwen", 0.3)
