@@ -32,7 +32,7 @@ from sdrpn_core.models.decoder import (
     text_positions,
     truncate_cache,
 )
-from sdrpn_core.roi import PixelBox, RoIPlan, resize_mask
+from sdrpn_core.roi import PixelBox, RoIPlan, check_mode, resize_mask
 from sdrpn_core.rpn import RoIPredictor, partial_prefill
 
 
@@ -324,8 +324,7 @@ def run_pass2(
 
 def plan_for(adapter: VLMAdapter, logits_map: np.ndarray, threshold: float, mode: str = "mask") -> RoIPlan:
     """The family's RoI rules (the adapter's): LLaVA's components ('mask' or 'box' mode), Qwen's union mask."""
-    if mode not in ("mask", "box"):
-        raise ValueError(f"RoI mode {mode!r}: choose 'mask' or 'box'")
+    check_mode(mode)  # Qwen's union rule ignores the mode: a misspelt one still fails there
     return adapter.plan_roi(logits_map, threshold, mode)
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 import numpy as np
 from scipy import ndimage
+from scipy.special import expit
 
 
 def gaussian_kernel1d(size: int = 3, sigma: float = 1.0) -> np.ndarray:
@@ -52,7 +53,7 @@ class RoIPlan:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+    return expit(np.asarray(x, dtype=np.float64))  # scipy's: no overflow for large |x|
 
 
 def component_boxes(binary: np.ndarray, min_area: int = 4, max_area: int | None = 225) -> list[GridBox]:
@@ -86,6 +87,14 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0] > 0.5).numpy()
 
 
+ROI_MODES = ("mask", "box")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in ROI_MODES:
+        raise ValueError(f"RoI mode {mode!r}: choose 'mask' or 'box'")
+
+
 def plan_roi(
     logits: np.ndarray,
     grid: tuple[int, int],
@@ -102,6 +111,7 @@ def plan_roi(
     A negative τ means "> |τ|·max" on the raw (not sigmoid) map, the authors' MSE-loss convention.
     Degenerate maps (NaN, ±inf) give 'none' with a reason instead of an exception.
     """
+    check_mode(mode)
     arr = np.asarray(logits, dtype=np.float64).reshape(grid)
     if not np.all(np.isfinite(arr)):
         return RoIPlan("none", reason="RoI map has NaN or infinite values")
@@ -159,9 +169,8 @@ def grid_box_to_pixels(
     fy0, fy1 = (box[1] * sy - pad_y) / r, (box[3] * sy - pad_y) / r
     if fx1 <= 0 or fy1 <= 0 or fx0 >= w or fy0 >= h:
         return None
-    x0, x1 = (int(min(max(v, 0.0), w)) for v in (fx0, fx1))
+    x0, x1 = (int(min(max(v, 0.0), w)) for v in (fx0, fx1))  # fx0 < w above, so x0 <= w - 1
     y0, y1 = (int(min(max(v, 0.0), h)) for v in (fy0, fy1))
-    x0, y0 = min(x0, w - 1), min(y0, h - 1)
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
 

@@ -170,7 +170,14 @@ def test_pope_counts_by_hand_on_an_asymmetric_set():
     gts = ["yes", "no", "yes", "no", "yes", "no", "yes"]
     m = pope_metrics(preds, gts)  # tp: 0, 6; fp: 1; fn: 2; correct: 0, 3, 6
     assert m == pytest.approx(
-        {"accuracy": 3 / 7, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 4 / 7, "pred_yes_ratio": 3 / 7}
+        {
+            "accuracy": 3 / 7,
+            "precision": 2 / 3,
+            "recall": 2 / 3,
+            "f1": 2 / 3,
+            "yes_ratio": 4 / 7,
+            "pred_yes_ratio": 3 / 7,
+        }
     )
     assert pope_metrics(["yes"], ["yes"])["accuracy"] == 1.0
     none_yes = pope_metrics(["no", "no"], ["no", "no"])  # nothing predicted or labelled yes: 0, not 1

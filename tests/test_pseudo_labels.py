@@ -190,7 +190,7 @@ def test_stats_box_and_fraction_on_a_non_square_grid():
     grid = (3, 5)
     a = np.zeros(15)
     a[[1 * 5 + 2, 2 * 5 + 3]] = 1.0  # fg at (1, 2) and (2, 3): box rows 1-2, cols 2-3
-    labels, st = make_pseudo_labels_with_stats(a, None, grid, max_box_frac=0.5)
+    _, st = make_pseudo_labels_with_stats(a, None, grid, max_box_frac=0.5)
     assert st.box == (1, 2, 2, 3) and st.box_frac == pytest.approx(4 / 15) and st.valid and st.reason == ""
     _, empty = make_pseudo_labels_with_stats(np.zeros(15), None, grid)
     assert empty.box == (0, 0, 2, 4) and empty.box_frac == 1.0 and empty.reason == "no foreground"

@@ -263,3 +263,74 @@ def test_plan_roi_defaults_are_the_authors():
     assert len(plan_roi(logits, (10, 120), 0.3, mode="box", max_area=226).boxes) == 2
     assert plan_roi(logits, (10, 120)).kind == "none"  # at the default τ 0.15 the halos join both: one part, too big
     assert plan_roi(np.zeros((10, 120)), (10, 120)).kind == "none"  # sigmoid(0)=0.5 everywhere: one 1,200-cell part
+
+
+# -- written against mutation survivors (benchmarks/results/mutation.md) -------------------------------------------
+
+
+def test_gaussian_kernel_and_blur_by_hand():
+    from sdrpn_core.roi import gaussian_kernel1d
+
+    e = np.exp(-0.5)
+    np.testing.assert_allclose(gaussian_kernel1d(), np.array([e, 1.0, e]) / (1 + 2 * e))
+    e2 = np.exp(-0.5 / 4)  # σ = 2
+    np.testing.assert_allclose(gaussian_kernel1d(3, 2.0), np.array([e2, 1.0, e2]) / (1 + 2 * e2))
+    ints = np.zeros((5, 5), dtype=int)
+    ints[2, 2] = 1  # an integer map is blurred in floats, not truncated back to integers
+    k = np.array([e, 1.0, e]) / (1 + 2 * e)
+    np.testing.assert_allclose(gaussian_blur(ints)[1:4, 1:4], np.outer(k, k))
+    k2 = gaussian_kernel1d(3, 2.0)
+    np.testing.assert_allclose(gaussian_blur(ints, sigma=2.0)[1:4, 1:4], np.outer(k2, k2))
+
+
+def test_sigmoid_is_stable_and_exact_far_out():
+    from sdrpn_core.roi import sigmoid
+
+    np.testing.assert_allclose(sigmoid(np.array([-100.0, 0.0, 100.0])), [1 / (1 + np.exp(100)), 0.5, 1.0])
+
+
+def test_grid_box_to_pixels_at_the_image_edges():
+    assert grid_box_to_pixels((0, 0, 1, 1), (100, 100), (100, 100), 100) == (0, 0, 1, 1)  # ends 1 px in
+    # a box starting exactly at the image's right (bottom) edge holds no pixel: wide padding on both sides
+    assert grid_box_to_pixels((15, 0, 20, 1), (50, 100), (20, 20), 100) is None  # x0 = 15·5 − 25 = 50 = w
+    assert grid_box_to_pixels((0, 15, 1, 20), (100, 50), (20, 20), 100) is None
+    assert grid_box_to_pixels((14, 0, 20, 1), (50, 100), (20, 20), 100) == (45, 0, 50, 5)
+
+
+def test_an_empty_pixel_box_on_a_cell_edge_still_takes_one_cell():
+    assert pixels_to_grid_box((20, 30, 20, 30), (100, 100), (10, 10), 100) == (2, 3, 3, 4)
+
+
+def test_plan_roi_thresholds_modes_and_shapes():
+    m = logit_map((4, 4, 6, 6))
+    assert plan_roi(m.reshape(-1), G).boxes == plan_roi(m, G, 0.15).boxes == ((3, 3, 8, 8),)  # blur halo
+    assert plan_roi(m, G, 0.0).kind == "none"  # τ 0 is sigmoid > 0: every cell, one giant part
+    assert plan_roi(m, G, -1.0).kind == "none"  # nothing is strictly above the max
+    assert plan_roi(m, G, -0.3).boxes == ((4, 4, 7, 7),)  # > 0.3·max of the blurred raw map
+    too_many = plan_roi(logit_map((2, 2, 4, 4), (10, 10, 12, 12), (18, 18, 20, 20)), G, mode="box")
+    assert too_many.kind == "none" and too_many.prob is not None and too_many.reason.startswith("3 boxes")
+    with pytest.raises(ValueError, match="RoI mode 'MASK'"):
+        plan_roi(m, G, mode="MASK")
+
+
+def test_qwen_union_defaults_strips_and_degenerate_maps():
+    m = np.full(G, LOW)
+    m[5, 5] = 0.0  # sigmoid 0.5, blurred ≈ 0.2 at the centre: above 0.1, below 1.1
+    assert plan_roi_union(m, G).kind == "mask" and plan_roi_union(m.reshape(-1), G).boxes == plan_roi_union(m, G).boxes
+    bad = plan_roi_union(np.full(G, np.nan), G)
+    assert bad.kind == "none" and bad.reason == "RoI map has NaN or infinite values"
+    none = plan_roi_union(np.full(G, LOW), G)
+    assert none.kind == "none" and none.reason == "no cell above the threshold"
+    big = (32, 32)  # strips: column 0 of rows 0..7, row 0 of columns 0..7 — and nothing else
+    for cell, suppressed in [((7, 0), True), ((0, 7), True), ((1, 1), False), ((8, 0), False), ((0, 8), False)]:
+        m = np.full(big, LOW)
+        m[cell] = HIGH
+        assert (plan_roi_union(m, big).kind == "none") == suppressed, cell
+    exactly = (24, 32)  # 768 cells: not more than 768, no suppression
+    m = np.full(exactly, LOW)
+    m[0, 0] = HIGH
+    assert plan_roi_union(m, exactly).kind == "mask"
+    line = (1, 769)  # 769 cells: row 0's first 769 // 4 = 192 cells are a strip
+    m = np.full(line, LOW)
+    m[0, 100] = HIGH
+    assert plan_roi_union(m, line).kind == "none"

@@ -45,34 +45,46 @@ def test_partial_prefill_equals_hidden_states_k(tiny_vlm, batch):
     assert torch.allclose(hidden, ref, atol=1e-6)
 
 
-def test_logits_equal_a_hand_computation(tiny_vlm, rpn, batch):
-    """Twig layer 0 as a decoder block; LLaVA: the extra norm; then layer 1's input norm + q/k; Qwen: the model's own
-    M-RoPE at the true (3-D) positions of the query and key rows, kv heads repeated; head-mean of q·k/√d."""
+def hand_logits(adapter, rpn, hidden, mask, pe, pos, positions) -> list[torch.Tensor]:
+    """Twig layers 0..T-2 as decoder blocks; LLaVA: the extra norm; then the last layer's input norm + q/k; Qwen: the
+    model's own M-RoPE at the true (3-D) positions of the query and key rows, kv heads repeated; head-mean of
+    q·k/√d, for the last token of each row."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
+    text_pos = pos if pos.ndim == 2 else None
+    h = hidden
+    for layer in rpn.twig_layers[:-1]:
+        h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=text_pos)
+    if rpn.twig_norm is not None:
+        h = rpn.twig_norm(h)
+    last = rpn.twig_layers[-1]
+    heads, d = adapter.num_heads, adapter.head_dim
+    kv = adapter.text_config.num_key_value_heads
+    cos, sin = adapter.rotary_emb(h, pos)  # [B, L, d]
+    out = []
+    for b in range(h.shape[0]):
+        rows = torch.cat([positions[b], torch.tensor([h.shape[1] - 1])])
+        normed = last.input_layernorm(h[b, rows])
+        q = last.self_attn.q_proj(normed).view(-1, heads, d).transpose(0, 1)  # [heads, n+1, d]
+        k = last.self_attn.k_proj(normed).view(-1, kv, d).transpose(0, 1)
+        if adapter.family == "qwen2_5_vl":
+            q, k = apply_rotary_pos_emb(q[None], k[None], cos[b : b + 1, rows], sin[b : b + 1, rows])
+            q, k = q[0], k[0]
+        k = k.repeat_interleave(heads // kv, dim=0)
+        out.append(torch.stack([(k[hh, :-1] @ q[hh, -1]) / math.sqrt(d) for hh in range(heads)]).mean(0))
+    return out
+
+
+@pytest.mark.parametrize("T", [2, 3])
+def test_logits_equal_a_hand_computation(tiny_vlm, rpn, batch, T):
     x, hidden, mask, pe, pos = batch
     positions = torch.stack(x.image_positions)
+    torch.manual_seed(2)
+    model = rpn if T == 2 else RoIPredictor.from_adapter(tiny_vlm, K=1, T=3)
     query = torch.full((3,), hidden.shape[1] - 1)
     with torch.no_grad():
-        logits = rpn(hidden, mask, pe, pos, query, positions)
-        text_pos = pos if pos.ndim == 2 else None
-        h = rpn.twig_layers[0](hidden, attention_mask=mask, position_embeddings=pe, position_ids=text_pos)
-        if rpn.twig_norm is not None:
-            h = rpn.twig_norm(h)
-        last = rpn.twig_layers[1]
-        heads, d = tiny_vlm.num_heads, tiny_vlm.head_dim
-        kv = tiny_vlm.text_config.num_key_value_heads
-        cos, sin = tiny_vlm.rotary_emb(h, pos)  # [B, L, d]
-        for b in range(3):
-            rows = torch.cat([positions[b], torch.tensor([h.shape[1] - 1])])
-            normed = last.input_layernorm(h[b, rows])
-            q = last.self_attn.q_proj(normed).view(-1, heads, d).transpose(0, 1)  # [heads, n+1, d]
-            k = last.self_attn.k_proj(normed).view(-1, kv, d).transpose(0, 1)
-            if tiny_vlm.family == "qwen2_5_vl":
-                q, k = apply_rotary_pos_emb(q[None], k[None], cos[b : b + 1, rows], sin[b : b + 1, rows])
-                q, k = q[0], k[0]
-            k = k.repeat_interleave(heads // kv, dim=0)
-            expected = torch.stack([(k[hh, :-1] @ q[hh, -1]) / math.sqrt(d) for hh in range(heads)]).mean(0)
+        logits = model(hidden, mask, pe, pos, query, positions)
+        for b, expected in enumerate(hand_logits(tiny_vlm, model, hidden, mask, pe, pos, positions)):
             assert torch.allclose(logits[b], expected, atol=1e-5)
     assert logits.shape == (3, tiny_vlm.num_image_tokens)
 
@@ -152,3 +164,43 @@ def test_rpn_reads_the_last_prompt_token_in_training_and_inference(tiny_vlm):
     assert not torch.allclose(at[L - 1], at[L - 2], atol=1e-4)
     torch.testing.assert_close(trained, at[L - 1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(inferred, at[L - 1], atol=1e-4, rtol=1e-4)
+
+
+# -- written against mutation survivors (benchmarks/results/mutation.md) -------------------------------------------
+
+
+def test_checkpoint_files_as_written_and_strictly_read(tiny_vlm, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    torch.manual_seed(4)
+    rpn = RoIPredictor.from_adapter(tiny_vlm, K=1, T=3, base_model_fingerprint="")
+    folder = tmp_path / "runs" / "a" / "rpn"  # parents made
+    rpn.save(folder)
+    rpn.save(folder)  # saving again over a checkpoint is allowed
+    with safe_open(folder / "rpn.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    text = (folder / "rpn_config.json").read_text()
+    assert len(text.splitlines()) > len(json.loads(text))  # one field per line: readable in a diff
+    loaded = RoIPredictor.load(folder, tiny_vlm, check_fingerprint="anything")  # none recorded: nothing to check
+    assert loaded.config == rpn.config and loaded.config.T == 3
+    for (n, a), (_, b) in zip(rpn.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    state = {k: v.clone() for k, v in rpn.state_dict().items()}
+    save_file({**state, "twig_layers.9.extra": torch.zeros(1)}, folder / "rpn.safetensors")
+    with pytest.raises(RuntimeError, match=r"twig_layers\.9\.extra"):
+        RoIPredictor.load(folder, tiny_vlm)
+
+
+def test_from_adapter_defaults_depth_checks_and_an_own_norm(tiny_llava):
+    rpn = RoIPredictor.from_adapter(tiny_llava, K=1)
+    assert rpn.config.T == 3 and len(rpn.twig_layers) == 3
+    for K, T in [(0, 2), (1, 0), (2, 3)]:
+        with pytest.raises(AdapterError, match="K\\+T <= 4"):
+            RoIPredictor.from_adapter(tiny_llava, K=K, T=T)
+    # the extra norm is a copy: training it must not move the base model's final norm
+    assert rpn.twig_norm.weight.data_ptr() != tiny_llava.final_norm.weight.data_ptr()
+    with torch.no_grad():
+        rpn.twig_norm.weight.add_(1.0)
+    assert not torch.equal(rpn.twig_norm.weight, tiny_llava.final_norm.weight)

@@ -417,7 +417,9 @@ def test_an_empty_answer_does_not_stop_the_batch(tiny_vlm, tiny_preset, images):
 def test_capture_matches_eager_attention_with_padding(tiny_vlm, tiny_preset, images, early_eos):
     """Under the eager kernel the mask is additive (floats), under SDPA boolean: both give the reference maps."""
     kw = {"eos_token_id": early_eos}
-    sdpa = extract_teacher_maps(tiny_vlm, samples_for(images), tiny_preset, max_new_tokens=MAX_NEW, generation_kwargs=kw)
+    sdpa = extract_teacher_maps(
+        tiny_vlm, samples_for(images), tiny_preset, max_new_tokens=MAX_NEW, generation_kwargs=kw
+    )
     model = tiny_vlm.model
     previous = model.config.text_config._attn_implementation
     model.set_attn_implementation({"text_config": "eager"})
