@@ -10,11 +10,13 @@ so the sources here are never touched.
 Survivors that cannot be killed because they do not change behaviour are listed, with the reason, in
 `benchmarks/mutation_equivalent.json` (keyed by mutant name and the mutated line, so an entry goes stale when
 the code changes), or recognised as equivalent by rule (`reshape(-1)` -> `reshape(-2)`: numpy reads any negative
-size as "infer"). score = (killed + timeout) / (mutants - equivalent); "no tests" mutants count as survivors.
+size as "infer"). Survivors that only change or drop a `device=` argument are counted apart as untestable here (every
+tensor is on the CPU: only a run on a GPU tests them).
+score = (killed + timeout) / (mutants - equivalent - device); "no tests" mutants count as survivors.
 Survivors that only change the text of an error message or a reason are counted apart (a second score without
 them is printed) and not listed.
 Prints one line per module, then `RESULT mutants=… killed=… survived=… score=…`; writes the survivors' diffs to
-`benchmarks/results/mutation_survivors.md`. Not part of CI (the full run takes ~10 minutes on 2 cores).
+`benchmarks/results/mutation_survivors.md`. Not part of CI (the full run takes about an hour on 2 cores).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ MODULES: dict[str, list[str]] = {
     "sdrpn_core/rpn.py": ["tests/test_rpn.py", "tests/test_qwen.py"],
     "sdrpn_core/infer.py": ["tests/test_infer.py", "tests/test_qwen.py", "tests/test_rpn.py"],
     "sdrpn_core/teacher.py": ["tests/test_teacher.py", "tests/test_qwen.py"],
-    "storage/sharded.py": ["tests/test_storage.py"],
+    "storage/sharded.py": ["tests/test_storage.py", "tests/test_sharded.py"],
 }
 QUICK = ["sdrpn_core/roi.py", "sdrpn_core/pseudo_labels.py"]
 PACKAGES = ["sdrpn_core", "storage", "tasks", "flows", "stages", "benchmarks", "models", "configs"]
@@ -123,11 +125,30 @@ def _message_variants(line: str) -> set[str]:
     return out
 
 
+def _without_device(line: str) -> str:
+    """The line with every `device=…` argument (and a positional `.to(x.device)`) removed, spaces dropped."""
+    out, i = [], 0
+    while i < len(line):
+        if line.startswith("device=", i):
+            depth, i = 0, i + len("device=")
+            while i < len(line) and not (depth == 0 and line[i] in ",)]}"):
+                depth += (line[i] in "([{") - (line[i] in ")]}")
+                i += 1
+            continue
+        out.append(line[i])
+        i += 1
+    text = re.sub(r"\.to\((None|[\w.]+\.device)\)", ".to()", "".join(out).replace(" ", ""))
+    return re.sub(r",+(?=[)\]}])", "", text).replace(",,", ",").replace("(,", "(")
+
+
 def category(minus: str, plus: str) -> str:
-    """'equivalent' for a rewrite numpy cannot tell apart, 'message' where only the text of an error message or a
-    reason changed, else 'behaviour'."""
+    """'equivalent' for a rewrite numpy cannot tell apart, 'device' where only a `device=` argument changed or went
+    (every tensor is on the CPU here: a GPU run is the only test), 'message' where only the text of an error message
+    or a reason changed, else 'behaviour'."""
     if minus.replace("reshape(-1)", "reshape(-2)") == plus:
         return "equivalent"  # numpy reads any negative size as "infer this dimension"
+    if plus != minus and "device" in minus and _without_device(plus) == _without_device(minus):
+        return "device"
     if plus != minus and plus in _message_variants(minus):
         return "message"
     return "behaviour"
@@ -203,17 +224,21 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(dest, ignore_errors=True)
-    equivalent, message, behaviour = (counts.get(k, 0) for k in ("equivalent", "message", "behaviour"))
-    score = counts["killed"] / max(counts["mutants"] - equivalent, 1)
-    behaviour_score = counts["killed"] / max(counts["mutants"] - equivalent - message, 1)
+    equivalent, device, message, behaviour = (
+        counts.get(k, 0) for k in ("equivalent", "device", "message", "behaviour")
+    )
+    scored = counts["mutants"] - equivalent - device
+    score = counts["killed"] / max(scored, 1)
+    behaviour_score = counts["killed"] / max(scored - message, 1)
     print(
-        f"{time.perf_counter() - t0:.0f} s; survivors: {equivalent} equivalent, {message} changing only a message's "
-        f"text, {behaviour} changing behaviour (listed in {out.relative_to(ROOT)})"
+        f"{time.perf_counter() - t0:.0f} s; survivors: {equivalent} equivalent, {device} changing only a device "
+        f"(untestable without a GPU), {message} changing only a message's text, {behaviour} changing behaviour "
+        f"(listed in {out.relative_to(ROOT)})"
     )
     print(f"score without the message-text mutants: {behaviour_score:.3f}")
     print(
         f"RESULT mutants={counts['mutants']} killed={counts['killed']} survived={message + behaviour} "
-        f"equivalent={equivalent} score={score:.3f}"
+        f"equivalent={equivalent} device={device} score={score:.3f}"
     )
 
 
