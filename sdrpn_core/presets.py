@@ -6,10 +6,12 @@ Layer and head indices are 0-based, as the authors' code indexes `model.layers[i
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from sdrpn_core.models.base import AdapterError
+from sdrpn_core.models.llava import LlavaAdapter
+from sdrpn_core.models.qwen import QwenAdapter
 
 HeadMap = dict[int, tuple[int, ...] | None]
 """layer → heads to average; `None` means every head of that layer."""
@@ -25,6 +27,8 @@ class Preset:
     K, T: backbone depth under the RPN and number of RPN blocks (copies of layers K..K+T-1).
     label_variant: which pseudo-label rules apply ('llava' or 'qwen', method.md §3.5).
     roi_threshold: the default inference threshold τ on the sigmoid RoI map.
+    recipe: the training hyper-parameters a plain config trains with (`TrainConfig` fields; the family's
+    `train_recipe`, the authors' scripts); the config's `train:` section overrides any of them.
     """
 
     name: str
@@ -36,6 +40,7 @@ class Preset:
     label_variant: Literal["llava", "qwen"] = "llava"
     max_new_tokens: int = 128
     roi_threshold: float = 0.15
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     def override(self, **changes) -> Preset:
         return dataclasses.replace(self, **changes)
@@ -73,16 +78,19 @@ class Preset:
             )
 
 
+LLAVA, QWEN = LlavaAdapter.train_recipe, QwenAdapter.train_recipe
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("llava-1.5-7b", grounding={14: (13, 24, 26)}, sink={2: None}, sink_thresh=1e-3, K=15),
+        Preset("llava-1.5-7b", grounding={14: (13, 24, 26)}, sink={2: None}, sink_thresh=1e-3, K=15, recipe=LLAVA),
         Preset(
             "llava-1.5-13b",
             grounding={16: (2, 21, 30), 15: (2,), 13: (21, 23, 26)},
             sink={16: (17, 22)},
             sink_thresh=1e-3,
             K=15,
+            recipe=LLAVA,
         ),
         Preset(
             "qwen2.5-vl-3b/natural",
@@ -91,6 +99,7 @@ PRESETS: dict[str, Preset] = {
             sink_thresh=1e-2,
             K=21,
             label_variant="qwen",
+            recipe=QWEN,
         ),
         Preset(
             "qwen2.5-vl-3b/textual",
@@ -99,6 +108,7 @@ PRESETS: dict[str, Preset] = {
             sink_thresh=1e-2,
             K=21,
             label_variant="qwen",
+            recipe=QWEN,
         ),
         Preset(
             "qwen2.5-vl-7b/natural",
@@ -107,6 +117,7 @@ PRESETS: dict[str, Preset] = {
             sink_thresh=1e-2,
             K=16,
             label_variant="qwen",
+            recipe=QWEN,
             roi_threshold=0.075,
         ),
         Preset(
@@ -116,6 +127,7 @@ PRESETS: dict[str, Preset] = {
             sink_thresh=1e-2,
             K=16,
             label_variant="qwen",
+            recipe=QWEN,
             roi_threshold=0.075,
         ),
     ]
@@ -132,6 +144,7 @@ PRESETS["sdrpn-nano"] = Preset(
     T=2,
     max_new_tokens=4,
     roi_threshold=0.03,
+    recipe={"lr": 1e-3, "batch_size": 16, "epochs": 6},  # this project's, for a 1.5 M-parameter model
 )
 PRESETS["qwen2.5-vl-3b"] = PRESETS["qwen2.5-vl-3b/natural"]
 PRESETS["qwen2.5-vl-7b"] = PRESETS["qwen2.5-vl-7b/natural"]

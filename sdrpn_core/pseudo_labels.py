@@ -185,6 +185,18 @@ class LabelParams:
     variant: Literal["llava", "qwen"] = "llava"
     min_max_attn: float = 5e-3
 
+    def __post_init__(self):
+        for name, ok in [
+            ("sink_thresh", self.sink_thresh > 0),
+            ("fg_ratio", 0 < self.fg_ratio <= 1),
+            ("bg_ratio", 0 < self.bg_ratio <= 1),
+            ("max_box_frac", self.max_box_frac > 0),
+            ("min_max_attn", self.min_max_attn >= 0),
+            ("variant", self.variant in ("llava", "qwen")),
+        ]:
+            if not ok:
+                raise ValueError(f"labels.{name} = {getattr(self, name)!r} is out of range")
+
     @classmethod
     def from_preset(cls, preset, **overrides) -> LabelParams:
         return cls(sink_thresh=preset.sink_thresh, variant=preset.label_variant, **overrides)

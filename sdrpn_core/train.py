@@ -39,20 +39,65 @@ CHECKPOINT_DIR = "checkpoints"  # step-<N>/ folders under out_dir; the highest c
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Everything that decides a training run: the config's `train:` section is this dataclass (any field can be set
+    there), on top of the preset's `recipe` (the authors' values for the family), on top of these defaults.
+
+    The effective batch is batch_size × accumulation × world_size. With `effective_batch` set, the accumulation is
+    derived from it (and `grad_accum` must be left at 1), so the authors' 512 (LLaVA) or 128 (Qwen) is trained
+    whatever the number of devices: 8 × 64 × 1 on one GPU, 8 × 16 × 4 on four."""
+
     K: int
     T: int = 3
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
-    batch_size: int = 8
+    batch_size: int = 8  # per device
     grad_accum: int = 1
+    effective_batch: int | None = None  # samples per optimizer step over all devices; sets the accumulation
+    world_size: int = 1  # data-parallel processes
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; default: all epochs
     max_grad_norm: float | None = None  # the authors clip at 1.0 for Qwen, not for LLaVA
     seed: int = 0
     checkpoint_every: int = 50
     metric_threshold: float = 0.5  # sigmoid threshold for token precision / recall in the log
+
+    def __post_init__(self):
+        positive = ("K", "T", "batch_size", "grad_accum", "world_size", "epochs", "checkpoint_every")
+        for name in (*positive, "effective_batch", "max_steps"):
+            value = getattr(self, name)
+            if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        for name, value, ok in [
+            ("lr", self.lr, self.lr > 0),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0),
+            ("warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1),
+            ("max_grad_norm", self.max_grad_norm, self.max_grad_norm is None or self.max_grad_norm > 0),
+            ("metric_threshold", self.metric_threshold, 0 < self.metric_threshold < 1),
+            ("betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)),
+        ]:
+            if not ok:
+                raise ValueError(f"train.{name} = {value!r} is out of range")
+        if self.effective_batch is not None:
+            if self.grad_accum != 1:
+                raise ValueError("set train.effective_batch or train.grad_accum, not both")
+            if self.effective_batch % (self.batch_size * self.world_size):
+                raise ValueError(
+                    f"train.effective_batch {self.effective_batch} is not a multiple of batch_size {self.batch_size}"
+                    f" × world_size {self.world_size}"
+                )
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step on each device."""
+        if self.effective_batch is None:
+            return self.grad_accum
+        return self.effective_batch // (self.batch_size * self.world_size)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.accumulation * self.world_size
 
 
 @dataclass(frozen=True)
@@ -136,6 +181,105 @@ def rpn_logits(adapter: VLMAdapter, rpn: RoIPredictor, x, K: int) -> torch.Tenso
     return rpn(hidden, mask, pe, pos, query, torch.stack(x.image_positions).to(hidden.device))
 
 
+def _usable(adapter: VLMAdapter, samples: Sequence[TrainSample]) -> tuple[list[TrainSample], int]:
+    """Samples with at least one labelled token (the all-ignore ones are counted and left out)."""
+    usable = [s for s in samples if np.any(np.asarray(s.labels) != IGNORE)]
+    skipped = len(samples) - len(usable)
+    if skipped:
+        log.info("skipping %d all-ignore samples of %d", skipped, len(samples))
+    if not usable:
+        raise ValueError(f"no trainable samples: all {len(samples)} are all-ignore")
+    n_img = adapter.grid[0] * adapter.grid[1]
+    for s in usable:
+        if np.asarray(s.labels).size != n_img:
+            raise ValueError(f"sample {s.sample_id}: {np.asarray(s.labels).size} labels for a {n_img}-token grid")
+    return usable, skipped
+
+
+@dataclass
+class _Run:
+    """What a training run carries from step to step (and through a checkpoint)."""
+
+    usable: list[TrainSample]
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    bad_ids: set[str] = field(default_factory=set)
+
+    def steps_per_epoch(self, config: TrainConfig) -> int:
+        return math.ceil(math.ceil(len(self.usable) / config.batch_size) / config.accumulation)
+
+    def micro_batches(self, config: TrainConfig) -> tuple[int, range]:
+        """(epoch, micro-batch indices in it) of the current step. As HF's Trainer does, an epoch's last step
+        accumulates only the micro-batches left, so a data set smaller than one effective batch is seen once per
+        epoch (one short step), not cycled through to fill it."""
+        micro_per_epoch = math.ceil(len(self.usable) / config.batch_size)
+        epoch, k = divmod(self.step, self.steps_per_epoch(config))
+        start = k * config.accumulation
+        return epoch, range(start, min(start + config.accumulation, micro_per_epoch))
+
+    def batch(self, adapter: VLMAdapter, config: TrainConfig, epoch: int, index: int):
+        """Micro-batch `index` of `epoch` (a pure function of seed and position) → (inputs, labels), or None when
+        every sample in it was rejected (recorded once, skipped from then on)."""
+        order = _order(len(self.usable), config.seed, epoch)
+        pixels, questions, labels = [], [], []
+        for i in order[index * config.batch_size : (index + 1) * config.batch_size]:
+            s = self.usable[i]
+            if s.sample_id in self.bad_ids:
+                continue
+            try:
+                pixels.append(adapter.pixel_values(load_image(s.image)))
+            except BadSample as e:
+                self.bad_ids.add(s.sample_id)
+                self.rejected.append(Rejection(s.sample_id, e.reason))
+                continue
+            questions.append(s.question)
+            labels.append(torch.as_tensor(np.asarray(s.labels), dtype=torch.long))
+        return (adapter.collate(pixels, questions), torch.stack(labels)) if pixels else None
+
+
+def _optimizer_step(adapter, rpn, optimizer, params, run: _Run, config: TrainConfig, total: int, autocast) -> dict:
+    """One optimizer step over `config.accumulation` micro-batches → its log record."""
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, tp, fp, fn, n_valid = 0.0, 0, 0, 0, 0
+    epoch, micros = run.micro_batches(config)
+    for index in micros:
+        batch = run.batch(adapter, config, epoch, index)
+        if batch is None:
+            continue
+        x, target = batch
+        with autocast:
+            logits = rpn_logits(adapter, rpn, x, config.K)  # [B, n_img]
+        target = target.to(logits.device)
+        loss = rpn_loss(logits, target)
+        (loss / len(micros)).backward()
+        with torch.no_grad():
+            valid, truth = target != IGNORE, target == 1
+            pred = torch.sigmoid(logits.float()) > config.metric_threshold
+            tp += int((pred & truth & valid).sum())
+            fp += int((pred & ~truth & valid).sum())
+            fn += int((~pred & truth & valid).sum())
+            n_valid += int(valid.sum())
+            loss_sum += float(loss) / len(micros)
+    lr = lr_at(run.step, total, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    run.step += 1
+    return {
+        "step": run.step,
+        "loss": loss_sum,
+        "precision": tp / (tp + fp) if tp + fp else float("nan"),
+        "recall": tp / (tp + fn) if tp + fn else float("nan"),
+        "valid_tokens": n_valid,
+        "lr": lr,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def train_rpn(
     adapter: VLMAdapter,
     samples: Sequence[TrainSample],
@@ -148,18 +292,13 @@ def train_rpn(
     progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train (or resume, when `out_dir` holds a checkpoint) an RPN on labelled samples."""
+    if config.world_size != 1:
+        raise ValueError(
+            f"train.world_size {config.world_size}: this trainer runs one process; on one device keep the authors' "
+            "batch with train.effective_batch (the accumulation is derived from it)"
+        )
     torch.manual_seed(config.seed)
-    usable = [s for s in samples if np.any(np.asarray(s.labels) != IGNORE)]
-    skipped_ignore = len(samples) - len(usable)
-    if skipped_ignore:
-        log.info("skipping %d all-ignore samples of %d", skipped_ignore, len(samples))
-    if not usable:
-        raise ValueError(f"no trainable samples: all {len(samples)} are all-ignore")
-    n_img = adapter.grid[0] * adapter.grid[1]
-    for s in usable:
-        if np.asarray(s.labels).size != n_img:
-            raise ValueError(f"sample {s.sample_id}: {np.asarray(s.labels).size} labels for a {n_img}-token grid")
-
+    usable, skipped_ignore = _usable(adapter, samples)
     adapter.model.requires_grad_(False)
     rpn = rpn or RoIPredictor.from_adapter(adapter, config.K, config.T, **(rpn_fields or {}))
     rpn = rpn.float().train().requires_grad_(True)
@@ -168,92 +307,47 @@ def train_rpn(
     cuda = adapter.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
-    micro_per_epoch = math.ceil(len(usable) / config.batch_size)
-    total = config.max_steps or math.ceil(config.epochs * micro_per_epoch / config.grad_accum)
-    step, history, bad_ids = 0, [], set()
-    rejected: list[Rejection] = []
+    run = _Run(usable)
+    total = config.max_steps or config.epochs * run.steps_per_epoch(config)
+    log.info(
+        "effective batch %d = %d per device × %d accumulated × %d device(s); %d optimizer steps over %d samples",
+        config.samples_per_step,
+        config.batch_size,
+        config.accumulation,
+        config.world_size,
+        total,
+        len(usable),
+    )
     ckpt = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
     if ckpt is not None and (latest := latest_checkpoint(ckpt)) is not None:
         state = _load_checkpoint(latest, rpn, optimizer)
-        step, history = state["step"], state["history"]
-        rejected = [Rejection(**r) for r in state["rejected"]]
-        bad_ids = {r.sample_id for r in rejected}
-        log.info("resuming from %s at step %d/%d", latest, step, total)
+        run.step, run.history = state["step"], state["history"]
+        run.rejected = [Rejection(**r) for r in state["rejected"]]
+        run.bad_ids = {r.sample_id for r in run.rejected}
+        log.info("resuming from %s at step %d/%d", latest, run.step, total)
 
     bar = Progress(total, "train", log, callback=progress)
-    bar.done = step
-    while step < total:
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, tp, fp, fn, n_valid = 0.0, 0, 0, 0, 0
-        for micro in range(config.grad_accum):
-            m = step * config.grad_accum + micro
-            epoch, index = divmod(m, micro_per_epoch)
-            order = _order(len(usable), config.seed, epoch)
-            batch = [usable[i] for i in order[index * config.batch_size : (index + 1) * config.batch_size]]
-            pixels, questions, labels = [], [], []
-            for s in batch:
-                if s.sample_id in bad_ids:
-                    continue
-                try:
-                    pixels.append(adapter.pixel_values(load_image(s.image)))
-                except BadSample as e:
-                    bad_ids.add(s.sample_id)
-                    rejected.append(Rejection(s.sample_id, e.reason))
-                    continue
-                questions.append(s.question)
-                labels.append(torch.as_tensor(np.asarray(s.labels), dtype=torch.long))
-            if not pixels:
-                continue
-            x = adapter.collate(pixels, questions)
-            with autocast:
-                logits = rpn_logits(adapter, rpn, x, config.K)
-            target = torch.stack(labels).to(logits.device)
-            loss = rpn_loss(logits, target)
-            (loss / config.grad_accum).backward()
-            with torch.no_grad():
-                valid = target != IGNORE
-                pred = torch.sigmoid(logits.float()) > config.metric_threshold
-                truth = target == 1
-                tp += int((pred & truth & valid).sum())
-                fp += int((pred & ~truth & valid).sum())
-                fn += int((~pred & truth & valid).sum())
-                n_valid += int(valid.sum())
-                loss_sum += float(loss) / config.grad_accum
-        lr = lr_at(step, total, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        step += 1
-        record = {
-            "step": step,
-            "loss": loss_sum,
-            "precision": tp / (tp + fp) if tp + fp else float("nan"),
-            "recall": tp / (tp + fn) if tp + fn else float("nan"),
-            "valid_tokens": n_valid,
-            "lr": lr,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(record)
-        bar.update(1, loss=f"{loss_sum:.4f}", p=f"{record['precision']:.2f}", r=f"{record['recall']:.2f}")
-        if ckpt is not None and (step % config.checkpoint_every == 0 or step == total):
-            _save_checkpoint(
-                ckpt,
-                rpn,
-                optimizer,
-                {
-                    "step": step,
-                    "history": history,
-                    "rejected": [asdict(r) for r in rejected],
-                    "config": asdict(config),
-                },
-            )
+    bar.done = run.step
+    while run.step < total:
+        record = _optimizer_step(adapter, rpn, optimizer, params, run, config, total, autocast)
+        run.history.append(record)
+        bar.update(1, loss=f"{record['loss']:.4f}", p=f"{record['precision']:.2f}", r=f"{record['recall']:.2f}")
+        if ckpt is not None and (run.step % config.checkpoint_every == 0 or run.step == total):
+            state = {"step": run.step, "history": run.history, "rejected": [asdict(r) for r in run.rejected]}
+            _save_checkpoint(ckpt, rpn, optimizer, {**state, "config": asdict(config), **recipe_record(config)})
         if on_step is not None:
-            on_step(step, record)
+            on_step(run.step, record)
     rpn.eval().requires_grad_(False)
-    return TrainResult(rpn, step, skipped_ignore, rejected, history)
+    return TrainResult(rpn, run.step, skipped_ignore, run.rejected, run.history)
+
+
+def recipe_record(config: TrainConfig) -> dict:
+    """The resolved recipe as written with a checkpoint and an RPN artifact (the effective batch spelled out)."""
+    return {
+        "recipe": {k: v for k, v in asdict(config).items() if k not in ("K", "T")},
+        "effective_batch": config.samples_per_step,
+        "accumulation": config.accumulation,
+    }
 
 
 def samples_from_rows(rows: Sequence[dict]) -> list[TrainSample]:

@@ -7,12 +7,14 @@ path is a folder or a hub id. Relative local paths in a YAML file are relative t
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from sdrpn_core.presets import Preset, get_preset
 from sdrpn_core.pseudo_labels import LabelParams
@@ -157,50 +159,47 @@ class TeacherSection(_Section):
         return get_preset(self.preset, **self.overrides)
 
 
-class LabelSection(_Section):
-    fg_ratio: Annotated[float, Field(gt=0, le=1)] = 0.2
-    bg_ratio: Annotated[float, Field(gt=0, le=1)] = 0.1
-    max_box_frac: Annotated[float, Field(gt=0)] = 0.5
-    sink_thresh: Annotated[float, Field(gt=0)] | None = None  # None: the preset's
-    variant: Literal["llava", "qwen"] | None = None  # None: the preset's
-    min_max_attn: Annotated[float, Field(ge=0)] = 5e-3
+class _DataclassSection(_Section):
+    """A section whose fields are a core dataclass's own (same names, same types), each optional: what the YAML file
+    leaves out comes from the preset, then from the dataclass's default. The dataclass validates the result."""
 
+    def chosen(self) -> dict[str, Any]:
+        """The fields the file set (an explicit `null` included: it overrides a preset's value)."""
+        return {k: getattr(self, k) for k in self.model_fields_set}
+
+
+def section_of(cls: type, doc: str, base: type[_DataclassSection] = _DataclassSection) -> type[_DataclassSection]:
+    """The config section for dataclass `cls`: one optional field per dataclass field, unknown keys an error."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {f.name: (hints[f.name] | None, None) for f in dataclasses.fields(cls)}
+    return create_model(
+        cls.__name__.replace("Params", "").replace("Config", "") + "Section", __base__=base, __doc__=doc, **fields
+    )
+
+
+class _LabelBase(_DataclassSection):
     def params(self, preset: Preset) -> LabelParams:
-        return LabelParams(
-            sink_thresh=self.sink_thresh if self.sink_thresh is not None else preset.sink_thresh,
-            fg_ratio=self.fg_ratio,
-            bg_ratio=self.bg_ratio,
-            max_box_frac=self.max_box_frac,
-            variant=self.variant or preset.label_variant,
-            min_max_attn=self.min_max_attn,
-        )
+        return LabelParams(**{"sink_thresh": preset.sink_thresh, "variant": preset.label_variant, **self.chosen()})
 
 
-class TrainSection(_Section):
-    K: Positive | None = None  # None: the preset's
-    T: Positive | None = None
-    lr: Annotated[float, Field(gt=0)] = 5e-5
-    batch_size: Positive = 8
-    grad_accum: Positive = 1
-    epochs: Positive = 1
-    max_steps: Positive | None = None
-    max_grad_norm: Annotated[float, Field(gt=0)] | None = None
-    seed: int = 0
-    checkpoint_every: Positive = 50
-
+class _TrainBase(_DataclassSection):
     def params(self, preset: Preset) -> TrainConfig:
-        return TrainConfig(
-            K=self.K if self.K is not None else preset.K,
-            T=self.T if self.T is not None else preset.T,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            grad_accum=self.grad_accum,
-            epochs=self.epochs,
-            max_steps=self.max_steps,
-            max_grad_norm=self.max_grad_norm,
-            seed=self.seed,
-            checkpoint_every=self.checkpoint_every,
-        )
+        chosen = self.chosen()
+        base = {"K": preset.K, "T": preset.T, **preset.recipe}
+        if "grad_accum" in chosen and "effective_batch" not in chosen:
+            base.pop("effective_batch", None)  # an explicit accumulation replaces the recipe's effective batch
+        return TrainConfig(**{**base, **chosen})
+
+
+LabelSection = section_of(
+    LabelParams, "`sdrpn_core.pseudo_labels.LabelParams`; sink_thresh and variant default to the preset's.", _LabelBase
+)
+TrainSection = section_of(
+    TrainConfig,
+    "`sdrpn_core.train.TrainConfig`; K, T and the recipe (lr, betas, batch, effective batch…) default to the "
+    "preset's, which are the authors' for the family.",
+    _TrainBase,
+)
 
 
 class EvalSection(_Section):
@@ -264,6 +263,14 @@ class PipelineConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     store: StoreSection = Field(default_factory=StoreSection)
     runner: RunnerSection = Field(default_factory=RunnerSection)
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> PipelineConfig:
+        """The label and training parameters, resolved against the preset, are valid (checked before any work)."""
+        preset = self.teacher.preset_obj()
+        self.labels.params(preset)
+        self.train.params(preset)
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:

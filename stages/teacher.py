@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def teacher_fingerprint(model: ModelRef, preset: Preset, max_new_tokens: int | None, inputs: dict | None = None) -> str:
-    params = {"preset": preset, "max_new": max_new_tokens, **({"inputs": inputs} if inputs else {})}
+    teacher_part = preset.override(recipe={})  # the training recipe does not change what the teacher sees
+    params = {"preset": teacher_part, "max_new": max_new_tokens, **({"inputs": inputs} if inputs else {})}
     return stage_fingerprint("teacher", {"model": model.fingerprint}, params)
 
 

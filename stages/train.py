@@ -5,6 +5,7 @@ Checkpoints go to a local scratch folder keyed by the fingerprint, so a crashed 
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from collections.abc import Callable
 
@@ -12,7 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdrpn_core.train import TrainConfig, samples_from_rows, train_rpn
+from sdrpn_core.train import TrainConfig, recipe_record, samples_from_rows, train_rpn
 from stages.common import cache_dir, load_model
 from stages.refs import LabelsRef, ModelRef, RpnRef
 from storage.artifacts import ArtifactStore
@@ -80,6 +81,7 @@ def train(
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(result.history), buf)
     (out / "train_log.parquet").write_bytes(buf.getvalue())
+    (out / "train_recipe.json").write_text(json.dumps(recipe_record(params), indent=2))
     final_loss = float(result.history[-1]["loss"])
     arts.put_dir(
         "rpn",
@@ -91,6 +93,7 @@ def train(
             "skipped_all_ignore": result.skipped_all_ignore,
             "rejected": len(result.rejected),
             "model": model.fingerprint,
+            "effective_batch": params.samples_per_step,
         },
     )
     arts.set_latest(model.fingerprint, "rpn", train_fp)

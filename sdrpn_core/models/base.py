@@ -62,6 +62,8 @@ class VLMAdapter(Protocol):
     rpn_rope_in_head: bool
     rpn_fixed_grid: bool
     prunes_image_tokens: bool
+    # the authors' training hyper-parameters for this family: `TrainConfig` fields (method.md §5.2)
+    train_recipe: ClassVar[dict[str, Any]]
 
     def plan_roi(self, logits_map: Any, threshold: float, mode: str = "mask") -> Any:
         """The family's RoI rule on the RPN's logit map → a RoIPlan."""

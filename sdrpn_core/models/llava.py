@@ -7,6 +7,7 @@ the processor's resize (method.md §3.2, §11): the stock processor's centre cro
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -68,6 +69,17 @@ class LlavaAdapter(DecoderParts):
     rpn_rope_in_head = False
     rpn_fixed_grid = True  # 24x24 tokens whatever the image
     prunes_image_tokens = False
+    # the authors' `scripts/finetune_rois.sh` (docs/method.md §5.2): 8 per device × 16 steps × 4 GPUs = 512
+    train_recipe: ClassVar[dict[str, Any]] = {
+        "lr": 5e-5,
+        "betas": (0.9, 0.98),
+        "weight_decay": 0.0,
+        "warmup_ratio": 0.03,
+        "epochs": 1,
+        "batch_size": 8,
+        "effective_batch": 512,
+        "max_grad_norm": None,
+    }
 
     def __init__(self, model: LlavaForConditionalGeneration, processor: LlavaProcessor):
         self.model = model

@@ -102,6 +102,18 @@ class QwenAdapter(DecoderParts):
     rpn_rope_in_head = True
     rpn_fixed_grid = False  # the head scores any number of merged tokens
     prunes_image_tokens = True  # above PRUNE_ABOVE image tokens (method.md §6.4)
+    # the authors' `finetune_roi_fix_res*.sh` (docs/method.md §5.2): 16 per device × 2 steps × 4 GPUs = 128, HF's
+    # default AdamW betas, gradients clipped at norm 1
+    train_recipe: ClassVar[dict[str, Any]] = {
+        "lr": 1e-4,
+        "betas": (0.9, 0.999),
+        "weight_decay": 0.0,
+        "warmup_ratio": 0.03,
+        "epochs": 1,
+        "batch_size": 16,
+        "effective_batch": 128,
+        "max_grad_norm": 1.0,
+    }
     # the authors' lmms-eval wrapper: no square padding, the task's prompt as given (its post-prompt included)
     evaluation_inputs: ClassVar[dict[str, Any]] = {"pad_square": False, "prompt": "plain"}
     default_max_new_tokens: ClassVar[int] = 32768  # their wrapper's default; generation ends at EOS

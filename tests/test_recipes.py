@@ -1,0 +1,148 @@
+"""The authors' training recipes: resolved from the preset (the family's `train_recipe`), overridable field by field
+from YAML (the config section *is* `TrainConfig`), and the effective batch kept on one device by accumulation."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from sdrpn_core.models import LlavaAdapter, QwenAdapter
+from sdrpn_core.train import TrainConfig, TrainSample, train_rpn
+from stages.config import ConfigError, PipelineConfig
+from tests.conftest import QUESTIONS, random_image
+
+
+def config(preset: str, **sections) -> PipelineConfig:
+    return PipelineConfig.model_validate({"model": {"source": "tiny"}, "teacher": {"preset": preset}, **sections})
+
+
+def recipe_of(cfg: PipelineConfig) -> TrainConfig:
+    return cfg.train.params(cfg.teacher.preset_obj())
+
+
+def test_a_plain_config_trains_the_authors_recipe_per_family():
+    llava = recipe_of(config("llava-1.5-7b"))
+    assert (llava.K, llava.T, llava.lr, llava.betas, llava.weight_decay, llava.warmup_ratio) == (
+        15,
+        3,
+        5e-5,
+        (0.9, 0.98),
+        0.0,
+        0.03,
+    )
+    assert (llava.epochs, llava.batch_size, llava.accumulation, llava.samples_per_step) == (1, 8, 64, 512)
+    assert llava.max_grad_norm is None
+    for name in ("qwen2.5-vl-7b/natural", "qwen2.5-vl-7b/textual", "qwen2.5-vl-3b"):
+        qwen = recipe_of(config(name))
+        assert (qwen.lr, qwen.betas, qwen.max_grad_norm, qwen.weight_decay) == (1e-4, (0.9, 0.999), 1.0, 0.0)
+        assert (qwen.batch_size, qwen.accumulation, qwen.samples_per_step) == (16, 8, 128)
+    assert LlavaAdapter.train_recipe["effective_batch"] == 512 and QwenAdapter.train_recipe["effective_batch"] == 128
+    nano = recipe_of(config("sdrpn-nano"))
+    assert (nano.lr, nano.batch_size, nano.epochs, nano.accumulation) == (1e-3, 16, 6, 1)
+
+
+def test_every_training_field_is_settable_from_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: {source: tiny}\nteacher: {preset: qwen2.5-vl-7b}\n"
+        "train: {betas: [0.9, 0.95], weight_decay: 0.1, warmup_ratio: 0.1, max_grad_norm: null, "
+        "metric_threshold: 0.3, batch_size: 4, seed: 3, T: 2}\n"
+        "labels: {fg_ratio: 0.3, min_max_attn: 0.0}\n"
+    )
+    cfg = PipelineConfig.from_yaml(path)
+    t = recipe_of(cfg)
+    assert (t.betas, t.weight_decay, t.warmup_ratio, t.max_grad_norm, t.metric_threshold) == (
+        (0.9, 0.95),
+        0.1,
+        0.1,
+        None,  # an explicit null removes the recipe's clipping
+        0.3,
+    )
+    assert (t.batch_size, t.accumulation, t.samples_per_step, t.lr, t.K, t.T, t.seed) == (4, 32, 128, 1e-4, 16, 2, 3)
+    labels = cfg.labels.params(cfg.teacher.preset_obj())
+    assert (labels.fg_ratio, labels.min_max_attn, labels.sink_thresh, labels.variant) == (0.3, 0.0, 1e-2, "qwen")
+    accum = recipe_of(config("llava-1.5-7b", train={"grad_accum": 16}))  # the script's own 8 × 16 per device
+    assert (accum.effective_batch, accum.accumulation, accum.samples_per_step) == (None, 16, 128)
+    four = recipe_of(config("llava-1.5-7b", train={"world_size": 4}))
+    assert (four.accumulation, four.samples_per_step) == (16, 512)  # the authors' 8 × 16 × 4 GPUs
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"effective_batch": 100}, "effective_batch 100 is not a multiple of batch_size 8"),
+        ({"effective_batch": 64, "grad_accum": 2}, "set train.effective_batch or train.grad_accum, not both"),
+        ({"warmup_ratio": 1.0}, "train.warmup_ratio = 1.0 is out of range"),
+        ({"betas": [0.9, 1.0]}, "train.betas"),
+        ({"batch_size": 0}, "train.batch_size must be a positive integer"),
+        ({"max_grad_norm": 0}, "train.max_grad_norm = 0"),
+        ({"beta1": 0.9}, "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_training_fields_fail_at_load_naming_them(tmp_path, train, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"model": {"source": "tiny"}, "train": train}))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        PipelineConfig.from_yaml(path)
+
+
+def samples(tmp_path, n: int) -> list[TrainSample]:
+    """n samples with exactly 5 labelled tokens each, so a pooled batch mean equals the mean of micro-batch means."""
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        path = tmp_path / f"i{i}.png"
+        random_image(40 + i).save(path)
+        labels = np.full(16, -100)
+        cells = rng.choice(16, 5, replace=False)
+        labels[cells] = 0
+        labels[cells[:2]] = 1
+        out.append(TrainSample(f"s{i}", str(path), QUESTIONS[i % 4], labels))
+    return out
+
+
+def test_accumulation_reproduces_the_effective_batch_on_one_device(tiny_llava, tmp_path, caplog):
+    """2 per micro-batch × 3 accumulated = one batch of 6: the same samples, loss and gradient in each step."""
+    from sdrpn_core.rpn import RoIPredictor
+
+    data = samples(tmp_path, 6)
+    common = {"K": 1, "T": 2, "lr": 1e-3, "warmup_ratio": 0.0, "epochs": 2}
+    runs = {}
+    for name, cfg in [
+        ("small", TrainConfig(batch_size=2, effective_batch=6, **common)),
+        ("big", TrainConfig(batch_size=6, **common)),
+    ]:
+        torch.manual_seed(0)
+        rpn = RoIPredictor.from_adapter(tiny_llava, K=1, T=2)
+        grads: list[dict] = []
+
+        def keep(step, record, rpn=rpn, grads=grads):
+            grads.append({n: p.grad.clone() for n, p in rpn.named_parameters() if p.grad is not None})
+
+        with caplog.at_level(logging.INFO, logger="sdrpn_core.train"):
+            out = tmp_path / name
+            runs[name] = (train_rpn(tiny_llava, data, cfg, rpn=rpn, on_step=keep, out_dir=out), grads)
+    (small, small_grads), (big, big_grads) = runs["small"], runs["big"]
+    assert small.steps == big.steps == 2
+    assert "effective batch 6 = 2 per device × 3 accumulated × 1 device(s); 2 optimizer steps" in caplog.text
+    assert set(small_grads[0]) == set(big_grads[0]) and small_grads[0]
+    for name, g in small_grads[0].items():
+        torch.testing.assert_close(g, big_grads[0][name], atol=1e-6, rtol=1e-4, msg=name)
+    np.testing.assert_allclose([h["loss"] for h in small.history], [h["loss"] for h in big.history], rtol=1e-4)
+    state = json.loads(next((tmp_path / "small" / "checkpoints").glob("step-*/state.json")).read_text())
+    assert (state["effective_batch"], state["accumulation"], state["recipe"]["effective_batch"]) == (6, 3, 6)
+
+
+def test_a_set_smaller_than_the_effective_batch_is_seen_once_per_epoch(tiny_llava, tmp_path):
+    data = samples(tmp_path, 5)  # 3 micro-batches of 2 per epoch, 4 wanted per step: one short step each epoch
+    result = train_rpn(tiny_llava, data, TrainConfig(K=1, T=2, batch_size=2, effective_batch=8, epochs=2))
+    assert result.steps == 2 and [h["valid_tokens"] for h in result.history] == [25, 25]
+
+
+def test_world_size_above_one_is_refused_by_the_single_process_trainer(tiny_llava, tmp_path):
+    with pytest.raises(ValueError, match=r"train\.world_size 2"):
+        train_rpn(tiny_llava, samples(tmp_path, 2), TrainConfig(K=1, T=2, batch_size=2, world_size=2))
