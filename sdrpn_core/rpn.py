@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from sdrpn_core.models.decoder import layer_inputs, run_layers
 
 RPN_WEIGHTS = "rpn.safetensors"
 RPN_CONFIG = "rpn_config.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,8 +157,15 @@ class RoIPredictor(nn.Module):
         return rpn
 
     @classmethod
-    def from_authors_checkpoint(cls, model_folder: str | Path, adapter: VLMAdapter, K: int, T: int = 3) -> RoIPredictor:
-        """The authors' released RPN: `model.twig_layers.{i}.*` and `model.twig_norm.weight` in a model's shards."""
+    def from_authors_checkpoint(
+        cls, model_folder: str | Path, adapter: VLMAdapter, K: int | None = None, T: int | None = None
+    ) -> RoIPredictor:
+        """The authors' released RPN from a "-filled" model folder (docs/method.md §4.1, §11): the
+        `model.twig_layers.{i}.*` tensors of its safetensors shards, and `model.twig_norm.weight` where the family
+        applies it. K and T default to the checkpoint's `config.json` (`twig_K`, `twig_T`); given, they must agree.
+        Qwen's checkpoints carry a `twig_norm` too, which the authors' Qwen forward never applies: it is left out,
+        as there. `twig_head.weight` (a copy of `lm_head` the loss never reaches) is not used either."""
+        K, T = _twig_depth(Path(model_folder), K, T)
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(Path(model_folder).glob("*.safetensors")):
             for key, value in load_file(shard).items():
@@ -163,14 +173,36 @@ class RoIPredictor(nn.Module):
                     state[key.removeprefix("model.")] = value
         if not state:
             raise FileNotFoundError(f"no model.twig_layers.* weights in the safetensors of {model_folder}")
-        twig_norm = "twig_norm.weight" in state
-        rpn = cls.from_adapter(adapter, K, T, twig_norm=twig_norm, base_model=str(model_folder))
+        if "twig_norm.weight" in state and not adapter.rpn_twig_norm:
+            del state["twig_norm.weight"]
+            log.info(
+                "%s: twig_norm present but not applied by the %s RPN (as the authors' forward)",
+                model_folder,
+                adapter.family,
+            )
+        rpn = cls.from_adapter(adapter, K, T, base_model=str(model_folder))
         missing, unexpected = rpn.load_state_dict(state, strict=False)
         if unexpected or missing:
             raise AdapterError(
-                f"authors' checkpoint does not match K={K}, T={T}: missing {missing[:4]}, unexpected {unexpected[:4]}"
+                f"authors' checkpoint in {model_folder} does not match K={K}, T={T} for {adapter.family}: missing "
+                f"{missing[:4]}, unexpected {unexpected[:4]}"
             )
         return rpn
+
+
+def _twig_depth(folder: Path, K: int | None, T: int | None) -> tuple[int, int]:
+    """(K, T) from the released config.json's `twig_K` / `twig_T`, checked against the ones given."""
+    config_path = folder / "config.json"
+    saved = json.loads(config_path.read_text()) if config_path.exists() else {}
+    out = []
+    for name, given in (("twig_K", K), ("twig_T", T)):
+        value = saved.get(name)
+        if given is not None and value is not None and given != value:
+            raise AdapterError(f"{config_path} says {name}={value}, not {given}")
+        if given is None and value is None:
+            raise AdapterError(f"{name} is not in {config_path}: pass K and T")
+        out.append(given if given is not None else int(value))
+    return out[0], out[1]
 
 
 def partial_prefill(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -121,17 +122,97 @@ def test_load_refuses_another_grid_family_and_fingerprint(tiny_llava, tiny_qwen,
         RoIPredictor.load(tmp_path, tiny_llava)
 
 
-def test_authors_checkpoint_keys_load(tiny_vlm, rpn, tmp_path):
-    """A released "-filled" model keeps the twig under model.twig_layers.{i}.* and model.twig_norm.weight."""
-    state = {f"model.{k}": v.clone() for k, v in rpn.state_dict().items()}
-    state["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(2, 2)  # backbone keys are ignored
-    save_file(dict(list(state.items())[:7]), tmp_path / "model-00001-of-00002.safetensors")
-    save_file(dict(list(state.items())[7:]), tmp_path / "model-00002-of-00002.safetensors")
-    loaded = RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm, K=1, T=2)
-    for (n, a), (_, b) in zip(rpn.state_dict().items(), loaded.state_dict().items(), strict=True):
-        assert torch.equal(a, b), n
-    with pytest.raises(AdapterError, match="does not match"):
-        RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm, K=1, T=1)
+def released_folder(adapter, folder, K: int, T: int) -> dict[str, torch.Tensor]:
+    """A "-filled" model folder laid out as the authors release it: bf16 tensors in two safetensors shards with an
+    index, the backbone under `model.layers.*` (and Qwen's tower under `visual.*`), the twig under
+    `model.twig_layers.{i}.*` with the decoder layer's own sub-module names, `model.twig_norm.weight` (both
+    families), `twig_head.weight` ([vocab, hidden], unused), and `twig_K` / `twig_T` in config.json. The twig
+    weights are the backbone's layers K.. perturbed, so a loader that copies the backbone instead is caught."""
+    g = torch.Generator().manual_seed(7)
+    twig = {}
+    for i in range(T):
+        for name, p in adapter.decoder_layers[K + i].state_dict().items():
+            twig[f"model.twig_layers.{i}.{name}"] = (p + 0.05 * torch.randn(p.shape, generator=g)).bfloat16()
+    hidden = adapter.text_config.hidden_size
+    twig["model.twig_norm.weight"] = (1 + 0.5 * torch.randn(hidden, generator=g)).bfloat16()
+    twig["twig_head.weight"] = torch.randn(adapter.text_config.vocab_size, hidden, generator=g).bfloat16()
+    backbone = {f"model.layers.0.{k}": v.bfloat16() for k, v in adapter.decoder_layers[0].state_dict().items()}
+    if adapter.family == "qwen2_5_vl":
+        backbone["visual.blocks.0.norm1.weight"] = torch.ones(8).bfloat16()
+    shards = {"model-00001-of-00002.safetensors": backbone, "model-00002-of-00002.safetensors": twig}
+    for name, tensors in shards.items():
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+    index = {"weight_map": {k: name for name, tensors in shards.items() for k in tensors}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps({"enable_twig": True, "twig_K": K, "twig_T": T}))
+    return twig
+
+
+def authors_forward(adapter, released, hidden, mask, pe, pos, positions, K: int, T: int) -> torch.Tensor:
+    """The authors' RPN forward (docs/method.md §4.2) written out from the released tensors: twig layers 0..T-2 as
+    decoder blocks, LLaVA's twig_norm (an RMSNorm, by hand; Qwen skips it), the last layer's input RMSNorm and q/k
+    projections (by hand), Qwen's M-RoPE at the true positions, kv heads repeated, head-mean of q·k/√d."""
+    import copy
+
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+    def weights(i: int, name: str) -> torch.Tensor:
+        return released[f"model.twig_layers.{i}.{name}"].float()
+
+    def rms(x, w):
+        eps = adapter.text_config.rms_norm_eps
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    text_pos = pos if pos.ndim == 2 else None
+    h = hidden
+    for i in range(T - 1):
+        block = copy.deepcopy(adapter.decoder_layers[K + i])
+        block.load_state_dict({n: weights(i, n) for n in block.state_dict()})
+        h = block(h, attention_mask=mask, position_embeddings=pe, position_ids=text_pos)
+    qwen = adapter.family == "qwen2_5_vl"
+    if not qwen:
+        h = rms(h, released["model.twig_norm.weight"].float())
+    last = T - 1
+    heads, d, kv = adapter.num_heads, adapter.head_dim, adapter.text_config.num_key_value_heads
+    bias = {n: weights(last, f"self_attn.{n}.bias") if qwen else None for n in ("q_proj", "k_proj")}
+    cos, sin = adapter.rotary_emb(h, pos)
+    out = []
+    for b in range(h.shape[0]):
+        rows = torch.cat([positions[b], torch.tensor([h.shape[1] - 1])])
+        normed = rms(h[b, rows], weights(last, "input_layernorm.weight"))
+        q = torch.nn.functional.linear(normed, weights(last, "self_attn.q_proj.weight"), bias["q_proj"])
+        k = torch.nn.functional.linear(normed, weights(last, "self_attn.k_proj.weight"), bias["k_proj"])
+        q, k = q.view(-1, heads, d).transpose(0, 1), k.view(-1, kv, d).transpose(0, 1)
+        if qwen:
+            q, k = apply_rotary_pos_emb(q[None], k[None], cos[b : b + 1, rows], sin[b : b + 1, rows])
+            q, k = q[0], k[0]
+        k = k.repeat_interleave(heads // kv, dim=0)
+        out.append(torch.stack([(k[hh, :-1] @ q[hh, -1]) / math.sqrt(d) for hh in range(heads)]).mean(0))
+    return torch.stack(out)
+
+
+def test_released_checkpoints_load_and_predict_as_the_authors_forward(tiny_vlm, tmp_path):
+    K, T = 1, 3
+    released = released_folder(tiny_vlm, tmp_path, K, T)
+    rpn = RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm)  # K, T from config.json
+    assert (rpn.config.K, rpn.config.T) == (K, T) and rpn.config.base_model == str(tmp_path)
+    assert (rpn.twig_norm is not None) == (tiny_vlm.family == "llava")  # Qwen's released twig_norm stays unused
+    x = tiny_vlm.build_inputs([random_image(i) for i in range(2)], QUESTIONS[:2])
+    with torch.no_grad():
+        hidden, mask, pe, pos = partial_prefill(
+            tiny_vlm, tiny_vlm.embed(x), x.attention_mask, tiny_vlm.position_ids(x), K
+        )
+        positions = torch.stack(x.image_positions)
+        ours = rpn(hidden, mask, pe, pos, torch.full((2,), hidden.shape[1] - 1), positions)
+        theirs = authors_forward(tiny_vlm, released, hidden, mask, pe, pos, positions, K, T)
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+    with pytest.raises(AdapterError, match="says twig_T=3, not 2"):
+        RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm, K=1, T=2)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(AdapterError, match="does not match K=1, T=2"):
+        RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm, K=1, T=2)
+    with pytest.raises(AdapterError, match="twig_K is not in"):
+        RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm)
 
 
 def test_bad_depth_is_rejected(tiny_vlm):
