@@ -14,9 +14,10 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from stages.config import PipelineConfig, RunnerSection
+from stages.config import DatasetSpec, PipelineConfig, RunnerSection, TeacherSection
 from stages.evaluate import EvalParams, eval_fingerprint
 from stages.labels import labels_fingerprint
+from stages.labels import merge as merge_labels
 from stages.model import nano_base_fingerprint
 from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, RpnRef, ShardSummary
 from stages.teacher import teacher_fingerprint, teacher_ref
@@ -59,9 +60,11 @@ def _runner(section: RunnerSection):
 
 
 @flow(name="sdrpn-teacher")
-def teacher_flow(cfg: PipelineConfig, model: ModelRef, dataset: DatasetRef, fp: str) -> list[ShardSummary]:
+def teacher_flow(
+    cfg: PipelineConfig, model: ModelRef, dataset: DatasetRef, fp: str, t: TeacherSection | None = None
+) -> list[ShardSummary]:
     """The teacher shards, mapped over the flow's task runner; each shard commits to the store independently."""
-    t = cfg.teacher
+    t = t or cfg.teacher
     n = max(1, min(t.shards, dataset.rows))
     futures = teacher_shard_task.map(
         cfg.store.settings(),
@@ -87,17 +90,25 @@ def _model(cfg: PipelineConfig) -> ModelRef:
     return model_task(cfg.model, settings)
 
 
-def _labels(cfg: PipelineConfig) -> tuple[ModelRef, LabelsRef]:
+def _source_labels(
+    cfg: PipelineConfig, model: ModelRef, name: str, data: DatasetSpec, teacher: TeacherSection
+) -> LabelsRef:
+    """One training source: its samples, its teacher (own preset and inputs) and its labels, each cached alone."""
     settings = cfg.store.settings()
-    model = _model(cfg)
-    dataset = samples_task(cfg.train_data, settings)
-    preset = cfg.teacher.preset_obj()
-    t_fp = teacher_fingerprint(model, preset, cfg.teacher.max_new_tokens, cfg.teacher.inputs)
-    teacher_flow.with_options(task_runner=_runner(cfg.runner))(cfg, model, dataset, t_fp)
+    dataset = samples_task(data, settings)
+    preset = teacher.preset_obj()
+    t_fp = teacher_fingerprint(model, preset, teacher.max_new_tokens, teacher.inputs)
+    teacher_flow.with_options(task_runner=_runner(cfg.runner))(cfg, model, dataset, t_fp, teacher)
     params = cfg.labels.params(preset)
     labels = _call(labels_task, settings, dataset, t_fp, params, labels_fingerprint(t_fp, dataset, params))
-    get_run_logger().info("teacher rows at %s; labels %s", teacher_ref(_store(cfg), t_fp).url, labels.stats)
-    return model, labels
+    get_run_logger().info("%s: teacher rows at %s; labels %s", name, teacher_ref(_store(cfg), t_fp).url, labels.stats)
+    return labels
+
+
+def _labels(cfg: PipelineConfig) -> tuple[ModelRef, LabelsRef]:
+    model = _model(cfg)
+    parts = [(name, _source_labels(cfg, model, name, data, t)) for name, data, t in cfg.sources()]
+    return model, merge_labels(parts)
 
 
 def _train(cfg: PipelineConfig, model: ModelRef, labels: LabelsRef) -> RpnRef:

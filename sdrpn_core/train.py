@@ -58,7 +58,7 @@ class TrainConfig:
     world_size: int = 1  # data-parallel processes
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; default: all epochs
-    max_grad_norm: float | None = None  # the authors clip at 1.0 for Qwen, not for LLaVA
+    max_grad_norm: float | None = None  # the authors clip at 1.0 for Qwen, not for LLaVA; 0 or None: no clipping
     seed: int = 0
     checkpoint_every: int = 50
     metric_threshold: float = 0.5  # sigmoid threshold for token precision / recall in the log
@@ -73,7 +73,7 @@ class TrainConfig:
             ("lr", self.lr, self.lr > 0),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0),
             ("warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1),
-            ("max_grad_norm", self.max_grad_norm, self.max_grad_norm is None or self.max_grad_norm > 0),
+            ("max_grad_norm", self.max_grad_norm, self.max_grad_norm is None or self.max_grad_norm >= 0),
             ("metric_threshold", self.metric_threshold, 0 < self.metric_threshold < 1),
             ("betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)),
         ]:

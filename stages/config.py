@@ -159,13 +159,34 @@ class TeacherSection(_Section):
         return get_preset(self.preset, **self.overrides)
 
 
+class SourceSpec(_Section):
+    """One training source of several (`train_sources`): its data, and the teacher that labels it where it differs
+    from the `teacher:` section (the authors label GQA with Qwen's natural heads and the grounding prompt, OCR-VQA
+    with the textual heads). Each source has its own teacher and label fingerprints: changing one source re-runs
+    only its rows. The RPN trains on the sources' labels merged, at the `teacher:` preset's K, T and recipe."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    data: DatasetSpec
+    preset: str | None = None
+    overrides: dict[str, Any] | None = None
+    inputs: dict[str, Any] | None = None
+    max_new_tokens: Positive | None = None
+
+    def teacher(self, default: TeacherSection) -> TeacherSection:
+        keys = ("preset", "overrides", "inputs", "max_new_tokens")
+        changes = {k: getattr(self, k) for k in keys if k in self.model_fields_set}
+        if "preset" in changes and "overrides" not in changes:
+            changes["overrides"] = {}  # another preset's heads, not the default's overrides
+        return TeacherSection.model_validate({**default.model_dump(), **changes})
+
+
 class _DataclassSection(_Section):
     """A section whose fields are a core dataclass's own (same names, same types), each optional: what the YAML file
     leaves out comes from the preset, then from the dataclass's default. The dataclass validates the result."""
 
     def chosen(self) -> dict[str, Any]:
-        """The fields the file set (an explicit `null` included: it overrides a preset's value)."""
-        return {k: getattr(self, k) for k in self.model_fields_set}
+        """The fields the file set; `null` is "not set" (so a dumped and re-read section means the same)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 def section_of(cls: type, doc: str, base: type[_DataclassSection] = _DataclassSection) -> type[_DataclassSection]:
@@ -257,6 +278,7 @@ class PipelineConfig(_Section):
     name: str = "default"
     model: ModelSpec  # required: which MLLM (a folder, a hub id, the shipped nano or a tiny random one)
     train_data: DatasetSpec = Field(default_factory=lambda: DatasetSpec(kind="synthetic"))
+    train_sources: list[SourceSpec] = Field(default_factory=list)  # several sources instead of train_data
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     labels: LabelSection = Field(default_factory=LabelSection)
     train: TrainSection = Field(default_factory=TrainSection)
@@ -270,7 +292,25 @@ class PipelineConfig(_Section):
         preset = self.teacher.preset_obj()
         self.labels.params(preset)
         self.train.params(preset)
+        if self.train_sources and "train_data" in self.model_fields_set:
+            raise ValueError("set train_data (one source) or train_sources (several), not both")
+        names = [s.name for s in self.train_sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"train_sources names must be unique, got {names}")
+        for name, _, teacher in self.sources():
+            other = teacher.preset_obj()
+            if (other.K, other.T) != (preset.K, preset.T):
+                raise ValueError(
+                    f"train_sources.{name}: preset {other.name} has K={other.K}, T={other.T}, but the RPN is trained "
+                    f"at {preset.name}'s K={preset.K}, T={preset.T}"
+                )
         return self
+
+    def sources(self) -> list[tuple[str, DatasetSpec, TeacherSection]]:
+        """(name, data, teacher) per training source: `train_sources`, or the one `train_data` with `teacher`."""
+        if not self.train_sources:
+            return [("train", self.train_data, self.teacher)]
+        return [(s.name, s.data, s.teacher(self.teacher)) for s in self.train_sources]
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
@@ -321,6 +361,10 @@ def resolve_paths(raw: dict, base: Path) -> None:
     _fix(raw.get("model"), "path", base, hub_ok=True)
     _fix(raw.get("store"), "root", base)
     _fix_dataset(raw.get("train_data"), base)
+    sources = raw.get("train_sources")
+    for source in sources if isinstance(sources, list) else []:
+        if isinstance(source, dict):
+            _fix_dataset(source.get("data"), base)
     datasets = (raw.get("eval") or {}).get("datasets") if isinstance(raw.get("eval"), dict) else None
     for spec in datasets if isinstance(datasets, list) else []:
         _fix_dataset(spec, base)

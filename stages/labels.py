@@ -38,6 +38,23 @@ def labels_fingerprint(teacher_fp: str, dataset: DatasetRef, params: LabelParams
     return stage_fingerprint("labels", {"teacher": teacher_fp, "dataset": dataset.fingerprint}, params)
 
 
+def merge(parts: list[tuple[str, LabelsRef]]) -> LabelsRef:
+    """Several sources' label sets as one (nothing copied): the train stage reads each part, first source winning
+    a sample id; the merged fingerprint changes when any part does, so only the changed source was recomputed."""
+    if len(parts) == 1:
+        return parts[0][1]
+    fp = stage_fingerprint("labels-merge", {name: ref.fingerprint for name, ref in parts}, None)
+    stats = {"sources": {name: ref.stats for name, ref in parts}}
+    return LabelsRef(
+        fp,
+        ", ".join(ref.url for _, ref in parts),
+        sum(ref.rows for _, ref in parts),
+        sum(ref.usable for _, ref in parts),
+        stats,
+        tuple((name, ref.fingerprint) for name, ref in parts),
+    )
+
+
 def lookup(store: Store, labels_fp: str) -> LabelsRef | None:
     """The finished label set, if its done record is valid and every shard matches its commit record."""
     if not store.exists("labels", labels_fp, DONE):

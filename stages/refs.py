@@ -45,11 +45,17 @@ class TeacherRef:
 
 @dataclass(frozen=True)
 class LabelsRef:
+    """A label set; a merged one (several training sources) names its sources' label sets in `parts`."""
+
     fingerprint: str
     url: str
     rows: int
     usable: int
     stats: dict = field(default_factory=dict, hash=False, compare=False)
+    parts: tuple[tuple[str, str], ...] = ()  # (source name, label fingerprint), in the config's order
+
+    def label_fingerprints(self) -> list[str]:
+        return [fp for _, fp in self.parts] or [self.fingerprint]
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,9 @@ def train(
     arts = ArtifactStore(store)
     # sorted: the training order must not depend on the order shards were committed in (threads, workers)
     # strict: a label shard that no longer matches its record is an error naming it (the next run relabels)
-    labelled = label_dataset(store, labels.fingerprint).scan(strict=True)
-    frame = labelled.filter(pl.col("valid")).sort("sample_id").collect()
+    parts = [label_dataset(store, fp).scan(strict=True) for fp in labels.label_fingerprints()]
+    merged = pl.concat(parts).unique(subset=["sample_id"], keep="first", maintain_order=True)  # first source wins
+    frame = merged.filter(pl.col("valid")).sort("sample_id").collect()
     if frame.height == 0:
         raise ValueError(
             f"no usable labels in {labels.url}: all {labels.rows} samples are all-ignore or were rejected "

@@ -95,6 +95,11 @@ def test_mix665k_first_turns_and_seeded_subset(tmp_path):
     sub2, _ = get_benchmark("mix665k").reader(url, limit=10)
     assert [s.sample_id for s in sub1] == [s.sample_id for s in sub2] and len(sub1) == 10
     assert [s.sample_id for s in sub1] != [s.sample_id for s in samples[:10]]  # shuffled, seed 42
+    gqa, _ = get_benchmark("mix665k").reader(url, config="gqa")
+    ocr, _ = get_benchmark("mix665k").reader(url, config="ocr_vqa")
+    assert len(gqa) == 30 and {s.category for s in gqa} == {"gqa"} and [s.sample_id for s in ocr] == ["o1"]
+    with pytest.raises(ValueError, match="mix665k config 'coco'"):
+        get_benchmark("mix665k").reader(url, config="coco")
 
 
 def test_synthetic_split_reads_with_boxes(tmp_path):

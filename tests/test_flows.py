@@ -109,6 +109,8 @@ class Calls:
             self.n[name] = self.n.get(name, 0) + 1
             if name == "teacher":
                 self.samples_extracted += len(args[1])
+            if name == "train":
+                self.train_samples = [s.sample_id for s in args[1]]
             return fn(*args, **kwargs)
 
         return wrapped
@@ -228,6 +230,52 @@ def test_added_samples_go_through_the_teacher_alone(family, tmp_path, monkeypatc
     sdrpn(make_config(family, root, **{"train_data.n": 16}))  # the same 12 scenes + 4 new ones
     assert calls.samples_extracted == 4
     assert calls.n["train"] == 1 and calls.n["eval"] == 1
+
+
+def test_two_qwen_sources_natural_and_textual_merge_and_rerun_alone(tmp_path, monkeypatch):
+    """The authors' Qwen recipe: GQA labelled with the natural heads and the grounding prompt, OCR-VQA with the
+    textual heads, merged into one label set; a change to one source re-runs that source alone."""
+    from flows.pipeline import labels_flow, train_flow
+
+    def sources(ocr_n: int) -> list[dict]:
+        natural = {"grounding": {2: [0, 3]}, "sink": {1: [1]}, "K": 2, "T": 2}
+        textual = {"grounding": {1: [1, 2]}, "sink": {}, "K": 2, "T": 2}
+        return [
+            {
+                "name": "gqa",
+                "data": {"kind": "synthetic", "n": 6, "seed": 0, "canvas": 96},
+                "preset": "qwen2.5-vl-7b/natural",
+                "overrides": natural,
+                "inputs": {"prompt": "grounding"},
+            },
+            {
+                "name": "ocr_vqa",
+                "data": {"kind": "synthetic", "n": ocr_n, "seed": 50, "canvas": 96},
+                "preset": "qwen2.5-vl-7b/textual",
+                "overrides": textual,
+                "inputs": {},
+            },
+        ]
+
+    root = str(tmp_path / "store")
+    base = make_config("qwen", root).model_dump(exclude={"train_data"})
+    cfg = PipelineConfig.model_validate({**base, "train_sources": sources(6)})
+    calls = Calls(monkeypatch)
+    first = labels_flow(cfg)
+    assert [name for name, _ in first.parts] == ["gqa", "ocr_vqa"] and first.rows == 12
+    assert calls.samples_extracted == 12 and calls.n["labels"] == 2
+    assert set(first.stats["sources"]) == {"gqa", "ocr_vqa"}
+    calls.n.clear()
+    calls.samples_extracted = 0
+    changed = PipelineConfig.model_validate({**base, "train_sources": sources(8)})  # 2 more OCR-VQA samples
+    second = labels_flow(changed)
+    assert calls.samples_extracted == 2 and calls.n["labels"] == 1  # the new OCR-VQA rows, in its shards
+    assert second.parts[0] == first.parts[0] and second.parts[1] != first.parts[1]
+    assert second.fingerprint != first.fingerprint and second.rows == 14
+    train_flow(changed)
+    assert len(calls.train_samples) == second.usable and second.usable > 0
+    with pytest.raises(ValueError, match="preset qwen2.5-vl-7b/textual has K=16, T=3"):
+        PipelineConfig.model_validate({**base, "train_sources": [{**sources(6)[1], "overrides": {}}]})
 
 
 def test_io_task_fails_once_then_succeeds_on_retry(family, tmp_path, monkeypatch):

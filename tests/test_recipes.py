@@ -49,7 +49,7 @@ def test_every_training_field_is_settable_from_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(
         "model: {source: tiny}\nteacher: {preset: qwen2.5-vl-7b}\n"
-        "train: {betas: [0.9, 0.95], weight_decay: 0.1, warmup_ratio: 0.1, max_grad_norm: null, "
+        "train: {betas: [0.9, 0.95], weight_decay: 0.1, warmup_ratio: 0.1, max_grad_norm: 0, "
         "metric_threshold: 0.3, batch_size: 4, seed: 3, T: 2}\n"
         "labels: {fg_ratio: 0.3, min_max_attn: 0.0}\n"
     )
@@ -59,7 +59,7 @@ def test_every_training_field_is_settable_from_yaml(tmp_path):
         (0.9, 0.95),
         0.1,
         0.1,
-        None,  # an explicit null removes the recipe's clipping
+        0,  # 0 switches the recipe's clipping off
         0.3,
     )
     assert (t.batch_size, t.accumulation, t.samples_per_step, t.lr, t.K, t.T, t.seed) == (4, 32, 128, 1e-4, 16, 2, 3)
@@ -79,7 +79,7 @@ def test_every_training_field_is_settable_from_yaml(tmp_path):
         ({"warmup_ratio": 1.0}, "train.warmup_ratio = 1.0 is out of range"),
         ({"betas": [0.9, 1.0]}, "train.betas"),
         ({"batch_size": 0}, "train.batch_size must be a positive integer"),
-        ({"max_grad_norm": 0}, "train.max_grad_norm = 0"),
+        ({"max_grad_norm": -1}, "train.max_grad_norm = -1"),
         ({"beta1": 0.9}, "Extra inputs are not permitted"),
     ],
 )

@@ -1,6 +1,7 @@
 """The training questions: LLaVA's `llava_v1_5_mix665k.json`, GQA + OCR-VQA entries, first human turn only, the
 `<image>` tag stripped (the authors' "152k" set); `limit` keeps a seeded subset like their `roi_samples`
-(`random.seed(42)`, shuffle, first N — the 10K setting is limit=10000)."""
+(`random.seed(42)`, shuffle, first N — the 10K setting is limit=10000). `config: gqa` or `config: ocr_vqa` reads one
+source alone: the authors label the two with different teacher heads (Qwen's natural and textual presets)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,21 @@ from sdrpn_core.benchmarks.base import Benchmark, BenchmarkSample, collect
 from sdrpn_core.benchmarks.layout import read_json
 
 
+SOURCES = ("gqa", "ocr_vqa")
+
+
 def read(
     url: str,
     images: str | None = None,
-    subsets: tuple[str, ...] = ("gqa", "ocr_vqa"),
+    config: str | None = None,
     limit: int | None = None,
     seed: int = 42,
     **storage_options,
 ):
     """`images`: the folder that holds `gqa/images/…` and `ocr_vqa/images/…` (default: beside the JSON)."""
+    if config not in (None, *SOURCES):
+        raise ValueError(f"mix665k config {config!r}: choose one of {', '.join(SOURCES)} (or none for both)")
+    subsets = (config,) if config else SOURCES
     entries = read_json(url, **storage_options)
     root = images or url.rsplit("/", 1)[0]
     kept = [e for e in entries if e.get("image") and any(s in e["image"] for s in subsets)]
