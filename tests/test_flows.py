@@ -274,7 +274,7 @@ def test_two_qwen_sources_natural_and_textual_merge_and_rerun_alone(tmp_path, mo
     assert second.fingerprint != first.fingerprint and second.rows == 14
     train_flow(changed)
     assert len(calls.train_samples) == second.usable and second.usable > 0
-    with pytest.raises(ValueError, match="preset qwen2.5-vl-7b/textual has K=16, T=3"):
+    with pytest.raises(ValueError, match=r"preset qwen2\.5-vl-7b/textual has K=16, T=3"):
         PipelineConfig.model_validate({**base, "train_sources": [{**sources(6)[1], "overrides": {}}]})
 
 

@@ -12,7 +12,6 @@ from sdrpn_core.benchmarks import register
 from sdrpn_core.benchmarks.base import Benchmark, BenchmarkSample, collect
 from sdrpn_core.benchmarks.layout import read_json
 
-
 SOURCES = ("gqa", "ocr_vqa")
 
 
