@@ -77,7 +77,7 @@ def teacher_flow(
         t.batch_size,
         t.chunk_size,
         t.max_new_tokens,
-        unmapped(t.inputs),
+        unmapped(t.label_inputs()),
     )
     return [f.result() for f in futures]
 
@@ -97,7 +97,7 @@ def _source_labels(
     settings = cfg.store.settings()
     dataset = samples_task(data, settings)
     preset = teacher.preset_obj()
-    t_fp = teacher_fingerprint(model, preset, teacher.max_new_tokens, teacher.inputs)
+    t_fp = teacher_fingerprint(model, preset, teacher.max_new_tokens, teacher.label_inputs())
     teacher_flow.with_options(task_runner=_runner(cfg.runner))(cfg, model, dataset, t_fp, teacher)
     params = cfg.labels.params(preset)
     labels = _call(labels_task, settings, dataset, t_fp, params, labels_fingerprint(t_fp, dataset, params))

@@ -27,6 +27,8 @@ class Preset:
     K, T: backbone depth under the RPN and number of RPN blocks (copies of layers K..K+T-1).
     label_variant: which pseudo-label rules apply ('llava' or 'qwen', method.md §3.5).
     roi_threshold: the default inference threshold τ on the sigmoid RoI map.
+    teacher_inputs: the adapter input settings the authors label with (Qwen: the grounding prompt for natural
+    images, the question as given for text, both after a literal "<image>" line); `teacher.inputs` overrides them.
     recipe: the training hyper-parameters a plain config trains with (`TrainConfig` fields; the family's
     `train_recipe`, the authors' scripts); the config's `train:` section overrides any of them.
     """
@@ -41,6 +43,7 @@ class Preset:
     max_new_tokens: int = 128
     roi_threshold: float = 0.15
     recipe: dict[str, Any] = field(default_factory=dict)
+    teacher_inputs: dict[str, Any] = field(default_factory=dict)
 
     def override(self, **changes) -> Preset:
         return dataclasses.replace(self, **changes)
@@ -79,6 +82,9 @@ class Preset:
 
 
 LLAVA, QWEN = LlavaAdapter.train_recipe, QwenAdapter.train_recipe
+# the authors' Qwen label scripts (`make_pseudo_label_{natural,textual}.py`, docs/method.md §3.2)
+NATURAL_LABEL_PROMPT = {"prompt": "grounding", "literal_image_tag": True}
+TEXTUAL_LABEL_PROMPT = {"prompt": "plain", "literal_image_tag": True}
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -100,6 +106,7 @@ PRESETS: dict[str, Preset] = {
             K=21,
             label_variant="qwen",
             recipe=QWEN,
+            teacher_inputs=NATURAL_LABEL_PROMPT,
         ),
         Preset(
             "qwen2.5-vl-3b/textual",
@@ -109,6 +116,7 @@ PRESETS: dict[str, Preset] = {
             K=21,
             label_variant="qwen",
             recipe=QWEN,
+            teacher_inputs=TEXTUAL_LABEL_PROMPT,
         ),
         Preset(
             "qwen2.5-vl-7b/natural",
@@ -118,6 +126,7 @@ PRESETS: dict[str, Preset] = {
             K=16,
             label_variant="qwen",
             recipe=QWEN,
+            teacher_inputs=NATURAL_LABEL_PROMPT,
             roi_threshold=0.075,
         ),
         Preset(
@@ -128,6 +137,7 @@ PRESETS: dict[str, Preset] = {
             K=16,
             label_variant="qwen",
             recipe=QWEN,
+            teacher_inputs=TEXTUAL_LABEL_PROMPT,
             roi_threshold=0.075,
         ),
     ]

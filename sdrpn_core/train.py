@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     metric_threshold: float = 0.5  # sigmoid threshold for token precision / recall in the log
+    inputs: dict = field(default_factory=dict)  # adapter input settings while training (Qwen: the authors' prompt)
 
     def __post_init__(self):
         positive = ("K", "T", "batch_size", "grad_accum", "world_size", "epochs", "checkpoint_every")

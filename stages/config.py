@@ -158,6 +158,10 @@ class TeacherSection(_Section):
     def preset_obj(self) -> Preset:
         return get_preset(self.preset, **self.overrides)
 
+    def label_inputs(self) -> dict[str, Any]:
+        """The adapter input settings the teacher runs with: the preset's (the authors' label prompt), then ours."""
+        return {**self.preset_obj().teacher_inputs, **self.inputs}
+
 
 class SourceSpec(_Section):
     """One training source of several (`train_sources`): its data, and the teacher that labels it where it differs

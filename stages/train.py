@@ -67,6 +67,8 @@ def train(
             f"({labels.stats.get('ignored_because', {})}); loosen the label parameters or check the teacher heads"
         )
     adapter = load_model(model)
+    if params.inputs:  # e.g. Qwen: the authors' training prompt (a literal "<image>" line, the question as given)
+        adapter = adapter.with_inputs(**params.inputs)
     scratch = cache_dir("train", train_fp)
     result = train_rpn(
         adapter,

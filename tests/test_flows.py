@@ -111,6 +111,7 @@ class Calls:
                 self.samples_extracted += len(args[1])
             if name == "train":
                 self.train_samples = [s.sample_id for s in args[1]]
+                self.train_prompt = args[0].prompt("q ?")
             return fn(*args, **kwargs)
 
         return wrapped
@@ -274,6 +275,7 @@ def test_two_qwen_sources_natural_and_textual_merge_and_rerun_alone(tmp_path, mo
     assert second.fingerprint != first.fingerprint and second.rows == 14
     train_flow(changed)
     assert len(calls.train_samples) == second.usable and second.usable > 0
+    assert "user\n<image><|vision_start|><|image_pad|><|vision_end|>\nq ?<|im_end|>" in calls.train_prompt
     with pytest.raises(ValueError, match=r"preset qwen2\.5-vl-7b/textual has K=16, T=3"):
         PipelineConfig.model_validate({**base, "train_sources": [{**sources(6)[1], "overrides": {}}]})
 

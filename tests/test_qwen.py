@@ -33,7 +33,9 @@ def test_prompt_is_the_chat_template_with_the_short_answer_sentence_once(tiny_qw
 def test_grounding_and_literal_image_tag_options():
     a = build_tiny_qwen(settings=QwenSettings(min_pixels=112 * 112, max_pixels=112 * 112, prompt="grounding"))
     p = a.prompt(QUESTIONS[3])
-    assert SHORT_ANSWER not in p and "x_min y_min x_max y_max" in p
+    assert SHORT_ANSWER not in p and "x_min y_min x_max y_max {detail_label}" in p
+    assert "Who wrote this book ? Output the grounding bounding box of Region of Interest" in p  # replaced in place
+    assert a.prompt(Q).count(Q) == 1 and "x_min" not in a.prompt(Q)  # no sentence to replace: the question as is
     b = build_tiny_qwen(
         settings=QwenSettings(min_pixels=112 * 112, max_pixels=112 * 112, prompt="plain", literal_image_tag=True)
     )
@@ -194,7 +196,7 @@ def test_with_inputs_shares_the_model_and_leaves_the_original_alone(tiny_qwen, t
     from stages.teacher import teacher_fingerprint
 
     g = tiny_qwen.with_inputs(prompt="grounding", min_pixels=168 * 168, max_pixels=168 * 168)
-    assert g.model is tiny_qwen.model and "x_min" in g.prompt(Q) and SHORT_ANSWER in tiny_qwen.prompt(Q)
+    assert g.model is tiny_qwen.model and "x_min" in g.prompt(QUESTIONS[3]) and SHORT_ANSWER in tiny_qwen.prompt(Q)
     assert g.build_inputs([random_image(0)], [Q]).grids[0] == (6, 6)
     assert tiny_qwen.build_inputs([random_image(0)], [Q]).grids[0] == (4, 4)  # the shared model's own budget kept
     with pytest.raises(AdapterError, match="not adjustable for llava"):

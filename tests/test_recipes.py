@@ -146,3 +146,20 @@ def test_a_set_smaller_than_the_effective_batch_is_seen_once_per_epoch(tiny_llav
 def test_world_size_above_one_is_refused_by_the_single_process_trainer(tiny_llava, tmp_path):
     with pytest.raises(ValueError, match=r"train\.world_size 2"):
         train_rpn(tiny_llava, samples(tmp_path, 2), TrainConfig(K=1, T=2, batch_size=2, world_size=2))
+
+
+def test_qwen_labels_and_training_use_the_authors_prompts_by_default_and_switchably():
+    from sdrpn_core.models.qwen import GROUNDING_INSTRUCTION
+
+    natural = config("qwen2.5-vl-7b/natural")
+    assert natural.teacher.label_inputs() == {"prompt": "grounding", "literal_image_tag": True}
+    assert config("qwen2.5-vl-3b/textual").teacher.label_inputs() == {"prompt": "plain", "literal_image_tag": True}
+    assert config("llava-1.5-7b").teacher.label_inputs() == {}
+    off = config(
+        "qwen2.5-vl-7b/natural", teacher={"preset": "qwen2.5-vl-7b/natural", "inputs": {"literal_image_tag": False}}
+    )
+    assert off.teacher.label_inputs() == {"prompt": "grounding", "literal_image_tag": False}
+    assert recipe_of(natural).inputs == {"prompt": "plain", "literal_image_tag": True}
+    assert recipe_of(config("qwen2.5-vl-7b", train={"inputs": {"prompt": "short"}})).inputs == {"prompt": "short"}
+    assert recipe_of(config("llava-1.5-7b")).inputs == {}
+    assert GROUNDING_INSTRUCTION.startswith("Output the grounding bounding box of Region of Interest")

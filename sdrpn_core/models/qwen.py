@@ -30,11 +30,12 @@ from sdrpn_core.roi import GridBox, PixelBox, RoIPlan, grid_box_to_pixels, pixel
 
 QWEN_SYSTEM = "You are a helpful assistant."
 SHORT_ANSWER = "Answer the question using a single word or phrase."
-# The authors' natural-image label script swaps the short-answer sentence for a request of grounding boxes as raw
-# text (method.md §3.2); their exact wording is not reproduced, this asks for the same output format.
+# The authors' natural-image label prompt (`Qwen2.5-VL/make_pseudo_label_natural.py`, docs/method.md §3.2): the
+# short-answer sentence is replaced, in place, by this request for grounding boxes as raw text; "{detail_label}" is
+# literal text there (a plain string, not a format string), kept as is.
 GROUNDING_INSTRUCTION = (
-    "Output the bounding box of the region needed to answer the question as plain text, one box per line, "
-    "in the form x_min y_min x_max y_max label."
+    "Output the grounding bounding box of Region of Interest for the question. IMPORTANT: The output MUST be raw "
+    "text, one box per line. DO NOT use JSON. Follow this exact format: x_min y_min x_max y_max {detail_label}."
 )
 SETTINGS_FILE = "sdrpn_qwen.json"
 
@@ -103,8 +104,10 @@ class QwenAdapter(DecoderParts):
     rpn_fixed_grid = False  # the head scores any number of merged tokens
     prunes_image_tokens = True  # above PRUNE_ABOVE image tokens (method.md §6.4)
     # the authors' `finetune_roi_fix_res*.sh` (docs/method.md §5.2): 16 per device × 2 steps × 4 GPUs = 128, HF's
-    # default AdamW betas, gradients clipped at norm 1
+    # default AdamW betas, gradients clipped at norm 1; the question as given after a literal "<image>" line, as
+    # their `data_qwen.py` builds training prompts
     train_recipe: ClassVar[dict[str, Any]] = {
+        "inputs": {"prompt": "plain", "literal_image_tag": True},
         "lr": 1e-4,
         "betas": (0.9, 0.999),
         "weight_decay": 0.0,
@@ -217,8 +220,8 @@ class QwenAdapter(DecoderParts):
         text = question
         if s.prompt == "short" and SHORT_ANSWER not in text:
             text = f"{text}\n{SHORT_ANSWER}"
-        elif s.prompt == "grounding":
-            text = f"{text.replace(SHORT_ANSWER, '').rstrip()}\n{GROUNDING_INSTRUCTION}"
+        elif s.prompt == "grounding":  # as theirs: a question without the sentence goes as it is
+            text = text.replace(SHORT_ANSWER, GROUNDING_INSTRUCTION)
         tag = "<image>" if s.literal_image_tag else ""
         vision = f"{tag}<|vision_start|><|image_pad|><|vision_end|>"
         sep = "\n" if s.literal_image_tag else ""
