@@ -251,7 +251,7 @@ def test_tiny_family_names_are_checked():
     from sdrpn_core.models.tiny import tiny_family
 
     assert tiny_family("qwen") == tiny_family("qwen2_5_vl") == "qwen2_5_vl" and tiny_family("llava") == "llava"
-    with pytest.raises(AdapterError, match="no tiny model for family 'qwne'"):
+    with pytest.raises(AdapterError, match="no adapter for model family 'qwne'"):
         tiny_family("qwne")
 
 

@@ -7,11 +7,22 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from sdrpn_core.models.base import AdapterError, VLMAdapter, VLMInputs
+from sdrpn_core.models.base import FAMILIES, AdapterError, Family, VLMAdapter, VLMInputs, get_family, register_family
 from sdrpn_core.models.llava import LlavaAdapter
 from sdrpn_core.models.qwen import QwenAdapter
 
-ADAPTERS: dict[str, type] = {"llava": LlavaAdapter, "qwen2_5_vl": QwenAdapter}
+
+def _import_families() -> None:
+    """Every module of this package is imported once, so a new family's adapter module registers itself."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in ("base", "decoder", "tiny"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_families()
 
 
 def load_adapter(
@@ -28,12 +39,21 @@ def load_adapter(
     `inputs` overrides the adapter's input settings (Qwen: pixel budget, padding, prompt)."""
     if family == "auto":
         family = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
-    if family not in ADAPTERS:
-        raise AdapterError(f"no adapter for model family {family!r} (known: {', '.join(sorted(ADAPTERS))})")
-    adapter = ADAPTERS[family].from_pretrained(
+    adapter = get_family(family).adapter.from_pretrained(
         path, dtype=dtype, device=device, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
     )
     return adapter.with_inputs(**inputs) if inputs else adapter
 
 
-__all__ = ["ADAPTERS", "AdapterError", "LlavaAdapter", "QwenAdapter", "VLMAdapter", "VLMInputs", "load_adapter"]
+__all__ = [
+    "FAMILIES",
+    "AdapterError",
+    "Family",
+    "LlavaAdapter",
+    "QwenAdapter",
+    "VLMAdapter",
+    "VLMInputs",
+    "get_family",
+    "load_adapter",
+    "register_family",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -12,6 +13,42 @@ from torch import nn
 
 class AdapterError(ValueError):
     """A model or preset that the method cannot run on; raised at start-up, naming what is wrong."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family as the pipeline knows it: its adapter class, where its tiny random builder lives
+    ("module:function", imported when first asked for; `**spec -> adapter`), and other names it answers to."""
+
+    name: str  # the adapter's `family`, the HF `model_type` its checkpoints declare
+    adapter: type
+    tiny: str | None = None
+    aliases: tuple[str, ...] = ()
+
+    def build_tiny(self, **spec: Any) -> Any:
+        if self.tiny is None:
+            raise AdapterError(f"model family {self.name!r} has no tiny builder")
+        module, _, function = self.tiny.partition(":")
+        return getattr(importlib.import_module(module), function)(**spec)
+
+
+FAMILIES: dict[str, Family] = {}  # name and aliases → family; filled by each family's module as it is imported
+
+
+def register_family(family: Family) -> Family:
+    """Called at the bottom of a family's adapter module: the one place that makes a family known."""
+    for key in (family.name, *family.aliases):
+        if key in FAMILIES and FAMILIES[key].adapter is not family.adapter:
+            raise AdapterError(f"model family name {key!r} is taken by {FAMILIES[key].adapter.__name__}")
+        FAMILIES[key] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    """The family for a name (or alias); an error naming the known ones, never a fallback to another's rules."""
+    if name not in FAMILIES:
+        raise AdapterError(f"no adapter for model family {name!r} (known: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[name]
 
 
 @dataclass
@@ -62,6 +99,7 @@ class VLMAdapter(Protocol):
     rpn_rope_in_head: bool
     rpn_fixed_grid: bool
     prunes_image_tokens: bool
+    label_variant: str  # the pseudo-label rules ('llava' or 'qwen'), the default of the family's presets
     # the authors' training hyper-parameters for this family: `TrainConfig` fields (method.md §5.2)
     train_recipe: ClassVar[dict[str, Any]]
 

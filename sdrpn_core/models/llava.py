@@ -19,7 +19,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from sdrpn_core.models.base import AdapterError, DecoderParts, VLMInputs
+from sdrpn_core.models.base import AdapterError, DecoderParts, Family, VLMInputs, register_family
 from sdrpn_core.models.decoder import positions_from_mask
 from sdrpn_core.roi import GridBox, PixelBox, RoIPlan, grid_box_to_pixels, pixels_to_grid_box, plan_roi
 
@@ -69,6 +69,7 @@ class LlavaAdapter(DecoderParts):
     rpn_rope_in_head = False
     rpn_fixed_grid = True  # 24x24 tokens whatever the image
     prunes_image_tokens = False
+    label_variant = "llava"  # pseudo-label rules (docs/method.md §3.5)
     # the authors' `scripts/finetune_rois.sh` (docs/method.md §5.2): 8 per device × 16 steps × 4 GPUs = 512
     train_recipe: ClassVar[dict[str, Any]] = {
         "lr": 5e-5,
@@ -249,3 +250,6 @@ class LlavaAdapter(DecoderParts):
 
     def decode(self, token_ids: torch.Tensor | list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+
+register_family(Family("llava", LlavaAdapter, tiny="sdrpn_core.models.tiny:tiny_llava_adapter"))

@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from sdrpn_core.models.base import AdapterError, DecoderParts, VLMInputs
+from sdrpn_core.models.base import AdapterError, DecoderParts, Family, VLMInputs, register_family
 from sdrpn_core.models.llava import expand_to_square, resolve_dtype
 from sdrpn_core.roi import GridBox, PixelBox, RoIPlan, grid_box_to_pixels, pixels_to_grid_box, plan_roi_union
 
@@ -103,6 +103,7 @@ class QwenAdapter(DecoderParts):
     rpn_rope_in_head = True
     rpn_fixed_grid = False  # the head scores any number of merged tokens
     prunes_image_tokens = True  # above PRUNE_ABOVE image tokens (method.md §6.4)
+    label_variant = "qwen"  # padding cells become background, weak maps are dropped (docs/method.md §3.5)
     # the authors' `finetune_roi_fix_res*.sh` (docs/method.md §5.2): 16 per device × 2 steps × 4 GPUs = 128, HF's
     # default AdamW betas, gradients clipped at norm 1; the question as given after a literal "<image>" line, as
     # their `data_qwen.py` builds training prompts
@@ -363,3 +364,6 @@ class QwenAdapter(DecoderParts):
 
     def decode(self, token_ids: torch.Tensor | list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+
+register_family(Family("qwen2_5_vl", QwenAdapter, tiny="sdrpn_core.models.tiny:tiny_qwen_adapter", aliases=("qwen",)))

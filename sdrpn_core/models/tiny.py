@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from sdrpn_core.models.llava import VICUNA_SYSTEM
+from sdrpn_core.models.llava import VICUNA_SYSTEM, LlavaAdapter
 
 _CORPUS = [
     VICUNA_SYSTEM,
@@ -251,22 +251,23 @@ def build_tiny_qwen(spec: TinyQwenSpec | None = None, *, dtype: torch.dtype = to
     return QwenAdapter(model, image_processor, tokenizer, settings)
 
 
-TINY_FAMILIES = {"llava": "llava", "qwen": "qwen2_5_vl", "qwen2_5_vl": "qwen2_5_vl"}  # name → adapter family
+def tiny_llava_adapter(**spec) -> LlavaAdapter:
+    return LlavaAdapter(*build_tiny_llava(TinyLlavaSpec(**spec)))
+
+
+def tiny_qwen_adapter(**spec):
+    return build_tiny_qwen(TinyQwenSpec(**spec))
 
 
 def tiny_family(name: str) -> str:
-    """The adapter family a tiny-model name means; an error naming the known ones otherwise."""
-    from sdrpn_core.models.base import AdapterError
+    """The adapter family a tiny-model name means (a family's name or alias); an error naming the known ones."""
+    from sdrpn_core.models import get_family
 
-    if name not in TINY_FAMILIES:
-        raise AdapterError(f"no tiny model for family {name!r} (known: {', '.join(TINY_FAMILIES)})")
-    return TINY_FAMILIES[name]
+    return get_family(name).name
 
 
 def build_tiny(family: str = "llava", **spec):
-    """A tiny random model of `family` ('llava' or 'qwen2_5_vl'/'qwen') wrapped in its adapter."""
-    from sdrpn_core.models.llava import LlavaAdapter
+    """A tiny random model of `family` (any registered family's name or alias) wrapped in its adapter."""
+    from sdrpn_core.models import get_family
 
-    if tiny_family(family) == "llava":
-        return LlavaAdapter(*build_tiny_llava(TinyLlavaSpec(**spec)))
-    return build_tiny_qwen(TinyQwenSpec(**spec))
+    return get_family(family).build_tiny(**spec)
