@@ -163,3 +163,25 @@ def test_qwen_labels_and_training_use_the_authors_prompts_by_default_and_switcha
     assert recipe_of(config("qwen2.5-vl-7b", train={"inputs": {"prompt": "short"}})).inputs == {"prompt": "short"}
     assert recipe_of(config("llava-1.5-7b")).inputs == {}
     assert GROUNDING_INSTRUCTION.startswith("Output the grounding bounding box of Region of Interest")
+
+
+def test_llava_runs_in_float16_when_asked(tmp_path):
+    """The authors evaluate LLaVA in fp16: `model.dtype: float16` loads it so, and the method runs on it."""
+    from sdrpn_core.data import Sample
+    from sdrpn_core.infer import answer_sdrpn
+    from sdrpn_core.models import load_adapter
+    from sdrpn_core.models.tiny import build_tiny
+    from sdrpn_core.presets import get_preset
+    from sdrpn_core.rpn import RoIPredictor
+    from sdrpn_core.teacher import extract_teacher_maps
+
+    build_tiny("llava").save_pretrained(tmp_path / "m")
+    adapter = load_adapter(tmp_path / "m", dtype="float16")
+    assert adapter.dtype == torch.float16
+    rpn = RoIPredictor.from_adapter(adapter, K=1, T=2)
+    assert next(rpn.parameters()).dtype == torch.float16
+    answer = answer_sdrpn(adapter, rpn, random_image(3), "what is it ?", threshold=0.5, max_new_tokens=3)
+    assert len(answer.token_ids) == 3 and np.isfinite(answer.roi.logits).all()
+    preset = get_preset("llava-1.5-7b", grounding={2: (0,)}, sink={}, K=1, T=2)
+    out = extract_teacher_maps(adapter, [Sample("a", random_image(4), "what is it ?")], preset, max_new_tokens=3)
+    assert out.records[0].grounding.dtype == np.float32 and np.isfinite(out.records[0].grounding).all()
