@@ -1,5 +1,5 @@
 """Choosing the teacher's grounding heads: score every (layer, head) against ground-truth boxes on a calibration
-set. The authors hand-picked theirs and published no procedure (method.md §12); a new model needs one.
+set. The authors hand-picked theirs and published no procedure (docs/method.md §12); a new model needs one.
 
 A head's score is its hit rate: how often the argmax of its answer-to-image attention (the teacher's map for
 that single head, sinks included) falls inside the asked region. `mass` (attention inside the box / total) is

@@ -4,7 +4,7 @@ Pass 1 is a partial prefill (backbone layers 0..K−1 + the RPN). The family's R
 components, Qwen's union mask) pick crops from the original full-resolution image; the adapter inserts their
 visual tokens after the original image tokens (`insert_crop`: LLaVA with contiguous positions, Qwen as its own
 vision block with M-RoPE positions, masked tokens dropped); pass 2 is a prefill over the longer sequence, then
-greedy decoding at the last position + 1 (method.md §6).
+greedy decoding at the last position + 1 (docs/method.md §6).
 
 Beyond the authors: the prefix (system prompt + original image) is causal and identical in both passes, so
 with `reuse_kv=True` pass 2 takes layers 0..K−1 of the prefix from pass 1's KV cache and h^K of the prefix from
@@ -270,7 +270,7 @@ def run_pass1(
     logits = rpn.head(h, pe, query, image_positions[None])[0, 0].float().cpu().numpy()
     keep = None
     if adapter.prunes_image_tokens and image_positions.numel() > PRUNE_ABOVE:
-        # the authors' high-resolution pruning (method.md §6.4 step 5): score the image against every token after it
+        # the authors' high-resolution pruning (docs/method.md §6.4 step 5): image scored against every later token
         after = torch.arange(int(image_positions[-1]) + 1, embeds.shape[1], device=embeds.device)[None]
         scores = torch.sigmoid(rpn.head(h, pe, after, image_positions[None])[0].float().amax(0))
         keep = (scores > PRUNE_SCORE).cpu().numpy()

@@ -1,4 +1,4 @@
-"""Per-model constants of SD-RPN as the authors ship them (method.md §2), selectable by name, overridable.
+"""Per-model constants of SD-RPN as the authors ship them (docs/method.md §2), selectable by name, overridable.
 
 Layer and head indices are 0-based, as the authors' code indexes `model.layers[i]` and the attention head axis.
 """
@@ -25,7 +25,7 @@ class Preset:
     sink: the (layer → heads) whose attention marks sink tokens; empty means no sink map (all zeros).
     sink_thresh: τ_sink on that attention (1e-3 LLaVA, 1e-2 Qwen).
     K, T: backbone depth under the RPN and number of RPN blocks (copies of layers K..K+T-1).
-    label_variant: which pseudo-label rules apply ('llava' or 'qwen', method.md §3.5).
+    label_variant: which pseudo-label rules apply ('llava' or 'qwen', docs/method.md §3.5).
     roi_threshold: the default inference threshold τ on the sigmoid RoI map.
     teacher_inputs: the adapter input settings the authors label with (Qwen: the grounding prompt for natural
     images, the question as given for text, both after a literal "<image>" line); `teacher.inputs` overrides them.

@@ -1,6 +1,6 @@
 """Pseudo-labels: the teacher's noisy RoI map → foreground (1) / background (0) / ignore (−100) per image token.
 
-The authors' rules, token for token (method.md §3.5; `create_pseudo_labels` in their LLaVA and Qwen code):
+The authors' rules, token for token (docs/method.md §3.5; `create_pseudo_labels` in their LLaVA and Qwen code):
 
 * LLaVA: sinks (sink attention ≥ τ_sink) are zeroed; m = max of what remains; FG = a' > τ_fg·m (strict);
   the tight inclusive box around FG; BG = outside the box and a' < τ_bg·m (strict; a zeroed sink outside the box

@@ -31,7 +31,7 @@ def tight_box(mask2d: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())
 
 
-# -- from the RPN's logit map to crop(s) (method.md §6.2) ---------------------------------------------------------
+# -- from the RPN's logit map to crop(s) (docs/method.md §6.2) ---------------------------------------------------------
 
 GridBox = tuple[int, int, int, int]
 """(x0, y0, x1, y1) on the token grid, upper bounds exclusive."""
@@ -135,7 +135,7 @@ def plan_roi(
 
 
 def plan_roi_union(logits: np.ndarray, grid: tuple[int, int], threshold: float = 0.1) -> RoIPlan:
-    """The authors' Qwen rules (method.md §6.3), always the union mask: sigmoid; on maps of more than 768 cells the
+    """The authors' Qwen rules (docs/method.md §6.3), always the union mask: sigmoid; on maps of more than 768 cells the
     sink strips (column 0 of the top quarter rows, row 0 of the left quarter columns) zeroed; 3×3 σ=1 blur; > τ;
     the union box of every cell above τ, whose cells become the keep-mask. No component rules."""
     arr = np.asarray(logits, dtype=np.float64).reshape(grid)

@@ -3,7 +3,7 @@
 Given h^K, the hidden states after backbone layers 0..K−1 (frozen), it runs copies of layers K..K+T−2 as ordinary
 decoder blocks, then (LLaVA) an extra RMSNorm initialised from the final norm, then only the input norm and the
 q/k projections of the copy of layer K+T−1: the query is the last prompt token, the keys are the image tokens, and
-the logit of image token j is the head-mean of q_h·k_h(j)/√d (method.md §4.2). No softmax: these are BCE logits.
+the logit of image token j is the head-mean of q_h·k_h(j)/√d (docs/method.md §4.2). No softmax: these are BCE logits.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Teacher: the frozen MLLM's answer-to-image attention at chosen heads, the noisy RoI map of SD-RPN.
 
-Exactly as the authors' `get_attn_weights_map` (method.md §3.3–3.4): greedy generation; for every decode step
+Exactly as the authors' `get_attn_weights_map` (docs/method.md §3.3–3.4): greedy generation; for every decode step
 (the prefill is skipped) the softmax attention row of the fed token — every generated token except the last —
 over the *full* key sequence (not renormalised), restricted to the image columns; averaged over steps, then
 equally over the configured (layer, head) pairs. The sink map is built the same way from the sink heads.

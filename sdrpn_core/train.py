@@ -1,4 +1,4 @@
-"""Training the RPN on pseudo-labels (method.md §5): frozen backbone, BCE over the non-ignored tokens.
+"""Training the RPN on pseudo-labels (docs/method.md §5): frozen backbone, BCE over the non-ignored tokens.
 
 The backbone, vision tower and projector run under no-grad; only the predictor learns. The loss is
 `BCEWithLogits` averaged over every valid token of the micro-batch pooled (no per-sample normalisation); a batch
@@ -58,7 +58,7 @@ class TrainConfig:
     world_size: int = 1  # data-parallel processes
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; default: all epochs
-    max_grad_norm: float | None = None  # the authors clip at 1.0 for Qwen, not for LLaVA; 0 or None: no clipping
+    max_grad_norm: float | None = None  # the authors' runs clip at 1.0 (the recipes); 0 or None: no clipping
     seed: int = 0
     checkpoint_every: int = 50
     metric_threshold: float = 0.5  # sigmoid threshold for token precision / recall in the log

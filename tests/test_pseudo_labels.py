@@ -1,4 +1,4 @@
-"""Hand-made maps for every rule of the authors' label code (method.md §3.5)."""
+"""Hand-made maps for every rule of the authors' label code (docs/method.md §3.5)."""
 
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def test_qwen_max_attention_exactly_at_the_minimum_is_kept():
     assert st.valid and st.max_attn == 5e-3
 
 
-# defaults are the authors' constants (method.md §3.5): sink 1e-3, fg 0.2, bg 0.1, max box 0.5
+# defaults are the authors' constants (docs/method.md §3.5): sink 1e-3, fg 0.2, bg 0.1, max box 0.5
 BIG_BOX = grid_map({(r, c): 1.0 for r in range(6) for c in range(6)})  # 36 of 64 cells: too large at 0.5
 MIXED = grid_map({(2, 2): 1.0, (6, 6): 0.5, (0, 7): 0.09}, base=0.0)
 SINKS = grid_map({(1, 1): 2e-3, (1, 2): 5e-4})

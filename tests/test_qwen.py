@@ -78,7 +78,7 @@ def test_prefill_with_our_embeddings_and_positions_equals_the_model_forward(tiny
 
 
 def explicit_pass2_ids(adapter, x, n_crop: int) -> torch.Tensor:
-    """The pass-2 token sequence written out: … <vs> V <vs> V_crop <ve> <ve> … (method.md §6.4)."""
+    """The pass-2 token sequence written out: … <vs> V <vs> V_crop <ve> <ve> … (docs/method.md §6.4)."""
     cfg = adapter.model.config
     ids = x.input_ids[0].tolist()
     end = int(x.image_positions[0][-1]) + 1
@@ -302,3 +302,15 @@ def test_decoding_follows_the_checkpoints_repetition_penalty_as_generate_does(ti
         config.repetition_penalty = None
     assert ours == ref[0, x.input_ids.shape[1] :].tolist()
     assert ours != plain and len(set(ours)) > len(set(plain))  # the penalty did something
+
+
+def test_evaluation_inputs_are_the_authors_chat_wrappers(tiny_qwen):
+    """`--model qwen2_5_vl` is lmms-eval's chat class: unpadded, the short-answer sentence appended to any prompt that
+    lacks it (ChartQA's own instruction included), 128 new tokens where a task sets no limit."""
+    from sdrpn_core.models import QwenAdapter
+
+    ev = tiny_qwen.with_inputs(**QwenAdapter.evaluation_inputs)
+    chart = "How many bars?\nAnswer the question with a single word."
+    assert f"{chart}\n{SHORT_ANSWER}<|im_end|>" in ev.prompt(chart)
+    assert ev.prompt(QUESTIONS[3]).count(SHORT_ANSWER) == 1 and not ev.settings.pad_square
+    assert QwenAdapter.default_max_new_tokens == 128

@@ -1,4 +1,4 @@
-"""Every branch of the crop rules on hand-made maps (method.md §6.2)."""
+"""Every branch of the crop rules on hand-made maps (docs/method.md §6.2)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The paper's published numbers (arXiv 2509.16944 v2/v3 Tables 1–2, read from the authors' repository images;
-method.md §8), to print beside ours when the model is one they report. Throughput is relative to the baseline."""
+docs/method.md §8), to print beside ours when the model is one they report. Throughput is relative to the baseline."""
 
 from __future__ import annotations
 

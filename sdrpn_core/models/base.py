@@ -93,14 +93,14 @@ class VLMAdapter(Protocol):
     model: nn.Module
     processor: Any
     pads_to_square: bool  # the image is padded to a centred square before the processor
-    # the family's SD-RPN rules (method.md §5-6): the RPN's extra final norm, RoPE inside its head, whether its
+    # the family's SD-RPN rules (docs/method.md §5-6): the RPN's extra final norm, RoPE inside its head, whether its
     # map has a fixed grid, and whether high-resolution inputs prune image tokens before pass 2
     rpn_twig_norm: bool
     rpn_rope_in_head: bool
     rpn_fixed_grid: bool
     prunes_image_tokens: bool
     label_variant: str  # the pseudo-label rules ('llava' or 'qwen'), the default of the family's presets
-    # the authors' training hyper-parameters for this family: `TrainConfig` fields (method.md §5.2)
+    # the authors' training hyper-parameters for this family: `TrainConfig` fields (docs/method.md §5.2)
     train_recipe: ClassVar[dict[str, Any]]
 
     def plan_roi(self, logits_map: Any, threshold: float, mode: str = "mask") -> Any:

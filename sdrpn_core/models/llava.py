@@ -1,7 +1,7 @@
 """LLaVA-1.5 (`LlavaForConditionalGeneration`) seen through the adapter protocol.
 
 The prompt is the authors' `vicuna_v1` template and the image is padded to a square with the CLIP mean colour before
-the processor's resize (method.md §3.2, §11): the stock processor's centre crop would cut content silently.
+the processor's resize (docs/method.md §3.2, §11): the stock processor's centre crop would cut content silently.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class LlavaAdapter(DecoderParts):
     rpn_fixed_grid = True  # 24x24 tokens whatever the image
     prunes_image_tokens = False
     label_variant = "llava"  # pseudo-label rules (docs/method.md §3.5)
-    # the authors' `scripts/finetune_rois.sh` (docs/method.md §5.2): 8 per device × 16 steps × 4 GPUs = 512
+    # the authors' `scripts/finetune_rois.sh` (docs/method.md §5.2): 8 per device × 16 steps × 4 GPUs = 512; what the
+    # script leaves out is HF's TrainingArguments default
     train_recipe: ClassVar[dict[str, Any]] = {
         "lr": 5e-5,
         "betas": (0.9, 0.98),
@@ -79,7 +80,7 @@ class LlavaAdapter(DecoderParts):
         "epochs": 1,
         "batch_size": 8,
         "effective_batch": 512,
-        "max_grad_norm": None,
+        "max_grad_norm": 1.0,  # not passed by the script: HF TrainingArguments' default, which the Trainer applies
     }
 
     def __init__(self, model: LlavaForConditionalGeneration, processor: LlavaProcessor):
@@ -140,7 +141,7 @@ class LlavaAdapter(DecoderParts):
     pads_to_square = True
 
     def plan_roi(self, logits_map: np.ndarray, threshold: float, mode: str = "mask") -> RoIPlan:
-        """The authors' LLaVA rule: components of the blurred map ('mask' or 'box' mode, method.md §6.2)."""
+        """The authors' LLaVA rule: components of the blurred map ('mask' or 'box' mode, docs/method.md §6.2)."""
         return plan_roi(logits_map, logits_map.shape, threshold, mode)  # type: ignore[arg-type]
 
     @property
@@ -217,7 +218,7 @@ class LlavaAdapter(DecoderParts):
         keep_image: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop tokens (those under `keep`) right after the original image tokens, no separators, positions
-        0..L'−1 (the authors' `insert_sub_feat`, method.md §6.4). LLaVA never prunes its own image tokens."""
+        0..L'−1 (the authors' `insert_sub_feat`, docs/method.md §6.4). LLaVA never prunes its own image tokens."""
         if keep_image is not None:
             raise AdapterError("LLaVA's pass 2 keeps every original image token (no high-resolution pruning)")
         tokens = [

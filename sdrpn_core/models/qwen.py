@@ -3,7 +3,7 @@
 Dynamic resolution: an image becomes (grid_h × grid_w) patches of 14 px, merged 2×2 into (grid_h/2 × grid_w/2) LLM
 tokens; that merged raster is the RoI grid. The pixel budget (`min_pixels`, `max_pixels`) and square padding are
 settings recorded with every result; the default is the authors' label/training setting: pad to a square with grey
-(127, 127, 127) and min = max pixels, a fixed grid (24×24 at 451 584 pixels) (method.md §2, §3.2).
+(127, 127, 127) and min = max pixels, a fixed grid (24×24 at 451 584 pixels) (docs/method.md §2, §3.2).
 
 Positions are M-RoPE: (temporal, height, width) ids from the model's own `get_rope_index`.
 The stock `Qwen2_5_VLProcessor` needs torchvision for its video slot, which does not work here, so inputs are
@@ -46,7 +46,7 @@ class QwenSettings:
 
     prompt: 'short' (the chat template + the short-answer sentence, the authors' evaluation), 'plain' (the question
     as given) or 'grounding' (the natural-image label prompt). literal_image_tag keeps the literal "<image>" text
-    before the vision block, as the authors' label and training prompts do (method.md §3.2)."""
+    before the vision block, as the authors' label and training prompts do (docs/method.md §3.2)."""
 
     min_pixels: int = 451584
     max_pixels: int = 451584
@@ -102,7 +102,7 @@ class QwenAdapter(DecoderParts):
     rpn_twig_norm = False  # the released checkpoint carries one, the authors' forward never applies it
     rpn_rope_in_head = True
     rpn_fixed_grid = False  # the head scores any number of merged tokens
-    prunes_image_tokens = True  # above PRUNE_ABOVE image tokens (method.md §6.4)
+    prunes_image_tokens = True  # above PRUNE_ABOVE image tokens (docs/method.md §6.4)
     label_variant = "qwen"  # padding cells become background, weak maps are dropped (docs/method.md §3.5)
     # the authors' `finetune_roi_fix_res*.sh` (docs/method.md §5.2): 16 per device × 2 steps × 4 GPUs = 128, HF's
     # default AdamW betas, gradients clipped at norm 1; the question as given after a literal "<image>" line, as
@@ -119,8 +119,10 @@ class QwenAdapter(DecoderParts):
         "max_grad_norm": 1.0,
     }
     # the authors' lmms-eval wrapper: no square padding, the task's prompt as given (its post-prompt included)
-    evaluation_inputs: ClassVar[dict[str, Any]] = {"pad_square": False, "prompt": "plain"}
-    default_max_new_tokens: ClassVar[int] = 32768  # their wrapper's default; generation ends at EOS
+    # the authors' lmms-eval runs `--model qwen2_5_vl` through its chat wrapper (`models/chat/qwen2_5_vl.py`): no
+    # square padding, the short-answer sentence appended to any text that lacks it, 128 new tokens by default
+    evaluation_inputs: ClassVar[dict[str, Any]] = {"pad_square": False, "prompt": "short"}
+    default_max_new_tokens: ClassVar[int] = 128
 
     def __init__(
         self,
@@ -199,7 +201,7 @@ class QwenAdapter(DecoderParts):
         return QwenAdapter(self.model, self.image_processor, self._tokenizer, self.settings.updated(overrides))
 
     def plan_roi(self, logits_map: np.ndarray, threshold: float, mode: str = "mask") -> RoIPlan:
-        """The authors' Qwen rule: always the union mask (method.md §6.3); `mode` does not apply."""
+        """The authors' Qwen rule: always the union mask (docs/method.md §6.3); `mode` does not apply."""
         return plan_roi_union(logits_map, logits_map.shape, threshold)
 
     @property
@@ -307,7 +309,7 @@ class QwenAdapter(DecoderParts):
 
     def encode_crop(self, crop: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         """A crop through the image processor at the same pixel budget (aspect kept, no padding; small crops are
-        up-sampled to about the budget, method.md §6.3) → ([n, D] tokens, merged grid)."""
+        up-sampled to about the budget, docs/method.md §6.3) → ([n, D] tokens, merged grid)."""
         px = self._process(crop.convert("RGB"))
         return self._encode(px.values, px.grid_thw[None])[0], self.merged_grid(px.grid_thw)
 
@@ -319,9 +321,9 @@ class QwenAdapter(DecoderParts):
         keep: list[np.ndarray | None],
         keep_image: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pass-2 layout `… <vs> V <vs> V_crop <ve> <ve> …` (method.md §6.4): positions from `get_rope_index` with the
-        crop as a further image, then crop tokens outside `keep` (and original image tokens outside `keep_image`,
-        the high-resolution pruning) dropped; the survivors keep their 3-D positions."""
+        """Pass-2 layout `… <vs> V <vs> V_crop <ve> <ve> …` (docs/method.md §6.4): positions from `get_rope_index`
+        with the crop as a further image, then crop tokens outside `keep` (and original image tokens outside
+        `keep_image`, the high-resolution pruning) dropped; the survivors keep their 3-D positions."""
         dev = embeds.device
         ids = x.input_ids[0].to(dev)
         end = int(x.image_positions[0][-1]) + 1  # the original <|vision_end|> sits here
@@ -348,7 +350,7 @@ class QwenAdapter(DecoderParts):
     def box_to_pixels(self, box: GridBox, image_size: tuple[int, int], grid: tuple[int, int]) -> PixelBox | None:
         if self.settings.pad_square:  # the padded square, undone as for LLaVA
             return grid_box_to_pixels(box, image_size, grid, grid[0] * self._factor)
-        w, h = image_size  # no padding: a plain per-axis scale (method.md §6.3)
+        w, h = image_size  # no padding: a plain per-axis scale (docs/method.md §6.3)
         x0, x1 = int(box[0] * w / grid[1]), int(box[2] * w / grid[1])
         y0, y1 = int(box[1] * h / grid[0]), int(box[3] * h / grid[0])
         x0, y0 = min(max(x0, 0), w - 1), min(max(y0, 0), h - 1)
