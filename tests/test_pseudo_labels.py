@@ -249,3 +249,24 @@ def test_label_params_forward_every_field():
     assert params.apply(a, s, G, image_size=(16, 12))[1].box != LabelParams().apply(a, s, G)[1].box
     qwen = LabelParams.from_preset(PRESETS["qwen2.5-vl-7b/natural"], fg_ratio=0.3)
     assert (qwen.sink_thresh, qwen.variant, qwen.fg_ratio) == (1e-2, "qwen", 0.3)
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "edge"),
+    [
+        ("sink_thresh", 0.0, 1e-9),
+        ("fg_ratio", 0.0, 1.0),
+        ("fg_ratio", 1.01, 1.0),
+        ("bg_ratio", 0.0, 1.0),
+        ("bg_ratio", 1.5, 1.0),
+        ("max_box_frac", 0.0, 1e-9),
+        ("min_max_attn", -1e-9, 0.0),
+        ("variant", "mistral", "qwen"),
+    ],
+)
+def test_label_params_reject_out_of_range_values_naming_them(field, bad, edge):
+    from sdrpn_core.pseudo_labels import LabelParams
+
+    with pytest.raises(ValueError, match=rf"labels\.{field} = {bad!r} is out of range"):
+        LabelParams(**{field: bad})
+    assert getattr(LabelParams(**{field: edge}), field) == edge

@@ -334,3 +334,13 @@ def test_qwen_union_defaults_strips_and_degenerate_maps():
     m = np.full(line, LOW)
     m[0, 100] = HIGH
     assert plan_roi_union(m, line).kind == "none"
+
+
+def test_small_vertical_lines_grow_by_their_own_height_and_the_default_area_cap_is_225():
+    line = np.zeros((10, 10), dtype=bool)
+    line[3:6, 5] = True  # 3 cells: height 3 + 1 = 4 rows, width max(3, 2) = 3 columns, around the centre
+    assert component_boxes(line) == [(4, 2, 7, 6)]
+    for cells, kept in [(225, True), (226, False)]:
+        big = np.zeros((20, 20), dtype=bool)
+        big.flat[np.arange(20 * 20)[:cells]] = True  # a solid block of `cells` cells (rows of 20)
+        assert bool(component_boxes(big)) == kept, cells

@@ -456,3 +456,26 @@ def test_reference_restores_the_kernel_and_handles_no_decode_step(tiny_vlm, tiny
     g, s, gen = reference_maps_output_attentions(tiny_vlm, x, tiny_preset, 1)
     assert tiny_vlm.model.config.text_config._attn_implementation == "sdpa"
     assert g.shape == s.shape == (2, tiny_vlm.num_image_tokens) and not g.any() and gen.shape == (2, 1)
+
+
+def test_reference_is_greedy_restores_an_eager_model_and_handles_an_empty_sink_spec(tiny_vlm, images, monkeypatch):
+    """A checkpoint whose generation config samples (as some Instruct configs do) still gives greedy maps; a model
+    found on the eager kernel is left on it; a preset without sink heads gives an all-zero sink map."""
+    preset = get_preset("llava-1.5-7b", grounding={2: (0, 3)}, sink={}, K=1, T=2)
+    x = tiny_vlm.build_inputs(images[:2], QUESTIONS[:2])
+    greedy_g, sink, gen = reference_maps_output_attentions(tiny_vlm, x, preset, 4)
+    assert sink.shape == (2, tiny_vlm.num_image_tokens) and not sink.any()
+    config = tiny_vlm.model.generation_config
+    for key, value in {"do_sample": True, "temperature": 5.0, "top_k": 50, "num_beams": 2}.items():
+        monkeypatch.setattr(config, key, value)
+    previous = tiny_vlm.model.config.text_config._attn_implementation
+    tiny_vlm.model.set_attn_implementation({"text_config": "eager"})
+    try:
+        torch.manual_seed(0)
+        g, _, gen2 = reference_maps_output_attentions(tiny_vlm, x, preset, 4)
+        assert tiny_vlm.model.config.text_config._attn_implementation == "eager"
+        out = extract_teacher_maps(tiny_vlm, samples_for(images[:2]), preset, max_new_tokens=4)
+    finally:
+        tiny_vlm.model.set_attn_implementation({"text_config": previous})
+    assert torch.equal(gen, gen2) and torch.allclose(g, greedy_g, atol=1e-6)
+    np.testing.assert_allclose(out.records[0].grounding, greedy_g[0].numpy(), rtol=1e-4, atol=1e-6)
