@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from sdrpn_core.methods import get_method
 from stages.config import DatasetSpec, PipelineConfig, RunnerSection, TeacherSection
 from stages.evaluate import EvalParams, eval_fingerprint
 from stages.labels import labels_fingerprint
@@ -166,7 +167,7 @@ def eval_flow(config: PipelineConfig | None = None, config_path: str | None = No
     """Evaluation with the newest RPN trained for the model in this store."""
     cfg = load_config(config, config_path)
     model = _model(cfg)
-    rpn = _latest_rpn(cfg, model) if "sdrpn" in cfg.eval.methods else None
+    rpn = _latest_rpn(cfg, model) if any(get_method(m).needs_rpn for m in cfg.eval.methods) else None
     results = _eval(cfg, model, rpn)
     _publish_results(cfg, model, results)
     return results

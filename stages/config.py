@@ -233,9 +233,7 @@ class EvalSection(_Section):
     LLaVA-1.5-7B, ViCrop's own choice); `paper_model` names the paper's rows to print beside ours."""
 
     datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(kind="synthetic", n=32, seed=1000)])
-    methods: list[Literal["baseline", "sdrpn", "vicrop", "oracle"]] = Field(
-        default_factory=lambda: ["baseline", "sdrpn", "vicrop", "oracle"]
-    )
+    methods: list[str] = Field(default_factory=lambda: ["baseline", "sdrpn", "vicrop", "oracle"])  # `METHODS` names
     threshold: float | None = None
     mode: Literal["mask", "box"] = "mask"
     reuse_kv: bool = True
@@ -251,6 +249,16 @@ class EvalSection(_Section):
     @classmethod
     def _tau(cls, v: float | None) -> float | None:
         return check_threshold(v)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        from sdrpn_core.methods import METHODS
+
+        unknown = [m for m in v if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown evaluation methods {unknown}; known: {', '.join(METHODS)}")
+        return v
 
     @field_validator("datasets")
     @classmethod

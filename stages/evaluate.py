@@ -11,7 +11,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from sdrpn_core.benchmarks import Benchmark, BenchmarkSample, get_benchmark
 from sdrpn_core.benchmarks.scoring import aggregate, score
 from sdrpn_core.data import BadSample, load_image
-from sdrpn_core.infer import answer_baseline, answer_sdrpn, answer_vicrop, answer_with_boxes
+from sdrpn_core.methods import EvalMethod, MethodSettings, get_method
 from sdrpn_core.visualize import roi_overlay
 from stages.common import load_model
 from stages.data import read_manifest
@@ -90,19 +90,25 @@ def lookup(store: Store, eval_fp: str, benchmark: str) -> EvalRef | None:
     return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), benchmark)
 
 
-def evaluate(
-    store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams, eval_fp: str
-) -> EvalRef:
-    if (ref := lookup(store, eval_fp, dataset.benchmark)) is not None:
-        return ref
-    arts = ArtifactStore(store)
+@dataclass
+class _Run:
+    """One evaluation's settings, resolved once (model, benchmark, methods, τ, generation limit)."""
+
+    bench: Benchmark
+    methods: list[EvalMethod]
+    settings: MethodSettings
+    tokens: int | None
+
+
+def _prepare(store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams) -> _Run:
     bench = get_benchmark(dataset.benchmark)
     adapter = load_model(model)
     inputs = {**adapter.evaluation_inputs, **dict(params.inputs)}
     if inputs:
         adapter = adapter.with_inputs(**inputs)
-    methods = [m for m in params.methods if m != "sdrpn" or rpn_ref is not None]
-    rpn = load_rpn(store, rpn_ref, model) if "sdrpn" in methods else None
+    methods = [get_method(m) for m in params.methods]
+    methods = [m for m in methods if not m.needs_rpn or rpn_ref is not None]
+    rpn = load_rpn(store, rpn_ref, model) if any(m.needs_rpn for m in methods) else None
     tokens = adapter.image_token_budget
     threshold = (
         params.threshold
@@ -110,79 +116,77 @@ def evaluate(
         else bench.threshold(model.family, params.default_threshold, params.model_key, tokens)
     )
     max_new = params.max_new_tokens or bench.max_new_tokens or adapter.default_max_new_tokens
-    rows = read_manifest(dataset, store)
-    predictions: list[dict] = []
-    seconds = dict.fromkeys(methods, 0.0)
-    per_method: dict[str, list[tuple[BenchmarkSample, str, float]]] = {m: [] for m in methods}
-    outcomes: dict[str, dict] = {}
+    settings = MethodSettings(adapter, rpn, threshold, params.mode, params.reuse_kv, max_new, params.vicrop_layer)
+    return _Run(bench, methods, settings, tokens)
+
+
+@dataclass
+class _Results:
+    """Per sample and method: the prediction rows, and per method what the scores aggregate."""
+
+    predictions: list[dict] = field(default_factory=list)
+    per_method: dict[str, list[tuple[BenchmarkSample, str, float]]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    outcomes: dict[str, dict] = field(default_factory=dict)  # sample id → image, sample, method → (answer, score)
+
+    def add(self, sample: BenchmarkSample, method: str, answer, score_: float | None, dt: float, error: str = ""):
+        self.predictions.append(
+            {
+                "sample_id": sample.sample_id,
+                "method": method,
+                "prediction": answer.text if answer else "",
+                "score": score_,
+                "seconds": dt,
+                "roi": json.dumps(answer.roi.pixel_boxes) if answer and answer.roi else "",
+                "error": error,
+            }
+        )
+
+
+def _answer_all(run: _Run, rows: list[dict]) -> _Results:
+    """Every method on every readable sample; an unreadable image is a recorded error row, never a crash."""
+    out = _Results(
+        per_method={m.name: [] for m in run.methods}, seconds=dict.fromkeys((m.name for m in run.methods), 0.0)
+    )
     for row in rows:
         sample = _sample(row)
         try:
             image = load_image(row["image"])
         except BadSample as e:
-            predictions.append(
-                {
-                    "sample_id": sample.sample_id,
-                    "method": "-",
-                    "prediction": "",
-                    "score": None,
-                    "seconds": 0.0,
-                    "roi": "",
-                    "error": e.reason,
-                }
-            )
+            out.add(sample, "-", None, None, 0.0, e.reason)
             continue
-        prompt = bench.prompt(sample)
-        for method in methods:
-            if method == "oracle" and sample.box is None:
+        prompt = run.bench.prompt(sample)
+        for method in run.methods:
+            if method.needs_box and sample.box is None:
                 continue
             t0 = time.perf_counter()
-            if method == "baseline":
-                ans = answer_baseline(adapter, image, prompt, max_new)
-            elif method == "sdrpn":
-                ans = answer_sdrpn(
-                    adapter,
-                    rpn,
-                    image,
-                    prompt,
-                    threshold=threshold,
-                    mode=params.mode,
-                    reuse_kv=params.reuse_kv,
-                    max_new_tokens=max_new,
-                )
-            elif method == "vicrop":
-                ans = answer_vicrop(adapter, image, prompt, layer=params.vicrop_layer, max_new_tokens=max_new)
-            else:
-                ans = answer_with_boxes(adapter, image, prompt, [sample.box], max_new)
+            answer = method.answer(run.settings, image, prompt, sample.box)
             dt = time.perf_counter() - t0
-            seconds[method] += dt
-            sc = score(bench, sample, ans.text)
-            per_method[method].append((sample, ans.text, sc))
-            outcomes.setdefault(sample.sample_id, {"image": image, "sample": sample})[method] = (ans, sc)
-            predictions.append(
-                {
-                    "sample_id": sample.sample_id,
-                    "method": method,
-                    "prediction": ans.text,
-                    "score": sc,
-                    "seconds": dt,
-                    "roi": json.dumps(ans.roi.pixel_boxes) if ans.roi else "",
-                    "error": "",
-                }
-            )
-    if not outcomes:  # nothing evaluated: a failure, never a committed (and so reused) result
-        errors = [p["error"] for p in predictions if p["error"]][:3]
-        raise ValueError(f"no sample of {dataset.name or dataset.benchmark} could be evaluated: {'; '.join(errors)}")
+            out.seconds[method.name] += dt
+            sc = score(run.bench, sample, answer.text)
+            out.per_method[method.name].append((sample, answer.text, sc))
+            out.outcomes.setdefault(sample.sample_id, {"image": image, "sample": sample})[method.name] = (answer, sc)
+            out.add(sample, method.name, answer, sc, dt)
+    return out
+
+
+def _scores(run: _Run, results: _Results) -> list[dict]:
+    """Per method: the benchmark's aggregate, samples/s, and throughput relative to this run's baseline."""
     scores = []
-    for method in methods:
-        done = per_method[method]
-        agg = aggregate(bench, [d[0] for d in done], [d[1] for d in done], [d[2] for d in done])
-        rate = len(done) / seconds[method] if seconds[method] else 0.0
-        scores.append({"benchmark": bench.name, "method": method, **agg, "samples_per_s": rate})
+    for name, done in results.per_method.items():
+        agg = aggregate(run.bench, [d[0] for d in done], [d[1] for d in done], [d[2] for d in done])
+        rate = len(done) / results.seconds[name] if results.seconds[name] else 0.0
+        scores.append({"benchmark": run.bench.name, "method": name, **agg, "samples_per_s": rate})
     base_rate = next((s["samples_per_s"] for s in scores if s["method"] == "baseline"), None)
     for s in scores:
         s["relative_throughput"] = s["samples_per_s"] / base_rate if base_rate else None
-    protocol = {
+    return scores
+
+
+def _protocol(run: _Run, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams) -> dict:
+    """Everything a score depends on, written beside it."""
+    bench, adapter = run.bench, run.settings.adapter
+    return {
         "benchmark": bench.name,
         "harness": params.protocol,
         "dataset": dataset.fingerprint,
@@ -194,10 +198,10 @@ def evaluate(
         "metric": bench.metric_name,
         "post_prompt": bench.post_prompt,
         "ocr_tokens_in_prompt": False,
-        "max_new_tokens": max_new,
+        "max_new_tokens": run.settings.max_new_tokens,
         "decoding": "greedy",
         "repetition_penalty": getattr(adapter.model.generation_config, "repetition_penalty", None),
-        "image_token_budget": tokens,
+        "image_token_budget": run.tokens,
         "model": model.fingerprint,
         "model_path": model.path,
         "family": model.family,
@@ -207,23 +211,39 @@ def evaluate(
         "attn_implementation": adapter.model.config.text_config._attn_implementation,
         "inputs": adapter.describe(),
         "rpn": rpn_ref.fingerprint if rpn_ref else None,
-        "roi_threshold": threshold,
+        "roi_threshold": run.settings.threshold,
         "roi_mode": params.mode,
         "kv_reuse": params.reuse_kv,
         "vicrop_layer": params.vicrop_layer,
         "answer_format": bench.answer_format,
         "params": asdict(params),
     }
+
+
+def evaluate(
+    store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams, eval_fp: str
+) -> EvalRef:
+    if (ref := lookup(store, eval_fp, dataset.benchmark)) is not None:
+        return ref
+    run = _prepare(store, model, rpn_ref, dataset, params)
+    results = _answer_all(run, read_manifest(dataset, store))
+    if not results.outcomes:  # nothing evaluated: a failure, never a committed (and so reused) result
+        errors = [p["error"] for p in results.predictions if p["error"]][:3]
+        raise ValueError(f"no sample of {dataset.name or dataset.benchmark} could be evaluated: {'; '.join(errors)}")
+    scores = _scores(run, results)
+    protocol = _protocol(run, model, rpn_ref, dataset, params)
     files = {
-        "predictions.parquet": _parquet(predictions, {"sdrpn.protocol": json.dumps(protocol, default=str)}),
+        "predictions.parquet": _parquet(results.predictions, {"sdrpn.protocol": json.dumps(protocol, default=str)}),
         "scores.json": json.dumps(scores, indent=1).encode(),
         "protocol.json": json.dumps(protocol, indent=1, default=str).encode(),
-        "report.md": report_markdown(bench, dataset, scores).encode(),
+        "report.md": report_markdown(run.bench, dataset, scores).encode(),
     }
-    if "sdrpn" in methods and "baseline" in methods and params.gallery:
-        files["gallery.png"] = _png(gallery(outcomes, params.gallery, adapter))
-    arts.put_files("eval", eval_fp, files, meta={"benchmark": bench.name, "dataset": dataset.name})
-    return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), bench.name)
+    names = {m.name for m in run.methods}
+    if "sdrpn" in names and "baseline" in names and params.gallery:
+        files["gallery.png"] = _png(gallery(results.outcomes, params.gallery, run.settings.adapter))
+    arts = ArtifactStore(store)
+    arts.put_files("eval", eval_fp, files, meta={"benchmark": run.bench.name, "dataset": dataset.name})
+    return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), run.bench.name)
 
 
 def _parquet(rows: list[dict], metadata: dict[str, str] | None = None) -> bytes:

@@ -7,12 +7,13 @@ import json
 
 from sdrpn_core.benchmarks import get_benchmark
 from sdrpn_core.benchmarks.published import PUBLISHED
+from sdrpn_core.methods import METHODS
 from stages.refs import EvalRef
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import hash_obj
 from storage.store import Store
 
-METHOD_NAMES = {"baseline": "baseline", "sdrpn": "+SD-RPN", "vicrop": "+ViCrop", "oracle": "+oracle crop", "s2": "+S²"}
+METHOD_NAMES = {**{m.name: m.label for m in METHODS.values()}, "s2": "+S²"}  # S²: the paper's rows only
 
 
 def results_rows(results: list[EvalRef]) -> list[dict]:
