@@ -22,9 +22,10 @@ import pyarrow.parquet as pq
 
 from sdrpn_core.pseudo_labels import LabelParams
 from stages.refs import DatasetRef, LabelsRef
+from stages.tables import label_table, teacher_records
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import stage_fingerprint
-from storage.labels import label_dataset, label_table, teacher_dataset, teacher_records
+from storage.labels import label_dataset, teacher_dataset
 from storage.sharded import ShardedDataset
 from storage.store import Store, StoreError
 

@@ -18,8 +18,9 @@ from sdrpn_core.teacher import extract_teacher_maps
 from stages.common import load_model
 from stages.data import read_manifest
 from stages.refs import DatasetRef, ModelRef, ShardSummary, TeacherRef
+from stages.tables import teacher_table
 from storage.fingerprint import stage_fingerprint
-from storage.labels import teacher_dataset, teacher_table
+from storage.labels import teacher_dataset
 from storage.store import Store
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import threading
@@ -195,14 +196,18 @@ def dataset_fingerprint(
 # -- stages and code ---------------------------------------------------------------------------------------------
 
 
+METHOD_PACKAGE = "sdrpn_core"  # whose sources version every stage
+
+
 @cache
 def code_version() -> str:
     """Hash of the `sdrpn_core` sources: any change to the method re-runs the stages (SDRPN_CODE_VERSION pins)."""
     if pinned := os.environ.get("SDRPN_CODE_VERSION"):
         return pinned
-    import sdrpn_core
-
-    root = Path(sdrpn_core.__file__).parent
+    spec = importlib.util.find_spec(METHOD_PACKAGE)  # located, not imported: storage does not depend on the method
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"package {METHOD_PACKAGE} not found: cannot version the method's code")
+    root = Path(spec.origin).parent
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")):
         h.update(str(p.relative_to(root)).encode())

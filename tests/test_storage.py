@@ -12,15 +12,9 @@ import pytest
 from sdrpn_core.data import Rejection
 from sdrpn_core.pseudo_labels import LabelParams
 from sdrpn_core.teacher import TeacherRecord
+from stages.tables import LabelTorchDataset, label_table, teacher_records, teacher_table
 from storage.artifacts import ArtifactStore
-from storage.labels import (
-    LabelTorchDataset,
-    label_dataset,
-    label_table,
-    teacher_dataset,
-    teacher_records,
-    teacher_table,
-)
+from storage.labels import label_dataset, teacher_dataset
 from storage.sharded import SchemaError
 from storage.store import Store, StoreError, StoreSettings
 from tests.conftest import teacher_rows
@@ -280,3 +274,16 @@ def test_stats_count_shards_rows_and_quarantine_and_retire_moves_only_replaced_b
     assert store.exists("teacher/retire", "_commits", good.record)  # a good record is never retired
     assert ds.stats() == {"shards": 3, "rows": 4, "quarantined": 3}
     assert sorted(ds.read().column("question").to_pylist()) == ["qa", "qb", "qc again", "qd again"]
+
+
+def test_storage_imports_nothing_of_the_method():
+    """The store is a library of its own: its modules load without `sdrpn_core` (or torch)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, storage.store, storage.sharded, storage.labels, storage.artifacts, storage.fingerprint, "
+        "storage.files; bad = [m for m in sys.modules if m.split('.')[0] in ('sdrpn_core', 'torch', 'stages')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
