@@ -329,6 +329,8 @@ def train_rpn(
 
     bar = Progress(total, "train", log, callback=progress)
     bar.done = run.step
+    if run.step and progress is not None:
+        progress(run.step, total)  # a resumed run shows where it starts (100 % when it had finished)
     while run.step < total:
         record = _optimizer_step(adapter, rpn, optimizer, params, run, config, total, autocast)
         run.history.append(record)

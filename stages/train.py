@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdrpn_core.train import TrainConfig, recipe_record, samples_from_rows, train_rpn
+from sdrpn_core.train import CHECKPOINT_DIR, TrainConfig, latest_checkpoint, recipe_record, samples_from_rows, train_rpn
 from stages.common import cache_dir, load_model
 from stages.refs import LabelsRef, ModelRef, RpnRef
 from storage.artifacts import ArtifactStore
-from storage.fingerprint import stage_fingerprint
+from storage.fingerprint import hash_obj, stage_fingerprint
 from storage.labels import label_dataset
 from storage.store import Store, StoreError
+
+log = logging.getLogger(__name__)
 
 
 def train_fingerprint(model: ModelRef, labels: LabelsRef, params: TrainConfig, preset: str) -> str:
@@ -35,6 +39,12 @@ def rpn_ref(arts: ArtifactStore, fp: str, manifest: dict) -> RpnRef:
     if not isinstance(steps, int) or not isinstance(loss, (int, float)):
         raise StoreError(f"{arts.url('rpn', fp)}: marker meta lacks steps / final_loss")
     return RpnRef(fp, arts.url("rpn", fp), steps, float(loss))
+
+
+def train_scratch(store: Store, train_fp: str) -> Path:
+    """The local checkpoint folder of one training on one store. Keyed by the store too: another store's run of the
+    same fingerprint (a test, a colleague's bucket) must never be resumed from here."""
+    return cache_dir("train", hash_obj(store.url(""))[:12], train_fp)
 
 
 def lookup(store: Store, train_fp: str) -> RpnRef | None:
@@ -69,7 +79,9 @@ def train(
     adapter = load_model(model)
     if params.inputs:  # e.g. Qwen: the authors' training prompt (a literal "<image>" line, the question as given)
         adapter = adapter.with_inputs(**params.inputs)
-    scratch = cache_dir("train", train_fp)
+    scratch = train_scratch(store, train_fp)
+    if latest_checkpoint(scratch / CHECKPOINT_DIR) is not None:
+        log.warning("%s holds a checkpoint of an interrupted run of this training on this store: resuming it", scratch)
     result = train_rpn(
         adapter,
         samples_from_rows(frame.to_dicts()),

@@ -187,3 +187,20 @@ def test_kill_at_each_checkpoint_swap_step_leaves_a_resumable_run(tmp_path, tiny
     assert resumed.steps == straight.steps == 6
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
     assert [p.name for p in (out / CHECKPOINT_DIR).iterdir()] == ["step-000000006"]  # leftovers cleaned up
+
+
+def test_a_finished_checkpoint_resumes_at_100_percent_and_scratch_is_per_store(tiny_llava, tmp_path, monkeypatch):
+    from stages.train import train_scratch
+    from storage.store import Store, StoreSettings
+
+    samples = make_samples(tmp_path, 4)
+    cfg = TrainConfig(K=1, T=2, batch_size=2, max_steps=2, checkpoint_every=1)
+    train_rpn(tiny_llava, samples, cfg, out_dir=tmp_path / "run")
+    seen: list[tuple[int, int]] = []
+    again = train_rpn(tiny_llava, samples, cfg, out_dir=tmp_path / "run", progress=lambda d, t: seen.append((d, t)))
+    assert again.steps == 2 and seen == [(2, 2)]  # nothing left to train, and the bar says so
+    monkeypatch.setenv("SDRPN_CACHE_DIR", str(tmp_path / "cache"))
+    a = Store(StoreSettings(root=str(tmp_path / "a")))
+    b = Store(StoreSettings(root=str(tmp_path / "b")))
+    assert train_scratch(a, "fp") != train_scratch(b, "fp") and train_scratch(a, "fp") == train_scratch(a, "fp")
+    assert train_scratch(a, "fp").is_relative_to(tmp_path / "cache")
