@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 
 from sdrpn_core.benchmarks import get_benchmark
 from sdrpn_core.data import Rejection
+from stages.common import cache_dir
 from stages.config import DatasetSpec, is_local
 from stages.refs import DatasetRef
 from storage.artifacts import ArtifactStore
-from storage.fingerprint import dataset_fingerprint, hash_obj, uri_sha256
+from storage.fingerprint import code_version, dataset_fingerprint, hash_obj, uri_sha256
 from storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -176,11 +177,15 @@ def read_jsonl_manifest(url: str, **storage_options) -> tuple[list[dict], list[R
 # -- sources ---------------------------------------------------------------------------------------------------
 
 
+def _synthetic_folder(spec: DatasetSpec) -> str:
+    return f"datasets/synthetic/{hash_obj(spec.model_dump(exclude={'limit', 'path', 'kind'}))}"
+
+
 def _synthetic_rows(spec: DatasetSpec, store: Store) -> list[dict]:
     """Generate the scenes once into the store (so any worker can read them), keyed by the spec."""
     from sdrpn_core.synthetic import make_split
 
-    folder = f"datasets/synthetic/{hash_obj(spec.model_dump(exclude={'limit', 'path', 'kind'}))}"
+    folder = _synthetic_folder(spec)
     samples = make_split(spec.n, spec.seed, canvas=spec.canvas, variant=spec.variant)
     rows = []
     for s in samples:
@@ -302,7 +307,40 @@ def _parquet(rows: list[dict], schema: pa.Schema) -> bytes:
     return buf.getvalue()
 
 
+def _synthetic_key(spec: DatasetSpec, store: Store) -> Path:
+    """Where this machine remembers which manifest a synthetic spec built on a store: the scenes are a pure function
+    of the spec and the code, so a rerun need not regenerate (and hash) them to find its fingerprint. Kept in the
+    local cache, not the shared store, so nobody else's write can redirect a spec to other data."""
+    key = hash_obj({"spec": spec.model_dump(), "code": code_version(), "store": store.url("")})
+    return cache_dir("datasets-by-spec") / f"{key}.json"
+
+
+def _known_synthetic(spec: DatasetSpec, store: Store) -> DatasetRef | None:
+    try:
+        fp = json.loads(_synthetic_key(spec, store).read_text())["dataset"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    arts = ArtifactStore(store)
+    manifest = arts.verify("datasets", fp) if isinstance(fp, str) and fp.isalnum() else None
+    meta = (manifest or {}).get("meta", {})
+    if not isinstance(meta.get("rows"), int) or not isinstance(meta.get("rejected"), int):
+        return None
+    if len(store.ls(_synthetic_folder(spec), "images")) < meta["rows"]:  # scenes deleted since: build them again
+        return None
+    url = arts.url("datasets", fp, "manifest.parquet")
+    return DatasetRef(fp, url, meta["rows"], str(meta.get("name", "")), spec.benchmark or "synthetic", meta["rejected"])
+
+
 def build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
+    if spec.kind == "synthetic" and (known := _known_synthetic(spec, store)) is not None:
+        return known
+    ref = _build_manifest(spec, store)
+    if spec.kind == "synthetic":
+        _synthetic_key(spec, store).write_text(json.dumps({"dataset": ref.fingerprint}))
+    return ref
+
+
+def _build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
     rows, rejected, name, warnings = _source_rows(spec, store)
     if spec.limit and not (spec.benchmark and get_benchmark(spec.benchmark).seeded_subset):
         rows = rows[: spec.limit]

@@ -90,3 +90,26 @@ def test_crop_view_targets_follow_the_boxes_through_the_resize():
     (bx0, by0, bx1, by1), colour, digit = scene.objects[0]
     c, d = _window_targets(scene, (bx0, by0, bx1, by1))  # a crop of exactly one box: every patch is that box
     assert (c == list(COLOURS).index(colour) + 1).all() and (d == int(digit) + 1).all()
+
+
+def test_a_rebuilt_synthetic_split_is_found_without_regenerating_it(tmp_path, monkeypatch):
+    """A cached rerun finds the manifest a synthetic spec built without drawing (and hashing) the scenes again;
+    deleted scenes or another store build it anew."""
+    import sdrpn_core.synthetic as synthetic
+    from stages.config import DatasetSpec
+    from stages.data import _synthetic_folder, build_manifest
+    from storage.store import Store, StoreSettings
+
+    monkeypatch.setenv("SDRPN_CACHE_DIR", str(tmp_path / "cache"))
+    store = Store(StoreSettings(root=str(tmp_path / "store")))
+    spec = DatasetSpec(kind="synthetic", n=5, seed=3, canvas=96)
+    first = build_manifest(spec, store)
+    calls = []
+    real = synthetic.make_split
+    monkeypatch.setattr(synthetic, "make_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert build_manifest(spec, store) == first and calls == []
+    images = store.ls(_synthetic_folder(spec), "images")
+    store.rm(_synthetic_folder(spec), "images", images[0])
+    assert build_manifest(spec, store) == first and calls == [1]  # the scene is drawn again, same manifest
+    other = Store(StoreSettings(root=str(tmp_path / "other")))
+    assert build_manifest(spec, other).fingerprint == first.fingerprint and calls == [1, 1]
