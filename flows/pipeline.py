@@ -23,6 +23,7 @@ from stages.model import nano_base_fingerprint
 from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, RpnRef, ShardSummary
 from stages.teacher import teacher_fingerprint, teacher_ref
 from stages.train import train_fingerprint
+from storage.fingerprint import hash_obj
 from tasks.stages import (
     eval_task,
     labels_task,
@@ -40,6 +41,18 @@ def load_config(config: PipelineConfig | dict | None = None, config_path: str | 
     if config is not None:
         return config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
     return PipelineConfig.from_yaml(config_path or DEFAULT_CONFIG)
+
+
+def _run_name() -> str:
+    """Flow runs are named after the config and a short fingerprint of it (`default-3f9a21c0`)."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    try:
+        cfg = load_config(params.get("config"), params.get("config_path"))
+    except Exception:  # a bad config is reported, naming the field, by the flow itself
+        return f"{flow_run.flow_name}-invalid-config"
+    return f"{cfg.name}-{hash_obj(cfg.model_dump(mode='json'))[:8]}"
 
 
 def _call(task, *args):
@@ -60,7 +73,7 @@ def _runner(section: RunnerSection):
     return ThreadPoolTaskRunner(max_workers=2)
 
 
-@flow(name="sdrpn-teacher")
+@flow(name="sdrpn-teacher", flow_run_name="teacher[{dataset.name}]")
 def teacher_flow(
     cfg: PipelineConfig, model: ModelRef, dataset: DatasetRef, fp: str, t: TeacherSection | None = None
 ) -> list[ShardSummary]:
@@ -96,7 +109,7 @@ def _source_labels(
 ) -> LabelsRef:
     """One training source: its samples, its teacher (own preset and inputs) and its labels, each cached alone."""
     settings = cfg.store.settings()
-    dataset = samples_task(data, settings)
+    dataset = samples_task(data, settings, "train" if name == "train" else f"train:{name}")
     preset = teacher.preset_obj()
     t_fp = teacher_fingerprint(model, preset, teacher.max_new_tokens, teacher.label_inputs())
     teacher_flow.with_options(task_runner=_runner(cfg.runner))(cfg, model, dataset, t_fp, teacher)
@@ -136,7 +149,7 @@ def _eval(cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None) -> list[Eval
     )
     results = []
     for spec in e.datasets:
-        dataset = samples_task(spec, settings)
+        dataset = samples_task(spec, settings, f"eval:{spec.benchmark or spec.kind}")
         results.append(
             _call(eval_task, settings, model, rpn, dataset, params, eval_fingerprint(model, rpn, dataset, params))
         )
@@ -149,20 +162,20 @@ def _store(cfg: PipelineConfig):
     return get_store(cfg.store.settings())
 
 
-@flow(name="sdrpn-labels")
+@flow(name="sdrpn-labels", flow_run_name=_run_name)
 def labels_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> LabelsRef:
     """Teacher extraction and pseudo-labels for the training data."""
     return _labels(load_config(config, config_path))[1]
 
 
-@flow(name="sdrpn-train")
+@flow(name="sdrpn-train", flow_run_name=_run_name)
 def train_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> RpnRef:
     """Labels, then the RPN."""
     cfg = load_config(config, config_path)
     return _train(cfg, *_labels(cfg))
 
 
-@flow(name="sdrpn-eval")
+@flow(name="sdrpn-eval", flow_run_name=_run_name)
 def eval_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> list[EvalRef]:
     """Evaluation with the newest RPN trained for the model in this store."""
     cfg = load_config(config, config_path)
@@ -204,7 +217,7 @@ def _latest_rpn(cfg: PipelineConfig, model: ModelRef) -> RpnRef:
     return ref
 
 
-@flow(name="sdrpn", log_prints=True)
+@flow(name="sdrpn", flow_run_name=_run_name, log_prints=True)
 def sdrpn(config: PipelineConfig | None = None, config_path: str | None = None) -> dict:
     """The whole pipeline: teacher → labels → RPN → evaluation, every stage cached on its fingerprint."""
     cfg = load_config(config, config_path)

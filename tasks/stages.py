@@ -67,6 +67,15 @@ def _progress(key: str, what: str) -> Callable[[int, int], None]:
     return update
 
 
+def _named(template: str) -> Callable[..., str]:
+    """A task-run name from the call's parameters, e.g. `samples[eval:textvqa]`, `teacher-shard 3/8`."""
+
+    def name(parameters: dict[str, Any]) -> str:
+        return template.format(**parameters, shard1=parameters.get("shard", 0) + 1)
+
+    return name
+
+
 @task(name="nano_base", tags=[GPU_TAG], **STORE_IS_THE_CACHE)
 def nano_base_task(overrides: dict, settings: StoreSettings, fp: str) -> str | State:
     store = get_store(settings)
@@ -81,12 +90,19 @@ def model_task(spec: ModelSpec, settings: StoreSettings) -> ModelRef:
     return model.resolve_model(spec, get_store(settings))
 
 
-@task(name="samples", **STORE_IS_THE_CACHE, **IO_RETRIES)
-def samples_task(spec: DatasetSpec, settings: StoreSettings) -> DatasetRef:
+@task(name="samples", task_run_name=_named("samples[{role}]"), **STORE_IS_THE_CACHE, **IO_RETRIES)
+def samples_task(spec: DatasetSpec, settings: StoreSettings, role: str = "data") -> DatasetRef:
+    """`role` names the run in the UI: `train`, `train:<source>` or `eval:<benchmark>`."""
     return data.build_manifest(spec, get_store(settings))
 
 
-@task(name="teacher-shard", tags=[GPU_TAG], **STORE_IS_THE_CACHE, **IO_RETRIES)
+@task(
+    name="teacher-shard",
+    task_run_name=_named("teacher-shard {shard1}/{n_shards}"),
+    tags=[GPU_TAG],
+    **STORE_IS_THE_CACHE,
+    **IO_RETRIES,
+)
 def teacher_shard_task(
     settings: StoreSettings,
     model_ref: ModelRef,
@@ -145,7 +161,7 @@ def train_task(
     return train.train(store, model_ref, labels_ref, params, fp, preset, progress=progress)
 
 
-@task(name="evaluate", tags=[GPU_TAG], **STORE_IS_THE_CACHE)
+@task(name="evaluate", task_run_name=_named("evaluate[{dataset.benchmark}]"), tags=[GPU_TAG], **STORE_IS_THE_CACHE)
 def eval_task(
     settings: StoreSettings,
     model_ref: ModelRef,

@@ -132,6 +132,40 @@ def _artifacts(progress: bool = False):
     return {a.key: a for a in arts if a.key}
 
 
+def _stage_of(run_name: str) -> str:
+    """ "samples[train]" → "samples", "teacher-shard 2/2" → "teacher-shard", "labels-16c" → "labels"."""
+    base = run_name.split("[", 1)[0].split(" ", 1)[0]
+    return base if base != run_name else run_name.rsplit("-", 1)[0]
+
+
+def _run_names(since: float) -> tuple[list[str], list[str]]:
+    """(flow run names, task run names) started after `since`."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+        TaskRunFilter,
+        TaskRunFilterStartTime,
+    )
+    from prefect.types import DateTime
+
+    after = DateTime.fromtimestamp(since, tz=UTC)
+
+    async def read():
+        async with get_client() as client:
+            flows = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=after))
+            )
+            tasks = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=after))
+            )
+        return [f.name for f in flows], [t.name for t in tasks]
+
+    return asyncio.run(read())
+
+
 def _task_states(since: float) -> dict[str, set[str]]:
     import asyncio
 
@@ -148,7 +182,7 @@ def _task_states(since: float) -> dict[str, set[str]]:
             )
         out: dict[str, set[str]] = {}
         for r in runs:
-            out.setdefault(r.name.rsplit("-", 1)[0], set()).add(r.state.name)  # "labels-16c" → "labels"
+            out.setdefault(_stage_of(r.name), set()).add(r.state.name)
         return out
 
     return asyncio.run(read())
@@ -158,7 +192,12 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     from flows.pipeline import sdrpn
 
     cfg = make_config(family, str(tmp_path / "store"))
+    started = time.time()
     summary = sdrpn(cfg)
+    flow_names, task_names = _run_names(started)
+    assert {"samples[train]", "samples[eval:synthetic]", "teacher-shard 1/2", "teacher-shard 2/2"} <= set(task_names)
+    assert "evaluate[synthetic]" in task_names and any(n.startswith("teacher[synthetic") for n in flow_names)
+    assert any(n.startswith("test-") and len(n) == len("test-") + 8 for n in flow_names), flow_names
     methods = {s["method"]: s for s in summary["scores"]}
     assert set(methods) == {"baseline", "sdrpn", "vicrop", "oracle"}
     assert methods["oracle"]["samples"] == 4
