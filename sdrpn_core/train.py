@@ -63,6 +63,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     metric_threshold: float = 0.5  # sigmoid threshold for token precision / recall in the log
     inputs: dict = field(default_factory=dict)  # adapter input settings while training (Qwen: the authors' prompt)
+    # the authors' ROITrainingDataset keeps samples whose labels are all ignore: no loss, but they fill batches and
+    # count in the step count (on in their recipes; off trains on labelled samples alone)
+    keep_all_ignore: bool = False
 
     def __post_init__(self):
         positive = ("K", "T", "batch_size", "grad_accum", "world_size", "epochs", "checkpoint_every")
@@ -182,14 +185,18 @@ def rpn_logits(adapter: VLMAdapter, rpn: RoIPredictor, x, K: int) -> torch.Tenso
     return rpn(hidden, mask, pe, pos, query, torch.stack(x.image_positions).to(hidden.device))
 
 
-def _usable(adapter: VLMAdapter, samples: Sequence[TrainSample]) -> tuple[list[TrainSample], int]:
-    """Samples with at least one labelled token (the all-ignore ones are counted and left out)."""
-    usable = [s for s in samples if np.any(np.asarray(s.labels) != IGNORE)]
-    skipped = len(samples) - len(usable)
-    if skipped:
-        log.info("skipping %d all-ignore samples of %d", skipped, len(samples))
-    if not usable:
+def _usable(
+    adapter: VLMAdapter, samples: Sequence[TrainSample], keep_all_ignore: bool
+) -> tuple[list[TrainSample], int]:
+    """The samples trained on: those with a labelled token, or all of them with `keep_all_ignore` (the authors'
+    batches), and the count of all-ignore ones."""
+    labelled = [s for s in samples if np.any(np.asarray(s.labels) != IGNORE)]
+    skipped = len(samples) - len(labelled)
+    if not labelled:
         raise ValueError(f"no trainable samples: all {len(samples)} are all-ignore")
+    if skipped:
+        log.info("%s %d all-ignore samples of %d", "keeping" if keep_all_ignore else "skipping", skipped, len(samples))
+    usable = list(samples) if keep_all_ignore else labelled
     n_img = adapter.grid[0] * adapter.grid[1]
     for s in usable:
         if np.asarray(s.labels).size != n_img:
@@ -299,7 +306,7 @@ def train_rpn(
             "batch with train.effective_batch (the accumulation is derived from it)"
         )
     torch.manual_seed(config.seed)
-    usable, skipped_ignore = _usable(adapter, samples)
+    usable, skipped_ignore = _usable(adapter, samples, config.keep_all_ignore)
     adapter.model.requires_grad_(False)
     rpn = rpn or RoIPredictor.from_adapter(adapter, config.K, config.T, **(rpn_fields or {}))
     rpn = rpn.float().train().requires_grad_(True)

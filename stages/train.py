@@ -70,8 +70,8 @@ def train(
     # strict: a label shard that no longer matches its record is an error naming it (the next run relabels)
     parts = [label_dataset(store, fp).scan(strict=True) for fp in labels.label_fingerprints()]
     merged = pl.concat(parts).unique(subset=["sample_id"], keep="first", maintain_order=True)  # first source wins
-    frame = merged.filter(pl.col("valid")).sort("sample_id").collect()
-    if frame.height == 0:
+    frame = (merged if params.keep_all_ignore else merged.filter(pl.col("valid"))).sort("sample_id").collect()
+    if frame.filter(pl.col("valid")).height == 0:
         raise ValueError(
             f"no usable labels in {labels.url}: all {labels.rows} samples are all-ignore or were rejected "
             f"({labels.stats.get('ignored_because', {})}); loosen the label parameters or check the teacher heads"

@@ -185,3 +185,16 @@ def test_llava_runs_in_float16_when_asked(tmp_path):
     preset = get_preset("llava-1.5-7b", grounding={2: (0,)}, sink={}, K=1, T=2)
     out = extract_teacher_maps(adapter, [Sample("a", random_image(4), "what is it ?")], preset, max_new_tokens=3)
     assert out.records[0].grounding.dtype == np.float32 and np.isfinite(out.records[0].grounding).all()
+
+
+def test_the_authors_recipes_keep_all_ignore_samples_in_their_batches(tiny_llava, tmp_path):
+    """As their ROITrainingDataset: an all-ignore sample adds no loss but fills a batch slot and counts in the steps."""
+    data = samples(tmp_path, 4) + [
+        TrainSample(f"empty{i}", str(tmp_path / "i0.png"), "q ?", np.full(16, -100)) for i in range(2)
+    ]
+    kept = train_rpn(tiny_llava, data, TrainConfig(K=1, T=2, batch_size=2, keep_all_ignore=True))
+    skipped = train_rpn(tiny_llava, data, TrainConfig(K=1, T=2, batch_size=2))
+    assert (kept.steps, skipped.steps) == (3, 2) and kept.skipped_all_ignore == skipped.skipped_all_ignore == 2
+    assert sum(h["valid_tokens"] for h in kept.history) == sum(h["valid_tokens"] for h in skipped.history) == 20
+    assert recipe_of(config("llava-1.5-7b")).keep_all_ignore and recipe_of(config("qwen2.5-vl-7b")).keep_all_ignore
+    assert not recipe_of(config("sdrpn-nano")).keep_all_ignore

@@ -78,6 +78,7 @@ class LlavaAdapter(DecoderParts):
         "weight_decay": 0.0,
         "warmup_ratio": 0.03,
         "epochs": 1,
+        "keep_all_ignore": True,
         "batch_size": 8,
         "effective_batch": 512,
         "max_grad_norm": 1.0,  # not passed by the script: HF TrainingArguments' default, which the Trainer applies

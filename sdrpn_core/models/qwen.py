@@ -114,6 +114,7 @@ class QwenAdapter(DecoderParts):
         "weight_decay": 0.0,
         "warmup_ratio": 0.03,
         "epochs": 1,
+        "keep_all_ignore": True,
         "batch_size": 16,
         "effective_batch": 128,
         "max_grad_norm": 1.0,
