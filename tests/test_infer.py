@@ -297,3 +297,23 @@ def test_vicrop_outcome_fields(nano, monkeypatch):
     b = answer_vicrop(adapter, image, Q, layer=1, max_new_tokens=3)
     assert b.roi.plan.kind == "none" and b.roi.pixel_boxes == [] and b.roi.n_crop_tokens == 0
     assert b.token_ids == answer_baseline(adapter, image, Q, max_new_tokens=3).token_ids
+
+
+def test_second_round_of_survivors(nano):
+    from sdrpn_core.infer import best_window
+
+    adapter, rpn = nano
+    image = random_image(4, (64, 64))
+    none = RoIPlan("none", reason="no component above τ")
+    assert crop_tokens(adapter, image, none, G) == ([], [], [], "no component above τ")
+    assert crop_tokens(adapter, image, plan_for(adapter, PLANS["box"], 0.5), G)[3] == ""
+    assert crop_tokens(adapter, image, plan_for(adapter, PLANS["mask"], 0.5), G)[3] == ""
+    two = plan_for(adapter, PLANS["mask"], 0.5, mode="box")
+    assert two.kind == ("mask" if adapter.family == "qwen2_5_vl" else "box") and (
+        adapter.family == "qwen2_5_vl" or len(two.boxes) == 2
+    )
+    a = answer_sdrpn(adapter, rpn, image, Q, threshold=0.5, max_new_tokens=2)
+    assert all(0 <= v < 60 for v in a.seconds.values())
+    tall = np.zeros((8, 6))
+    tall[7, 5] = 1.0
+    assert best_window(tall, 20) == (0, 2, 6, 8)  # the side is clamped to the width, 6

@@ -215,3 +215,14 @@ def test_anls_threshold_and_percent_targets():
 
 def test_exact_match_reads_the_last_word_only():
     assert exact_match("7 red", ["7"]) == 0.0 and exact_match("it is 7", ["7"]) == 1.0
+
+
+def test_second_round_of_survivors():
+    from sdrpn_core.metrics import _to_float
+
+    assert _to_float("50%") == 0.5 and _to_float("5X%") is None
+    assert levenshtein("abcd", "bcda") == 2  # an insertion and a deletion, not four substitutions
+    assert pope_metrics(["yes", "no"], ["yes", "yes"])["recall"] == 0.5  # tp == fn
+    assert normalize_vqa_answer("x,y") == "xy" and normalize_vqa_answer("x?y") == "xy"
+    assert hrbench_letter("Failed to obtain answer via API. A", {"A": "cat", "B": "dog"}) is None
+    assert hrbench_letter("A", {"A": "cat", "B": "dog"}) == "A"

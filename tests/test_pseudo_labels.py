@@ -204,8 +204,8 @@ def test_qwen_max_attention_exactly_at_the_minimum_is_kept():
 
 # defaults are the authors' constants (docs/method.md §3.5): sink 1e-3, fg 0.2, bg 0.1, max box 0.5
 BIG_BOX = grid_map({(r, c): 1.0 for r in range(6) for c in range(6)})  # 36 of 64 cells: too large at 0.5
-MIXED = grid_map({(2, 2): 1.0, (6, 6): 0.5, (0, 7): 0.09}, base=0.0)
-SINKS = grid_map({(1, 1): 2e-3, (1, 2): 5e-4})
+MIXED = grid_map({(2, 2): 1.0, (6, 6): 0.5, (0, 7): 0.09, (7, 0): 0.15, (3, 3): 0.8}, base=0.0)
+SINKS = grid_map({(1, 1): 2e-3, (1, 2): 5e-4, (3, 3): 2e-3})  # (3, 3): a sink on a foreground cell
 
 
 def test_defaults_are_the_papers_constants():
@@ -225,7 +225,8 @@ def test_defaults_are_the_papers_constants():
         explicit = make_pseudo_labels(MIXED, SINKS, G, 1e-3, 0.2, 0.1, 0.5)
         assert fn(MIXED, SINKS, G).tolist() == explicit.tolist()
     assert label_at(explicit, 0, 7) == 0 and label_at(explicit, 6, 6) == 1  # 0.09 < 0.1·max; 0.5 > 0.2·max
-    assert make_pseudo_labels_with_stats(MIXED, SINKS, G)[1].num_sink == 1  # 2e-3 ≥ 1e-3 > 5e-4
+    assert make_pseudo_labels_with_stats(MIXED, SINKS, G)[1].num_sink == 2  # 2e-3 ≥ 1e-3 > 5e-4
+    assert label_at(explicit, 3, 3) != 1 and label_at(explicit, 7, 0) == -100  # a sink; 0.15 is neither fg nor bg
     assert make_pseudo_labels(BIG_BOX, None, G, max_box_frac=0.6).tolist() != [-100] * 64  # forwarded
 
 
@@ -245,6 +246,10 @@ def test_label_params_forward_every_field():
             a, s, G, 0.01, 0.3, 0.05, 0.4, variant="qwen", image_size=(16, 12), min_max_attn=0.01, sink_mask=mask
         )
         assert got[0].tolist() == want[0].tolist() and got[1] == want[1]
+    # each forwarded: a tiny box cap, a high minimum attention, each deciding validity against the defaults
+    assert LabelParams(max_box_frac=0.01).apply(a, s, G)[1].reason == "foreground box too large"
+    weak = LabelParams(variant="qwen", min_max_attn=0.03).apply(a, s, G, image_size=(16, 12))[1]
+    assert weak.reason == "attention too weak"
     assert params.apply(a, s, G, image_size=(16, 12), sink_mask=sinks)[1].num_sink == 2
     assert params.apply(a, s, G, image_size=(16, 12))[1].box != LabelParams().apply(a, s, G)[1].box
     qwen = LabelParams.from_preset(PRESETS["qwen2.5-vl-7b/natural"], fg_ratio=0.3)

@@ -306,6 +306,8 @@ def test_plan_roi_thresholds_modes_and_shapes():
     assert plan_roi(m.reshape(-1), G).boxes == plan_roi(m, G, 0.15).boxes == ((3, 3, 8, 8),)  # blur halo
     assert plan_roi(m, G, 0.0).kind == "none"  # τ 0 is sigmoid > 0: every cell, one giant part
     assert plan_roi(m, G, -1.0).kind == "none"  # nothing is strictly above the max
+    plateau = logit_map((2, 2, 10, 10))  # its 7×7 interior blurs to exactly the max: still not above it
+    assert plan_roi(plateau, G, -1.0).kind == "none"
     assert plan_roi(m, G, -0.3).boxes == ((4, 4, 7, 7),)  # > 0.3·max of the blurred raw map
     too_many = plan_roi(logit_map((2, 2, 4, 4), (10, 10, 12, 12), (18, 18, 20, 20)), G, mode="box")
     assert too_many.kind == "none" and too_many.prob is not None and too_many.reason.startswith("3 boxes")
@@ -326,6 +328,9 @@ def test_qwen_union_defaults_strips_and_degenerate_maps():
         m = np.full(big, LOW)
         m[cell] = HIGH
         assert (plan_roi_union(m, big).kind == "none") == suppressed, cell
+    beside = np.full(big, LOW)
+    beside[7, 1] = HIGH  # next to the strip: the strip is zeroed (not made NaN), so this cell keeps its RoI
+    assert plan_roi_union(beside, big).boxes[0][0] <= 1
     exactly = (24, 32)  # 768 cells: not more than 768, no suppression
     m = np.full(exactly, LOW)
     m[0, 0] = HIGH

@@ -213,6 +213,10 @@ def test_released_checkpoints_load_and_predict_as_the_authors_forward(tiny_vlm, 
         RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm, K=1, T=2)
     with pytest.raises(AdapterError, match="twig_K is not in"):
         RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm)
+    (tmp_path / "config.json").unlink()  # no config at all: K and T must be given
+    with pytest.raises(AdapterError, match="twig_K is not in"):
+        RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm)
+    assert RoIPredictor.from_adapter(tiny_vlm, K=1, T=1).config.T == 1  # one block is a valid RPN
 
 
 def test_bad_depth_is_rejected(tiny_vlm):
@@ -256,7 +260,7 @@ def test_checkpoint_files_as_written_and_strictly_read(tiny_vlm, tmp_path):
     from safetensors import safe_open
 
     torch.manual_seed(4)
-    rpn = RoIPredictor.from_adapter(tiny_vlm, K=1, T=3, base_model_fingerprint="")
+    rpn = RoIPredictor.from_adapter(tiny_vlm, K=1, T=3, base_model_fingerprint="", preset="demo", base_model="m")
     folder = tmp_path / "runs" / "a" / "rpn"  # parents made
     rpn.save(folder)
     rpn.save(folder)  # saving again over a checkpoint is allowed

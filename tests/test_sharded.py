@@ -179,6 +179,7 @@ def test_readers_skip_a_corrupt_shard_unless_strict(local):
     assert [c.ids for c in fresh.bad_commits()] == [("a",)]  # a fresh reader is not strict
     assert [t.num_rows for t in fresh.iter_shards()] == [1] and len(fresh.problems) == 1
     assert [c.ids for c in fresh.valid_shards()] == [("b",)] and len(fresh.problems) == 1
+    assert bad.shard in fresh.problems[0] and "does not match its commit record" in fresh.problems[0]
     assert fresh.scan().collect()["id"].to_list() == ["b"]
     with pytest.raises(StoreError, match=bad.shard):
         fresh.valid_shards(strict=True)

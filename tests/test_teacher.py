@@ -374,6 +374,14 @@ def test_a_failing_single_sample_batch_is_rejected_once(tiny_vlm, tiny_preset, i
     assert seen == [(1, 2), (2, 2)]
 
 
+def test_a_failing_pair_is_retried_one_sample_at_a_time(tiny_vlm, tiny_preset, images, monkeypatch):
+    calls = spy_batches(monkeypatch, tiny_vlm, fail_on="bad ?")
+    samples = [Sample("bad", images[1], "bad ?"), Sample("s1", images[0], "one ?")]
+    out = extract_teacher_maps(tiny_vlm, samples, tiny_preset, batch_size=2, max_new_tokens=2)
+    assert calls == [["bad ?", "one ?"], ["bad ?"], ["one ?"]]
+    assert [r.sample_id for r in out.records] == ["s1"] and [r.sample_id for r in out.rejected] == ["bad"]
+
+
 def test_default_batch_is_eight_samples(tiny_llava, images, monkeypatch):
     preset = get_preset("llava-1.5-7b", grounding={2: (0,)}, sink={}, K=1, T=2)
     calls = spy_batches(monkeypatch, tiny_llava)
