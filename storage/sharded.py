@@ -150,6 +150,7 @@ class ShardedDataset:
     def committed_ids(self, include_quarantine: bool = True, among: Iterable[str] | None = None) -> set[str]:
         """Keys held by verified commits. With `among`, only commits holding one of those keys are checked (a
         writer asks about its own keys without hashing the whole dataset)."""
+        self._strict = False  # a strict read before must not make this bookkeeping raise
         wanted = set(among) if among is not None else None
         out: set[str] = set()
         for c in self.commits():
@@ -357,6 +358,7 @@ class ShardedDataset:
 
     def bad_commits(self) -> list[Commit]:
         """Commits whose shard is missing or does not match the record."""
+        self._strict = False
         return [c for c in self.commits() if not self.verified(c)]
 
     def stats(self) -> dict:

@@ -313,7 +313,7 @@ def test_two_qwen_sources_natural_and_textual_merge_and_rerun_alone(tmp_path, mo
     assert second.parts[0] == first.parts[0] and second.parts[1] != first.parts[1]
     assert second.fingerprint != first.fingerprint and second.rows == 14
     train_flow(changed)
-    assert len(calls.train_samples) == second.usable and second.usable > 0
+    assert len(calls.train_samples) == second.rows and second.usable > 0  # the Qwen recipe keeps all-ignore rows
     assert "user\n<image><|vision_start|><|image_pad|><|vision_end|>\nq ?<|im_end|>" in calls.train_prompt
     with pytest.raises(ValueError, match=r"preset qwen2\.5-vl-7b/textual has K=16, T=3"):
         PipelineConfig.model_validate({**base, "train_sources": [{**sources(6)[1], "overrides": {}}]})

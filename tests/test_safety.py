@@ -264,9 +264,9 @@ TINY = "model: {source: tiny}\n"
         ("name: x\n", "model: Field required"),
         (TINY + "teacher: {batch_size: 0}\n", "teacher.batch_size: Input should be greater than 0"),
         (TINY + "eval: {threshold: 1.5}\n", "eval.threshold: Value error, τ must be in (0, 1)"),
-        (TINY + "train: {lr: -1}\n", "train.lr = -1 is out of range"),
+        (TINY + "train: {lr: -1}\n", "train.lr = -1.0 is out of range"),
         (TINY + "train: {learning_rate: 1}\n", "train.learning_rate: Extra inputs are not permitted"),
-        (TINY + "labels: {fg_ratio: 2}\n", "labels.fg_ratio = 2 is out of range"),
+        (TINY + "labels: {fg_ratio: 2}\n", "labels.fg_ratio = 2.0 is out of range"),
         (TINY + "eval: {datasets: [{kind: benchmark, benchmark: textvqaa, path: .}]}\n", "unknown benchmark"),
         (TINY + "train_data: {kind: jsonl, path: nowhere.jsonl}\n", "dataset path does not exist"),
         ("model: {path: ./not/a/folder}\n", "neither a model folder nor a hub id"),  # a relative path, not an id
