@@ -13,6 +13,7 @@ from PIL import Image
 
 from sdrpn_core.infer import Answer, answer_baseline, answer_sdrpn, answer_vicrop, answer_with_boxes
 from sdrpn_core.models.base import VLMAdapter
+from sdrpn_core.registry import Registry
 from sdrpn_core.rpn import RoIPredictor
 
 
@@ -41,20 +42,9 @@ class EvalMethod:
     needs_box: bool = False
 
 
-METHODS: dict[str, EvalMethod] = {}
-
-
-def register_method(method: EvalMethod) -> EvalMethod:
-    if method.name in METHODS:
-        raise ValueError(f"evaluation method {method.name!r} is already registered")
-    METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> EvalMethod:
-    if name not in METHODS:
-        raise KeyError(f"unknown evaluation method {name!r}; known: {', '.join(METHODS)}")
-    return METHODS[name]
+METHODS: Registry[EvalMethod] = Registry("evaluation method")
+register_method = METHODS.register
+get_method = METHODS.find
 
 
 register_method(

@@ -120,8 +120,10 @@ class DatasetSpec(_Section):
         if self.benchmark is not None:
             from sdrpn_core.benchmarks import BENCHMARKS
 
-            if self.benchmark not in BENCHMARKS:
-                raise ValueError(f"unknown benchmark {self.benchmark!r}; known: {', '.join(sorted(BENCHMARKS))}")
+            try:
+                BENCHMARKS.find(self.benchmark)
+            except KeyError as e:
+                raise ValueError(e.args[0]) from None
         if self.kind != "synthetic":
             _check_exists(self.path, "dataset path")
         _check_exists(self.images, "dataset images folder")

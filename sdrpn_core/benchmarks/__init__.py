@@ -8,22 +8,12 @@ import importlib
 import pkgutil
 
 from sdrpn_core.benchmarks.base import Benchmark, BenchmarkSample
+from sdrpn_core.registry import Registry
 
-BENCHMARKS: dict[str, Benchmark] = {}
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
 _INFRASTRUCTURE = {"base", "layout", "scoring", "published"}
-
-
-def register(benchmark: Benchmark) -> Benchmark:
-    if benchmark.name in BENCHMARKS and BENCHMARKS[benchmark.name] is not benchmark:
-        raise ValueError(f"benchmark {benchmark.name!r} is registered twice")
-    BENCHMARKS[benchmark.name] = benchmark
-    return benchmark
-
-
-def get_benchmark(name: str) -> Benchmark:
-    if name not in BENCHMARKS:
-        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
-    return BENCHMARKS[name]
+register = BENCHMARKS.register
+get_benchmark = BENCHMARKS.find
 
 
 for _module in pkgutil.iter_modules(__path__):
