@@ -2,8 +2,12 @@
 
 sdrpn-labels:  model + samples → teacher shards (mapped, any task runner) → labels
 sdrpn-train:   sdrpn-labels → train
-sdrpn-eval:    model + RPN (trained here, or the store's latest for the model) + benchmark → evaluate
+sdrpn-eval:    model + RPN (trained here, or the store's latest for the model) + benchmark → evaluation pieces
+               (one per method and shard, mapped) → merged scores
 sdrpn:         sdrpn-train → sdrpn-eval → score table, report and links as Prefect artifacts
+
+The mapped stages of one flow run share one task runner's workers (`flows.runners`): threads, or one Dask
+cluster whose workers each load the model once.
 """
 
 from __future__ import annotations
@@ -12,19 +16,22 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.futures import wait
 
+from flows.runners import RunnerFactory, model_bound, task_runners
 from sdrpn_core.methods import get_method
-from stages.config import DatasetSpec, PipelineConfig, RunnerSection, TeacherSection
-from stages.evaluate import EvalParams, eval_fingerprint
+from stages import evaluate
+from stages.config import DatasetSpec, PipelineConfig, TeacherSection
+from stages.evaluate import EvalParams, EvalPiece, eval_fingerprint, plan_pieces
 from stages.labels import labels_fingerprint
 from stages.labels import merge as merge_labels
 from stages.model import nano_base_fingerprint
-from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, RpnRef, ShardSummary
+from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, PieceRef, RpnRef, ShardSummary
 from stages.teacher import teacher_fingerprint, teacher_ref
 from stages.train import train_fingerprint
 from storage.fingerprint import hash_obj
 from tasks.stages import (
+    eval_piece_task,
     eval_task,
     labels_task,
     model_task,
@@ -61,18 +68,6 @@ def _call(task, *args):
     return task(*args, return_state=True).result()
 
 
-def _runner(section: RunnerSection):
-    if section.kind == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        if section.address:
-            return DaskTaskRunner(address=section.address)
-        return DaskTaskRunner(
-            cluster_kwargs={"n_workers": section.n_workers, "processes": section.processes, "threads_per_worker": 1}
-        )
-    return ThreadPoolTaskRunner(max_workers=2)
-
-
 @flow(name="sdrpn-teacher", flow_run_name="teacher[{dataset.name}]")
 def teacher_flow(
     cfg: PipelineConfig, model: ModelRef, dataset: DatasetRef, fp: str, t: TeacherSection | None = None
@@ -80,19 +75,21 @@ def teacher_flow(
     """The teacher shards, mapped over the flow's task runner; each shard commits to the store independently."""
     t = t or cfg.teacher
     n = max(1, min(t.shards, dataset.rows))
-    futures = teacher_shard_task.map(
-        cfg.store.settings(),
-        model,
-        dataset,
-        t.preset_obj(),
-        fp,
-        list(range(n)),
-        n,
-        t.batch_size,
-        t.chunk_size,
-        t.max_new_tokens,
-        unmapped(t.label_inputs()),
-    )
+    with model_bound(cfg.runner):
+        futures = teacher_shard_task.map(
+            cfg.store.settings(),
+            model,
+            dataset,
+            t.preset_obj(),
+            fp,
+            list(range(n)),
+            n,
+            t.batch_size,
+            t.chunk_size,
+            t.max_new_tokens,
+            unmapped(t.label_inputs()),
+        )
+    wait(futures)  # every shard finishes (and commits) before one's failure is raised
     return [f.result() for f in futures]
 
 
@@ -105,23 +102,23 @@ def _model(cfg: PipelineConfig) -> ModelRef:
 
 
 def _source_labels(
-    cfg: PipelineConfig, model: ModelRef, name: str, data: DatasetSpec, teacher: TeacherSection
+    cfg: PipelineConfig, model: ModelRef, name: str, data: DatasetSpec, teacher: TeacherSection, runners: RunnerFactory
 ) -> LabelsRef:
     """One training source: its samples, its teacher (own preset and inputs) and its labels, each cached alone."""
     settings = cfg.store.settings()
     dataset = samples_task(data, settings, "train" if name == "train" else f"train:{name}")
     preset = teacher.preset_obj()
     t_fp = teacher_fingerprint(model, preset, teacher.max_new_tokens, teacher.label_inputs())
-    teacher_flow.with_options(task_runner=_runner(cfg.runner))(cfg, model, dataset, t_fp, teacher)
+    teacher_flow.with_options(task_runner=runners())(cfg, model, dataset, t_fp, teacher)
     params = cfg.labels.params(preset)
     labels = _call(labels_task, settings, dataset, t_fp, params, labels_fingerprint(t_fp, dataset, params))
     get_run_logger().info("%s: teacher rows at %s; labels %s", name, teacher_ref(_store(cfg), t_fp).url, labels.stats)
     return labels
 
 
-def _labels(cfg: PipelineConfig) -> tuple[ModelRef, LabelsRef]:
+def _labels(cfg: PipelineConfig, runners: RunnerFactory) -> tuple[ModelRef, LabelsRef]:
     model = _model(cfg)
-    parts = [(name, _source_labels(cfg, model, name, data, t)) for name, data, t in cfg.sources()]
+    parts = [(name, _source_labels(cfg, model, name, data, t, runners)) for name, data, t in cfg.sources()]
     return model, merge_labels(parts)
 
 
@@ -132,10 +129,9 @@ def _train(cfg: PipelineConfig, model: ModelRef, labels: LabelsRef) -> RpnRef:
     return _call(train_task, cfg.store.settings(), model, labels, params, preset.name, fp)
 
 
-def _eval(cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None) -> list[EvalRef]:
-    settings = cfg.store.settings()
+def _eval_params(cfg: PipelineConfig) -> EvalParams:
     e, preset = cfg.eval, cfg.teacher.preset_obj()
-    params = EvalParams(
+    return EvalParams(
         methods=tuple(e.methods),
         threshold=e.threshold,
         default_threshold=preset.roi_threshold,
@@ -147,12 +143,36 @@ def _eval(cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None) -> list[Eval
         inputs=tuple(sorted(e.inputs.items())),
         model_key=preset.name.split("/")[0],
     )
-    results = []
-    for spec in e.datasets:
-        dataset = samples_task(spec, settings, f"eval:{spec.benchmark or spec.kind}")
-        results.append(
-            _call(eval_task, settings, model, rpn, dataset, params, eval_fingerprint(model, rpn, dataset, params))
+
+
+@flow(name="sdrpn-evaluate", flow_run_name="evaluate[{dataset.benchmark}] pieces")
+def evaluate_flow(
+    cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None, dataset: DatasetRef, pieces: list[EvalPiece]
+) -> list[PieceRef]:
+    """The evaluation pieces, mapped over the flow's task runner; each commits to the store when it finishes."""
+    with model_bound(cfg.runner):
+        futures = eval_piece_task.map(
+            unmapped(cfg.store.settings()),
+            unmapped(model),
+            unmapped(rpn),
+            unmapped(dataset),
+            unmapped(_eval_params(cfg)),
+            pieces,
         )
+    wait(futures)  # every piece finishes (and commits) before one's failure is raised
+    return [f.result() for f in futures]
+
+
+def _eval(cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None, runners: RunnerFactory) -> list[EvalRef]:
+    """Per benchmark: its samples, the pieces not yet in the store (mapped), then the merge."""
+    settings, params, results = cfg.store.settings(), _eval_params(cfg), []
+    for spec in cfg.eval.datasets:
+        dataset = samples_task(spec, settings, f"eval:{spec.benchmark or spec.kind}")
+        fp = eval_fingerprint(model, rpn, dataset, params)
+        pieces = plan_pieces(model, rpn, dataset, params, cfg.eval.shards)
+        if evaluate.lookup(_store(cfg), fp, dataset.benchmark) is None:
+            evaluate_flow.with_options(task_runner=runners())(cfg, model, rpn, dataset, pieces)
+        results.append(_call(eval_task, settings, dataset, params, fp, pieces))
     return results
 
 
@@ -165,14 +185,17 @@ def _store(cfg: PipelineConfig):
 @flow(name="sdrpn-labels", flow_run_name=_run_name)
 def labels_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> LabelsRef:
     """Teacher extraction and pseudo-labels for the training data."""
-    return _labels(load_config(config, config_path))[1]
+    cfg = load_config(config, config_path)
+    with task_runners(cfg.runner) as runners:
+        return _labels(cfg, runners)[1]
 
 
 @flow(name="sdrpn-train", flow_run_name=_run_name)
 def train_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> RpnRef:
     """Labels, then the RPN."""
     cfg = load_config(config, config_path)
-    return _train(cfg, *_labels(cfg))
+    with task_runners(cfg.runner) as runners:
+        return _train(cfg, *_labels(cfg, runners))
 
 
 @flow(name="sdrpn-eval", flow_run_name=_run_name)
@@ -181,7 +204,8 @@ def eval_flow(config: PipelineConfig | None = None, config_path: str | None = No
     cfg = load_config(config, config_path)
     model = _model(cfg)
     rpn = _latest_rpn(cfg, model) if any(get_method(m).needs_rpn for m in cfg.eval.methods) else None
-    results = _eval(cfg, model, rpn)
+    with task_runners(cfg.runner) as runners:
+        results = _eval(cfg, model, rpn, runners)
     _publish_results(cfg, model, results)
     return results
 
@@ -221,9 +245,10 @@ def _latest_rpn(cfg: PipelineConfig, model: ModelRef) -> RpnRef:
 def sdrpn(config: PipelineConfig | None = None, config_path: str | None = None) -> dict:
     """The whole pipeline: teacher → labels → RPN → evaluation, every stage cached on its fingerprint."""
     cfg = load_config(config, config_path)
-    model, labels_ref = _labels(cfg)
-    rpn = _train(cfg, model, labels_ref)
-    results = _eval(cfg, model, rpn)
+    with task_runners(cfg.runner) as runners:
+        model, labels_ref = _labels(cfg, runners)
+        rpn = _train(cfg, model, labels_ref)
+        results = _eval(cfg, model, rpn, runners)
     table = _publish_results(cfg, model, results)
     create_markdown_artifact(key="sdrpn-report", markdown=_report(cfg, labels_ref, rpn, results, table))
     create_link_artifact(key="sdrpn-labels", link=_link(labels_ref.url), link_text="label dataset")

@@ -40,6 +40,9 @@ class EvalMethod:
     label: str  # as the report's tables name it
     needs_rpn: bool = False
     needs_box: bool = False
+    # the evaluation parameters its answers depend on beyond those every method shares (generation limit, inputs):
+    # an evaluation piece is fingerprinted on these alone, so changing τ re-runs SD-RPN and nothing else
+    depends_on: tuple[str, ...] = ()
 
 
 METHODS: Registry[EvalMethod] = Registry("evaluation method")
@@ -69,6 +72,7 @@ register_method(
         ),
         "+SD-RPN",
         needs_rpn=True,
+        depends_on=("threshold", "default_threshold", "model_key", "mode", "reuse_kv"),
     )
 )
 register_method(
@@ -78,6 +82,7 @@ register_method(
             s.adapter, image, prompt, layer=s.vicrop_layer, max_new_tokens=s.max_new_tokens
         ),
         "+ViCrop",
+        depends_on=("vicrop_layer",),
     )
 )
 register_method(

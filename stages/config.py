@@ -243,6 +243,9 @@ class EvalSection(_Section):
     vicrop_layer: Annotated[int, Field(ge=0)] | None = None
     paper_model: str | None = None
     gallery: Annotated[int, Field(ge=0)] = 6
+    # pieces per (benchmark, method): each is cached and committed on its own, and they run in parallel on the
+    # runner's workers; a crash loses only the pieces in flight
+    shards: Positive = 1
     # adapter input settings for evaluation alone, e.g. the authors' Qwen evaluation without square padding:
     # {pad_square: false}; recorded in protocol.json
     inputs: dict[str, Any] = Field(default_factory=dict)
@@ -279,13 +282,21 @@ class StoreSection(_Section):
 
 
 class RunnerSection(_Section):
-    """Where the mapped teacher shards run: `threads` (default) or `dask` (prefect-dask; `address` of a running
-    scheduler, or a temporary LocalCluster of `n_workers`)."""
+    """Where the mapped stages (teacher shards, evaluation pieces) run: `threads` (default, `n_workers` threads) or
+    `dask` (prefect-dask): the `address` of a running scheduler, or a cluster started for the flow run with
+    `n_workers` single-threaded workers, or with `gpus: all | N` one worker process per GPU, pinned to it."""
 
     kind: Literal["threads", "dask"] = "threads"
     address: str | None = None
     n_workers: Positive = 2
     processes: bool = True
+    gpus: Literal["all"] | Positive | None = None
+
+    @model_validator(mode="after")
+    def _gpus_need_dask(self) -> RunnerSection:
+        if self.gpus is not None and self.kind != "dask":
+            raise ValueError("runner.gpus needs runner.kind: dask (one worker process per GPU)")
+        return self
 
 
 class PipelineConfig(_Section):

@@ -1,9 +1,15 @@
-"""The `evaluate` stage: one benchmark, every method (baseline, SD-RPN, ViCrop, oracle crop) in the same run.
+"""The `evaluate` stage: one benchmark, every method (baseline, SD-RPN, ViCrop, oracle crop), as cached pieces.
 
-Per sample and method: the prediction, its score under the benchmark's official metric, and the seconds spent.
-Per method: the benchmark's headline score (percent) and sub-scores, samples/s and throughput relative to the
-baseline measured in this run. Written as an artifact `<root>/eval/<fp>/`: predictions.parquet, scores.json,
-protocol.json (everything a score depends on), report.md and gallery.png (largest SD-RPN wins and losses)."""
+An evaluation is split into pieces, one per (method, shard of the benchmark's rows). Each piece is fingerprinted
+on what its answers depend on (the model, the data, its shard, the parameters its method reads, the RPN for
+SD-RPN alone) and committed to the store as an artifact `<root>/eval-piece/<fp>/` when it finishes, so a crash
+loses only the pieces in flight, and adding a method or changing τ evaluates only the pieces it changes. Pieces
+run on the flow's task runner (threads or Dask workers, one model per worker).
+
+`merge` reads the pieces back and writes the evaluation `<root>/eval/<fp>/`: predictions.parquet (in manifest
+order, whatever order the pieces finished in), scores.json (per method: the benchmark's headline score in
+percent, sub-scores, samples/s and throughput relative to this run's baseline), protocol.json (everything a score
+depends on), report.md and gallery.png (largest SD-RPN wins and losses). `evaluate` is both, in one process."""
 
 from __future__ import annotations
 
@@ -11,25 +17,27 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
 
 from sdrpn_core.benchmarks import Benchmark, BenchmarkSample, get_benchmark
 from sdrpn_core.benchmarks.scoring import aggregate, score
 from sdrpn_core.data import BadSample, load_image
 from sdrpn_core.methods import EvalMethod, MethodSettings, get_method
-from sdrpn_core.visualize import roi_overlay
+from sdrpn_core.progress import Progress
 from stages.common import load_model
 from stages.data import read_manifest
-from stages.refs import DatasetRef, EvalRef, ModelRef, RpnRef
+from stages.refs import DatasetRef, EvalRef, ModelRef, PieceRef, RpnRef
+from stages.report import eval_report_markdown, gallery, png
 from stages.train import load_rpn
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import stage_fingerprint
-from storage.store import Store
+from storage.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +57,49 @@ class EvalParams:
     protocol: str = "lmms-eval 0.4.0 (the authors' vendored copy)"  # prompts and metrics scored as by this harness
 
 
+SHARED_PARAMS = ("max_new_tokens", "inputs", "protocol")  # what every method's answers depend on
+
+
 def eval_fingerprint(model: ModelRef, rpn: RpnRef | None, dataset: DatasetRef, params: EvalParams) -> str:
     inputs = {"model": model.fingerprint, "dataset": dataset.fingerprint, "rpn": rpn.fingerprint if rpn else ""}
     return stage_fingerprint("eval", inputs, params)
 
 
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+@dataclass(frozen=True)
+class EvalPiece:
+    """One method on one shard of a benchmark's rows (contiguous: rows [shard·n/of, (shard+1)·n/of))."""
+
+    benchmark: str
+    method: str
+    shard: int
+    n_shards: int
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.benchmark}/{self.method} {self.shard + 1}/{self.n_shards}"
+
+
+def plan_pieces(
+    model: ModelRef, rpn: RpnRef | None, dataset: DatasetRef, params: EvalParams, shards: int = 1
+) -> list[EvalPiece]:
+    """The pieces of one evaluation, methods in the config's order (an RPN method is left out without an RPN)."""
+    n = max(1, min(shards, dataset.rows))
+    pieces = []
+    for method in map(get_method, params.methods):
+        if method.needs_rpn and rpn is None:
+            continue
+        used = {k: getattr(params, k) for k in (*SHARED_PARAMS, *method.depends_on)}
+        inputs = {
+            "model": model.fingerprint,
+            "dataset": dataset.fingerprint,
+            "rpn": rpn.fingerprint if method.needs_rpn and rpn else "",
+        }
+        for shard in range(n):
+            where = {"method": method.name, "shard": shard, "of": n, **used}
+            fp = stage_fingerprint("eval-piece", inputs, where)
+            pieces.append(EvalPiece(dataset.benchmark, method.name, shard, n, fp))
+    return pieces
 
 
 def _sample(row: dict) -> BenchmarkSample:
@@ -90,6 +132,19 @@ def lookup(store: Store, eval_fp: str, benchmark: str) -> EvalRef | None:
     return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), benchmark)
 
 
+def piece_lookup(store: Store, piece: EvalPiece) -> PieceRef | None:
+    """The committed piece, if every file matches its marker."""
+    arts = ArtifactStore(store)
+    manifest = arts.verify("eval-piece", piece.fingerprint)
+    if manifest is None:
+        return None
+    rows = manifest["meta"].get("rows")
+    if not isinstance(rows, int):
+        log.error("%s: marker lacks a row count; re-evaluating", arts.url("eval-piece", piece.fingerprint))
+        return None
+    return PieceRef(piece.fingerprint, arts.url("eval-piece", piece.fingerprint), piece.method, piece.shard, rows)
+
+
 @dataclass
 class _Run:
     """One evaluation's settings, resolved once (model, benchmark, methods, τ, generation limit)."""
@@ -120,40 +175,36 @@ def _prepare(store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: Dat
     return _Run(bench, methods, settings, tokens)
 
 
-@dataclass
-class _Results:
-    """Per sample and method: the prediction rows, and per method what the scores aggregate."""
-
-    predictions: list[dict] = field(default_factory=list)
-    per_method: dict[str, list[tuple[BenchmarkSample, str, float]]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    outcomes: dict[str, dict] = field(default_factory=dict)  # sample id → image, sample, method → (answer, score)
-
-    def add(self, sample: BenchmarkSample, method: str, answer, score_: float | None, dt: float, error: str = ""):
-        self.predictions.append(
-            {
-                "sample_id": sample.sample_id,
-                "method": method,
-                "prediction": answer.text if answer else "",
-                "score": score_,
-                "seconds": dt,
-                "roi": json.dumps(answer.roi.pixel_boxes) if answer and answer.roi else "",
-                "error": error,
-            }
-        )
+def _row(sample: BenchmarkSample, method: str, answer, score_: float | None, dt: float, error: str = "") -> dict:
+    """One prediction row; the RoI map is kept (float32, flattened) so the merge can draw the gallery."""
+    roi = answer.roi if answer else None
+    prob = roi.plan.prob if roi is not None and roi.plan.prob is not None else None
+    return {
+        "sample_id": sample.sample_id,
+        "method": method,
+        "prediction": answer.text if answer else "",
+        "score": score_,
+        "seconds": dt,
+        "roi": json.dumps(roi.pixel_boxes) if roi else "",
+        "roi_map": np.asarray(prob, dtype=np.float32).ravel().tolist() if prob is not None else None,
+        "roi_grid": list(np.shape(prob)) if prob is not None else None,
+        "error": error,
+    }
 
 
-def _answer_all(run: _Run, rows: list[dict]) -> _Results:
-    """Every method on every readable sample; an unreadable image is a recorded error row, never a crash."""
-    out = _Results(
-        per_method={m.name: [] for m in run.methods}, seconds=dict.fromkeys((m.name for m in run.methods), 0.0)
-    )
+def _answer_all(run: _Run, rows: list[dict], what: str, progress: Callable[[int, int], None] | None) -> list[dict]:
+    """Every method on every readable row → prediction rows; an unreadable image is a recorded error row (method
+    "-"), never a crash. Logs counts, rate, ETA and the running mean score per method."""
+    out: list[dict] = []
+    done: dict[str, list[float]] = {m.name: [] for m in run.methods}
+    bar = Progress(len(rows), what, log, callback=progress)
     for row in rows:
         sample = _sample(row)
         try:
             image = load_image(row["image"])
         except BadSample as e:
-            out.add(sample, "-", None, None, 0.0, e.reason)
+            out.append(_row(sample, "-", None, None, 0.0, e.reason))
+            bar.update(1)
             continue
         prompt = run.bench.prompt(sample)
         for method in run.methods:
@@ -162,25 +213,11 @@ def _answer_all(run: _Run, rows: list[dict]) -> _Results:
             t0 = time.perf_counter()
             answer = method.answer(run.settings, image, prompt, sample.box)
             dt = time.perf_counter() - t0
-            out.seconds[method.name] += dt
             sc = score(run.bench, sample, answer.text)
-            out.per_method[method.name].append((sample, answer.text, sc))
-            out.outcomes.setdefault(sample.sample_id, {"image": image, "sample": sample})[method.name] = (answer, sc)
-            out.add(sample, method.name, answer, sc, dt)
+            done[method.name].append(sc)
+            out.append(_row(sample, method.name, answer, sc, dt))
+        bar.update(1, **{m: f"{100 * np.mean(s):.1f}" for m, s in done.items() if s})
     return out
-
-
-def _scores(run: _Run, results: _Results) -> list[dict]:
-    """Per method: the benchmark's aggregate, samples/s, and throughput relative to this run's baseline."""
-    scores = []
-    for name, done in results.per_method.items():
-        agg = aggregate(run.bench, [d[0] for d in done], [d[1] for d in done], [d[2] for d in done])
-        rate = len(done) / results.seconds[name] if results.seconds[name] else 0.0
-        scores.append({"benchmark": run.bench.name, "method": name, **agg, "samples_per_s": rate})
-    base_rate = next((s["samples_per_s"] for s in scores if s["method"] == "baseline"), None)
-    for s in scores:
-        s["relative_throughput"] = s["samples_per_s"] / base_rate if base_rate else None
-    return scores
 
 
 def _protocol(run: _Run, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams) -> dict:
@@ -210,6 +247,7 @@ def _protocol(run: _Run, model: ModelRef, rpn_ref: RpnRef | None, dataset: Datas
         "prompt_template": adapter.prompt_template,
         "attn_implementation": adapter.model.config.text_config._attn_implementation,
         "inputs": adapter.describe(),
+        "pads_to_square": adapter.pads_to_square,
         "rpn": rpn_ref.fingerprint if rpn_ref else None,
         "roi_threshold": run.settings.threshold,
         "roi_mode": params.mode,
@@ -220,81 +258,148 @@ def _protocol(run: _Run, model: ModelRef, rpn_ref: RpnRef | None, dataset: Datas
     }
 
 
-def evaluate(
-    store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams, eval_fp: str
-) -> EvalRef:
+def evaluate_piece(
+    store: Store,
+    model: ModelRef,
+    rpn_ref: RpnRef | None,
+    dataset: DatasetRef,
+    params: EvalParams,
+    piece: EvalPiece,
+    progress: Callable[[int, int], None] | None = None,
+) -> PieceRef:
+    """One method on one shard, committed to the store when done (found there: returned as it is)."""
+    if (ref := piece_lookup(store, piece)) is not None:
+        return ref
+    run = _prepare(store, model, rpn_ref, dataset, replace(params, methods=(piece.method,)))
+    rows = read_manifest(dataset, store)
+    mine = rows[piece.shard * len(rows) // piece.n_shards : (piece.shard + 1) * len(rows) // piece.n_shards]
+    predictions = _answer_all(run, mine, f"evaluate[{piece.name}]", progress)
+    protocol = _protocol(run, model, rpn_ref, dataset, params)
+    arts = ArtifactStore(store)
+    meta = {"method": piece.method, "shard": piece.shard, "of": piece.n_shards, "rows": len(mine)}
+    arts.put_files(
+        "eval-piece",
+        piece.fingerprint,
+        {"predictions.parquet": _parquet(predictions), "protocol.json": json.dumps(protocol, default=str).encode()},
+        meta=meta,
+    )
+    return PieceRef(piece.fingerprint, arts.url("eval-piece", piece.fingerprint), piece.method, piece.shard, len(mine))
+
+
+PIECE_COLUMNS = ("sample_id", "method", "prediction", "score", "seconds", "roi", "roi_map", "roi_grid", "error")
+
+
+def _read_piece(arts: ArtifactStore, piece: EvalPiece) -> tuple[list[dict], dict]:
+    """A committed piece's prediction rows and protocol (verified against its marker; Parquet and JSON only)."""
+    table = pq.read_table(io.BytesIO(arts.read("eval-piece", piece.fingerprint, "predictions.parquet")))
+    missing = [c for c in PIECE_COLUMNS if c not in table.column_names]
+    if missing and table.num_rows:
+        raise StoreError(f"{arts.url('eval-piece', piece.fingerprint)}: predictions lack columns {missing}")
+    protocol = json.loads(arts.read("eval-piece", piece.fingerprint, "protocol.json"))
+    return table.to_pylist(), protocol
+
+
+@dataclass
+class _Merged:
+    """The pieces' rows in manifest order, with what the scores aggregate."""
+
+    predictions: list[dict]
+    protocol: dict
+    per_method: dict[str, list[tuple[BenchmarkSample, str, float]]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _gather(store: Store, dataset: DatasetRef, pieces: list[EvalPiece]) -> _Merged:
+    arts = ArtifactStore(store)
+    samples = {r["sample_id"]: _sample(r) for r in read_manifest(dataset, store)}
+    order = {sid: i for i, sid in enumerate(samples)}
+    methods = list(dict.fromkeys(p.method for p in pieces))
+    by_method: dict[str, list[dict]] = {m: [] for m in methods}
+    errors: dict[str, dict] = {}
+    protocol: dict = {}
+    for piece in pieces:
+        rows, protocol = _read_piece(arts, piece)
+        for r in rows:
+            if r["error"]:
+                errors.setdefault(r["sample_id"], r)  # every method's piece records an unreadable image: once
+            else:
+                by_method[piece.method].append(r)
+    rank = {m: i for i, m in enumerate(methods)}
+    predictions = sorted(
+        [*errors.values(), *(r for rows in by_method.values() for r in rows)],
+        key=lambda r: (order.get(r["sample_id"], len(order)), rank.get(r["method"], -1)),
+    )
+    merged = _Merged(predictions, {**protocol, "shards": pieces[0].n_shards if pieces else 1})
+    for m, rows in by_method.items():
+        rows.sort(key=lambda r: order.get(r["sample_id"], len(order)))
+        merged.per_method[m] = [(samples[r["sample_id"]], r["prediction"], r["score"]) for r in rows]
+        merged.seconds[m] = sum(r["seconds"] for r in rows)
+    return merged
+
+
+def _scores(bench: Benchmark, merged: _Merged) -> list[dict]:
+    """Per method: the benchmark's aggregate, samples/s, and throughput relative to this run's baseline."""
+    scores = []
+    for name, done in merged.per_method.items():
+        agg = aggregate(bench, [d[0] for d in done], [d[1] for d in done], [d[2] for d in done])
+        rate = len(done) / merged.seconds[name] if merged.seconds[name] else 0.0
+        scores.append({"benchmark": bench.name, "method": name, **agg, "samples_per_s": rate})
+    base_rate = next((s["samples_per_s"] for s in scores if s["method"] == "baseline"), None)
+    for s in scores:
+        s["relative_throughput"] = s["samples_per_s"] / base_rate if base_rate else None
+    return scores
+
+
+def merge(store: Store, dataset: DatasetRef, params: EvalParams, eval_fp: str, pieces: list[EvalPiece]) -> EvalRef:
+    """The committed pieces → the evaluation's predictions, scores, protocol, report and gallery."""
     if (ref := lookup(store, eval_fp, dataset.benchmark)) is not None:
         return ref
-    run = _prepare(store, model, rpn_ref, dataset, params)
-    results = _answer_all(run, read_manifest(dataset, store))
-    if not results.outcomes:  # nothing evaluated: a failure, never a committed (and so reused) result
-        errors = [p["error"] for p in results.predictions if p["error"]][:3]
+    bench = get_benchmark(dataset.benchmark)
+    merged = _gather(store, dataset, pieces)
+    if not any(merged.per_method.values()):  # nothing evaluated: a failure, never a committed (reused) result
+        errors = [p["error"] for p in merged.predictions if p["error"]][:3]
         raise ValueError(f"no sample of {dataset.name or dataset.benchmark} could be evaluated: {'; '.join(errors)}")
-    scores = _scores(run, results)
-    protocol = _protocol(run, model, rpn_ref, dataset, params)
+    scores = _scores(bench, merged)
+    protocol = merged.protocol
+    rows = [{k: v for k, v in r.items() if k not in ("roi_map", "roi_grid")} for r in merged.predictions]
     files = {
-        "predictions.parquet": _parquet(results.predictions, {"sdrpn.protocol": json.dumps(protocol, default=str)}),
+        "predictions.parquet": _parquet(rows, {"sdrpn.protocol": json.dumps(protocol, default=str)}),
         "scores.json": json.dumps(scores, indent=1).encode(),
         "protocol.json": json.dumps(protocol, indent=1, default=str).encode(),
-        "report.md": report_markdown(run.bench, dataset, scores).encode(),
+        "report.md": eval_report_markdown(bench, dataset, scores).encode(),
     }
-    names = {m.name for m in run.methods}
-    if "sdrpn" in names and "baseline" in names and params.gallery:
-        files["gallery.png"] = _png(gallery(results.outcomes, params.gallery, run.settings.adapter))
+    if {"sdrpn", "baseline"} <= set(merged.per_method) and params.gallery:
+        manifest = {r["sample_id"]: r for r in read_manifest(dataset, store)}
+        picture = gallery(merged.predictions, manifest, params.gallery, protocol.get("pads_to_square", True))
+        if picture is not None:
+            files["gallery.png"] = png(picture)
     arts = ArtifactStore(store)
-    arts.put_files("eval", eval_fp, files, meta={"benchmark": run.bench.name, "dataset": dataset.name})
-    return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), run.bench.name)
+    arts.put_files("eval", eval_fp, files, meta={"benchmark": bench.name, "dataset": dataset.name})
+    return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), bench.name)
+
+
+def evaluate(
+    store: Store,
+    model: ModelRef,
+    rpn_ref: RpnRef | None,
+    dataset: DatasetRef,
+    params: EvalParams,
+    eval_fp: str,
+    shards: int = 1,
+) -> EvalRef:
+    """Every piece in this process, then the merge (the flows map the pieces over their task runner instead)."""
+    if (ref := lookup(store, eval_fp, dataset.benchmark)) is not None:
+        return ref
+    pieces = plan_pieces(model, rpn_ref, dataset, params, shards)
+    for piece in pieces:
+        evaluate_piece(store, model, rpn_ref, dataset, params, piece)
+    return merge(store, dataset, params, eval_fp, pieces)
 
 
 def _parquet(rows: list[dict], metadata: dict[str, str] | None = None) -> bytes:
     """Predictions with the protocol in the file's metadata, so a score can be traced from the file alone."""
     buf = io.BytesIO()
-    table = pa.Table.from_pylist(rows)
+    schema = None if rows else pa.schema([(c, pa.string()) for c in PIECE_COLUMNS])
+    table = pa.Table.from_pylist(rows, schema=schema)
     pq.write_table(table.replace_schema_metadata(metadata) if metadata else table, buf)
     return buf.getvalue()
-
-
-def gallery(outcomes: dict[str, dict], n: int, adapter, tile: int = 224) -> Image.Image:
-    """The samples where SD-RPN beat the baseline most, then those where it lost most: RoI overlays + captions."""
-    both = [o for o in outcomes.values() if "sdrpn" in o and "baseline" in o]
-    deltas = sorted(both, key=lambda o: o["sdrpn"][1] - o["baseline"][1])
-    wins = [o for o in reversed(deltas) if o["sdrpn"][1] > o["baseline"][1]][: max(1, n // 2)]
-    losses = [o for o in deltas if o["sdrpn"][1] < o["baseline"][1]][: max(1, n - len(wins))]
-    picked = [("win", o) for o in wins] + [("loss", o) for o in losses] or [("tie", o) for o in both[:n]]
-    cols = max(1, min(3, len(picked)))
-    rows_n = max(1, -(-len(picked) // cols))
-    canvas = Image.new("RGB", (cols * tile, rows_n * (tile + 44)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (kind, o) in enumerate(picked):
-        ans = o["sdrpn"][0]
-        img = roi_overlay(o["image"], ans.roi.plan.prob, ans.roi.pixel_boxes, padded=adapter.pads_to_square)
-        img.thumbnail((tile, tile))
-        x, y = (i % cols) * tile, (i // cols) * (tile + 44)
-        canvas.paste(img, (x, y))
-        s = o["sample"]
-        draw.text((x + 2, y + tile + 2), f"{kind}: {s.question[:34]}", fill="black")
-        draw.text((x + 2, y + tile + 15), f"sdrpn {ans.text[:16]!r} ({o['sdrpn'][1]:.2f})", fill="darkgreen")
-        draw.text(
-            (x + 2, y + tile + 28), f"base {o['baseline'][0].text[:16]!r} ({o['baseline'][1]:.2f})", fill="darkred"
-        )
-    return canvas
-
-
-def report_markdown(bench: Benchmark, dataset: DatasetRef, scores: list[dict]) -> str:
-    subs = [k for k in dict.fromkeys(k for s in scores for k in s) if k not in _NOT_SUBSCORES]
-    head = "| method | score | " + " | ".join(subs) + (" | " if subs else "") + "samples/s | relative throughput |"
-    lines = [f"## {bench.name} ({dataset.rows} samples, {dataset.rejected} rejected rows)", ""]
-    notes = [f"> **Warning:** {w}" for w in dataset.warnings]
-    if bench.notes:
-        notes.append(f"> Differs from the harness: {bench.notes}")
-    lines += [*notes, *([""] if notes else []), head, "|" + "---|" * (4 + len(subs))]
-    for s in scores:
-        rel = f"{s['relative_throughput']:.2f}×" if s.get("relative_throughput") else "–"
-        cells = " | ".join(f"{s.get(k, float('nan')):.1f}" for k in subs)
-        lines.append(
-            f"| {s['method']} | {s['score']:.1f} | {cells}{' | ' if subs else ''}{s['samples_per_s']:.2f} | {rel} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-_NOT_SUBSCORES = {"benchmark", "method", "score", "samples", "samples_per_s", "relative_throughput"}

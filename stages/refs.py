@@ -72,3 +72,14 @@ class EvalRef:
     url: str
     scores: tuple[dict, ...] = ()
     benchmark: str = ""
+
+
+@dataclass(frozen=True)
+class PieceRef:
+    """One committed evaluation piece: a method's predictions on one shard of a benchmark's rows."""
+
+    fingerprint: str
+    url: str
+    method: str
+    shard: int
+    rows: int

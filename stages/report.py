@@ -3,12 +3,18 @@ relative throughput), with the paper's published numbers for the same model besi
 
 from __future__ import annotations
 
+import io
 import json
 
-from sdrpn_core.benchmarks import get_benchmark
+import numpy as np
+from PIL import Image, ImageDraw
+
+from sdrpn_core.benchmarks import Benchmark, get_benchmark
 from sdrpn_core.benchmarks.published import PUBLISHED
+from sdrpn_core.data import BadSample, load_image
 from sdrpn_core.methods import METHODS
-from stages.refs import EvalRef
+from sdrpn_core.visualize import roi_overlay
+from stages.refs import DatasetRef, EvalRef
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import hash_obj
 from storage.store import Store
@@ -76,3 +82,77 @@ def write_results(store: Store, results: list[EvalRef], paper_model: str | None,
         )
     arts.set_latest(model_fp, "reports", fp)
     return arts.url("reports", fp), markdown
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pairs(predictions: list[dict]) -> list[tuple[dict, dict]]:
+    """(SD-RPN row, baseline row) per sample evaluated by both, in prediction order."""
+    by_sample: dict[str, dict[str, dict]] = {}
+    for r in predictions:
+        if not r["error"]:
+            by_sample.setdefault(r["sample_id"], {})[r["method"]] = r
+    return [(m["sdrpn"], m["baseline"]) for m in by_sample.values() if "sdrpn" in m and "baseline" in m]
+
+
+def _picked(predictions: list[dict], n: int) -> list[tuple[str, dict, dict]]:
+    """The samples where SD-RPN beat the baseline most, then those where it lost most (ties when neither)."""
+    pairs = sorted(_pairs(predictions), key=lambda p: p[0]["score"] - p[1]["score"])
+    wins = [p for p in reversed(pairs) if p[0]["score"] > p[1]["score"]][: max(1, n // 2)]
+    losses = [p for p in pairs if p[0]["score"] < p[1]["score"]][: max(1, n - len(wins))]
+    picked = [("win", *p) for p in wins] + [("loss", *p) for p in losses]
+    return picked or [("tie", *p) for p in _pairs(predictions)[:n]]
+
+
+def gallery(
+    predictions: list[dict], manifest: dict[str, dict], n: int, padded: bool, tile: int = 224
+) -> Image.Image | None:
+    """RoI overlays (the RPN's map, the crop boxes) with the question and both answers, for the largest SD-RPN wins
+    then losses; None when no sample was answered by both. An image that no longer reads is left out."""
+    tiles = []
+    for kind, sd, base in _picked(predictions, n):
+        try:
+            image = load_image(manifest[sd["sample_id"]]["image"])
+        except (BadSample, KeyError):
+            continue
+        prob = np.asarray(sd["roi_map"], dtype=np.float32).reshape(sd["roi_grid"]) if sd.get("roi_map") else None
+        boxes = [tuple(b) for b in json.loads(sd["roi"])] if sd["roi"] else []
+        tiles.append((kind, sd, base, roi_overlay(image, prob, boxes, padded=padded)))
+    if not tiles:
+        return None
+    cols = max(1, min(3, len(tiles)))
+    canvas = Image.new("RGB", (cols * tile, -(-len(tiles) // cols) * (tile + 44)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (kind, sd, base, img) in enumerate(tiles):
+        img.thumbnail((tile, tile))
+        x, y = (i % cols) * tile, (i // cols) * (tile + 44)
+        canvas.paste(img, (x, y))
+        draw.text((x + 2, y + tile + 2), f"{kind}: {manifest[sd['sample_id']]['question'][:34]}", fill="black")
+        draw.text((x + 2, y + tile + 15), f"sdrpn {sd['prediction'][:16]!r} ({sd['score']:.2f})", fill="darkgreen")
+        draw.text((x + 2, y + tile + 28), f"base {base['prediction'][:16]!r} ({base['score']:.2f})", fill="darkred")
+    return canvas
+
+
+def eval_report_markdown(bench: Benchmark, dataset: DatasetRef, scores: list[dict]) -> str:
+    """One benchmark's score table: a row per method with sub-scores, samples/s and relative throughput."""
+    subs = [k for k in dict.fromkeys(k for s in scores for k in s) if k not in _NOT_SUBSCORES]
+    head = "| method | score | " + " | ".join(subs) + (" | " if subs else "") + "samples/s | relative throughput |"
+    lines = [f"## {bench.name} ({dataset.rows} samples, {dataset.rejected} rejected rows)", ""]
+    notes = [f"> **Warning:** {w}" for w in dataset.warnings]
+    if bench.notes:
+        notes.append(f"> Differs from the harness: {bench.notes}")
+    lines += [*notes, *([""] if notes else []), head, "|" + "---|" * (4 + len(subs))]
+    for s in scores:
+        rel = f"{s['relative_throughput']:.2f}×" if s.get("relative_throughput") else "–"
+        cells = " | ".join(f"{s.get(k, float('nan')):.1f}" for k in subs)
+        lines.append(
+            f"| {s['method']} | {s['score']:.1f} | {cells}{' | ' if subs else ''}{s['samples_per_s']:.2f} | {rel} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+_NOT_SUBSCORES = {"benchmark", "method", "score", "samples", "samples_per_s", "relative_throughput"}

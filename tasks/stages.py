@@ -12,6 +12,7 @@ a validation error fails at once. The model-bound tasks carry the `sdrpn-gpu` ta
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ from sdrpn_core.train import TrainConfig
 from stages import data, evaluate, labels, model, teacher, train
 from stages.common import get_store
 from stages.config import DatasetSpec, ModelSpec
-from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, RpnRef, ShardSummary
+from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, PieceRef, RpnRef, ShardSummary
 from storage.store import StoreSettings, is_transient
 
 GPU_TAG = "sdrpn-gpu"
@@ -161,16 +162,40 @@ def train_task(
     return train.train(store, model_ref, labels_ref, params, fp, preset, progress=progress)
 
 
-@task(name="evaluate", task_run_name=_named("evaluate[{dataset.benchmark}]"), tags=[GPU_TAG], **STORE_IS_THE_CACHE)
-def eval_task(
+@task(
+    name="evaluate-piece",
+    task_run_name=_named("evaluate[{piece.name}]"),
+    tags=[GPU_TAG],
+    **STORE_IS_THE_CACHE,
+    **IO_RETRIES,
+)
+def eval_piece_task(
     settings: StoreSettings,
     model_ref: ModelRef,
     rpn: RpnRef | None,
     dataset: DatasetRef,
     params: evaluate.EvalParams,
+    piece: evaluate.EvalPiece,
+) -> PieceRef | State:
+    """One method on one shard of a benchmark; `Cached` when its committed predictions verify."""
+    store = get_store(settings)
+    if (ref := evaluate.piece_lookup(store, piece)) is not None:
+        return cached(ref, f"evaluation piece {piece.name}")
+    key = re.sub(r"[^a-z0-9-]+", "-", f"evaluate-{piece.benchmark}-{piece.method}-{piece.shard}".lower())
+    progress = _progress(key, f"evaluating {piece.name}")
+    return evaluate.evaluate_piece(store, model_ref, rpn, dataset, params, piece, progress)
+
+
+@task(name="evaluate", task_run_name=_named("evaluate[{dataset.benchmark}]"), **STORE_IS_THE_CACHE, **IO_RETRIES)
+def eval_task(
+    settings: StoreSettings,
+    dataset: DatasetRef,
+    params: evaluate.EvalParams,
     fp: str,
+    pieces: list[evaluate.EvalPiece],
 ) -> EvalRef | State:
+    """The committed pieces merged into the benchmark's predictions, scores, report and gallery."""
     store = get_store(settings)
     if (ref := evaluate.lookup(store, fp, dataset.benchmark)) is not None:
         return cached(ref, f"evaluation of {dataset.name or dataset.benchmark} {fp}")
-    return evaluate.evaluate(store, model_ref, rpn, dataset, params, fp)
+    return evaluate.merge(store, dataset, params, fp, pieces)

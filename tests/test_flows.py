@@ -100,7 +100,7 @@ class Calls:
             ("teacher", teacher_stage, "extract_teacher_maps"),
             ("labels", labels_stage, "denoise"),
             ("train", train_stage, "train_rpn"),
-            ("eval", eval_stage, "evaluate"),
+            ("eval", eval_stage, "evaluate_piece"),
         ]:
             monkeypatch.setattr(module, attr, self._wrap(name, getattr(module, attr)))
 
@@ -597,7 +597,14 @@ def test_tampered_shards_and_results_are_detected_and_repaired_on_rerun(tmp_path
     def measured(scores):  # scores without the timing
         return [(s["method"], s["score"], s["samples"]) for s in scores]
 
-    assert calls.n["eval"] == 1 and measured(again["scores"]) == measured(first["scores"])  # recomputed
+    # the merged scores were rebuilt from the evaluation pieces, which still verify: nothing answered again
+    assert calls.n.get("eval") is None and measured(again["scores"]) == measured(first["scores"])
+    piece = sorted((store_dir / "eval-piece").glob("*/predictions.parquet"))[0]
+    _flip_a_bit(piece)
+    (Path(first["eval"][0]) / "_COMMITTED.json").unlink()  # the merge must read the pieces again
+    calls.n.clear()
+    third = sdrpn(cfg)
+    assert calls.n == {"eval": 1} and measured(third["scores"]) == measured(first["scores"])  # that piece alone
     ds = teacher_dataset(get_store(cfg.store.settings()), teacher_dir.name)
     assert len(ds.read().column("sample_key")) == 12 and not ds.problems  # the bad record was retired
     assert list((teacher_dir / "_retired").iterdir())
