@@ -10,8 +10,8 @@ from storage.fingerprint import cache_root
 from storage.store import Store, StoreSettings
 
 _STORES: dict[StoreSettings, Store] = {}
-_MODELS: dict[str, object] = {}
-_LOCK = threading.Lock()
+_MODELS: dict[object, object] = {}
+_LOCK = threading.RLock()  # re-entrant: loading an RPN loads its model
 
 
 def get_store(settings: StoreSettings) -> Store:
@@ -27,13 +27,20 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def cached_in_process(key: object, load):
+    """`load()` once per process and key (models, RPNs): threads and the tasks a worker runs share the result."""
+    with _LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load()
+        return _MODELS[key]
+
+
 def load_model(ref):
     """The adapter for a ModelRef, loaded once per process (tasks in threads share it)."""
     from sdrpn_core.models import load_adapter
 
-    with _LOCK:
-        if ref.fingerprint not in _MODELS:
-            _MODELS[ref.fingerprint] = load_adapter(
-                ref.path, family=ref.family, dtype=ref.dtype, device=ref.device, inputs=json.loads(ref.inputs)
-            )
-        return _MODELS[ref.fingerprint]
+    def load():
+        inputs = json.loads(ref.inputs)
+        return load_adapter(ref.path, family=ref.family, dtype=ref.dtype, device=ref.device, inputs=inputs)
+
+    return cached_in_process(ref.fingerprint, load)

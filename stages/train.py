@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdrpn_core.train import CHECKPOINT_DIR, TrainConfig, latest_checkpoint, recipe_record, samples_from_rows, train_rpn
-from stages.common import cache_dir, load_model
+from stages.common import cache_dir, cached_in_process, load_model
 from stages.refs import LabelsRef, ModelRef, RpnRef
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import hash_obj, stage_fingerprint
@@ -119,7 +119,12 @@ def train(
 
 
 def load_rpn(store: Store, rpn: RpnRef, model: ModelRef):
+    """The RPN, fetched (verified) and loaded once per process, like the model: a worker keeps it for every
+    evaluation piece it runs."""
     from sdrpn_core.rpn import RoIPredictor
 
-    local = ArtifactStore(store).fetch_dir("rpn", rpn.fingerprint, cache_dir("rpn", rpn.fingerprint))  # checked
-    return RoIPredictor.load(local, load_model(model), check_fingerprint=model.fingerprint)
+    def load():
+        local = ArtifactStore(store).fetch_dir("rpn", rpn.fingerprint, cache_dir("rpn", rpn.fingerprint))  # checked
+        return RoIPredictor.load(local, load_model(model), check_fingerprint=model.fingerprint)
+
+    return cached_in_process(("rpn", rpn.fingerprint, model.fingerprint), load)

@@ -400,8 +400,8 @@ def test_a_benchmark_with_every_row_rejected_writes_its_quarantine(tmp_path, sto
 
 
 def test_the_eval_report_carries_the_size_warning_and_the_harness_difference():
-    from stages.report import eval_report_markdown as report_markdown
     from stages.refs import DatasetRef
+    from stages.report import eval_report_markdown as report_markdown
 
     dataset = DatasetRef("fp", "u", 3, "hrbench4k", "hrbench4k", 1, ("hrbench4k: read 3 rows … published 800",))
     scores = [{"benchmark": "hrbench4k", "method": "baseline", "score": 50.0, "fsp": 40.0, "fcp": 60.0,

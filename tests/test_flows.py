@@ -720,3 +720,86 @@ def test_a_corrupt_label_shard_is_relabelled_once_then_cached(tmp_path, monkeypa
     assert list(label_shard.parent.glob("_retired/*.json"))  # the bad record retired …
     calls.n.clear()
     assert labels_flow(cfg).rows == 12 and calls.n == {}  # … so the next run is cached again
+
+
+PIPELINE_WORKER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    from flows.pipeline import sdrpn
+    from stages.config import PipelineConfig
+    sdrpn(PipelineConfig.model_validate_json({cfg!r}))
+    """
+)
+
+
+def _committed_pieces(root: Path) -> int:
+    return len(list((root / "eval-piece").glob("*/_COMMITTED.json")))
+
+
+def _predictions(url: str) -> list[tuple]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(url) / "predictions.parquet", columns=["sample_id", "method", "prediction", "score"])
+    return [tuple(r.values()) for r in table.to_pylist()]
+
+
+def test_evaluation_killed_mid_run_resumes_only_missing_pieces_and_equals_a_dask_run(tmp_path, monkeypatch):
+    """A pipeline killed (SIGKILL) while evaluating keeps the pieces it committed; the rerun answers only the rest.
+    Its scores and predictions equal those of an uninterrupted evaluation on two Dask worker *processes*."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import sdrpn
+
+    root = tmp_path / "store"
+    cfg = make_config(
+        "llava", str(root), **{"eval.shards": 4, "eval.datasets": [{"kind": "synthetic", "n": 16, "seed": 99}]}
+    )
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PIPELINE_WORKER.format(root=str(ROOT), cfg=cfg.model_dump_json())],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and _committed_pieces(root) < 3:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    kept = _committed_pieces(root)
+    assert 3 <= kept < 16, f"not killed mid-evaluation ({kept} pieces): {proc.stderr.read().decode()[-2000:]}"
+    assert not list((root / "eval").glob("*/_COMMITTED.json"))  # nothing merged yet
+
+    calls = Calls(monkeypatch)
+    resumed = sdrpn(cfg)
+    assert calls.n == {"eval": 16 - kept}  # the teacher, labels and RPN were cached; only missing pieces ran
+
+    for folder in ("eval", "eval-piece"):  # an uninterrupted evaluation, on Dask, with the same RPN
+        for marker in (root / folder).glob("*/_COMMITTED.json"):
+            marker.unlink()
+    dask_cfg = cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"kind": "dask", "n_workers": 2})})
+    calls.n.clear()
+    on_dask = sdrpn(dask_cfg)
+    assert calls.n == {}  # every piece was answered on the Dask workers, none in this process
+    assert _committed_pieces(root) == 16
+
+    def measured(summary):
+        return [(s["method"], s["score"], s["samples"]) for s in summary["scores"]]
+
+    assert measured(on_dask) == measured(resumed)
+    assert _predictions(on_dask["eval"][0]) == _predictions(resumed["eval"][0])
+    assert len(_predictions(resumed["eval"][0])) == 16 * 4
+
+
+def test_adding_a_method_evaluates_only_its_pieces(tmp_path, monkeypatch):
+    from flows.pipeline import sdrpn
+
+    root = str(tmp_path / "store")
+    first = sdrpn(make_config("llava", root, **{"eval.methods": ["baseline", "sdrpn"], "eval.shards": 2}))
+    calls = Calls(monkeypatch)
+    more = sdrpn(make_config("llava", root, **{"eval.methods": ["baseline", "sdrpn", "oracle"], "eval.shards": 2}))
+    assert calls.n == {"eval": 2}  # the oracle's two shards
+    old = {s["method"]: s["score"] for s in first["scores"]}
+    new = {s["method"]: s["score"] for s in more["scores"]}
+    assert set(new) == {"baseline", "sdrpn", "oracle"} and {m: new[m] for m in old} == old
