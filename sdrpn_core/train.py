@@ -215,16 +215,16 @@ class _Run:
     bad_ids: set[str] = field(default_factory=set)
 
     def steps_per_epoch(self, config: TrainConfig) -> int:
-        return math.ceil(math.ceil(len(self.usable) / config.batch_size) / config.accumulation)
+        return math.ceil(math.ceil(len(self.usable) / config.batch_size) / (config.accumulation * config.world_size))
 
     def micro_batches(self, config: TrainConfig) -> tuple[int, range]:
-        """(epoch, micro-batch indices in it) of the current step. As HF's Trainer does, an epoch's last step
-        accumulates only the micro-batches left, so a data set smaller than one effective batch is seen once per
-        epoch (one short step), not cycled through to fill it."""
+        """(epoch, micro-batch indices in it) of the current step over all ranks. As HF's Trainer does, an epoch's
+        last step accumulates only the micro-batches left, so a data set smaller than one effective batch is seen
+        once per epoch (one short step), not cycled through to fill it. Rank r takes every world_size-th of them."""
         micro_per_epoch = math.ceil(len(self.usable) / config.batch_size)
+        per_step = config.accumulation * config.world_size
         epoch, k = divmod(self.step, self.steps_per_epoch(config))
-        start = k * config.accumulation
-        return epoch, range(start, min(start + config.accumulation, micro_per_epoch))
+        return epoch, range(k * per_step, min((k + 1) * per_step, micro_per_epoch))
 
     def batch(self, adapter: VLMAdapter, config: TrainConfig, epoch: int, index: int):
         """Micro-batch `index` of `epoch` (a pure function of seed and position) → (inputs, labels), or None when
@@ -246,13 +246,76 @@ class _Run:
         return (adapter.collate(pixels, questions), torch.stack(labels)) if pixels else None
 
 
-def _optimizer_step(adapter, rpn, optimizer, params, run: _Run, config: TrainConfig, total: int, autocast) -> dict:
-    """One optimizer step over `config.accumulation` micro-batches → its log record."""
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel run (torch.distributed, initialised by torchrun); one rank alone
+    when there is no process group. Gradients and step metrics are summed over the ranks once per optimizer step,
+    after the accumulation (DDP's `no_sync` pattern, done by hand so a rank left without a micro-batch in an
+    epoch's short last step still joins the reduction)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Ranks:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float], params: list[torch.nn.Parameter]) -> list[float]:
+        """Sum `values` and the parameters' gradients over the ranks (in place for the gradients)."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+        packed = torch.tensor(values, dtype=torch.float64, device=params[0].device)
+        dist.all_reduce(packed)
+        return packed.tolist()
+
+    def same_start(self, params: list[torch.nn.Parameter]) -> None:
+        """Every rank starts from rank 0's weights."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+    def gather(self, items: list) -> list:
+        """Every rank's items (rejections: each rank meets only the bad samples of its own micro-batches)."""
+        if self.world == 1:
+            return items
+        import torch.distributed as dist
+
+        out: list[list] = [[] for _ in range(self.world)]
+        dist.all_gather_object(out, items)
+        return [x for part in out for x in part]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _optimizer_step(
+    adapter, rpn, optimizer, params, run: _Run, config: TrainConfig, total: int, autocast, ranks: Ranks
+) -> dict:
+    """One optimizer step over `config.accumulation` micro-batches per rank → its log record (over all ranks)."""
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     loss_sum, tp, fp, fn, n_valid = 0.0, 0, 0, 0, 0
     epoch, micros = run.micro_batches(config)
-    for index in micros:
+    for index in micros[ranks.rank :: ranks.world]:
         batch = run.batch(adapter, config, epoch, index)
         if batch is None:
             continue
@@ -261,7 +324,7 @@ def _optimizer_step(adapter, rpn, optimizer, params, run: _Run, config: TrainCon
             logits = rpn_logits(adapter, rpn, x, config.K)  # [B, n_img]
         target = target.to(logits.device)
         loss = rpn_loss(logits, target)
-        (loss / len(micros)).backward()
+        (loss / len(micros)).backward()  # summed over the ranks below: the mean over every rank's micro-batches
         with torch.no_grad():
             valid, truth = target != IGNORE, target == 1
             pred = torch.sigmoid(logits.float()) > config.metric_threshold
@@ -270,6 +333,7 @@ def _optimizer_step(adapter, rpn, optimizer, params, run: _Run, config: TrainCon
             fn += int((~pred & truth & valid).sum())
             n_valid += int(valid.sum())
             loss_sum += float(loss) / len(micros)
+    loss_sum, tp, fp, fn, n_valid = ranks.sum([loss_sum, tp, fp, fn, n_valid], params)
     lr = lr_at(run.step, total, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -282,7 +346,7 @@ def _optimizer_step(adapter, rpn, optimizer, params, run: _Run, config: TrainCon
         "loss": loss_sum,
         "precision": tp / (tp + fp) if tp + fp else float("nan"),
         "recall": tp / (tp + fn) if tp + fn else float("nan"),
-        "valid_tokens": n_valid,
+        "valid_tokens": int(n_valid),
         "lr": lr,
         "seconds": time.perf_counter() - t0,
     }
@@ -299,11 +363,16 @@ def train_rpn(
     on_step: Callable[[int, dict], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume, when `out_dir` holds a checkpoint) an RPN on labelled samples."""
-    if config.world_size != 1:
+    """Train (or resume, when `out_dir` holds a checkpoint) an RPN on labelled samples.
+
+    Under torchrun every rank runs this on the same samples: rank r takes every world_size-th micro-batch of a
+    step, the gradients are summed over the ranks, and rank 0 alone logs, reports progress and checkpoints."""
+    ranks = Ranks.current()
+    if ranks.world != config.world_size:
         raise ValueError(
-            f"train.world_size {config.world_size}: this trainer runs one process; on one device keep the authors' "
-            "batch with train.effective_batch (the accumulation is derived from it)"
+            f"train.world_size {config.world_size}, but {ranks.world} process(es) run this training: the train stage "
+            f"launches torchrun --nproc-per-node {config.world_size}; on one device keep the authors' batch with "
+            "train.effective_batch (the accumulation is derived from it)"
         )
     torch.manual_seed(config.seed)
     usable, skipped_ignore = _usable(adapter, samples, config.keep_all_ignore)
@@ -311,6 +380,7 @@ def train_rpn(
     rpn = rpn or RoIPredictor.from_adapter(adapter, config.K, config.T, **(rpn_fields or {}))
     rpn = rpn.float().train().requires_grad_(True)
     params = [p for p in rpn.parameters() if p.requires_grad]
+    ranks.same_start(params)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     cuda = adapter.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -319,36 +389,45 @@ def train_rpn(
     total = config.max_steps or config.epochs * run.steps_per_epoch(config)
     log.info(
         "effective batch %d = %d per device × %d accumulated × %d device(s); %d optimizer steps over %d samples",
-        config.samples_per_step,
-        config.batch_size,
-        config.accumulation,
-        config.world_size,
-        total,
-        len(usable),
+        *(config.samples_per_step, config.batch_size, config.accumulation, config.world_size, total, len(usable)),
     )
     ckpt = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
-    if ckpt is not None and (latest := latest_checkpoint(ckpt)) is not None:
-        state = _load_checkpoint(latest, rpn, optimizer)
-        run.step, run.history = state["step"], state["history"]
-        run.rejected = [Rejection(**r) for r in state["rejected"]]
-        run.bad_ids = {r.sample_id for r in run.rejected}
-        log.info("resuming from %s at step %d/%d", latest, run.step, total)
-
-    bar = Progress(total, "train", log, callback=progress)
+    _resume(ckpt, rpn, optimizer, run, total)
+    bar = Progress(total, "train", log, callback=progress if ranks.main else None)
     bar.done = run.step
-    if run.step and progress is not None:
+    if run.step and progress is not None and ranks.main:
         progress(run.step, total)  # a resumed run shows where it starts (100 % when it had finished)
     while run.step < total:
-        record = _optimizer_step(adapter, rpn, optimizer, params, run, config, total, autocast)
+        record = _optimizer_step(adapter, rpn, optimizer, params, run, config, total, autocast, ranks)
         run.history.append(record)
-        bar.update(1, loss=f"{record['loss']:.4f}", p=f"{record['precision']:.2f}", r=f"{record['recall']:.2f}")
+        if ranks.main:
+            bar.update(1, loss=f"{record['loss']:.4f}", p=f"{record['precision']:.2f}", r=f"{record['recall']:.2f}")
         if ckpt is not None and (run.step % config.checkpoint_every == 0 or run.step == total):
-            state = {"step": run.step, "history": run.history, "rejected": [asdict(r) for r in run.rejected]}
-            _save_checkpoint(ckpt, rpn, optimizer, {**state, "config": asdict(config), **recipe_record(config)})
+            _checkpoint(ckpt, rpn, optimizer, run, config, ranks)
         if on_step is not None:
             on_step(run.step, record)
     rpn.eval().requires_grad_(False)
-    return TrainResult(rpn, run.step, skipped_ignore, run.rejected, run.history)
+    return TrainResult(rpn, run.step, skipped_ignore, ranks.gather(run.rejected), run.history)
+
+
+def _resume(ckpt: Path | None, rpn: RoIPredictor, optimizer: torch.optim.Optimizer, run: _Run, total: int) -> None:
+    """Continue from the newest complete checkpoint, if any (every rank reads the same one)."""
+    if ckpt is None or (latest := latest_checkpoint(ckpt)) is None:
+        return
+    state = _load_checkpoint(latest, rpn, optimizer)
+    run.step, run.history = state["step"], state["history"]
+    run.rejected = [Rejection(**r) for r in state["rejected"]]
+    run.bad_ids = {r.sample_id for r in run.rejected}
+    log.info("resuming from %s at step %d/%d", latest, run.step, total)
+
+
+def _checkpoint(ckpt: Path, rpn: RoIPredictor, optimizer, run: _Run, config: TrainConfig, ranks: Ranks) -> None:
+    """Rank 0 writes the checkpoint (with every rank's rejections); the others wait until it is complete."""
+    rejected = [asdict(r) for r in ranks.gather(run.rejected)]
+    if ranks.main:
+        state = {"step": run.step, "history": run.history, "rejected": rejected}
+        _save_checkpoint(ckpt, rpn, optimizer, {**state, "config": asdict(config), **recipe_record(config)})
+    ranks.barrier()
 
 
 def recipe_record(config: TrainConfig) -> dict:

@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import polars as pl
@@ -54,20 +55,10 @@ def lookup(store: Store, train_fp: str) -> RpnRef | None:
     return None if manifest is None else rpn_ref(arts, train_fp, manifest)
 
 
-def train(
-    store: Store,
-    model: ModelRef,
-    labels: LabelsRef,
-    params: TrainConfig,
-    train_fp: str,
-    preset: str,
-    progress: Callable[[int, int], None] | None = None,
-) -> RpnRef:
-    if (ref := lookup(store, train_fp)) is not None:
-        return ref
-    arts = ArtifactStore(store)
-    # sorted: the training order must not depend on the order shards were committed in (threads, workers)
-    # strict: a label shard that no longer matches its record is an error naming it (the next run relabels)
+def training_frame(store: Store, labels: LabelsRef, params: TrainConfig) -> pl.DataFrame:
+    """The rows trained on, sorted by sample id: the training order must not depend on the order shards were
+    committed in (threads, workers). Strict: a label shard that no longer matches its record is an error naming it
+    (the next run relabels)."""
     parts = [label_dataset(store, fp).scan(strict=True) for fp in labels.label_fingerprints()]
     merged = pl.concat(parts).unique(subset=["sample_id"], keep="first", maintain_order=True)  # first source wins
     frame = (merged if params.keep_all_ignore else merged.filter(pl.col("valid"))).sort("sample_id").collect()
@@ -76,11 +67,28 @@ def train(
             f"no usable labels in {labels.url}: all {labels.rows} samples are all-ignore or were rejected "
             f"({labels.stats.get('ignored_because', {})}); loosen the label parameters or check the teacher heads"
         )
+    return frame
+
+
+def train_here(
+    store: Store,
+    model: ModelRef,
+    labels: LabelsRef,
+    params: TrainConfig,
+    train_fp: str,
+    preset: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrainSummary:
+    """Train in this process (one rank of a torchrun group, or alone); the main rank writes the artifact folder
+    into the scratch and returns its summary."""
+    from sdrpn_core.train import Ranks
+
+    frame = training_frame(store, labels, params)
     adapter = load_model(model)
     if params.inputs:  # e.g. Qwen: the authors' training prompt (a literal "<image>" line, the question as given)
         adapter = adapter.with_inputs(**params.inputs)
     scratch = train_scratch(store, train_fp)
-    if latest_checkpoint(scratch / CHECKPOINT_DIR) is not None:
+    if latest_checkpoint(scratch / CHECKPOINT_DIR) is not None and Ranks.current().main:
         log.warning("%s holds a checkpoint of an interrupted run of this training on this store: resuming it", scratch)
     result = train_rpn(
         adapter,
@@ -90,32 +98,56 @@ def train(
         rpn_fields={"preset": preset, "base_model": model.path, "base_model_fingerprint": model.fingerprint},
         progress=progress,
     )
-    out = scratch / "artifact"
-    shutil.rmtree(out, ignore_errors=True)
-    result.rpn.save(out)
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(result.history), buf)
-    (out / "train_log.parquet").write_bytes(buf.getvalue())
-    (out / "train_recipe.json").write_text(json.dumps(recipe_record(params), indent=2))
-    final_loss = float(result.history[-1]["loss"])
-    arts.put_dir(
-        "rpn",
-        train_fp,
-        out,
-        meta={
-            "steps": result.steps,
-            "final_loss": final_loss,
-            "skipped_all_ignore": result.skipped_all_ignore,
-            "rejected": len(result.rejected),
-            "model": model.fingerprint,
-            "effective_batch": params.samples_per_step,
-        },
+    summary = TrainSummary(
+        result.steps, float(result.history[-1]["loss"]), result.skipped_all_ignore, len(result.rejected)
     )
+    if Ranks.current().main:
+        out = scratch / "artifact"
+        shutil.rmtree(out, ignore_errors=True)
+        result.rpn.save(out)
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(result.history), buf)
+        (out / "train_log.parquet").write_bytes(buf.getvalue())
+        (out / "train_recipe.json").write_text(json.dumps(recipe_record(params), indent=2))
+        (scratch / "summary.json").write_text(json.dumps(asdict(summary)))
+    return summary
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    steps: int
+    final_loss: float
+    skipped_all_ignore: int
+    rejected: int
+
+
+def train(
+    store: Store,
+    model: ModelRef,
+    labels: LabelsRef,
+    params: TrainConfig,
+    train_fp: str,
+    preset: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> RpnRef:
+    """Train (in this process, or with `world_size` > 1 on a torchrun group), then commit the RPN artifact."""
+    if (ref := lookup(store, train_fp)) is not None:
+        return ref
+    if params.world_size > 1:
+        from stages.train_ranks import launch
+
+        summary = launch(store, model, labels, params, train_fp, preset, progress)
+    else:
+        summary = train_here(store, model, labels, params, train_fp, preset, progress)
+    scratch = train_scratch(store, train_fp)
+    arts = ArtifactStore(store)
+    meta = {**asdict(summary), "model": model.fingerprint, "effective_batch": params.samples_per_step}
+    arts.put_dir("rpn", train_fp, scratch / "artifact", meta=meta)
     arts.set_latest(model.fingerprint, "rpn", train_fp)
     # the scratch only serves a resume after a crash: once committed it goes, so a later run whose artifact is
     # gone (deleted, or failing verification) trains afresh instead of "resuming" at the last step
     shutil.rmtree(scratch, ignore_errors=True)
-    return RpnRef(train_fp, arts.url("rpn", train_fp), result.steps, final_loss)
+    return RpnRef(train_fp, arts.url("rpn", train_fp), summary.steps, summary.final_loss)
 
 
 def load_rpn(store: Store, rpn: RpnRef, model: ModelRef):

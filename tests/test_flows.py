@@ -803,3 +803,58 @@ def test_adding_a_method_evaluates_only_its_pieces(tmp_path, monkeypatch):
     old = {s["method"]: s["score"] for s in first["scores"]}
     new = {s["method"]: s["score"] for s in more["scores"]}
     assert set(new) == {"baseline", "sdrpn", "oracle"} and {m: new[m] for m in old} == old
+
+
+def test_two_gloo_ranks_train_as_one_process_with_the_same_effective_batch(tmp_path):
+    """torchrun, 2 CPU processes (gloo), effective batch 8 = 2 per rank × 2 accumulated × 2 ranks, against one
+    process accumulating 4 micro-batches of 2: the same loss history and final weights, within float32 summation
+    order (rtol 1e-4). 11 micro-batches per epoch: the short last step gives one rank 2 micro-batches, the other 1."""
+    from dataclasses import replace
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from safetensors.numpy import load_file
+
+    from flows.pipeline import labels_flow
+    from stages.common import get_store
+    from stages.model import resolve_model
+
+    cfg = make_config("llava", str(tmp_path / "store"), **{"train_data.n": 22})
+    labels = labels_flow(cfg)
+    store = get_store(cfg.store.settings())
+    model = resolve_model(cfg.model, store)
+    preset = cfg.teacher.preset_obj()
+    base = replace(cfg.train.params(preset), batch_size=2, effective_batch=8, epochs=2, checkpoint_every=2)
+    assert labels.rows == 22 and base.keep_all_ignore  # every sample trains: 11 micro-batches of 2
+    one = train_stage.train(store, model, labels, base, "one-process", preset.name)
+    seen: list[tuple[int, int]] = []
+    two = train_stage.train(
+        store, model, labels, replace(base, world_size=2), "two-ranks", preset.name, lambda d, t: seen.append((d, t))
+    )
+    assert one.steps == two.steps == 6 and seen and seen[-1] == (6, 6)
+
+    def logs(ref):
+        return pq.read_table(Path(ref.url) / "train_log.parquet").to_pylist()
+
+    for a, b in zip(logs(one), logs(two), strict=True):
+        assert a["valid_tokens"] == b["valid_tokens"] and a["lr"] == b["lr"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    w1, w2 = (load_file(Path(r.url) / "rpn.safetensors") for r in (one, two))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    start = load_file(_initial(store, model, base))
+    assert any(not np.allclose(w1[k], start[k]) for k in w1)  # training moved the weights
+
+
+def _initial(store, model, params) -> Path:
+    """The untrained RPN's weights (what training starts from), to show training moved them."""
+    import torch
+
+    from sdrpn_core.rpn import RoIPredictor
+    from stages.common import cache_dir, load_model
+
+    torch.manual_seed(params.seed)
+    out = cache_dir("initial-rpn")
+    RoIPredictor.from_adapter(load_model(model), params.K, params.T).save(out)
+    return out / "rpn.safetensors"
