@@ -88,8 +88,6 @@ def train_here(
     if params.inputs:  # e.g. Qwen: the authors' training prompt (a literal "<image>" line, the question as given)
         adapter = adapter.with_inputs(**params.inputs)
     scratch = train_scratch(store, train_fp)
-    if latest_checkpoint(scratch / CHECKPOINT_DIR) is not None and Ranks.current().main:
-        log.warning("%s holds a checkpoint of an interrupted run of this training on this store: resuming it", scratch)
     result = train_rpn(
         adapter,
         samples_from_rows(frame.to_dicts()),
@@ -133,13 +131,15 @@ def train(
     """Train (in this process, or with `world_size` > 1 on a torchrun group), then commit the RPN artifact."""
     if (ref := lookup(store, train_fp)) is not None:
         return ref
+    scratch = train_scratch(store, train_fp)
+    if latest_checkpoint(scratch / CHECKPOINT_DIR) is not None:
+        log.warning("%s holds a checkpoint of an interrupted run of this training on this store: resuming it", scratch)
     if params.world_size > 1:
         from stages.train_ranks import launch
 
         summary = launch(store, model, labels, params, train_fp, preset, progress)
     else:
         summary = train_here(store, model, labels, params, train_fp, preset, progress)
-    scratch = train_scratch(store, train_fp)
     arts = ArtifactStore(store)
     meta = {**asdict(summary), "model": model.fingerprint, "effective_batch": params.samples_per_step}
     arts.put_dir("rpn", train_fp, scratch / "artifact", meta=meta)

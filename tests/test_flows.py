@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -845,6 +846,63 @@ def test_two_gloo_ranks_train_as_one_process_with_the_same_effective_batch(tmp_p
         np.testing.assert_allclose(w2[k], w1[k], rtol=1e-4, atol=1e-6, err_msg=k)
     start = load_file(_initial(store, model, base))
     assert any(not np.allclose(w1[k], start[k]) for k in w1)  # training moved the weights
+
+    # one rank killed mid-training: the stage fails naming the rank log; the rerun resumes from the checkpoint
+    killed = _train_killing_a_rank(store, model, labels, replace(base, world_size=2, checkpoint_every=1), preset.name)
+    assert "torchrun training ended" in killed
+    assert train_stage.latest_checkpoint(train_stage.train_scratch(store, "killed") / "checkpoints") is not None
+    said = _Recorded()
+    logging.getLogger("stages.train").addHandler(said)
+    try:
+        again = train_stage.train(
+            store, model, labels, replace(base, world_size=2, checkpoint_every=1), "killed", preset.name
+        )
+    finally:
+        logging.getLogger("stages.train").removeHandler(said)
+    assert any("interrupted run of this training" in m for m in said.messages)  # the resume is said, not silent
+    w3 = load_file(Path(again.url) / "rpn.safetensors")
+    for k in w1:
+        np.testing.assert_allclose(w3[k], w2[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+class _Recorded(logging.Handler):
+    """Records messages of one logger (Prefect's logging set-up replaces the root handlers pytest's caplog uses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _train_killing_a_rank(store, model, labels, params, preset: str) -> str:
+    """Train as "killed" in a thread; SIGKILL one rank once a checkpoint past step 1 exists → the stage's error."""
+    import threading
+
+    import psutil
+
+    errors: list[str] = []
+
+    def run():
+        try:
+            train_stage.train(store, model, labels, params, "killed", preset)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    checkpoints = train_stage.train_scratch(store, "killed") / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(checkpoints.glob("step-00000000[2-5]")):
+        time.sleep(0.05)
+    ranks = [p for p in psutil.process_iter(["cmdline"]) if "stages.train_ranks" in " ".join(p.info["cmdline"] or [])]
+    ranks = [p for p in ranks if "torch.distributed.run" not in " ".join(p.info["cmdline"])]
+    assert len(ranks) == 2, [p.info["cmdline"] for p in ranks]
+    ranks[-1].kill()
+    thread.join(timeout=120)
+    assert errors, "the training finished although a rank was killed"
+    return errors[0]
 
 
 def _initial(store, model, params) -> Path:
