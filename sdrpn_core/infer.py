@@ -10,7 +10,9 @@ Beyond the authors: the prefix (system prompt + original image) is causal and id
 with `reuse_kv=True` pass 2 takes layers 0..K−1 of the prefix from pass 1's KV cache and h^K of the prefix from
 pass 1's hidden states, and only runs the new tokens through those layers. `reuse_kv=False` recomputes
 everything, exactly as the authors do. Both give the same answer (tested).
-Single image, batch 1, like the authors' evaluation.
+
+Every function has a batched form (`*_batch`: lists of images and questions → list of answers) that runs B rows
+through one prefill and one greedy loop (`sdrpn_core.batched`); the single-image functions are its batch-1 case.
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdrpn_core.batched import (
+    Packed,
+    concat,
+    greedy,
+    next_logits,
+    pack,
+    padding_mask,
+    prefill,
+    reuse_prefix_cache,
+)
 from sdrpn_core.data import load_image
 from sdrpn_core.models.base import VLMAdapter, VLMInputs
-from sdrpn_core.models.decoder import (
-    eos_token_ids,
-    layer_inputs,
-    new_cache,
-    run_layers,
-    text_positions,
-    truncate_cache,
-)
+from sdrpn_core.models.decoder import eos_token_ids, layer_inputs, new_cache, run_layers
 from sdrpn_core.roi import PixelBox, RoIPlan, check_mode, resize_mask
 from sdrpn_core.rpn import RoIPredictor, partial_prefill
 
@@ -52,66 +57,17 @@ class Answer:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _next_logits(adapter: VLMAdapter, hidden: torch.Tensor) -> torch.Tensor:
-    return adapter.lm_head(adapter.final_norm(hidden[:, -1:]))[:, -1]
-
-
 def _full_prefill(adapter: VLMAdapter, embeds: torch.Tensor, positions: torch.Tensor):
-    cache = new_cache(adapter)
-    mask, pe = layer_inputs(adapter, embeds, positions, None, cache)
-    hidden = run_layers(adapter.decoder_layers, embeds, mask, pe, positions, cache)
-    return _next_logits(adapter, hidden), cache
+    """The whole decoder over one unpadded row → (next-token logits [1, V], KV cache)."""
+    return prefill(adapter, Packed(embeds, positions, _ones(embeds)))
 
 
-def _greedy(
-    adapter: VLMAdapter,
-    cache,
-    logits: torch.Tensor,
-    positions: torch.Tensor,
-    max_new_tokens: int,
-    scores: list[torch.Tensor] | None = None,
-    prompt_ids: torch.Tensor | None = None,
-) -> list[int]:
-    """Greedy decoding with an explicit cache; each new token takes the last position + 1 (the KV length for 1-D
-    positions; after M-RoPE or dropped crop tokens, the max position + 1, as Qwen's `rope_deltas` give).
-    The checkpoint's `repetition_penalty` applies to the prompt's ids and the answer so far, as `generate` does
-    with the generation config (Qwen2.5-VL-Instruct ships 1.05). `scores`, when given, receives each step's
-    next-token scores (as `generate(output_scores=True)` does)."""
-    eos = set(eos_token_ids(adapter.model))
-    penalty = float(getattr(adapter.model.generation_config, "repetition_penalty", None) or 1.0)
-    seen = set(prompt_ids.tolist()) if prompt_ids is not None and penalty != 1.0 else set()
-    start = int(positions.max()) + 1
-    tokens: list[int] = []
-    for step in range(max_new_tokens):
-        if penalty != 1.0:
-            logits = _penalised(logits, seen, penalty)
-        if scores is not None:
-            scores.append(logits[0].float().cpu())
-        token = int(logits[0].argmax())
-        seen.add(token)
-        tokens.append(token)
-        if token in eos or step == max_new_tokens - 1:
-            break
-        emb = adapter.embed_tokens(torch.tensor([[token]], device=adapter.device))
-        pos = text_positions(positions, start + step)
-        mask, pe = layer_inputs(adapter, emb, pos, None, cache)
-        logits = _next_logits(adapter, run_layers(adapter.decoder_layers, emb, mask, pe, pos, cache))
-    return tokens
+def _ones(embeds: torch.Tensor) -> torch.Tensor:
+    return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
 
 
-def _penalised(logits: torch.Tensor, seen: set[int], penalty: float) -> torch.Tensor:
-    """HF's repetition penalty: the logits of tokens already seen are divided by it (multiplied when negative)."""
-    if not seen:
-        return logits
-    ids = torch.tensor(sorted(seen), device=logits.device)
-    picked = logits[0, ids]
-    out = logits.clone()
-    out[0, ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return out
-
-
-def _prompt_ids(x) -> torch.Tensor:
-    return x.input_ids[0][x.attention_mask[0].bool()]
+def _prompt_ids(x: VLMInputs) -> list[torch.Tensor]:
+    return [ids[mask.bool()] for ids, mask in zip(x.input_ids, x.attention_mask, strict=True)]
 
 
 def _finish(adapter: VLMAdapter, tokens: list[int], roi: RoIOutcome | None, seconds: dict[str, float]) -> Answer:
@@ -119,21 +75,59 @@ def _finish(adapter: VLMAdapter, tokens: list[int], roi: RoIOutcome | None, seco
     return Answer(adapter.decode(text_ids), tokens, roi, seconds)
 
 
-def _inputs(adapter: VLMAdapter, image: Image.Image | str, question: str):
-    image = load_image(image)
-    x = adapter.collate([adapter.pixel_values(image)], [question])
-    return image, x, adapter.embed(x), adapter.position_ids(x)
+@dataclass
+class _Batch:
+    """Collated inputs of B (image, question) rows, and each row's own view (its batch-1 inputs, embeddings and
+    positions, the batch's padding stripped)."""
+
+    images: list[Image.Image]
+    pixels: list
+    questions: list[str]
+    x: VLMInputs
+    embeds: torch.Tensor
+    positions: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.x.attention_mask.to(self.embeds.device)
+
+    def offset(self, i: int) -> int:
+        return self.embeds.shape[1] - int(self.x.attention_mask[i].sum())
+
+    def row(self, adapter: VLMAdapter, i: int) -> tuple[VLMInputs, torch.Tensor, torch.Tensor]:
+        off = self.offset(i)
+        x_i = adapter.collate([self.pixels[i]], [self.questions[i]])
+        return x_i, self.embeds[i : i + 1, off:], self.positions[..., i : i + 1, off:]
+
+
+def _inputs(adapter: VLMAdapter, images: list, questions: list[str]) -> _Batch:
+    images = [load_image(im) for im in images]
+    pixels = [adapter.pixel_values(im) for im in images]
+    x = adapter.collate(pixels, list(questions))
+    return _Batch(images, pixels, list(questions), x, adapter.embed(x), adapter.position_ids(x))
+
+
+def _answers(adapter: VLMAdapter, tokens: list[list[int]], seconds: dict[str, float], rois=None) -> list[Answer]:
+    """Per-row answers; each row is charged an equal share of the batch's time (per phase)."""
+    share = {k: v / max(1, len(tokens)) for k, v in seconds.items()}
+    return [_finish(adapter, t, rois[i] if rois else None, dict(share)) for i, t in enumerate(tokens)]
 
 
 @torch.inference_mode()
-def answer_baseline(adapter: VLMAdapter, image: Image.Image | str, question: str, max_new_tokens: int = 128) -> Answer:
-    """The MLLM alone (same prompt and decoding as SD-RPN's pass 2, without an insertion)."""
+def answer_baseline_batch(
+    adapter: VLMAdapter, images: list, questions: list[str], max_new_tokens: int = 128
+) -> list[Answer]:
+    """The MLLM alone (same prompt and decoding as SD-RPN's pass 2, without an insertion), B rows at once."""
     t0 = time.perf_counter()
-    _, x, embeds, positions = _inputs(adapter, image, question)
-    logits, cache = _full_prefill(adapter, embeds, positions)
-    t1 = time.perf_counter()
-    tokens = _greedy(adapter, cache, logits, positions, max_new_tokens, prompt_ids=_prompt_ids(x))
-    return _finish(adapter, tokens, None, {"prefill": t1 - t0, "decode": time.perf_counter() - t1})
+    b = _inputs(adapter, images, questions)
+    packed = Packed(b.embeds, b.positions, b.mask)
+    logits, cache = prefill(adapter, packed)
+    tokens = greedy(adapter, cache, logits, packed, max_new_tokens, _prompt_ids(b.x))
+    return _answers(adapter, tokens, {"total": time.perf_counter() - t0})
+
+
+def answer_baseline(adapter: VLMAdapter, image: Image.Image | str, question: str, max_new_tokens: int = 128) -> Answer:
+    return answer_baseline_batch(adapter, [image], [question], max_new_tokens)[0]
 
 
 Crop = tuple[torch.Tensor, tuple[int, int]]  # [n, D] visual tokens of one crop and their grid
@@ -157,6 +151,30 @@ def crop_tokens(
 
 
 @torch.inference_mode()
+def answer_with_boxes_batch(
+    adapter: VLMAdapter,
+    images: list,
+    questions: list[str],
+    pixel_boxes: list[list[PixelBox]],
+    max_new_tokens: int = 128,
+) -> list[Answer]:
+    """Answer each row with its given source-pixel crops inserted after the image tokens (the oracle and ViCrop
+    rows), B rows at once."""
+    t0 = time.perf_counter()
+    b = _inputs(adapter, images, questions)
+    rows = []
+    for i, boxes in enumerate(pixel_boxes):
+        x_i, embeds, positions = b.row(adapter, i)
+        if boxes:
+            crops = [adapter.encode_crop(b.images[i].crop(box)) for box in boxes]
+            embeds, positions = adapter.insert_crop(x_i, embeds, crops, [None] * len(crops))
+        rows.append((embeds, positions))
+    packed = pack(rows)
+    logits, cache = prefill(adapter, packed)
+    tokens = greedy(adapter, cache, logits, packed, max_new_tokens, _prompt_ids(b.x))
+    return _answers(adapter, tokens, {"total": time.perf_counter() - t0})
+
+
 def answer_with_boxes(
     adapter: VLMAdapter,
     image: Image.Image | str,
@@ -164,15 +182,7 @@ def answer_with_boxes(
     pixel_boxes: list[PixelBox],
     max_new_tokens: int = 128,
 ) -> Answer:
-    """Answer with given source-pixel crops inserted after the image tokens (the oracle and ViCrop rows)."""
-    t0 = time.perf_counter()
-    image, x, embeds, positions = _inputs(adapter, image, question)
-    if pixel_boxes:
-        crops = [adapter.encode_crop(image.crop(b)) for b in pixel_boxes]
-        embeds, positions = adapter.insert_crop(x, embeds, crops, [None] * len(crops))
-    logits, cache = _full_prefill(adapter, embeds, positions)
-    tokens = _greedy(adapter, cache, logits, positions, max_new_tokens, prompt_ids=_prompt_ids(x))
-    return _finish(adapter, tokens, None, {"total": time.perf_counter() - t0})
+    return answer_with_boxes_batch(adapter, [image], [question], [pixel_boxes], max_new_tokens)[0]
 
 
 VICROP_GENERIC_PROMPT = "Write a general description of the image."
@@ -200,6 +210,33 @@ def best_window(score: np.ndarray, side: int) -> tuple[int, int, int, int]:
     return int(x), int(y), int(x) + side, int(y) + side
 
 
+def answer_vicrop_batch(
+    adapter: VLMAdapter,
+    images: list,
+    questions: list[str],
+    *,
+    layer: int,
+    window_frac: float = 0.5,
+    max_new_tokens: int = 128,
+) -> list[Answer]:
+    """Training-free ViCrop (rel-att): crop the window of highest relative attention, append its tokens. The maps
+    are made per row (two partial prefills each); the answers are batched."""
+    t0 = time.perf_counter()
+    images = [load_image(im) for im in images]
+    rois: list[RoIOutcome] = []
+    for image, question in zip(images, questions, strict=True):
+        ratio = vicrop_map(adapter, image, question, layer)
+        box = best_window(ratio, round(min(ratio.shape) * window_frac))
+        pixel = adapter.box_to_pixels(box, image.size, ratio.shape)
+        plan = RoIPlan("box" if pixel else "none", (box,), prob=ratio / max(float(ratio.max()), 1e-8))
+        rois.append(RoIOutcome(plan, ratio, [pixel] if pixel else [], -1 if pixel else 0))
+    answers = answer_with_boxes_batch(adapter, images, questions, [r.pixel_boxes for r in rois], max_new_tokens)
+    share = {"total": (time.perf_counter() - t0) / max(1, len(answers))}
+    for answer, roi in zip(answers, rois, strict=True):
+        answer.roi, answer.seconds = roi, dict(share)
+    return answers
+
+
 def answer_vicrop(
     adapter: VLMAdapter,
     image: Image.Image | str,
@@ -209,17 +246,9 @@ def answer_vicrop(
     window_frac: float = 0.5,
     max_new_tokens: int = 128,
 ) -> Answer:
-    """Training-free ViCrop (rel-att): crop the window of highest relative attention, append its tokens."""
-    t0 = time.perf_counter()
-    image = load_image(image)
-    ratio = vicrop_map(adapter, image, question, layer)
-    box = best_window(ratio, round(min(ratio.shape) * window_frac))
-    pixel = adapter.box_to_pixels(box, image.size, ratio.shape)
-    answer = answer_with_boxes(adapter, image, question, [pixel] if pixel else [], max_new_tokens)
-    plan = RoIPlan("box" if pixel else "none", (box,), prob=ratio / max(float(ratio.max()), 1e-8))
-    answer.roi = RoIOutcome(plan, ratio, [pixel] if pixel else [], -1 if pixel else 0)
-    answer.seconds = {"total": time.perf_counter() - t0}
-    return answer
+    return answer_vicrop_batch(
+        adapter, [image], [question], layer=layer, window_frac=window_frac, max_new_tokens=max_new_tokens
+    )[0]
 
 
 @torch.inference_mode()
@@ -234,7 +263,8 @@ PRUNE_SCORE = 0.01  # … keeping those whose max RPN score over the tokens afte
 
 @dataclass
 class Pass1:
-    """What pass 1 leaves for pass 2: the inputs, their embeddings and positions, h^K, the layers-0..K−1 cache."""
+    """What pass 1 leaves for pass 2, for one row: its batch-1 inputs, embeddings and positions, h^K, and the
+    layers-0..K−1 cache of the pass-1 batch (`row` in it, after `offset` padding columns)."""
 
     image: Image.Image
     inputs: VLMInputs
@@ -245,6 +275,8 @@ class Pass1:
     logits_map: np.ndarray
     K: int
     image_keep: np.ndarray | None = None  # original image tokens pass 2 keeps (Qwen, > 1024 image tokens)
+    row: int = 0
+    offset: int = 0
 
     @property
     def image_positions(self) -> torch.Tensor:
@@ -256,28 +288,118 @@ class Pass1:
 
 
 @torch.inference_mode()
+def run_pass1_batch(
+    adapter: VLMAdapter, rpn: RoIPredictor, images: list, questions: list[str], *, reuse_kv: bool = True
+) -> list[Pass1]:
+    """Partial prefill (backbone layers 0..K−1) + the RPN for each row's last prompt token → its RoI logit map."""
+    K = rpn.config.K
+    b = _inputs(adapter, images, questions)
+    cache = new_cache(adapter) if reuse_kv else None
+    hidden_k, mask, pe, pos = partial_prefill(adapter, b.embeds, b.x.attention_mask, b.positions, K, cache)
+    h = rpn.twig_hidden(hidden_k, mask, pe, pos)
+    length = b.embeds.shape[1]
+    out = []
+    for i in range(len(b.images)):
+        x_i, embeds, positions = b.row(adapter, i)
+        off = b.offset(i)
+        h_i, pe_i = h[i : i + 1], tuple(t[..., i : i + 1, :, :] if t.ndim == 4 else t[i : i + 1] for t in pe)
+        image_positions = b.x.image_positions[i].to(h.device)[None]  # in the batch's columns
+        query = torch.tensor([[length - 1]], device=h.device)
+        logits = rpn.head(h_i, pe_i, query, image_positions)[0, 0].float().cpu().numpy()
+        keep = None
+        if adapter.prunes_image_tokens and image_positions.numel() > PRUNE_ABOVE:
+            # the authors' high-resolution pruning (docs/method.md §6.4 step 5): image scored against every later token
+            after = torch.arange(int(image_positions[0, -1]) + 1, length, device=h.device)[None]
+            scores = torch.sigmoid(rpn.head(h_i, pe_i, after, image_positions)[0].float().amax(0))
+            keep = (scores > PRUNE_SCORE).cpu().numpy()
+        grid = x_i.grids[0]
+        out.append(
+            Pass1(b.images[i], x_i, embeds, positions, hidden_k[i : i + 1, off:], cache, logits.reshape(grid), K, keep)
+        )
+        out[-1].row, out[-1].offset = i, off
+    return out
+
+
 def run_pass1(
     adapter: VLMAdapter, rpn: RoIPredictor, image: Image.Image | str, question: str, *, reuse_kv: bool = True
 ) -> Pass1:
-    """Partial prefill (backbone layers 0..K−1) + the RPN for the last prompt token → the RoI logit map."""
-    K = rpn.config.K
-    image, x, embeds, positions = _inputs(adapter, image, question)
-    cache = new_cache(adapter) if reuse_kv else None
-    hidden_k, mask, pe, pos = partial_prefill(adapter, embeds, x.attention_mask, positions, K, cache)
-    image_positions = x.image_positions[0].to(embeds.device)
-    h = rpn.twig_hidden(hidden_k, mask, pe, pos)
-    query = torch.tensor([[embeds.shape[1] - 1]], device=embeds.device)
-    logits = rpn.head(h, pe, query, image_positions[None])[0, 0].float().cpu().numpy()
-    keep = None
-    if adapter.prunes_image_tokens and image_positions.numel() > PRUNE_ABOVE:
-        # the authors' high-resolution pruning (docs/method.md §6.4 step 5): image scored against every later token
-        after = torch.arange(int(image_positions[-1]) + 1, embeds.shape[1], device=embeds.device)[None]
-        scores = torch.sigmoid(rpn.head(h, pe, after, image_positions[None])[0].float().amax(0))
-        keep = (scores > PRUNE_SCORE).cpu().numpy()
-    return Pass1(image, x, embeds, positions, hidden_k, cache, logits.reshape(x.grids[0]), K, keep)
+    return run_pass1_batch(adapter, rpn, [image], [question], reuse_kv=reuse_kv)[0]
+
+
+@dataclass
+class _Pass2Row:
+    """One row's pass-2 sequence: the plan actually run, its embeddings and positions, the reusable prefix length."""
+
+    plan: RoIPlan
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    prefix: int
+    pixel_boxes: list[PixelBox]
+
+
+def _pass2_row(adapter: VLMAdapter, p1: Pass1, plan: RoIPlan) -> _Pass2Row:
+    """Insert the plan's crop tokens after the original image tokens (nothing cropped: the whole prompt is the
+    reusable prefix, less its last token, which pass 2 runs again so every row ends on a token it computes)."""
+    crops, keep, pixel_boxes, reason = crop_tokens(adapter, p1.image, plan, p1.grid)
+    if not crops and plan.kind != "none":
+        plan = RoIPlan("none", prob=plan.prob, reason=reason)
+    if not crops:
+        return _Pass2Row(plan, p1.embeds, p1.positions, p1.embeds.shape[1] - 1, pixel_boxes)
+    prefix = int(p1.image_positions[-1]) + 1
+    if p1.image_keep is not None and not p1.image_keep.all():  # pruned: reuse stops at the first dropped token
+        prefix = int(p1.image_positions[int(np.argmin(p1.image_keep))])
+    embeds, positions = adapter.insert_crop(p1.inputs, p1.embeds, crops, keep, p1.image_keep)
+    return _Pass2Row(plan, embeds, positions, prefix, pixel_boxes)
+
+
+def _prefill_reusing(adapter: VLMAdapter, p1s: list[Pass1], rows: list[_Pass2Row]):
+    """Pass 2's prefill with pass 1's prefix: layers 0..K−1 run only over the new tokens, layers K.. over the
+    whole sequence from h^K → (next-token logits, cache, the packed batch)."""
+    K = p1s[0].K
+    width = max(r.prefix for r in rows)
+    cache = reuse_prefix_cache(
+        adapter, p1s[0].cache, [(p.row, p.offset, r.prefix) for p, r in zip(p1s, rows, strict=True)], K, width
+    )
+    prefix = pack(
+        [(p.hidden_k[:, : r.prefix], r.positions[..., : r.prefix]) for p, r in zip(p1s, rows, strict=True)], width
+    )
+    new = pack([(r.embeds[:, r.prefix :], r.positions[..., r.prefix :]) for r in rows])
+    whole = concat(prefix, new)
+    layers = adapter.decoder_layers
+    m_new, pe_new = layer_inputs(adapter, new.embeds, new.positions, padding_mask(whole.mask), cache, layer_idx=0)
+    h_new = run_layers(layers[:K], new.embeds, m_new, pe_new, new.positions, cache)
+    h_k = torch.cat([prefix.embeds, h_new], dim=1)
+    m_all, pe_all = layer_inputs(adapter, h_k, whole.positions, padding_mask(whole.mask), cache, layer_idx=K)
+    return next_logits(adapter, run_layers(layers[K:], h_k, m_all, pe_all, whole.positions, cache)), cache, whole
 
 
 @torch.inference_mode()
+def run_pass2_batch(
+    adapter: VLMAdapter,
+    p1s: list[Pass1],
+    plans: list[RoIPlan],
+    max_new_tokens: int = 128,
+    scores: list[torch.Tensor] | None = None,
+) -> list[tuple[list[int], RoIOutcome]]:
+    """Insert each row's crop tokens after its original image tokens, prefill the ragged rows as one batch, decode
+    greedily (`scores` receives row 0's logits at each step).
+
+    With pass 1's cache (reuse), each row's unchanged prefix is not recomputed (`_prefill_reusing`); without one,
+    the whole prefill is recomputed (the authors' way)."""
+    rows = [_pass2_row(adapter, p1, plan) for p1, plan in zip(p1s, plans, strict=True)]
+    if p1s[0].cache is not None:
+        logits, cache, packed = _prefill_reusing(adapter, p1s, rows)
+    else:
+        packed = pack([(r.embeds, r.positions) for r in rows])
+        logits, cache = prefill(adapter, packed)
+    prompt_ids = [_prompt_ids(p1.inputs)[0] for p1 in p1s]
+    tokens = greedy(adapter, cache, logits, packed, max_new_tokens, prompt_ids, scores)
+    return [
+        (t, RoIOutcome(r.plan, p1.logits_map, r.pixel_boxes, r.embeds.shape[1] - p1.embeds.shape[1]))
+        for t, r, p1 in zip(tokens, rows, p1s, strict=True)
+    ]
+
+
 def run_pass2(
     adapter: VLMAdapter,
     p1: Pass1,
@@ -285,47 +407,34 @@ def run_pass2(
     max_new_tokens: int = 128,
     scores: list[torch.Tensor] | None = None,
 ) -> tuple[list[int], RoIOutcome]:
-    """Insert the plan's crop tokens after the original image tokens, prefill, decode greedily (`scores` receives
-    each step's logits).
-
-    With a pass-1 cache (reuse), layers 0..K−1 run only over the tokens after the unchanged prefix and layers
-    K.. run over the whole sequence from h^K; without one, the whole prefill is recomputed (the authors' way).
-    """
-    K = p1.K
-    crops, keep, pixel_boxes, reason = crop_tokens(adapter, p1.image, plan, p1.grid)
-    if not crops and plan.kind != "none":
-        plan = RoIPlan("none", prob=plan.prob, reason=reason)
-    if not crops:  # nothing inserted: the whole prompt is the reusable prefix
-        prefix, embeds2, pos2 = p1.embeds.shape[1], p1.embeds, p1.positions
-    else:
-        prefix = int(p1.image_positions[-1]) + 1
-        if p1.image_keep is not None and not p1.image_keep.all():  # pruned: reuse stops at the first dropped token
-            prefix = int(p1.image_positions[int(np.argmin(p1.image_keep))])
-        embeds2, pos2 = adapter.insert_crop(p1.inputs, p1.embeds, crops, keep, p1.image_keep)
-    total = embeds2.shape[1]
-    cache = p1.cache
-    if cache is not None:
-        truncate_cache(cache, prefix)
-        layers = adapter.decoder_layers
-        new = embeds2[:, prefix:]
-        h_k = p1.hidden_k
-        if new.shape[1] > 0:
-            pos_new = pos2[..., prefix:]
-            m_new, pe_new = layer_inputs(adapter, new, pos_new, None, cache, layer_idx=0)
-            h_new = run_layers(layers[:K], new, m_new, pe_new, pos_new, cache)
-            h_k = torch.cat([p1.hidden_k[:, :prefix], h_new], dim=1)
-        m_all, pe_all = layer_inputs(adapter, h_k, pos2, None, cache, layer_idx=K)
-        next_logits = _next_logits(adapter, run_layers(layers[K:], h_k, m_all, pe_all, pos2, cache))
-    else:
-        next_logits, cache = _full_prefill(adapter, embeds2, pos2)
-    tokens = _greedy(adapter, cache, next_logits, pos2, max_new_tokens, scores, _prompt_ids(p1.inputs))
-    return tokens, RoIOutcome(plan, p1.logits_map, pixel_boxes, total - p1.embeds.shape[1])
+    return run_pass2_batch(adapter, [p1], [plan], max_new_tokens, scores)[0]
 
 
 def plan_for(adapter: VLMAdapter, logits_map: np.ndarray, threshold: float, mode: str = "mask") -> RoIPlan:
     """The family's RoI rules (the adapter's): LLaVA's components ('mask' or 'box' mode), Qwen's union mask."""
     check_mode(mode)  # Qwen's union rule ignores the mode: a misspelt one still fails there
     return adapter.plan_roi(logits_map, threshold, mode)
+
+
+def answer_sdrpn_batch(
+    adapter: VLMAdapter,
+    rpn: RoIPredictor,
+    images: list,
+    questions: list[str],
+    *,
+    threshold: float = 0.15,
+    mode: str = "mask",
+    reuse_kv: bool = True,
+    max_new_tokens: int = 128,
+) -> list[Answer]:
+    """SD-RPN's answers, B rows at once: pass 1 → RoI plan per row (τ = `threshold`, 'mask' or 'box') → pass 2."""
+    t0 = time.perf_counter()
+    p1s = run_pass1_batch(adapter, rpn, images, questions, reuse_kv=reuse_kv)
+    plans = [plan_for(adapter, p1.logits_map, threshold, mode) for p1 in p1s]
+    t1 = time.perf_counter()
+    done = run_pass2_batch(adapter, p1s, plans, max_new_tokens)
+    seconds = {"pass1": t1 - t0, "pass2+decode": time.perf_counter() - t1}
+    return _answers(adapter, [t for t, _ in done], seconds, [roi for _, roi in done])
 
 
 def answer_sdrpn(
@@ -340,9 +449,13 @@ def answer_sdrpn(
     max_new_tokens: int = 128,
 ) -> Answer:
     """SD-RPN's answer: pass 1 → RoI plan (τ = `threshold`, 'mask' or 'box' mode) → pass 2."""
-    t0 = time.perf_counter()
-    p1 = run_pass1(adapter, rpn, image, question, reuse_kv=reuse_kv)
-    plan = plan_for(adapter, p1.logits_map, threshold, mode)
-    t1 = time.perf_counter()
-    tokens, roi = run_pass2(adapter, p1, plan, max_new_tokens)
-    return _finish(adapter, tokens, roi, {"pass1": t1 - t0, "pass2+decode": time.perf_counter() - t1})
+    return answer_sdrpn_batch(
+        adapter,
+        rpn,
+        [image],
+        [question],
+        threshold=threshold,
+        mode=mode,
+        reuse_kv=reuse_kv,
+        max_new_tokens=max_new_tokens,
+    )[0]

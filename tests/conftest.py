@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail at once instea
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdrpn_core.models import LlavaAdapter
@@ -149,3 +150,18 @@ def store(request, tmp_path):
     if request.param == "local":
         return Store(StoreSettings(root=str(tmp_path / "store"), retries=2, backoff_s=0.01))
     return Store(request.getfixturevalue("s3_settings"))
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen"])
+def nano(request):
+    """A tiny model of each family with an 8×8 RoI grid, and a random RPN on it (K = 2, T = 2)."""
+    from sdrpn_core.rpn import RoIPredictor
+
+    if request.param == "llava":
+        model, processor = build_tiny_llava(TinyLlavaSpec(image_size=64, patch_size=8, seed=3))
+        adapter = LlavaAdapter(model, processor)
+    else:
+        adapter = build_tiny_qwen(TinyQwenSpec(side=224, seed=3))
+    assert adapter.grid == (8, 8)
+    torch.manual_seed(0)
+    return adapter, RoIPredictor.from_adapter(adapter, K=2, T=2)

@@ -14,26 +14,13 @@ from sdrpn_core.infer import (
     run_pass2,
 )
 from sdrpn_core.models import LlavaAdapter
-from sdrpn_core.models.tiny import TinyLlavaSpec, TinyQwenSpec, build_tiny_llava, build_tiny_qwen
+from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
 from sdrpn_core.roi import RoIPlan
 from sdrpn_core.rpn import RoIPredictor
 from tests.conftest import random_image
 
 G = (8, 8)
 Q = "what is the digit in the red box ?"
-
-
-@pytest.fixture(scope="module", params=["llava", "qwen"])
-def nano(request):
-    """A tiny model of each family with an 8×8 RoI grid, and a random RPN on it."""
-    if request.param == "llava":
-        model, processor = build_tiny_llava(TinyLlavaSpec(image_size=64, patch_size=8, seed=3))
-        adapter = LlavaAdapter(model, processor)
-    else:
-        adapter = build_tiny_qwen(TinyQwenSpec(side=224, seed=3))
-    assert adapter.grid == G
-    torch.manual_seed(0)
-    return adapter, RoIPredictor.from_adapter(adapter, K=2, T=2)
 
 
 def hand_map(*blocks):
@@ -210,12 +197,12 @@ def test_vicrop_relative_attention_and_window_against_output_attentions(nano):
 
 
 def test_repetition_penalty_by_hand():
-    from sdrpn_core.infer import _penalised
+    from sdrpn_core.batched import penalised
 
     logits = torch.tensor([[2.0, -2.0, 0.5, 3.0]])
-    out = _penalised(logits, {0, 1}, 2.0)
+    out = penalised(logits, [{0, 1}], 2.0)
     assert out.tolist() == [[1.0, -4.0, 0.5, 3.0]] and logits.tolist() == [[2.0, -2.0, 0.5, 3.0]]
-    assert _penalised(logits, set(), 2.0) is logits
+    assert penalised(logits, [set()], 2.0) is logits
 
 
 def test_every_step_scores_text_and_penalty_match_hf_generate(nano, monkeypatch):
