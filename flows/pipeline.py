@@ -140,6 +140,7 @@ def _eval_params(cfg: PipelineConfig) -> EvalParams:
         max_new_tokens=e.max_new_tokens,
         vicrop_layer=e.vicrop_layer if e.vicrop_layer is not None else min(preset.grounding),
         gallery=e.gallery,
+        batch_size=e.batch_size,
         inputs=tuple(sorted(e.inputs.items())),
         model_key=preset.name.split("/")[0],
     )

@@ -1,8 +1,9 @@
 """The answering methods an evaluation compares, one registry: the baseline, SD-RPN, training-free ViCrop and the
 oracle crop (the ground-truth box, an upper bound). A new method (S², say) is one `register_method` call.
 
-Each method answers one (image, prompt) with the run's settings (`MethodSettings`) and may need an RPN or a
-ground-truth box; a sample without what a method needs is skipped for that method (the oracle on unboxed data)."""
+Each method answers a batch of (image, prompt) rows with the run's settings (`MethodSettings`) and may need an
+RPN or a ground-truth box; a sample without what a method needs is skipped for that method (the oracle on unboxed
+data)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from sdrpn_core.infer import Answer, answer_baseline, answer_sdrpn, answer_vicrop, answer_with_boxes
+from sdrpn_core.infer import (
+    Answer,
+    answer_baseline_batch,
+    answer_sdrpn_batch,
+    answer_vicrop_batch,
+    answer_with_boxes_batch,
+)
 from sdrpn_core.models.base import VLMAdapter
 from sdrpn_core.registry import Registry
 from sdrpn_core.rpn import RoIPredictor
@@ -30,13 +37,15 @@ class MethodSettings:
     vicrop_layer: int
 
 
-Answerer = Callable[[MethodSettings, Image.Image, str, "tuple[int, int, int, int] | None"], Answer]
+Answerer = Callable[
+    [MethodSettings, "list[Image.Image]", "list[str]", "list[tuple[int, int, int, int] | None]"], "list[Answer]"
+]
 
 
 @dataclass(frozen=True)
 class EvalMethod:
     name: str
-    answer: Answerer  # (settings, image, prompt, ground-truth box or None) → Answer
+    answer: Answerer  # (settings, images, prompts, ground-truth boxes or None) → one Answer per row, batched
     label: str  # as the report's tables name it
     needs_rpn: bool = False
     needs_box: bool = False
@@ -53,18 +62,18 @@ get_method = METHODS.find
 register_method(
     EvalMethod(
         "baseline",
-        lambda s, image, prompt, box: answer_baseline(s.adapter, image, prompt, s.max_new_tokens),
+        lambda s, images, prompts, boxes: answer_baseline_batch(s.adapter, images, prompts, s.max_new_tokens),
         "baseline",
     )
 )
 register_method(
     EvalMethod(
         "sdrpn",
-        lambda s, image, prompt, box: answer_sdrpn(
+        lambda s, images, prompts, boxes: answer_sdrpn_batch(
             s.adapter,
             s.rpn,
-            image,
-            prompt,
+            images,
+            prompts,
             threshold=s.threshold,
             mode=s.mode,
             reuse_kv=s.reuse_kv,
@@ -78,8 +87,8 @@ register_method(
 register_method(
     EvalMethod(
         "vicrop",
-        lambda s, image, prompt, box: answer_vicrop(
-            s.adapter, image, prompt, layer=s.vicrop_layer, max_new_tokens=s.max_new_tokens
+        lambda s, images, prompts, boxes: answer_vicrop_batch(
+            s.adapter, images, prompts, layer=s.vicrop_layer, max_new_tokens=s.max_new_tokens
         ),
         "+ViCrop",
         depends_on=("vicrop_layer",),
@@ -88,7 +97,9 @@ register_method(
 register_method(
     EvalMethod(
         "oracle",
-        lambda s, image, prompt, box: answer_with_boxes(s.adapter, image, prompt, [box], s.max_new_tokens),
+        lambda s, images, prompts, boxes: answer_with_boxes_batch(
+            s.adapter, images, prompts, [[box] for box in boxes], s.max_new_tokens
+        ),
         "+oracle crop",
         needs_box=True,
     )

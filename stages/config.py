@@ -246,6 +246,9 @@ class EvalSection(_Section):
     # pieces per (benchmark, method): each is cached and committed on its own, and they run in parallel on the
     # runner's workers; a crash loses only the pieces in flight
     shards: Positive = 1
+    # rows answered together by each method (left-padded batches; the answers equal batch 1's, recorded in
+    # protocol.json)
+    batch_size: Positive = 1
     # adapter input settings for evaluation alone, e.g. the authors' Qwen evaluation without square padding:
     # {pad_square: false}; recorded in protocol.json
     inputs: dict[str, Any] = Field(default_factory=dict)

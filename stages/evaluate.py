@@ -52,12 +52,13 @@ class EvalParams:
     max_new_tokens: int | None = None  # None: the benchmark's
     vicrop_layer: int = 14
     gallery: int = 6
+    batch_size: int = 1  # rows answered together (answers equal batch 1's; throughput is what changes)
     inputs: tuple[tuple[str, Any], ...] = ()  # adapter input overrides for evaluation (sorted items)
     model_key: str = ""  # the preset's model ("qwen2.5-vl-3b"): selects the authors' per-model τ
     protocol: str = "lmms-eval 0.4.0 (the authors' vendored copy)"  # prompts and metrics scored as by this harness
 
 
-SHARED_PARAMS = ("max_new_tokens", "inputs", "protocol")  # what every method's answers depend on
+SHARED_PARAMS = ("max_new_tokens", "inputs", "protocol", "batch_size")  # what every method's answers depend on
 
 
 def eval_fingerprint(model: ModelRef, rpn: RpnRef | None, dataset: DatasetRef, params: EvalParams) -> str:
@@ -192,31 +193,43 @@ def _row(sample: BenchmarkSample, method: str, answer, score_: float | None, dt:
     }
 
 
-def _answer_all(run: _Run, rows: list[dict], what: str, progress: Callable[[int, int], None] | None) -> list[dict]:
-    """Every method on every readable row → prediction rows; an unreadable image is a recorded error row (method
-    "-"), never a crash. Logs counts, rate, ETA and the running mean score per method."""
-    out: list[dict] = []
-    done: dict[str, list[float]] = {m.name: [] for m in run.methods}
-    bar = Progress(len(rows), what, log, callback=progress)
+def _readable(rows: list[dict], out: list[dict]) -> list[tuple[BenchmarkSample, object]]:
+    """(sample, image) of the rows whose image reads; an unreadable one becomes an error row (method "-")."""
+    ready = []
     for row in rows:
         sample = _sample(row)
         try:
-            image = load_image(row["image"])
+            ready.append((sample, load_image(row["image"])))
         except BadSample as e:
             out.append(_row(sample, "-", None, None, 0.0, e.reason))
-            bar.update(1)
-            continue
-        prompt = run.bench.prompt(sample)
+    return ready
+
+
+def _answer_all(
+    run: _Run, rows: list[dict], what: str, progress: Callable[[int, int], None] | None, batch_size: int = 1
+) -> list[dict]:
+    """Every method on every readable row, `batch_size` rows at a time → prediction rows (each row charged an
+    equal share of its batch's seconds); an unreadable image is a recorded error row, never a crash. Logs counts,
+    rate, ETA and the running mean score per method."""
+    out: list[dict] = []
+    done: dict[str, list[float]] = {m.name: [] for m in run.methods}
+    bar = Progress(len(rows), what, log, callback=progress)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ready = _readable(chunk, out)
         for method in run.methods:
-            if method.needs_box and sample.box is None:
+            todo = [(s, im) for s, im in ready if not (method.needs_box and s.box is None)]
+            if not todo:
                 continue
+            prompts = [run.bench.prompt(s) for s, _ in todo]
             t0 = time.perf_counter()
-            answer = method.answer(run.settings, image, prompt, sample.box)
-            dt = time.perf_counter() - t0
-            sc = score(run.bench, sample, answer.text)
-            done[method.name].append(sc)
-            out.append(_row(sample, method.name, answer, sc, dt))
-        bar.update(1, **{m: f"{100 * np.mean(s):.1f}" for m, s in done.items() if s})
+            answers = method.answer(run.settings, [im for _, im in todo], prompts, [s.box for s, _ in todo])
+            dt = (time.perf_counter() - t0) / len(todo)
+            for (sample, _), answer in zip(todo, answers, strict=True):
+                sc = score(run.bench, sample, answer.text)
+                done[method.name].append(sc)
+                out.append(_row(sample, method.name, answer, sc, dt))
+        bar.update(len(chunk), **{m: f"{100 * np.mean(s):.1f}" for m, s in done.items() if s})
     return out
 
 
@@ -253,6 +266,7 @@ def _protocol(run: _Run, model: ModelRef, rpn_ref: RpnRef | None, dataset: Datas
         "roi_mode": params.mode,
         "kv_reuse": params.reuse_kv,
         "vicrop_layer": params.vicrop_layer,
+        "batch_size": params.batch_size,
         "answer_format": bench.answer_format,
         "params": asdict(params),
     }
@@ -273,7 +287,7 @@ def evaluate_piece(
     run = _prepare(store, model, rpn_ref, dataset, replace(params, methods=(piece.method,)))
     rows = read_manifest(dataset, store)
     mine = rows[piece.shard * len(rows) // piece.n_shards : (piece.shard + 1) * len(rows) // piece.n_shards]
-    predictions = _answer_all(run, mine, f"evaluate[{piece.name}]", progress)
+    predictions = _answer_all(run, mine, f"evaluate[{piece.name}]", progress, params.batch_size)
     protocol = _protocol(run, model, rpn_ref, dataset, params)
     arts = ArtifactStore(store)
     meta = {"method": piece.method, "shard": piece.shard, "of": piece.n_shards, "rows": len(mine)}

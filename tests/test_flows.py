@@ -916,3 +916,20 @@ def _initial(store, model, params) -> Path:
     out = cache_dir("initial-rpn")
     RoIPredictor.from_adapter(load_model(model), params.K, params.T).save(out)
     return out / "rpn.safetensors"
+
+
+def test_batched_evaluation_gives_the_batch_1_predictions(family, tmp_path, monkeypatch):
+    """eval.batch_size 3 over 2 shards re-answers every piece (throughput changes) with the same predictions and
+    scores as batch 1; protocol.json records the batch size."""
+    from flows.pipeline import sdrpn
+
+    root = str(tmp_path / "store")
+    one = sdrpn(make_config(family, root, **{"eval.datasets": [{"kind": "synthetic", "n": 7, "seed": 99}]}))
+    calls = Calls(monkeypatch)
+    changes = {"eval.batch_size": 3, "eval.shards": 2, "eval.datasets": [{"kind": "synthetic", "n": 7, "seed": 99}]}
+    three = sdrpn(make_config(family, root, **changes))
+    assert calls.n == {"eval": 4 * 2}
+    assert _predictions(three["eval"][0]) == _predictions(one["eval"][0])
+    assert [(s["method"], s["score"]) for s in three["scores"]] == [(s["method"], s["score"]) for s in one["scores"]]
+    protocol = json.loads((Path(three["eval"][0]) / "protocol.json").read_text())
+    assert protocol["batch_size"] == 3 and protocol["shards"] == 2

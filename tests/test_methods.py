@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdrpn_core.infer import answer_with_boxes
+from sdrpn_core.infer import answer_with_boxes_batch
 from sdrpn_core.methods import METHODS, EvalMethod, get_method
 from stages.config import ConfigError, DatasetSpec, ModelSpec, PipelineConfig
 from stages.data import build_manifest
@@ -27,9 +27,9 @@ def test_the_built_in_methods_and_what_they_need():
 def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
     """A centre crop of half the image, registered here, runs through the evaluate stage next to the baseline."""
 
-    def centre(settings, image, prompt, box):
-        w, h = image.size
-        return answer_with_boxes(settings.adapter, image, prompt, [(w // 4, h // 4, 3 * w // 4, 3 * h // 4)], 4)
+    def centre(settings, images, prompts, boxes):
+        halves = [[(w // 4, h // 4, 3 * w // 4, 3 * h // 4)] for w, h in (im.size for im in images)]
+        return answer_with_boxes_batch(settings.adapter, images, prompts, halves, 4)
 
     monkeypatch.setitem(METHODS, "centre", EvalMethod("centre", centre, "+centre crop"))
     store = Store(StoreSettings(root=str(tmp_path / "store")))
