@@ -133,21 +133,40 @@ def answer_baseline(adapter: VLMAdapter, image: Image.Image | str, question: str
 Crop = tuple[torch.Tensor, tuple[int, int]]  # [n, D] visual tokens of one crop and their grid
 
 
+def crop_boxes(adapter: VLMAdapter, image: Image.Image, plan: RoIPlan, grid: tuple[int, int]) -> tuple[list, str]:
+    """The plan's boxes (on a `grid` map) in source pixels → (pixel boxes, why nothing is cropped)."""
+    if plan.kind == "none":
+        return [], plan.reason
+    pixel_boxes = [b for b in (adapter.box_to_pixels(g, image.size, grid) for g in plan.boxes) if b is not None]
+    return pixel_boxes, "" if pixel_boxes else "RoI lies in the square padding, outside the image"
+
+
+def keep_masks(plan: RoIPlan, crops: list[Crop]) -> list[np.ndarray | None]:
+    """Which crop tokens pass 2 keeps: 'mask' plans the RoI cells inside the union box, resized bilinearly to the
+    crop's own grid, > 0.5; otherwise every token (None)."""
+    if plan.kind == "mask" and crops:
+        return [resize_mask(plan.region, crops[0][1])]
+    return [None] * len(crops)
+
+
 def crop_tokens(
     adapter: VLMAdapter, image: Image.Image, plan: RoIPlan, grid: tuple[int, int]
 ) -> tuple[list[Crop], list[np.ndarray | None], list[PixelBox], str]:
     """Crop the plan's boxes (on a `grid` map) from the full-resolution image and encode them → (crops, keep masks
     (None = every token), source-pixel boxes, why nothing was cropped)."""
-    if plan.kind == "none":
-        return [], [], [], plan.reason
-    pixel_boxes = [b for b in (adapter.box_to_pixels(g, image.size, grid) for g in plan.boxes) if b is not None]
-    if not pixel_boxes:
-        return [], [], [], "RoI lies in the square padding, outside the image"
-    crops = [adapter.encode_crop(image.crop(b)) for b in pixel_boxes]
-    if plan.kind == "mask":
-        # the RoI cells inside the union box, resized bilinearly to the crop's own grid, > 0.5
-        return crops, [resize_mask(plan.region, crops[0][1])], pixel_boxes, ""
-    return crops, [None] * len(crops), pixel_boxes, ""
+    pixel_boxes, reason = crop_boxes(adapter, image, plan, grid)
+    crops = adapter.encode_crops([image.crop(b) for b in pixel_boxes])
+    return crops, keep_masks(plan, crops), pixel_boxes, reason
+
+
+def _encode_all(adapter: VLMAdapter, images: list[Image.Image], boxes: list[list[PixelBox]]) -> list[list[Crop]]:
+    """Every row's crops encoded together (one vision call for a batch where the family allows it)."""
+    flat = adapter.encode_crops([im.crop(b) for im, row in zip(images, boxes, strict=True) for b in row])
+    out, start = [], 0
+    for row in boxes:
+        out.append(flat[start : start + len(row)])
+        start += len(row)
+    return out
 
 
 @torch.inference_mode()
@@ -163,10 +182,9 @@ def answer_with_boxes_batch(
     t0 = time.perf_counter()
     b = _inputs(adapter, images, questions)
     rows = []
-    for i, boxes in enumerate(pixel_boxes):
+    for i, crops in enumerate(_encode_all(adapter, b.images, pixel_boxes)):
         x_i, embeds, positions = b.row(adapter, i)
-        if boxes:
-            crops = [adapter.encode_crop(b.images[i].crop(box)) for box in boxes]
+        if crops:
             embeds, positions = adapter.insert_crop(x_i, embeds, crops, [None] * len(crops))
         rows.append((embeds, positions))
     packed = pack(rows)
@@ -337,19 +355,24 @@ class _Pass2Row:
     pixel_boxes: list[PixelBox]
 
 
-def _pass2_row(adapter: VLMAdapter, p1: Pass1, plan: RoIPlan) -> _Pass2Row:
-    """Insert the plan's crop tokens after the original image tokens (nothing cropped: the whole prompt is the
-    reusable prefix, less its last token, which pass 2 runs again so every row ends on a token it computes)."""
-    crops, keep, pixel_boxes, reason = crop_tokens(adapter, p1.image, plan, p1.grid)
-    if not crops and plan.kind != "none":
-        plan = RoIPlan("none", prob=plan.prob, reason=reason)
-    if not crops:
-        return _Pass2Row(plan, p1.embeds, p1.positions, p1.embeds.shape[1] - 1, pixel_boxes)
-    prefix = int(p1.image_positions[-1]) + 1
-    if p1.image_keep is not None and not p1.image_keep.all():  # pruned: reuse stops at the first dropped token
-        prefix = int(p1.image_positions[int(np.argmin(p1.image_keep))])
-    embeds, positions = adapter.insert_crop(p1.inputs, p1.embeds, crops, keep, p1.image_keep)
-    return _Pass2Row(plan, embeds, positions, prefix, pixel_boxes)
+def _pass2_rows(adapter: VLMAdapter, p1s: list[Pass1], plans: list[RoIPlan]) -> list[_Pass2Row]:
+    """Each row's pass-2 sequence: the plan's crop tokens after the original image tokens (every row's crops
+    encoded together). Nothing cropped: the whole prompt is the reusable prefix, less its last token, which pass 2
+    runs again so every row ends on a token it computes."""
+    boxes = [crop_boxes(adapter, p1.image, plan, p1.grid) for p1, plan in zip(p1s, plans, strict=True)]
+    encoded = _encode_all(adapter, [p1.image for p1 in p1s], [b for b, _ in boxes])
+    rows = []
+    for p1, plan, (pixel_boxes, reason), crops in zip(p1s, plans, boxes, encoded, strict=True):
+        if not crops:
+            plan = plan if plan.kind == "none" else RoIPlan("none", prob=plan.prob, reason=reason)
+            rows.append(_Pass2Row(plan, p1.embeds, p1.positions, p1.embeds.shape[1] - 1, pixel_boxes))
+            continue
+        prefix = int(p1.image_positions[-1]) + 1
+        if p1.image_keep is not None and not p1.image_keep.all():  # pruned: reuse stops at the first dropped token
+            prefix = int(p1.image_positions[int(np.argmin(p1.image_keep))])
+        embeds, positions = adapter.insert_crop(p1.inputs, p1.embeds, crops, keep_masks(plan, crops), p1.image_keep)
+        rows.append(_Pass2Row(plan, embeds, positions, prefix, pixel_boxes))
+    return rows
 
 
 def _prefill_reusing(adapter: VLMAdapter, p1s: list[Pass1], rows: list[_Pass2Row]):
@@ -386,7 +409,7 @@ def run_pass2_batch(
 
     With pass 1's cache (reuse), each row's unchanged prefix is not recomputed (`_prefill_reusing`); without one,
     the whole prefill is recomputed (the authors' way)."""
-    rows = [_pass2_row(adapter, p1, plan) for p1, plan in zip(p1s, plans, strict=True)]
+    rows = _pass2_rows(adapter, p1s, plans)
     if p1s[0].cache is not None:
         logits, cache, packed = _prefill_reusing(adapter, p1s, rows)
     else:

@@ -155,6 +155,9 @@ class VLMAdapter(Protocol):
     def encode_crop(self, crop: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         """A crop of the source image → ([n, D] visual tokens, their (rows, cols) grid)."""
 
+    def encode_crops(self, crops: list[Image.Image]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """`encode_crop` of each crop, in as few vision-tower calls as the family allows (a batch's crops)."""
+
     def insert_crop(
         self,
         x: VLMInputs,
@@ -199,6 +202,9 @@ class DecoderParts:
     def image_token_budget(self) -> int | None:
         """The image-token budget the authors' τ tables are keyed on, where the family has one."""
         return None
+
+    def encode_crops(self, crops: list) -> list:
+        return [self.encode_crop(c) for c in crops]  # one call each; a family with fixed-size crops batches them
 
     @property
     def text_config(self) -> Any:

@@ -210,6 +210,13 @@ class LlavaAdapter(DecoderParts):
         """A crop resized to the vision square, encoded → ([n_img, D] tokens, the grid)."""
         return self.encode_images(self.crop_pixel_values(crop)[None])[0], self._grid
 
+    def encode_crops(self, crops: list[Image.Image]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """Every crop resized to the vision square, encoded in one vision-tower call."""
+        if not crops:
+            return []
+        feats = self.encode_images(torch.stack([self.crop_pixel_values(c) for c in crops]))
+        return [(f, self._grid) for f in feats]
+
     def insert_crop(
         self,
         x: VLMInputs,

@@ -1,0 +1,213 @@
+"""Scale-out on the nano default, in one run: evaluation samples/s at batch 1 and batch 8, evaluation with 1 vs 2
+Dask worker processes, and training with 1 process vs 2 gloo ranks (torchrun). The batch comparison runs in one
+process with every core's torch threads (as a user would); the worker and rank comparisons run one torch thread
+per process, so their ratios measure the scale-out, not the BLAS threading.
+
+- Evaluation: the shipped sdrpn-nano (a 1.5 M-parameter LLaVA) on the default's held-out split (select task,
+  256 px), baseline + SD-RPN (τ 0.03, box mode, KV reuse: the default config's settings) through the evaluate
+  stage's own piece function (`stages.evaluate.evaluate_piece`), on a throw-away store. The RPN is untrained
+  (seeded): at τ 0.03 every row crops, so each SD-RPN row does the work a real RoI costs.
+- Dask: a LocalCluster of 1 or 2 single-threaded worker processes, each loading the model once (before timing);
+  the same rows as 4 pieces (2 methods × 2 shards).
+- Training: `sdrpn_core.train.train_rpn` on the nano with random labels, effective batch 32 in micro-batches of 8
+  (the authors' per-device batch; 4 accumulated in one process, 2 on each of 2 gloo ranks), timed inside the
+  processes after the model loads.
+
+    python benchmarks/scale.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _setup(tmp: str, n: int):
+    """A store with the nano model, n held-out rows and an untrained RPN committed as an artifact."""
+    import torch
+
+    from sdrpn_core.presets import get_preset
+    from sdrpn_core.rpn import RoIPredictor
+    from stages.common import get_store, load_model
+    from stages.config import DatasetSpec, ModelSpec
+    from stages.data import build_manifest
+    from stages.model import resolve_model
+    from stages.refs import RpnRef
+    from storage.artifacts import ArtifactStore
+    from storage.store import StoreSettings
+
+    settings = StoreSettings(root=str(Path(tmp) / "store"))
+    store = get_store(settings)
+    model = resolve_model(ModelSpec(source="nano"), store)
+    dataset = build_manifest(DatasetSpec(kind="synthetic", n=n, seed=1000, variant="select", canvas=256), store)
+    preset = get_preset("sdrpn-nano")
+    torch.manual_seed(0)
+    rpn = RoIPredictor.from_adapter(load_model(model), preset.K, preset.T, base_model_fingerprint=model.fingerprint)
+    folder = Path(tmp) / "rpn"
+    rpn.save(folder)
+    ArtifactStore(store).put_dir("rpn", "scale-rpn", folder, meta={"steps": 0, "final_loss": 0.0})
+    return settings, model, RpnRef("scale-rpn", str(folder), 0, 0.0), dataset
+
+
+def _params(batch: int, tag: str):
+    from stages.evaluate import EvalParams
+
+    return EvalParams(
+        methods=("baseline", "sdrpn"), threshold=0.03, mode="box", max_new_tokens=4, batch_size=batch, protocol=tag
+    )
+
+
+def run_pieces(settings, model, rpn, dataset, params, shards: int) -> float:
+    """Evaluate every piece in this process → samples/s over both methods."""
+    from stages.common import get_store
+    from stages.evaluate import evaluate_piece, plan_pieces
+
+    store = get_store(settings)
+    t0 = time.perf_counter()
+    for piece in plan_pieces(model, rpn, dataset, params, shards):
+        evaluate_piece(store, model, rpn, dataset, params, piece)
+    return 2 * dataset.rows / (time.perf_counter() - t0)
+
+
+def _warm(settings, model, rpn) -> int:
+    """Load the model and RPN in this worker (kept for its pieces), outside the timing."""
+    import torch
+
+    from stages.common import get_store
+    from stages.train import load_rpn
+
+    torch.set_num_threads(1)
+    load_rpn(get_store(settings), rpn, model)
+    return os.getpid()
+
+
+def _piece(settings, model, rpn, dataset, params, piece) -> str:
+    from stages.common import get_store
+    from stages.evaluate import evaluate_piece
+
+    return evaluate_piece(get_store(settings), model, rpn, dataset, params, piece).url
+
+
+def eval_on_workers(settings, model, rpn, dataset, workers: int, tag: str) -> float:
+    from distributed import Client, LocalCluster
+
+    from stages.evaluate import plan_pieces
+
+    params = _params(1, tag)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    with (
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        client.run(_warm, settings, model, rpn)
+
+        def evaluate_all(params) -> float:
+            pieces = plan_pieces(model, rpn, dataset, params, shards=2)
+            t0 = time.perf_counter()
+            client.gather([client.submit(_piece, settings, model, rpn, dataset, params, p, pure=False) for p in pieces])
+            return 2 * dataset.rows / (time.perf_counter() - t0)
+
+        evaluate_all(_params(1, f"{tag}-warm-up"))  # every worker has run each code path once
+        return evaluate_all(params)
+
+
+def train_rank(out: str, samples: int, steps: int) -> None:
+    """One training process (alone, or a torchrun rank): random labels on nano images, timed after loading."""
+    import numpy as np
+    import torch
+
+    from sdrpn_core.presets import get_preset
+    from sdrpn_core.synthetic import make_split
+    from sdrpn_core.train import Ranks, TrainConfig, TrainSample, train_rpn
+    from stages.common import get_store, load_model
+    from stages.config import ModelSpec
+    from stages.model import resolve_model
+    from storage.store import StoreSettings
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    store = get_store(StoreSettings(root=str(Path(out).parent / "store")))
+    adapter = load_model(resolve_model(ModelSpec(source="nano"), store))
+    rng = np.random.default_rng(0)
+    n_img = adapter.grid[0] * adapter.grid[1]
+    scenes = make_split(samples, seed=0, variant="select", canvas=256)
+    data = [
+        TrainSample(f"s{i}", s.image, s.question, rng.choice([0, 1, -100], size=n_img, p=[0.6, 0.2, 0.2]))
+        for i, s in enumerate(scenes)
+    ]
+    preset = get_preset("sdrpn-nano")
+    config = TrainConfig(
+        K=preset.K, T=preset.T, lr=1e-3, batch_size=8, effective_batch=32, world_size=world, max_steps=steps
+    )
+    t0 = time.perf_counter()
+    result = train_rpn(adapter, data, config)
+    seconds = time.perf_counter() - t0
+    if Ranks.current().main:
+        record = {"seconds": seconds, "steps": result.steps, "world": world}
+        Path(out).write_text(json.dumps({**record, "per_step": [round(h["seconds"], 3) for h in result.history]}))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def train_speed(tmp: str, world: int, samples: int, steps: int) -> float:
+    """Optimizer steps/s of `world` processes (torchrun when > 1)."""
+    out = Path(tmp) / f"train-{world}.json"
+    args = [str(Path(__file__).resolve()), "--train-rank", str(out), str(samples), str(steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if world == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), *args]
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    record = json.loads(out.read_text())
+    return record["steps"] / record["seconds"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer rows and steps (under a minute on 2 cores)")
+    p.add_argument("--rows", type=int, default=96)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--train-rank", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.train_rank:
+        train_rank(args.train_rank[0], int(args.train_rank[1]), int(args.train_rank[2]))
+        return
+    if args.quick:
+        args.rows, args.steps = 32, 4
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SDRPN_CACHE_DIR"] = str(Path(tmp) / "cache")
+        settings, model, rpn, dataset = _setup(tmp, args.rows)
+        run_pieces(settings, model, rpn, dataset, _params(1, "warm-up"), 1)  # load, JIT paths, caches
+        rates = {b: run_pieces(settings, model, rpn, dataset, _params(b, f"batch-{b}"), 1) for b in (1, 8)}
+        threads = torch.get_num_threads()
+        print(f"evaluation (baseline + SD-RPN), {threads} threads: batch 1 {rates[1]:.1f}/s, batch 8 {rates[8]:.1f}/s")
+        workers = {w: eval_on_workers(settings, model, rpn, dataset, w, f"workers-{w}") for w in (1, 2)}
+        print(f"evaluation on Dask worker processes: 1 → {workers[1]:.1f}/s, 2 → {workers[2]:.1f}/s")
+        train = {w: train_speed(tmp, w, 32 * args.steps, args.steps) for w in (1, 2)}
+        print(f"training, effective batch 32: 1 process {train[1]:.2f} steps/s, 2 gloo ranks {train[2]:.2f} steps/s")
+    print(
+        f"RESULT eval_batch8_speedup={rates[8] / rates[1]:.2f} eval_2workers_speedup={workers[2] / workers[1]:.2f} "
+        f"train_2ranks_speedup={train[2] / train[1]:.2f} eval_batch1_per_s={rates[1]:.1f} "
+        f"eval_batch8_per_s={rates[8]:.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
