@@ -168,46 +168,91 @@ def _run_flow(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
+def _predict_settings(args: argparse.Namespace, folder: Path) -> dict:
+    """τ, mode, max new tokens and KV reuse: the command line's, else the RPN's `inference.json` (what it was
+    evaluated with, or its preset's at training), else the built-in defaults."""
+    import json as _json
+
+    from stages.train import INFERENCE
+
+    recorded = _json.loads((folder / INFERENCE).read_text()) if (folder / INFERENCE).exists() else {}
+    settings = {**PREDICT_DEFAULTS, **{k: v for k, v in recorded.items() if k in PREDICT_DEFAULTS and v is not None}}
+    for key in PREDICT_DEFAULTS:
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    settings["source"] = recorded.get("source", "built-in defaults")
+    return settings
+
+
+PREDICT_DEFAULTS = {"threshold": 0.15, "mode": "mask", "max_new_tokens": 128}
+
+
+def _predict_model(args: argparse.Namespace, folder: Path):
+    """The base model, loaded, after its fingerprint is checked against the one the RPN was trained on."""
+    import json as _json
+
+    from sdrpn_core.models import load_adapter
+    from sdrpn_core.models.base import AdapterError
+    from sdrpn_core.rpn import RPN_CONFIG
+    from storage.fingerprint import model_fingerprint
+
+    config = _json.loads((folder / RPN_CONFIG).read_text())
+    model = args.model or config.get("base_model")
+    if not model:
+        raise SystemExit("sdrpn predict: --model is needed (the RPN config names no base model)")
+    adapter = load_adapter(model, dtype=args.dtype, device=args.device)
+    expected = config.get("base_model_fingerprint")
+    if expected and Path(model).is_dir() and not args.no_fingerprint_check:
+        dtype = config.get("base_model_dtype") or str(adapter.dtype).removeprefix("torch.")
+        found = model_fingerprint(Path(model), adapter=config["family"], dtype=dtype)
+        if found != expected:
+            raise AdapterError(
+                f"{model} is not the model this RPN was trained on (fingerprint {found[:12]}, the RPN's base "
+                f"{expected[:12]}: {config.get('base_model')}); --no-fingerprint-check to run it anyway"
+            )
+    return adapter
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Answer one question about one image with SD-RPN; write the answer, the overlay (and the comparison)."""
     import json as _json
 
     from sdrpn_core.data import load_image
     from sdrpn_core.infer import answer_baseline, answer_sdrpn
-    from sdrpn_core.models import load_adapter
-    from sdrpn_core.rpn import RPN_CONFIG, RoIPredictor
-    from sdrpn_core.visualize import roi_overlay
+    from sdrpn_core.rpn import RoIPredictor
+    from sdrpn_core.visualize import answer_card, side_by_side
+    from stages.release import fetch_release
 
-    model = args.model or _json.loads((Path(args.rpn) / RPN_CONFIG).read_text()).get("base_model")
-    if not model:
-        raise SystemExit("sdrpn predict: --model is needed (the RPN config names no base model)")
-    adapter = load_adapter(model, dtype=args.dtype, device=args.device)
-    rpn = RoIPredictor.load(args.rpn, adapter)
+    folder = fetch_release(args.rpn)
+    settings = _predict_settings(args, folder)
+    adapter = _predict_model(args, folder)
+    rpn = RoIPredictor.load(folder, adapter)
     image = load_image(args.image)
-    answer = answer_sdrpn(
-        adapter,
-        rpn,
-        image,
-        args.question,
-        threshold=args.threshold,
-        mode=args.mode,
-        reuse_kv=not args.no_kv_reuse,
-        max_new_tokens=args.max_new_tokens,
-    )
+    kwargs = {k: settings[k] for k in ("threshold", "mode", "max_new_tokens")}
+    answer = answer_sdrpn(adapter, rpn, image, args.question, reuse_kv=not args.no_kv_reuse, **kwargs)
     roi = answer.roi
     print(answer.text)
-    where = roi.pixel_boxes if roi.pixel_boxes else f"no RoI ({roi.plan.reason})"
     log.info(
-        "RoI %s: %s; %d crop tokens; %s",
+        "settings %s; RoI %s: %s; %d crop tokens",
+        settings,
         roi.plan.kind,
-        where,
+        roi.pixel_boxes or roi.plan.reason,
         roi.n_crop_tokens,
-        ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in answer.seconds.items()),
     )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    padded = adapter.pads_to_square
+    card = answer_card(image, roi.plan.prob, roi.pixel_boxes, args.question, answer.text, padded=padded)
+    record = {"question": args.question, "answer": answer.text, "roi": roi.pixel_boxes, "settings": settings}
     if args.compare:
-        print(f"baseline: {answer_baseline(adapter, image, args.question, args.max_new_tokens).text}")
-    out = Path(args.overlay or Path(args.image).with_suffix(".roi.png").name)
-    roi_overlay(image, roi.plan.prob, roi.pixel_boxes, padded=adapter.pads_to_square).save(out)
-    print(f"wrote {out}")
+        base = answer_baseline(adapter, image, args.question, settings["max_new_tokens"])
+        print(f"baseline: {base.text}")
+        record["baseline"] = base.text
+        base_card = answer_card(image, None, [], args.question, base.text, title="baseline", padded=padded)
+        side_by_side(base_card, card).save(out / "compare.png")
+    card.save(out / "overlay.png")
+    (out / "answer.json").write_text(_json.dumps(record, indent=1))
+    print(f"wrote {out}/overlay.png{', compare.png' if args.compare else ''} and answer.json")
     return 0
 
 
@@ -298,17 +343,25 @@ def build_parser() -> argparse.ArgumentParser:
     hd.add_argument("--dtype", default="auto")
     hd.set_defaults(func=cmd_heads)
 
-    pr = sub.add_parser("predict", help="answer one question about one image with SD-RPN")
+    pr = sub.add_parser(
+        "predict",
+        help="answer one question about one image with SD-RPN",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     pr.add_argument("image")
     pr.add_argument("question")
-    pr.add_argument("--rpn", required=True, help="RPN folder (rpn.safetensors + rpn_config.json)")
+    pr.add_argument(
+        "--rpn", required=True, help="the RPN: a folder, a store URL (…/release/<fp>, …/rpn/<fp>) or a cached hub id"
+    )
     pr.add_argument("--model", help="base model (default: the one named in the RPN config)")
-    pr.add_argument("--threshold", type=float, default=0.15)
-    pr.add_argument("--mode", choices=["mask", "box"], default="mask")
+    recorded = "the RPN's inference.json, else {}"
+    pr.add_argument("--threshold", type=float, help="τ on the RoI map (default: " + recorded.format(0.15) + ")")
+    pr.add_argument("--mode", choices=["mask", "box"], help="RoI mode (default: " + recorded.format("mask") + ")")
+    pr.add_argument("--max-new-tokens", type=int, help="answer length (default: " + recorded.format(128) + ")")
     pr.add_argument("--no-kv-reuse", action="store_true", help="recompute pass 2 fully, as the authors do")
-    pr.add_argument("--max-new-tokens", type=int, default=128)
-    pr.add_argument("--compare", action="store_true", help="also print the baseline answer")
-    pr.add_argument("--overlay", help="PNG path for the RoI overlay (default: IMAGE.roi.png here)")
+    pr.add_argument("--compare", action="store_true", help="also answer without SD-RPN; compare.png side by side")
+    pr.add_argument("--out", default="sdrpn-predict", help="folder for answer.json, overlay.png (and compare.png)")
+    pr.add_argument("--no-fingerprint-check", action="store_true", help="run on a base model other than the RPN's")
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--dtype", default="auto")
     pr.set_defaults(func=cmd_predict)

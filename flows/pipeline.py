@@ -13,11 +13,13 @@ cluster whose workers each load the model once.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 
+from flows.publish import publish_run, publish_scores, skipped
 from flows.runners import RunnerFactory, model_bound, task_runners
 from sdrpn_core.methods import get_method
 from stages import evaluate
@@ -27,6 +29,7 @@ from stages.labels import labels_fingerprint
 from stages.labels import merge as merge_labels
 from stages.model import nano_base_fingerprint
 from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, PieceRef, RpnRef, ShardSummary
+from stages.release import release_fingerprint
 from stages.teacher import teacher_fingerprint, teacher_ref
 from stages.train import train_fingerprint
 from storage.fingerprint import hash_obj
@@ -36,6 +39,7 @@ from tasks.stages import (
     labels_task,
     model_task,
     nano_base_task,
+    release_task,
     samples_task,
     teacher_shard_task,
     train_task,
@@ -65,7 +69,13 @@ def _run_name() -> str:
 def _call(task, *args):
     """Run a task in the current flow and return its value (a stage found in the store ends `Cached` by returning
     that state; its data is the stage's reference)."""
-    return task(*args, return_state=True).result()
+    return _run(task, *args)[0]
+
+
+def _run(task, *args) -> tuple[Any, bool]:
+    """(the task's value, whether it came from the cache)."""
+    state = task(*args, return_state=True)
+    return state.result(), state.name == "Cached"
 
 
 @flow(name="sdrpn-teacher", flow_run_name="teacher[{dataset.name}]")
@@ -164,17 +174,22 @@ def evaluate_flow(
     return [f.result() for f in futures]
 
 
-def _eval(cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None, runners: RunnerFactory) -> list[EvalRef]:
-    """Per benchmark: its samples, the pieces not yet in the store (mapped), then the merge."""
-    settings, params, results = cfg.store.settings(), _eval_params(cfg), []
+def _eval(
+    cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None, runners: RunnerFactory
+) -> tuple[list[EvalRef], bool]:
+    """Per benchmark: its samples, the pieces not yet in the store (mapped), then the merge → (results, whether
+    every one came from the cache)."""
+    settings, params, results, all_cached = cfg.store.settings(), _eval_params(cfg), [], True
     for spec in cfg.eval.datasets:
         dataset = samples_task(spec, settings, f"eval:{spec.benchmark or spec.kind}")
         fp = eval_fingerprint(model, rpn, dataset, params)
         pieces = plan_pieces(model, rpn, dataset, params, cfg.eval.shards)
         if evaluate.lookup(_store(cfg), fp, dataset.benchmark) is None:
             evaluate_flow.with_options(task_runner=runners())(cfg, model, rpn, dataset, pieces)
-        results.append(_call(eval_task, settings, dataset, params, fp, pieces))
-    return results
+        ref, was_cached = _run(eval_task, settings, dataset, params, fp, pieces)
+        results.append(ref)
+        all_cached &= was_cached
+    return results, all_cached
 
 
 def _store(cfg: PipelineConfig):
@@ -206,29 +221,13 @@ def eval_flow(config: PipelineConfig | None = None, config_path: str | None = No
     model = _model(cfg)
     rpn = _latest_rpn(cfg, model) if any(get_method(m).needs_rpn for m in cfg.eval.methods) else None
     with task_runners(cfg.runner) as runners:
-        results = _eval(cfg, model, rpn, runners)
-    _publish_results(cfg, model, results)
+        results, all_cached = _eval(cfg, model, rpn, runners)
+    if all_cached:
+        skipped("every evaluation")
+    else:
+        markdown = publish_scores(cfg, _store(cfg), model, results)
+        create_markdown_artifact(key="sdrpn-eval-report", markdown=markdown, description=f"{cfg.name}: scores")
     return results
-
-
-def _paper_model(cfg: PipelineConfig) -> str | None:
-    from sdrpn_core.benchmarks.published import PUBLISHED
-
-    name = cfg.eval.paper_model or cfg.teacher.preset.split("/")[0]
-    return name if name in PUBLISHED and cfg.model.source == "path" else cfg.eval.paper_model
-
-
-def _publish_results(cfg: PipelineConfig, model: ModelRef, results: list[EvalRef]) -> str:
-    from stages.report import results_rows, write_results
-
-    url, markdown = write_results(_store(cfg), results, _paper_model(cfg), model.fingerprint)
-    create_table_artifact(
-        key="sdrpn-scores",
-        table=results_rows(results),
-        description=f"{cfg.name}: score per benchmark (percent) and relative throughput",
-    )
-    create_link_artifact(key="sdrpn-results", link=_link(url), link_text="results table (JSON + Markdown)")
-    return markdown
 
 
 def _latest_rpn(cfg: PipelineConfig, model: ModelRef) -> RpnRef:
@@ -249,63 +248,20 @@ def sdrpn(config: PipelineConfig | None = None, config_path: str | None = None) 
     with task_runners(cfg.runner) as runners:
         model, labels_ref = _labels(cfg, runners)
         rpn = _train(cfg, model, labels_ref)
-        results = _eval(cfg, model, rpn, runners)
-    table = _publish_results(cfg, model, results)
-    create_markdown_artifact(key="sdrpn-report", markdown=_report(cfg, labels_ref, rpn, results, table))
-    create_link_artifact(key="sdrpn-labels", link=_link(labels_ref.url), link_text="label dataset")
-    create_link_artifact(key="sdrpn-checkpoint", link=_link(rpn.url), link_text="RPN checkpoint")
-    for r in results:
-        create_link_artifact(
-            key=f"sdrpn-eval-{r.benchmark}",
-            link=_link(r.url),
-            link_text=f"{r.benchmark}: predictions, scores, protocol, gallery",
-        )
+        results, _ = _eval(cfg, model, rpn, runners)
+    release_fp = release_fingerprint(rpn, results)
+    shared, was_cached = _run(release_task, cfg.store.settings(), model, rpn, labels_ref, results, release_fp)
+    if was_cached:  # the same RPN and evaluations as a run that published them
+        skipped("the RPN and every evaluation")
+    else:
+        publish_run(cfg, _store(cfg), model, labels_ref, rpn, results, shared)
     summary = {
         "model": model.fingerprint,
         "labels": labels_ref.url,
         "rpn": rpn.url,
+        "release": shared,
         "eval": [r.url for r in results],
         "scores": [s for r in results for s in r.scores],
     }
     print(summary)
     return summary
-
-
-def _link(url: str) -> str:
-    return url if "://" in url else Path(url).resolve().as_uri()
-
-
-def _report(cfg: PipelineConfig, labels: LabelsRef, rpn: RpnRef, results: list[EvalRef], table: str) -> str:
-    import base64
-
-    from storage.artifacts import ArtifactStore
-
-    stats = labels.stats
-    lines = [
-        f"# SD-RPN run: {cfg.name}",
-        "",
-        "## Results",
-        "",
-        table,
-        "## Pseudo-labels",
-        "",
-        f"{stats.get('samples', 0)} samples: {stats.get('usable', 0)} usable, {stats.get('all_ignore', 0)} "
-        f"all-ignore {stats.get('ignored_because', {})}, {stats.get('quarantined', 0)} rejected; per sample "
-        f"{stats.get('mean_fg', 0):.1f} foreground, {stats.get('mean_bg', 0):.1f} background, "
-        f"{stats.get('mean_sink', 0):.1f} sink tokens on average.",
-        "",
-        f"## RPN: {rpn.steps} steps, final loss {rpn.final_loss:.4f}",
-        "",
-    ]
-    arts = ArtifactStore(_store(cfg))
-    for r in results:
-        lines.append(arts.read("eval", r.fingerprint, "report.md").decode())
-        if "gallery.png" in arts.manifest("eval", r.fingerprint)["files"]:
-            data = base64.b64encode(arts.read("eval", r.fingerprint, "gallery.png")).decode()
-            lines += [
-                f"RoI overlays, largest SD-RPN wins then losses on {r.benchmark}:",
-                "",
-                f"![gallery](data:image/png;base64,{data})",
-                "",
-            ]
-    return "\n".join(lines)

@@ -41,6 +41,7 @@ class RPNConfig:
     preset: str = ""
     base_model: str = ""  # path or hub id the RPN was trained on
     base_model_fingerprint: str = ""
+    base_model_dtype: str = ""  # the dtype the fingerprint was taken with (it is part of it)
     version: int = 1
 
 

@@ -21,11 +21,10 @@ from sdrpn_core.rpn import RPN_CONFIG
 from stages.common import cache_dir
 from stages.refs import EvalRef, LabelsRef, ModelRef, RpnRef
 from stages.report import results_markdown, results_rows
+from stages.train import INFERENCE
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import hash_obj
 from storage.store import Store
-
-INFERENCE = "inference.json"
 
 
 def release_fingerprint(rpn: RpnRef, evals: list[EvalRef]) -> str:
@@ -47,6 +46,7 @@ def inference_defaults(protocols: list[dict]) -> dict:
         "reuse_kv": first["kv_reuse"],
         "inputs": first.get("params", {}).get("inputs", []),
         "per_benchmark_threshold": {p["benchmark"]: p["roi_threshold"] for p in protocols},
+        "source": f"evaluation: {', '.join(p['benchmark'] for p in protocols)}",
     }
 
 
@@ -99,7 +99,7 @@ def model_card(model: ModelRef, rpn: RpnRef, labels: LabelsRef, recipe: dict, ev
         "## Use",
         "",
         "```bash",
-        f"sdrpn predict photo.jpg \"What is written on the sign?\" --rpn <this folder> --model {model.path}",
+        f'sdrpn predict photo.jpg "What is written on the sign?" --rpn <this folder> --model {model.path}',
         "```",
         "",
         f"Defaults `predict` takes from `{INFERENCE}`: τ {inference['threshold']}, mode {inference['mode']}, "
@@ -109,9 +109,7 @@ def model_card(model: ModelRef, rpn: RpnRef, labels: LabelsRef, recipe: dict, ev
     return "\n".join(lines)
 
 
-def release(
-    store: Store, model: ModelRef, rpn: RpnRef, labels: LabelsRef, evals: list[EvalRef], fp: str
-) -> str:
+def release(store: Store, model: ModelRef, rpn: RpnRef, labels: LabelsRef, evals: list[EvalRef], fp: str) -> str:
     """Write and commit the release folder; returns its URL."""
     arts = ArtifactStore(store)
     local = arts.fetch_dir("rpn", rpn.fingerprint, cache_dir("rpn", rpn.fingerprint))

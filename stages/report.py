@@ -67,21 +67,74 @@ def results_markdown(rows: list[dict], paper_model: str | None) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def write_results(store: Store, results: list[EvalRef], paper_model: str | None, model_fp: str) -> tuple[str, str]:
-    """results.json + results.md under `<root>/reports/<fp>/`; returns (URL, markdown)."""
+def write_results(
+    store: Store, results: list[EvalRef], paper_model: str | None, model_fp: str, history: list[dict] | None = None
+) -> tuple[str, str]:
+    """results.json, results.md and scores.png (and, given the training log, loss.png) under
+    `<root>/reports/<fp>/`; returns (URL, markdown)."""
     rows = results_rows(results)
     markdown = results_markdown(rows, paper_model)
-    fp = hash_obj({"evals": [r.fingerprint for r in results], "paper": paper_model})
+    fp = hash_obj({"evals": [r.fingerprint for r in results], "paper": paper_model, "history": history})
     arts = ArtifactStore(store)
     if not arts.is_committed("reports", fp):
-        arts.put_files(
-            "reports",
-            fp,
-            {"results.json": json.dumps(rows, indent=1).encode(), "results.md": markdown.encode()},
-            meta={"model": model_fp},
-        )
+        files = {
+            "results.json": json.dumps(rows, indent=1).encode(),
+            "results.md": markdown.encode(),
+            "scores.png": png(score_bars(results)),
+        }
+        if history:
+            files["loss.png"] = png(loss_curve(history))
+        arts.put_files("reports", fp, files, meta={"model": model_fp})
     arts.set_latest(model_fp, "reports", fp)
     return arts.url("reports", fp), markdown
+
+
+COLOURS = {"baseline": (120, 120, 120), "sdrpn": (30, 140, 60), "vicrop": (60, 90, 200), "oracle": (200, 140, 30)}
+
+
+def score_bars(results: list[EvalRef], height: int = 220) -> Image.Image:
+    """Per benchmark, a bar per method (score in %, labelled), methods in the evaluation's order."""
+    font = None
+    groups = [(r.benchmark, [(s["method"], float(s["score"])) for s in r.scores]) for r in results]
+    bar, gap = 26, 30
+    width = 20 + sum(len(g) * bar + gap for _, g in groups)
+    canvas = Image.new("RGB", (max(width, 260), height + 60), "white")
+    draw = ImageDraw.Draw(canvas)
+    x, base = 20, height + 10
+    for bench, bars in groups:
+        for method, score_ in bars:
+            top = base - round(height * max(0.0, min(score_, 100.0)) / 100)
+            draw.rectangle([x, top, x + bar - 4, base], fill=COLOURS.get(method, (150, 80, 150)))
+            draw.text((x, top - 12), f"{score_:.0f}", fill="black", font=font)
+            draw.text((x, base + 4), method[:4], fill="black", font=font)
+            x += bar
+        draw.text((x - len(bars) * bar, base + 20), bench, fill="black", font=font)
+        x += gap
+    draw.line([(14, base), (canvas.width - 6, base)], fill="black")
+    return canvas
+
+
+def loss_curve(history: list[dict], size: tuple[int, int] = (480, 240)) -> Image.Image:
+    """Training loss per optimizer step (a line, min and max labelled)."""
+    losses = [float(h["loss"]) for h in history]
+    w, h = size
+    canvas = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(canvas)
+    lo, hi = min(losses), max(losses)
+    span = hi - lo or 1.0
+    pad = 30
+    points = [
+        (pad + (w - 2 * pad) * i / max(1, len(losses) - 1), h - pad - (h - 2 * pad) * (v - lo) / span)
+        for i, v in enumerate(losses)
+    ]
+    draw.line([(pad, h - pad), (w - pad, h - pad)], fill="black")
+    draw.line([(pad, pad), (pad, h - pad)], fill="black")
+    if len(points) > 1:
+        draw.line(points, fill=(30, 140, 60), width=2)
+    draw.text((pad + 4, 6), f"loss per step: {losses[0]:.4f} → {losses[-1]:.4f} ({len(losses)} steps)", fill="black")
+    draw.text((2, pad - 6), f"{hi:.3f}", fill="black")
+    draw.text((2, h - pad - 6), f"{lo:.3f}", fill="black")
+    return canvas
 
 
 def png(image: Image.Image) -> bytes:

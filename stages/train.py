@@ -93,7 +93,12 @@ def train_here(
         samples_from_rows(frame.to_dicts()),
         params,
         out_dir=scratch,
-        rpn_fields={"preset": preset, "base_model": model.path, "base_model_fingerprint": model.fingerprint},
+        rpn_fields={
+            "preset": preset,
+            "base_model": model.path,
+            "base_model_fingerprint": model.fingerprint,
+            "base_model_dtype": model.dtype,
+        },
         progress=progress,
     )
     summary = TrainSummary(
@@ -107,8 +112,26 @@ def train_here(
         pq.write_table(pa.Table.from_pylist(result.history), buf)
         (out / "train_log.parquet").write_bytes(buf.getvalue())
         (out / "train_recipe.json").write_text(json.dumps(recipe_record(params), indent=2))
+        (out / INFERENCE).write_text(json.dumps(training_inference_defaults(preset), indent=2))
         (scratch / "summary.json").write_text(json.dumps(asdict(summary)))
     return summary
+
+
+INFERENCE = "inference.json"  # the settings `sdrpn predict` takes unless told otherwise
+
+
+def training_inference_defaults(preset: str) -> dict:
+    """Until an evaluation records what it ran with (the release), the preset's τ, the mask mode and the family's
+    generation limit (None)."""
+    from sdrpn_core.presets import get_preset
+
+    return {
+        "threshold": get_preset(preset).roi_threshold,
+        "mode": "mask",
+        "max_new_tokens": None,
+        "reuse_kv": True,
+        "source": f"training: preset {preset}",
+    }
 
 
 @dataclass(frozen=True)

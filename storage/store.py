@@ -107,6 +107,16 @@ class Store:
         p = self.path(*parts)
         return p if self.protocol == "file" else f"{self.protocol}://{p}"
 
+    def browser_url(self, *parts: str, expires_s: int = 7 * 24 * 3600) -> str | None:
+        """An http(s) URL a browser can open (a presigned one for S3, valid `expires_s`), or None where there is
+        none (a local folder: show its path as text instead)."""
+        if self.protocol in ("file", "local"):
+            return None
+        try:
+            return self.fs.sign(self.path(*parts), expiration=expires_s)
+        except NotImplementedError:
+            return None
+
     def retrying(self, what: str, fn: Callable[[], T]) -> T:
         s = self.settings
         try:

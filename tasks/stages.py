@@ -26,7 +26,7 @@ from prefect.tasks import exponential_backoff
 from sdrpn_core.presets import Preset
 from sdrpn_core.pseudo_labels import LabelParams
 from sdrpn_core.train import TrainConfig
-from stages import data, evaluate, labels, model, teacher, train
+from stages import data, evaluate, labels, model, release, teacher, train
 from stages.common import get_store
 from stages.config import DatasetSpec, ModelSpec
 from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, PieceRef, RpnRef, ShardSummary
@@ -54,18 +54,26 @@ def cached(ref: Any, what: str) -> State:
     return Completed(name="Cached", data=ref, message=f"{what} found in the store")
 
 
-def _progress(key: str, what: str) -> Callable[[int, int], None]:
-    """A Prefect progress artifact, updated at most once a second."""
-    artifact = create_progress_artifact(progress=0.0, key=key, description=what)
-    last = [0.0]
+class _Progress:
+    """A Prefect progress artifact (described), updated at most once a second, and at 100 % when the stage ends
+    however it ended its work (resumed, partly cached)."""
 
-    def update(done: int, total: int) -> None:
+    def __init__(self, key: str, what: str):
+        self.artifact = create_progress_artifact(progress=0.0, key=key, description=what)
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if now - last[0] >= 1.0 or done >= total:
-            last[0] = now
-            update_progress_artifact(artifact_id=artifact, progress=100.0 * done / max(total, 1))
+        if now - self.last >= 1.0 or done >= total:
+            self.last = now
+            update_progress_artifact(artifact_id=self.artifact, progress=100.0 * done / max(total, 1))
 
-    return update
+    def finish(self) -> None:
+        update_progress_artifact(artifact_id=self.artifact, progress=100.0)
+
+
+def _progress(key: str, what: str) -> _Progress:
+    return _Progress(key, what)
 
 
 def _named(template: str) -> Callable[..., str]:
@@ -83,7 +91,9 @@ def nano_base_task(overrides: dict, settings: StoreSettings, fp: str) -> str | S
     if model.nano_base_lookup(store, fp):
         return cached(fp, f"sdrpn-nano base model {fp}")
     progress = _progress("nano-base", "training sdrpn-nano from scratch")
-    return model.nano_base(overrides, store, fp, progress)
+    out = model.nano_base(overrides, store, fp, progress)
+    progress.finish()
+    return out
 
 
 @task(name="model", **STORE_IS_THE_CACHE, **IO_RETRIES)
@@ -133,6 +143,7 @@ def teacher_shard_task(
         progress=progress,
         inputs=inputs,
     )
+    progress.finish()
     if summary.already_done == summary.rows:
         return cached(summary, f"teacher shard {shard + 1}/{n_shards}")
     get_run_logger().info("shard %d: %s", shard, summary)
@@ -159,7 +170,9 @@ def train_task(
     if (ref := train.lookup(store, fp)) is not None:
         return cached(ref, f"RPN {fp}")
     progress = _progress("train-progress", "RPN training steps")
-    return train.train(store, model_ref, labels_ref, params, fp, preset, progress=progress)
+    ref = train.train(store, model_ref, labels_ref, params, fp, preset, progress=progress)
+    progress.finish()
+    return ref
 
 
 @task(
@@ -182,8 +195,10 @@ def eval_piece_task(
     if (ref := evaluate.piece_lookup(store, piece)) is not None:
         return cached(ref, f"evaluation piece {piece.name}")
     key = re.sub(r"[^a-z0-9-]+", "-", f"evaluate-{piece.benchmark}-{piece.method}-{piece.shard}".lower())
-    progress = _progress(key, f"evaluating {piece.name}")
-    return evaluate.evaluate_piece(store, model_ref, rpn, dataset, params, piece, progress)
+    progress = _progress(key, f"evaluating {piece.name}: samples done")
+    ref = evaluate.evaluate_piece(store, model_ref, rpn, dataset, params, piece, progress)
+    progress.finish()
+    return ref
 
 
 @task(name="evaluate", task_run_name=_named("evaluate[{dataset.benchmark}]"), **STORE_IS_THE_CACHE, **IO_RETRIES)
@@ -199,3 +214,19 @@ def eval_task(
     if (ref := evaluate.lookup(store, fp, dataset.benchmark)) is not None:
         return cached(ref, f"evaluation of {dataset.name or dataset.benchmark} {fp}")
     return evaluate.merge(store, dataset, params, fp, pieces)
+
+
+@task(name="release", **STORE_IS_THE_CACHE, **IO_RETRIES)
+def release_task(
+    settings: StoreSettings,
+    model_ref: ModelRef,
+    rpn: RpnRef,
+    labels_ref: LabelsRef,
+    evals: list[EvalRef],
+    fp: str,
+) -> str | State:
+    """The trained RPN as a shareable folder with its model card; `Cached` when committed."""
+    store = get_store(settings)
+    if (url := release.lookup(store, fp)) is not None:
+        return cached(url, f"release {fp}")
+    return release.release(store, model_ref, rpn, labels_ref, evals, fp)

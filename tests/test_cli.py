@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -57,50 +59,80 @@ def test_config_yaml_validation(tmp_path):
         PipelineConfig.from_yaml(tmp_path / "nope.yaml")
 
 
-def test_predict_prints_the_answer_and_writes_an_overlay(tmp_path, tiny_vlm, tiny_vlm_dir, capsys):
+@pytest.fixture(scope="module")
+def trained_rpn(tmp_path_factory, tiny_vlm, tiny_vlm_dir):
+    """A small RPN trained on the top-left quadrant, saved with its base model's fingerprint."""
+    from storage.fingerprint import model_fingerprint
+
     samples = []
     for i in range(8):
         labels = np.full(16, -100)
         labels[[0, 1, 4, 5]] = 1  # the top-left quadrant, as if a teacher had looked there
         labels[[10, 11, 14, 15]] = 0
         samples.append(TrainSample(f"s{i}", random_image(i, (40, 40)), "what is the digit ?", labels))
-    result = train_rpn(
-        tiny_vlm,
-        samples,
-        TrainConfig(K=1, T=2, lr=5e-3, batch_size=4, epochs=3),
-        rpn_fields={"base_model": tiny_vlm_dir},
-    )
-    result.rpn.save(tmp_path / "rpn")
-    image = tmp_path / "img.png"
+    fp = model_fingerprint(tiny_vlm_dir, adapter=tiny_vlm.family, dtype="float32")
+    fields = {"base_model": tiny_vlm_dir, "base_model_fingerprint": fp, "base_model_dtype": "float32"}
+    result = train_rpn(tiny_vlm, samples, TrainConfig(K=1, T=2, lr=5e-3, batch_size=4, epochs=3), rpn_fields=fields)
+    folder = tmp_path_factory.mktemp("rpn")
+    result.rpn.save(folder)
+    image = folder.parent / f"img-{tiny_vlm.family}.png"
     random_image(0, (40, 40)).save(image)
-    overlay = tmp_path / "overlay.png"
-    assert (
-        main(
-            [
-                "predict",
-                str(image),
-                "what is the digit ?",
-                "--rpn",
-                str(tmp_path / "rpn"),
-                "--max-new-tokens",
-                "3",
-                "--overlay",
-                str(overlay),
-                "--compare",
-            ]
-        )
-        == 0
-    )
+    return folder, image
+
+
+def test_predict_prints_the_answer_and_writes_overlay_comparison_and_record(trained_rpn, tmp_path, capsys):
+    folder, image = trained_rpn
+    out = tmp_path / "out"
+    args = ["predict", str(image), "what is the digit ?", "--rpn", str(folder), "--max-new-tokens", "3"]
+    assert main([*args, "--out", str(out), "--compare"]) == 0
     printed = capsys.readouterr().out
-    assert "baseline:" in printed and f"wrote {overlay}" in printed
-    img = Image.open(overlay)
-    assert img.size == (40, 40) and img.mode == "RGB"
+    assert "baseline:" in printed and f"wrote {out}/overlay.png, compare.png" in printed
+    record = json.loads((out / "answer.json").read_text())
+    assert record["question"] == "what is the digit ?" and record["answer"] == printed.splitlines()[0]
+    assert record["settings"]["max_new_tokens"] == 3 and record["settings"]["source"] == "built-in defaults"
+    card, both = Image.open(out / "overlay.png"), Image.open(out / "compare.png")
+    assert card.mode == "RGB" and card.width == 480 and card.height > 480  # the image, then question, answer, legend
+    assert both.width == 2 * 480 + 8
     # --no-kv-reuse recomputes pass 2 from scratch (the authors' way): the same answer
-    answer = printed.splitlines()[0]
-    args = ["predict", str(image), "what is the digit ?", "--rpn", str(tmp_path / "rpn"), "--max-new-tokens", "3",
-            "--overlay", str(tmp_path / "o2.png")]  # fmt: skip
-    assert main([*args, "--no-kv-reuse"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == answer
+    assert main([*args, "--no-kv-reuse", "--out", str(tmp_path / "o2")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == record["answer"]
+
+
+def test_predict_takes_its_defaults_from_the_rpn_and_shows_them_in_help(trained_rpn, tmp_path, capsys):
+    import shutil
+
+    folder, image = trained_rpn
+    rpn = tmp_path / "rpn"
+    shutil.copytree(folder, rpn)
+    recorded = {"threshold": 0.99, "mode": "box", "max_new_tokens": 2, "source": "evaluation: synthetic"}
+    (rpn / "inference.json").write_text(json.dumps(recorded))
+    assert main(["predict", str(image), "what is the digit ?", "--rpn", str(rpn), "--out", str(tmp_path / "a")]) == 0
+    settings = json.loads((tmp_path / "a" / "answer.json").read_text())["settings"]
+    assert settings == {**recorded, "threshold": 0.99}
+    args = ["predict", str(image), "q ?", "--rpn", str(rpn), "--out", str(tmp_path / "b"), "--mode", "mask"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "b" / "answer.json").read_text())["settings"]["mode"] == "mask"  # the flag wins
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "inference.json, else 0.15" in text and "(default: sdrpn-predict)" in text
+
+
+def test_predict_refuses_another_base_model(trained_rpn, tmp_path):
+    import shutil
+
+    from sdrpn_core.models.base import AdapterError
+
+    folder, image = trained_rpn
+    rpn = tmp_path / "rpn"
+    shutil.copytree(folder, rpn)
+    config = json.loads((rpn / "rpn_config.json").read_text())
+    (rpn / "rpn_config.json").write_text(json.dumps({**config, "base_model_fingerprint": "0" * 16}))
+    args = ["predict", str(image), "q ?", "--rpn", str(rpn), "--out", str(tmp_path / "o"), "--max-new-tokens", "2"]
+    with pytest.raises(AdapterError, match="is not the model this RPN was trained on"):
+        main(args)
+    assert main([*args, "--no-fingerprint-check"]) == 0
 
 
 def test_heads_ranks_every_head_on_a_calibration_split(tiny_llava_dir, capsys):

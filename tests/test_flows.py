@@ -225,19 +225,23 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     assert protocol["ocr_tokens_in_prompt"] is False and protocol["dtype"] == "float32"
     assert (Path(summary["rpn"]) / "rpn.safetensors").exists()
     artifacts = _artifacts()
-    assert {
-        "sdrpn-scores",
-        "sdrpn-report",
-        "sdrpn-labels",
-        "sdrpn-checkpoint",
-        "sdrpn-eval-synthetic",
-        "sdrpn-results",
-    } <= set(artifacts)
+    published = {"sdrpn-scores", "sdrpn-report", "sdrpn-outputs"}
+    assert published <= set(artifacts)
+    assert all(artifacts[k].description and cfg.name in artifacts[k].description for k in published)
     assert artifacts["sdrpn-scores"].type == "table" and "baseline" in str(artifacts["sdrpn-scores"].data)
-    assert (
-        "data:image/png;base64," in artifacts["sdrpn-report"].data and "Pseudo-labels" in artifacts["sdrpn-report"].data
-    )
-    assert any(a.type == "progress" for a in _artifacts(progress=True))
+    report = artifacts["sdrpn-report"].data
+    assert "Pseudo-labels" in report and "base64" not in report  # pictures are files (a local store: their paths)
+    assert "gallery.png" in report and "scores.png" in report and "loss.png" in report
+    outputs = artifacts["sdrpn-outputs"].data
+    assert "file://" not in outputs and str(tmp_path / "store" / "release") in outputs
+    progress = [a for a in _artifacts(progress=True) if a.type == "progress" and a.created.timestamp() >= started]
+    assert progress and all(a.data == 100.0 for a in progress), [(a.key, a.data) for a in progress]
+    release = Path(summary["release"])
+    card = (release / "README.md").read_text()
+    assert "base_model:" in card and "## Scores" in card and "## Protocol" in card and "## Recipe" in card
+    inference = json.loads((release / "inference.json").read_text())
+    assert inference["threshold"] == protocol["roi_threshold"] and inference["max_new_tokens"] == 3
+    versions = len([a for a in _artifacts(progress=True) if a.key in published])
 
     calls = Calls(monkeypatch)
     t0 = time.time()
@@ -245,8 +249,9 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     assert again["scores"] == summary["scores"]
     assert calls.n == {}  # no teacher, label, training or evaluation work: every stage came from the cache
     states = _task_states(t0)
-    for stage in ("teacher-shard", "labels", "train", "evaluate"):
+    for stage in ("teacher-shard", "labels", "train", "evaluate", "release"):
         assert states.get(stage) == {"Cached"}, (stage, states)
+    assert len([a for a in _artifacts(progress=True) if a.key in published]) == versions  # nothing re-published
 
 
 def test_changing_eval_or_label_params_reruns_only_what_depends_on_them(family, tmp_path, monkeypatch):
@@ -427,6 +432,22 @@ def test_full_flow_on_s3(family, moto_server, s3_settings, tmp_path, monkeypatch
     assert summary["rpn"].startswith("s3://") and summary["eval"][0].startswith("s3://")
     store = Store(cfg.store.settings())
     assert not store.ls("_prefect")  # no Prefect result records (pickles) in the shared bucket: the store is the cache
+    import requests
+
+    artifacts = _artifacts()
+    for key in ("sdrpn-gallery-synthetic", "sdrpn-score-bars", "sdrpn-loss-curve"):  # pictures a browser opens
+        assert artifacts[key].type == "image" and artifacts[key].description, key
+        got = requests.get(artifacts[key].data, timeout=10)
+        assert got.status_code == 200 and got.content[:8] == b"\x89PNG\r\n\x1a\n", key
+    outputs = artifacts["sdrpn-outputs"].data
+    assert f"]({moto_server['endpoint']}/" in outputs and "s3://" in outputs  # presigned links, and the URL as text
+    assert "![" in artifacts["sdrpn-report"].data and "base64" not in artifacts["sdrpn-report"].data
+
+    from stages.release import fetch_release
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server["endpoint"])
+    shared = fetch_release(summary["release"])  # an s3:// release, fetched and verified
+    assert {"rpn.safetensors", "rpn_config.json", "inference.json", "README.md"} <= {p.name for p in shared.iterdir()}
     calls = Calls(monkeypatch)
     assert sdrpn(cfg)["scores"] == summary["scores"] and calls.n == {}
 

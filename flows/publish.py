@@ -1,0 +1,134 @@
+"""What a person sees of a run in the Prefect UI: artifacts with descriptions, pictures as image artifacts, and
+locations that open from a browser (presigned URLs for an S3 store) or, for a local store, the path as text (a
+`file://` link opens nothing). Nothing is published for a run whose outputs all came from the cache: the
+artifacts of the run that made them still stand."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pyarrow.parquet as pq
+from prefect import get_run_logger
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+
+from stages.config import PipelineConfig
+from stages.refs import EvalRef, LabelsRef, ModelRef, RpnRef
+from stages.report import results_rows, write_results
+from storage.artifacts import ArtifactStore
+from storage.store import Store
+
+
+def _key(*parts: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def place(store: Store, kind: str, fp: str, name: str = "") -> str:
+    """Markdown for an output's location: a link that opens in the browser, or the path as text."""
+    url = store.browser_url(kind, fp, name) if name else None
+    where = store.url(kind, fp, name)
+    return f"[{name or kind}]({url}) (`{where}`)" if url else f"`{where}`"
+
+
+def image(store: Store, kind: str, fp: str, name: str, key: str, description: str) -> str:
+    """An image artifact where the store gives the browser a URL; the report's Markdown for it either way."""
+    url = store.browser_url(kind, fp, name)
+    if url is None:
+        return f"{description}: `{store.url(kind, fp, name)}`"
+    create_image_artifact(image_url=url, key=key, description=description)
+    return f"![{description}]({url})"
+
+
+def _paper_model(cfg: PipelineConfig) -> str | None:
+    from sdrpn_core.benchmarks.published import PUBLISHED
+
+    name = cfg.eval.paper_model or cfg.teacher.preset.split("/")[0]
+    return name if name in PUBLISHED and cfg.model.source == "path" else cfg.eval.paper_model
+
+
+def training_log(store: Store, rpn: RpnRef) -> list[dict]:
+    arts = ArtifactStore(store)
+    if "train_log.parquet" not in arts.manifest("rpn", rpn.fingerprint)["files"]:
+        return []
+    return pq.read_table(io.BytesIO(arts.read("rpn", rpn.fingerprint, "train_log.parquet"))).to_pylist()
+
+
+def publish_scores(cfg: PipelineConfig, store: Store, model: ModelRef, results: list[EvalRef], history=None) -> str:
+    """The score table (a table artifact), the results files, the score bars (and loss curve) → Markdown."""
+    url, markdown = write_results(store, results, _paper_model(cfg), model.fingerprint, history)
+    fp = url.rstrip("/").rsplit("/", 1)[-1]
+    create_table_artifact(
+        key="sdrpn-scores",
+        table=results_rows(results),
+        description=f"{cfg.name}: score per benchmark and method (percent) and throughput relative to the baseline",
+    )
+    lines = [markdown, image(store, "reports", fp, "scores.png", "sdrpn-score-bars", "scores per benchmark")]
+    if history:
+        lines.append(image(store, "reports", fp, "loss.png", "sdrpn-loss-curve", "RPN training loss per step"))
+    lines.append(f"Results files: {place(store, 'reports', fp, 'results.md')}")
+    return "\n\n".join(lines)
+
+
+def publish_run(
+    cfg: PipelineConfig,
+    store: Store,
+    model: ModelRef,
+    labels: LabelsRef,
+    rpn: RpnRef,
+    results: list[EvalRef],
+    release_url: str,
+) -> None:
+    """The run's report (scores, label statistics, training, galleries) and where every output is."""
+    history = training_log(store, rpn)
+    scores = publish_scores(cfg, store, model, results, history)
+    galleries = []
+    arts = ArtifactStore(store)
+    for r in results:
+        galleries.append(arts.read("eval", r.fingerprint, "report.md").decode())
+        if "gallery.png" in arts.manifest("eval", r.fingerprint)["files"]:
+            what = f"{r.benchmark}: RoI overlays of the largest SD-RPN wins, then losses"
+            galleries.append(
+                image(store, "eval", r.fingerprint, "gallery.png", _key("sdrpn-gallery", r.benchmark), what)
+            )
+    stats = labels.stats
+    report = [
+        f"# SD-RPN run: {cfg.name}",
+        "## Results",
+        scores,
+        "## Pseudo-labels",
+        f"{stats.get('samples', 0)} samples: {stats.get('usable', 0)} usable, {stats.get('all_ignore', 0)} "
+        f"all-ignore {stats.get('ignored_because', {})}, {stats.get('quarantined', 0)} rejected; per sample "
+        f"{stats.get('mean_fg', 0):.1f} foreground, {stats.get('mean_bg', 0):.1f} background, "
+        f"{stats.get('mean_sink', 0):.1f} sink tokens on average.",
+        f"## RPN: {rpn.steps} steps, final loss {rpn.final_loss:.4f}",
+        "## Evaluation",
+        *galleries,
+    ]
+    create_markdown_artifact(
+        key="sdrpn-report",
+        markdown="\n\n".join(report),
+        description=f"{cfg.name}: scores, pseudo-label statistics, RPN training and RoI galleries",
+    )
+    release_fp = release_url.rstrip("/").rsplit("/", 1)[-1]
+    outputs = [
+        "| output | where |",
+        "|---|---|",
+        f"| label dataset | {place(store, 'labels', labels.fingerprint)} |",
+        f"| RPN checkpoint | {place(store, 'rpn', rpn.fingerprint, 'rpn.safetensors')} |",
+        f"| shareable RPN (model card, `sdrpn predict --rpn`) | {place(store, 'release', release_fp, 'README.md')} |",
+        *[
+            f"| {r.benchmark}: predictions, scores, protocol | {place(store, 'eval', r.fingerprint, 'report.md')} |"
+            for r in results
+        ],
+    ]
+    create_markdown_artifact(
+        key="sdrpn-outputs",
+        markdown="\n".join(outputs),
+        description=f"{cfg.name}: where the run's outputs are in the store (browser links for S3, paths otherwise)",
+    )
+
+
+def skipped(what: str) -> None:
+    get_run_logger().info(
+        "%s came from the cache: nothing re-published (the artifacts of the run that made them stand)", what
+    )
