@@ -157,3 +157,28 @@ def test_nano_train_runs_the_recipe_and_goes_on_from_a_saved_model(tmp_path, cap
     a, b = LlavaAdapter.from_pretrained(first), LlavaAdapter.from_pretrained(second)
     moved = [not torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True)]
     assert any(moved)  # one more step changed the weights it started from
+
+
+def test_an_rpn_is_found_by_hub_id_in_the_local_cache(trained_rpn, tmp_path, monkeypatch):
+    """A hub-style id resolves through the Hugging Face cache layout on disk (no download: the cache is built here,
+    as `huggingface-cli download` would leave it); an id not in the cache is an error saying how to get it."""
+    import shutil
+
+    from stages.release import fetch_release
+
+    folder, image = trained_rpn
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--team--sdrpn-tiny" / "snapshots" / revision
+    shutil.copytree(folder, snapshot)
+    (cache / "models--team--sdrpn-tiny" / "refs").mkdir()
+    (cache / "models--team--sdrpn-tiny" / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    assert fetch_release("team/sdrpn-tiny") == snapshot
+    args = ["predict", str(image), "q ?", "--rpn", "team/sdrpn-tiny", "--out", str(tmp_path / "o"), "--max-new-tokens"]
+    assert main([*args, "2"]) == 0
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download team/other"):
+        fetch_release("team/other")

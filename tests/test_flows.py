@@ -954,3 +954,21 @@ def test_batched_evaluation_gives_the_batch_1_predictions(family, tmp_path, monk
     assert [(s["method"], s["score"]) for s in three["scores"]] == [(s["method"], s["score"]) for s in one["scores"]]
     protocol = json.loads((Path(three["eval"][0]) / "protocol.json").read_text())
     assert protocol["batch_size"] == 3 and protocol["shards"] == 2
+
+
+def test_predict_on_the_runs_release_uses_what_the_evaluation_used(tmp_path):
+    """τ, mode and answer length come from the release the run wrote, not predict's built-in defaults."""
+    from flows.cli import main
+    from flows.pipeline import sdrpn
+    from tests.conftest import random_image
+
+    summary = sdrpn(make_config("llava", str(tmp_path / "store"), **{"eval.mode": "box", "eval.threshold": 0.07}))
+    protocol = json.loads((Path(summary["eval"][0]) / "protocol.json").read_text())
+    image = tmp_path / "img.png"
+    random_image(3, (96, 96)).save(image)
+    args = ["predict", str(image), "what is the digit in the red box ?", "--rpn", summary["release"]]
+    assert main([*args, "--out", str(tmp_path / "p")]) == 0
+    settings = json.loads((tmp_path / "p" / "answer.json").read_text())["settings"]
+    assert settings["source"] == "evaluation: synthetic"
+    assert (settings["threshold"], settings["mode"], settings["max_new_tokens"]) == (0.07, "box", 3)
+    assert protocol["roi_threshold"] == 0.07 and protocol["roi_mode"] == "box"
