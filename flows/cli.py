@@ -256,6 +256,40 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+SCHEDULE_VARIABLE = "sdrpn_weekly_retrain"  # prefect.yaml reads the schedule's `active` from it at every deploy
+SCHEDULE_SLUG = "weekly-retrain"
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    """Switch the weekly retraining of `sdrpn/full` on or off: the server variable every `prefect deploy --all`
+    reads (so a redeploy keeps the choice), and the deployed schedule at once."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.variables import Variable
+
+    async def apply() -> str:
+        async with get_client() as client:
+            try:
+                deployment = await client.read_deployment_by_name(args.deployment)
+            except ObjectNotFound:
+                return f"{args.deployment} is not deployed yet: `prefect deploy --all` will create it so"
+            for s in deployment.schedules:
+                if s.slug == SCHEDULE_SLUG and args.state != "status":
+                    await client.update_deployment_schedule(deployment.id, s.id, active=args.state == "on")
+            deployment = await client.read_deployment_by_name(args.deployment)
+            ours = [s for s in deployment.schedules if s.slug == SCHEDULE_SLUG]
+            states = [f"{getattr(s.schedule, 'cron', s.schedule)} {'on' if s.active else 'off'}" for s in ours]
+            return f"{args.deployment}: {', '.join(states) or 'no weekly-retrain schedule'}"
+
+    if args.state != "status":
+        Variable.set(SCHEDULE_VARIABLE, args.state == "on", overwrite=True)
+    print(f"{SCHEDULE_VARIABLE} = {Variable.get(SCHEDULE_VARIABLE)}")
+    print(asyncio.run(apply()))
+    return 0
+
+
 def cmd_nano_train(args: argparse.Namespace) -> int:
     """Train sdrpn-nano with the seeded recipe, from scratch or (`--init`) on from a saved model; phases with 0
     steps are skipped (how models/sdrpn-nano was made: see its README)."""
@@ -342,6 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     hd.add_argument("--device", default="cpu")
     hd.add_argument("--dtype", default="auto")
     hd.set_defaults(func=cmd_heads)
+
+    sc = sub.add_parser(
+        "schedule",
+        help="switch the weekly retraining of sdrpn/full on or off (kept across `prefect deploy --all`)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sc.add_argument("state", choices=["on", "off", "status"])
+    sc.add_argument("--deployment", default="sdrpn/full")
+    sc.set_defaults(func=cmd_schedule)
 
     pr = sub.add_parser(
         "predict",

@@ -34,6 +34,28 @@ def _prefect(env, *args, timeout=120, check=True):
     return proc.stdout
 
 
+def _sdrpn(env, *args) -> str:
+    proc = subprocess.run([str(BIN / "sdrpn"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _check_the_schedule_survives_redeploys(env) -> None:
+    """Off by default; `sdrpn schedule on` switches it on, and a second `prefect deploy --all` (after a pull, say)
+    keeps it on; `off` switches it off again. A deploy before the choice is recorded fails, naming it."""
+    first = subprocess.run(
+        [str(BIN / "prefect"), "deploy", "--all", "--no-prompt"], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert first.returncode != 0 and "active" in first.stdout + first.stderr
+    assert "not deployed yet" in _sdrpn(env, "schedule", "off")
+    _prefect(env, "deploy", "--all", "--no-prompt")
+    assert "0 3 * * 1 off" in _sdrpn(env, "schedule", "status")
+    assert "0 3 * * 1 on" in _sdrpn(env, "schedule", "on")
+    _prefect(env, "deploy", "--all", "--no-prompt")  # the redeploy that used to switch it off
+    assert "0 3 * * 1 on" in _sdrpn(env, "schedule", "status")
+    assert "0 3 * * 1 off" in _sdrpn(env, "schedule", "off")
+
+
 def test_deployment_run_sdrpn_full(tmp_path):
     port = free_port()
     env = {
@@ -64,7 +86,7 @@ def test_deployment_run_sdrpn_full(tmp_path):
                     raise AssertionError("prefect server did not start") from None
                 time.sleep(0.5)
         _prefect(env, "work-pool", "create", "sdrpn-process", "--type", "process")
-        _prefect(env, "deploy", "--all", "--no-prompt")
+        _check_the_schedule_survives_redeploys(env)
         config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump(make_config("llava", str(tmp_path / "store")).model_dump(mode="json")))
         out = _prefect(env, "deployment", "run", "sdrpn/full", "--param", f"config_path={config}")
