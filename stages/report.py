@@ -131,7 +131,7 @@ def loss_curve(history: list[dict], size: tuple[int, int] = (480, 240)) -> Image
     draw.line([(pad, pad), (pad, h - pad)], fill="black")
     if len(points) > 1:
         draw.line(points, fill=(30, 140, 60), width=2)
-    draw.text((pad + 4, 6), f"loss per step: {losses[0]:.4f} → {losses[-1]:.4f} ({len(losses)} steps)", fill="black")
+    draw.text((pad + 4, 6), f"loss per step: {losses[0]:.4f} -> {losses[-1]:.4f} ({len(losses)} steps)", fill="black")
     draw.text((2, pad - 6), f"{hi:.3f}", fill="black")
     draw.text((2, h - pad - 6), f"{lo:.3f}", fill="black")
     return canvas

@@ -85,7 +85,7 @@ def _named(template: str) -> Callable[..., str]:
     return name
 
 
-@task(name="nano_base", tags=[GPU_TAG], **STORE_IS_THE_CACHE)
+@task(name="nano_base", task_run_name="nano-base", tags=[GPU_TAG], **STORE_IS_THE_CACHE)
 def nano_base_task(overrides: dict, settings: StoreSettings, fp: str) -> str | State:
     store = get_store(settings)
     if model.nano_base_lookup(store, fp):
@@ -96,7 +96,7 @@ def nano_base_task(overrides: dict, settings: StoreSettings, fp: str) -> str | S
     return out
 
 
-@task(name="model", **STORE_IS_THE_CACHE, **IO_RETRIES)
+@task(name="model", task_run_name="model", **STORE_IS_THE_CACHE, **IO_RETRIES)
 def model_task(spec: ModelSpec, settings: StoreSettings) -> ModelRef:
     return model.resolve_model(spec, get_store(settings))
 
@@ -150,7 +150,7 @@ def teacher_shard_task(
     return summary
 
 
-@task(name="labels", **STORE_IS_THE_CACHE, **IO_RETRIES)
+@task(name="labels", task_run_name=_named("labels[{dataset.name}]"), **STORE_IS_THE_CACHE, **IO_RETRIES)
 def labels_task(
     settings: StoreSettings, dataset: DatasetRef, teacher_fp: str, params: LabelParams, fp: str
 ) -> LabelsRef | State:
@@ -162,7 +162,7 @@ def labels_task(
     return ref
 
 
-@task(name="train", tags=[GPU_TAG], **STORE_IS_THE_CACHE)
+@task(name="train", task_run_name="train", tags=[GPU_TAG], **STORE_IS_THE_CACHE)
 def train_task(
     settings: StoreSettings, model_ref: ModelRef, labels_ref: LabelsRef, params: TrainConfig, preset: str, fp: str
 ) -> RpnRef | State:
@@ -216,7 +216,7 @@ def eval_task(
     return evaluate.merge(store, dataset, params, fp, pieces)
 
 
-@task(name="release", **STORE_IS_THE_CACHE, **IO_RETRIES)
+@task(name="release", task_run_name="release", **STORE_IS_THE_CACHE, **IO_RETRIES)
 def release_task(
     settings: StoreSettings,
     model_ref: ModelRef,

@@ -134,9 +134,11 @@ def _artifacts(progress: bool = False):
 
 
 def _stage_of(run_name: str) -> str:
-    """ "samples[train]" → "samples", "teacher-shard 2/2" → "teacher-shard", "labels-16c" → "labels"."""
-    base = run_name.split("[", 1)[0].split(" ", 1)[0]
-    return base if base != run_name else run_name.rsplit("-", 1)[0]
+    """ "samples[train]" → "samples", "teacher-shard 2/2" → "teacher-shard", "train" → "train", and a Prefect
+    default name "x-16c" → "x"."""
+    import re
+
+    return re.sub(r"-[0-9a-f]{3}$", "", run_name.split("[", 1)[0].split(" ", 1)[0])
 
 
 def _run_names(since: float) -> tuple[list[str], list[str]]:
@@ -197,6 +199,8 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     summary = sdrpn(cfg)
     flow_names, task_names = _run_names(started)
     assert {"samples[train]", "samples[eval:synthetic]", "teacher-shard 1/2", "teacher-shard 2/2"} <= set(task_names)
+    assert {"model", "train", "release", "evaluate[synthetic/sdrpn 1/1]"} <= set(task_names)
+    assert any(n.startswith("labels[synthetic") for n in task_names), task_names
     assert "evaluate[synthetic]" in task_names and any(n.startswith("teacher[synthetic") for n in flow_names)
     assert any(n.startswith("test-") and len(n) == len("test-") + 8 for n in flow_names), flow_names
     methods = {s["method"]: s for s in summary["scores"]}
