@@ -17,3 +17,4 @@ run teacher_memory 120 benchmarks/teacher_memory.py --device cuda
 run teacher_memory_b16 120 benchmarks/teacher_memory.py --device cuda --batch 16 --tokens 64
 run infer_7b_1tok 180 benchmarks/infer_overhead.py --device cuda --hidden 4096 --heads 32 --layers 32 --new-tokens 1 --repeats 5
 run infer_7b_16tok 120 benchmarks/infer_overhead.py --device cuda --hidden 4096 --heads 32 --layers 32 --new-tokens 16 --repeats 5
+run scale_gpu 300 benchmarks/scale_gpu.py --device cuda
