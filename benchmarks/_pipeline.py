@@ -36,3 +36,25 @@ def pipeline_config(path: str | None, tmp: str, *, train_n: int | None = None, e
         datasets = [d.model_copy(update={"n": min(d.n, eval_n)}) for d in cfg.eval.datasets]
         update["eval"] = cfg.eval.model_copy(update={"datasets": datasets})
     return cfg.model_copy(update=update)
+
+
+def llava_shaped(layers: int, hidden: int, heads: int, dtype: str, device: str, image_size: int = 336):
+    """A random LLaVA-1.5-shaped adapter: patch 14 (576 image tokens at 336 px), a small vision tower, the text
+    stack `layers` × `hidden` with `heads` heads and LLaMA's 2.6875 MLP ratio (the 7B at 32 × 4096 × 32)."""
+    from sdrpn_core.models import LlavaAdapter
+    from sdrpn_core.models.llava import resolve_dtype
+    from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
+
+    spec = TinyLlavaSpec(
+        image_size=image_size,
+        patch_size=14,
+        vision_hidden=64,
+        vision_layers=2,
+        text_hidden=hidden,
+        text_intermediate=int(hidden * 2.6875),
+        text_layers=layers,
+        text_heads=heads,
+        text_kv_heads=heads,
+    )
+    model, processor = build_tiny_llava(spec, dtype=resolve_dtype(dtype, device), device=device)
+    return LlavaAdapter(model, processor)

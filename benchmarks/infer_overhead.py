@@ -40,28 +40,13 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from benchmarks._pipeline import llava_shaped
     from sdrpn_core.infer import answer_baseline, run_pass1, run_pass2
-    from sdrpn_core.models import LlavaAdapter
-    from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
     from sdrpn_core.roi import RoIPlan
     from sdrpn_core.rpn import RoIPredictor
 
     torch.manual_seed(0)
-    spec = TinyLlavaSpec(
-        image_size=336,
-        patch_size=14,
-        vision_hidden=64,
-        vision_layers=2,
-        text_hidden=args.hidden,
-        text_intermediate=int(args.hidden * 2.6875),
-        text_layers=args.layers,
-        text_heads=args.heads,
-        text_kv_heads=args.heads,
-    )
-    from sdrpn_core.models.llava import resolve_dtype
-
-    model, processor = build_tiny_llava(spec, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
-    adapter = LlavaAdapter(model, processor)
+    adapter = llava_shaped(args.layers, args.hidden, args.heads, args.dtype, args.device)
     K, T = args.layers // 2 - 1, 3
     rpn = RoIPredictor.from_adapter(adapter, K=K, T=T)
     rng = np.random.default_rng(0)

@@ -24,25 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build(args):
     import torch
 
-    from sdrpn_core.models import LlavaAdapter
-    from sdrpn_core.models.llava import resolve_dtype
-    from sdrpn_core.models.tiny import TinyLlavaSpec, build_tiny_llava
+    from benchmarks._pipeline import llava_shaped
     from sdrpn_core.presets import get_preset
     from sdrpn_core.rpn import RoIPredictor
 
-    spec = TinyLlavaSpec(
-        image_size=args.image_size,
-        patch_size=14,
-        vision_hidden=64,
-        vision_layers=2,
-        text_hidden=args.hidden,
-        text_intermediate=int(args.hidden * 2.6875),
-        text_layers=args.layers,
-        text_heads=args.heads,
-        text_kv_heads=args.heads,
-    )
-    model, processor = build_tiny_llava(spec, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
-    adapter = LlavaAdapter(model, processor)
+    adapter = llava_shaped(args.layers, args.hidden, args.heads, args.dtype, args.device, args.image_size)
     K = args.layers // 2 - 1
     torch.manual_seed(0)
     rpn = RoIPredictor.from_adapter(adapter, K=K, T=3)

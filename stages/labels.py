@@ -14,12 +14,14 @@ import dataclasses
 import io
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sdrpn_core.progress import Progress
 from sdrpn_core.pseudo_labels import LabelParams
 from stages.refs import DatasetRef, LabelsRef
 from stages.tables import label_table, teacher_records
@@ -152,8 +154,16 @@ def _quarantine_rejected(ds, teacher, manifest: pa.Table, covered: np.ndarray, m
     return rejected
 
 
-def denoise(store: Store, dataset: DatasetRef, teacher_fp: str, params: LabelParams, labels_fp: str) -> LabelsRef:
-    """Idempotent: a done record is written last; a crashed run is completed (labelled samples are skipped)."""
+def denoise(
+    store: Store,
+    dataset: DatasetRef,
+    teacher_fp: str,
+    params: LabelParams,
+    labels_fp: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> LabelsRef:
+    """Idempotent: a done record is written last; a crashed run is completed (labelled samples are skipped).
+    Logs (and reports to `progress`) the teacher rows read, with rate and ETA."""
     if (ref := lookup(store, labels_fp)) is not None:
         return ref
     ds = label_dataset(store, labels_fp)
@@ -161,8 +171,10 @@ def denoise(store: Store, dataset: DatasetRef, teacher_fp: str, params: LabelPar
     covered = np.asarray(_isin(manifest.column("sample_id"), ds.committed_ids(include_quarantine=False)))
     teacher = teacher_dataset(store, teacher_fp)
     meta = {"teacher": teacher_fp, "dataset": dataset.fingerprint}
+    bar = Progress(manifest.num_rows, f"labels {labels_fp}", log, callback=progress)
     for shard in teacher.iter_shards(dedup=False):
         _label_shard(ds, shard, manifest, covered, params, meta)
+        bar.update(min(shard.num_rows, bar.total - bar.done))
     problems = list(teacher.problems)
     rejected = _quarantine_rejected(ds, teacher, manifest, covered, meta)
     missing = ~covered & ~rejected

@@ -157,7 +157,9 @@ def labels_task(
     store = get_store(settings)
     if (ref := labels.lookup(store, fp)) is not None:
         return cached(ref, f"label set {fp}")
-    ref = labels.denoise(store, dataset, teacher_fp, params, fp)
+    progress = _progress("labels-progress", f"pseudo-labels of {dataset.name or dataset.benchmark}: teacher rows read")
+    ref = labels.denoise(store, dataset, teacher_fp, params, fp, progress)
+    progress.finish()
     get_run_logger().info("labels: %s", ref.stats)
     return ref
 
