@@ -127,10 +127,10 @@ def _artifacts(progress: bool = False):
         async with get_client() as client:
             return await client.read_artifacts()
 
-    arts = asyncio.run(read())
+    arts = sorted(asyncio.run(read()), key=lambda a: a.created)
     if progress:
         return arts
-    return {a.key: a for a in arts if a.key}
+    return {a.key: a for a in arts if a.key}  # the newest of each key
 
 
 def _stage_of(run_name: str) -> str:
@@ -527,11 +527,11 @@ def test_nano_base_stage_trains_once_commits_to_the_store_and_is_cached(tmp_path
         labels_flow(cfg)
     fp = model_stage.nano_base_fingerprint(recipe)
     assert trained == [1] and ArtifactStore(get_store(cfg.store.settings())).is_committed("nano_base", fp)
-    assert _task_states(t0)["nano_base"] == {"Completed"}
+    assert _task_states(t0)["nano-base"] == {"Completed"}
     t1 = time.time()
     with pytest.raises(ValueError, match="all were rejected"):
         labels_flow(cfg)
-    assert trained == [1] and _task_states(t1)["nano_base"] == {"Cached"}
+    assert trained == [1] and _task_states(t1)["nano-base"] == {"Cached"}
     assert fp != model_stage.nano_base_fingerprint({**recipe, "seed": 1})
 
 
