@@ -411,19 +411,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Stderr(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is when a record comes (not the one at set-up: a test's captured stream is
-    closed after it, and the next record would fail)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no internet: telemetry only logs errors
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")  # cold starts on 2 busy cores
@@ -431,7 +418,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=[_Stderr()],
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's per-request client log
     return args.func(args)
