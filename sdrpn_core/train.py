@@ -55,7 +55,7 @@ class TrainConfig:
     batch_size: int = 8  # per device
     grad_accum: int = 1
     effective_batch: int | None = None  # samples per optimizer step over all devices; sets the accumulation
-    world_size: int = 1  # data-parallel processes
+    world_size: int = 1  # data-parallel processes (the config's `train.world_size: 0`: every visible GPU)
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; default: all epochs
     max_grad_norm: float | None = None  # the authors' runs clip at 1.0 (the recipes); 0 or None: no clipping

@@ -211,7 +211,12 @@ class _LabelBase(_DataclassSection):
 
 class _TrainBase(_DataclassSection):
     def params(self, preset: Preset) -> TrainConfig:
+        """The preset's recipe under the chosen fields; `world_size: 0` is every visible GPU (1 without one)."""
         chosen = self.chosen()
+        if chosen.get("world_size") == 0:
+            import torch
+
+            chosen["world_size"] = max(1, torch.cuda.device_count())
         base = {"K": preset.K, "T": preset.T, **preset.recipe}
         if "grad_accum" in chosen and "effective_batch" not in chosen:
             base.pop("effective_batch", None)  # an explicit accumulation replaces the recipe's effective batch

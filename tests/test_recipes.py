@@ -198,3 +198,15 @@ def test_the_authors_recipes_keep_all_ignore_samples_in_their_batches(tiny_llava
     assert sum(h["valid_tokens"] for h in kept.history) == sum(h["valid_tokens"] for h in skipped.history) == 20
     assert recipe_of(config("llava-1.5-7b")).keep_all_ignore and recipe_of(config("qwen2.5-vl-7b")).keep_all_ignore
     assert not recipe_of(config("sdrpn-nano")).keep_all_ignore
+
+
+def test_world_size_0_is_every_visible_gpu(monkeypatch):
+    """`train.world_size: 0` resolves to the visible GPUs (here: faked 4, then none → 1), keeping the effective
+    batch: the accumulation shrinks with the devices."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    four = recipe_of(config("llava-1.5-7b", train={"world_size": 0}))
+    assert (four.world_size, four.samples_per_step, four.accumulation) == (4, 512, 16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert recipe_of(config("llava-1.5-7b", train={"world_size": 0})).world_size == 1
