@@ -21,15 +21,15 @@ BUGS = [
     (
         "kv-reuse positions shifted by one",
         "sdrpn_core/infer.py",
-        "pos_new = pos2[..., prefix:]",
-        "pos_new = pos2[..., prefix:] + 1",
+        "r.positions[..., r.prefix :]) for r in rows])",
+        "r.positions[..., r.prefix :] + 1) for r in rows])",
         "tests/test_infer.py",
     ),
     (
         "RPN query row one token early (inference)",
         "sdrpn_core/infer.py",
-        "query = torch.tensor([[embeds.shape[1] - 1]]",
-        "query = torch.tensor([[embeds.shape[1] - 2]]",
+        "query = torch.tensor([[length - 1]]",
+        "query = torch.tensor([[length - 2]]",
         "tests/test_rpn.py",
     ),
     (
