@@ -44,7 +44,8 @@ MODULES: dict[str, list[str]] = {
     "sdrpn_core/pseudo_labels.py": ["tests/test_pseudo_labels.py", "tests/test_properties.py"],
     "sdrpn_core/metrics.py": ["tests/test_metrics.py", "tests/test_properties.py"],
     "sdrpn_core/rpn.py": ["tests/test_rpn.py", "tests/test_qwen.py"],
-    "sdrpn_core/infer.py": ["tests/test_infer.py", "tests/test_qwen.py", "tests/test_rpn.py"],
+    "sdrpn_core/infer.py": ["tests/test_infer.py", "tests/test_batched.py", "tests/test_qwen.py", "tests/test_rpn.py"],
+    "sdrpn_core/batched.py": ["tests/test_batched.py", "tests/test_infer.py", "tests/test_qwen.py"],
     "sdrpn_core/teacher.py": ["tests/test_teacher.py", "tests/test_qwen.py"],
     "storage/sharded.py": ["tests/test_storage.py", "tests/test_sharded.py"],
 }
