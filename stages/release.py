@@ -14,7 +14,6 @@ commit record) or a hub-style id already in the local Hugging Face cache (nothin
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from sdrpn_core.rpn import RPN_CONFIG
@@ -51,7 +50,6 @@ def inference_defaults(protocols: list[dict]) -> dict:
 
 
 def model_card(model: ModelRef, rpn: RpnRef, labels: LabelsRef, recipe: dict, evals: list[EvalRef], protocols) -> str:
-    rpn_cfg_rows = results_rows(evals)
     inference = inference_defaults(protocols)
     lines = [
         "---",
@@ -85,7 +83,7 @@ def model_card(model: ModelRef, rpn: RpnRef, labels: LabelsRef, recipe: dict, ev
         "",
         "## Scores",
         "",
-        results_markdown(rpn_cfg_rows, None),
+        results_markdown(results_rows(evals), None),
         "## Protocol",
         "",
         "| benchmark | harness | metric | τ | RoI mode | max new tokens | batch | rows |",
@@ -120,7 +118,7 @@ def release(store: Store, model: ModelRef, rpn: RpnRef, labels: LabelsRef, evals
     scores = [{"protocol": p, "scores": list(e.scores)} for p, e in zip(protocols, evals, strict=True)]
     files["scores.json"] = json.dumps(scores, indent=1, default=str).encode()
     files["README.md"] = model_card(model, rpn, labels, recipe, evals, protocols).encode()
-    meta = {"rpn": rpn.fingerprint, "model": model.fingerprint, "evals": [asdict(e)["fingerprint"] for e in evals]}
+    meta = {"rpn": rpn.fingerprint, "model": model.fingerprint, "evals": [e.fingerprint for e in evals]}
     return arts.put_files("release", fp, files, meta=meta)
 
 
