@@ -323,9 +323,9 @@ class _Merged:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _gather(store: Store, dataset: DatasetRef, pieces: list[EvalPiece]) -> _Merged:
+def _gather(store: Store, manifest: dict[str, dict], pieces: list[EvalPiece]) -> _Merged:
     arts = ArtifactStore(store)
-    samples = {r["sample_id"]: _sample(r) for r in read_manifest(dataset, store)}
+    samples = {sid: _sample(r) for sid, r in manifest.items()}
     order = {sid: i for i, sid in enumerate(samples)}
     methods = list(dict.fromkeys(p.method for p in pieces))
     by_method: dict[str, list[dict]] = {m: [] for m in methods}
@@ -369,7 +369,8 @@ def merge(store: Store, dataset: DatasetRef, params: EvalParams, eval_fp: str, p
     if (ref := lookup(store, eval_fp, dataset.benchmark)) is not None:
         return ref
     bench = get_benchmark(dataset.benchmark)
-    merged = _gather(store, dataset, pieces)
+    manifest = {r["sample_id"]: r for r in read_manifest(dataset, store)}  # read (and verified) once
+    merged = _gather(store, manifest, pieces)
     if not any(merged.per_method.values()):  # nothing evaluated: a failure, never a committed (reused) result
         errors = [p["error"] for p in merged.predictions if p["error"]][:3]
         raise ValueError(f"no sample of {dataset.name or dataset.benchmark} could be evaluated: {'; '.join(errors)}")
@@ -383,7 +384,6 @@ def merge(store: Store, dataset: DatasetRef, params: EvalParams, eval_fp: str, p
         "report.md": eval_report_markdown(bench, dataset, scores).encode(),
     }
     if {"sdrpn", "baseline"} <= set(merged.per_method) and params.gallery:
-        manifest = {r["sample_id"]: r for r in read_manifest(dataset, store)}
         picture = gallery(merged.predictions, manifest, params.gallery, protocol.get("pads_to_square", True))
         if picture is not None:
             files["gallery.png"] = png(picture)

@@ -72,10 +72,6 @@ class _Progress:
         update_progress_artifact(artifact_id=self.artifact, progress=100.0)
 
 
-def _progress(key: str, what: str) -> _Progress:
-    return _Progress(key, what)
-
-
 def _named(template: str) -> Callable[..., str]:
     """A task-run name from the call's parameters, e.g. `samples[eval:textvqa]`, `teacher-shard 3/8`."""
 
@@ -90,7 +86,7 @@ def nano_base_task(overrides: dict, settings: StoreSettings, fp: str) -> str | S
     store = get_store(settings)
     if model.nano_base_lookup(store, fp):
         return cached(fp, f"sdrpn-nano base model {fp}")
-    progress = _progress("nano-base", "training sdrpn-nano from scratch")
+    progress = _Progress("nano-base", "training sdrpn-nano from scratch")
     out = model.nano_base(overrides, store, fp, progress)
     progress.finish()
     return out
@@ -128,7 +124,7 @@ def teacher_shard_task(
     inputs: dict | None = None,
 ) -> ShardSummary | State:
     """Extracts only the shard's samples that have no verified row yet; `Cached` when there were none."""
-    progress = _progress(f"teacher-shard-{shard}", f"teacher extraction, shard {shard + 1}/{n_shards}")
+    progress = _Progress(f"teacher-shard-{shard}", f"teacher extraction, shard {shard + 1}/{n_shards}")
     summary = teacher.extract_shard(
         get_store(settings),
         model_ref,
@@ -157,7 +153,7 @@ def labels_task(
     store = get_store(settings)
     if (ref := labels.lookup(store, fp)) is not None:
         return cached(ref, f"label set {fp}")
-    progress = _progress("labels-progress", f"pseudo-labels of {dataset.name or dataset.benchmark}: teacher rows read")
+    progress = _Progress("labels-progress", f"pseudo-labels of {dataset.name or dataset.benchmark}: teacher rows read")
     ref = labels.denoise(store, dataset, teacher_fp, params, fp, progress)
     progress.finish()
     get_run_logger().info("labels: %s", ref.stats)
@@ -171,7 +167,7 @@ def train_task(
     store = get_store(settings)
     if (ref := train.lookup(store, fp)) is not None:
         return cached(ref, f"RPN {fp}")
-    progress = _progress("train-progress", "RPN training steps")
+    progress = _Progress("train-progress", "RPN training steps")
     ref = train.train(store, model_ref, labels_ref, params, fp, preset, progress=progress)
     progress.finish()
     return ref
@@ -197,7 +193,7 @@ def eval_piece_task(
     if (ref := evaluate.piece_lookup(store, piece)) is not None:
         return cached(ref, f"evaluation piece {piece.name}")
     key = re.sub(r"[^a-z0-9-]+", "-", f"evaluate-{piece.benchmark}-{piece.method}-{piece.shard}".lower())
-    progress = _progress(key, f"evaluating {piece.name}: samples done")
+    progress = _Progress(key, f"evaluating {piece.name}: samples done")
     ref = evaluate.evaluate_piece(store, model_ref, rpn, dataset, params, piece, progress)
     progress.finish()
     return ref
