@@ -7,13 +7,18 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import fsspec
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 READ_ATTEMPTS = 4
 READ_BACKOFF_S = 0.5
 
@@ -120,3 +125,18 @@ def check_question(question: str) -> str:
     if not isinstance(question, str) or not question.strip():
         raise BadSample("empty question")
     return question.strip()
+
+
+def read_ahead(read: Callable[[T], R], items: Sequence[T]) -> Iterator[tuple[T, R]]:
+    """(item, read(item)) in order, the next item read in a background thread while the caller works on this one:
+    decoding and image processing release the GIL, so a batch's reading overlaps the model's work on the one before.
+    An exception from `read` is raised here, at the item it belongs to."""
+    if not items:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="sdrpn-read-ahead") as pool:
+        pending = pool.submit(read, items[0])
+        for k, item in enumerate(items):
+            value = pending.result()
+            if k + 1 < len(items):
+                pending = pool.submit(read, items[k + 1])
+            yield item, value

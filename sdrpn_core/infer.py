@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,14 +76,33 @@ def _finish(adapter: VLMAdapter, tokens: list[int], roi: RoIOutcome | None, seco
     return Answer(adapter.decode(text_ids), tokens, roi, seconds)
 
 
+@dataclass(frozen=True)
+class Preprocessed:
+    """A decoded image and `adapter.pixel_values` of it, made ahead of answering (evaluation reads the next batch
+    in a background thread), so the model never waits on decoding or the image processor."""
+
+    image: Image.Image
+    pixels: Any
+    adapter: VLMAdapter = field(repr=False, compare=False)  # pixel values hold only for the adapter's inputs
+
+
+def preprocess(adapter: VLMAdapter, source: Image.Image | str | bytes | Preprocessed) -> Preprocessed:
+    """An image (a path / URL, encoded bytes, a PIL image) → decoded and processed for `adapter`; BadSample naming
+    the image when it does not decode."""
+    if isinstance(source, Preprocessed):
+        if source.adapter is adapter:
+            return source
+        source = source.image
+    image = load_image(source)
+    return Preprocessed(image, adapter.pixel_values(image), adapter)
+
+
 @dataclass
 class _Batch:
     """Collated inputs of B (image, question) rows, and each row's own view (its batch-1 inputs, embeddings and
     positions, the batch's padding stripped)."""
 
     images: list[Image.Image]
-    pixels: list
-    questions: list[str]
     x: VLMInputs
     embeds: torch.Tensor
     positions: torch.Tensor
@@ -96,15 +116,14 @@ class _Batch:
 
     def row(self, adapter: VLMAdapter, i: int) -> tuple[VLMInputs, torch.Tensor, torch.Tensor]:
         off = self.offset(i)
-        x_i = adapter.collate([self.pixels[i]], [self.questions[i]])
+        x_i = adapter.collated_row(self.x, i, off)
         return x_i, self.embeds[i : i + 1, off:], self.positions[..., i : i + 1, off:]
 
 
 def _inputs(adapter: VLMAdapter, images: list, questions: list[str]) -> _Batch:
-    images = [load_image(im) for im in images]
-    pixels = [adapter.pixel_values(im) for im in images]
-    x = adapter.collate(pixels, list(questions))
-    return _Batch(images, pixels, list(questions), x, adapter.embed(x), adapter.position_ids(x))
+    ready = [preprocess(adapter, im) for im in images]
+    x = adapter.collate([r.pixels for r in ready], list(questions))
+    return _Batch([r.image for r in ready], x, adapter.embed(x), adapter.position_ids(x))
 
 
 def _answers(adapter: VLMAdapter, tokens: list[list[int]], seconds: dict[str, float], rois=None) -> list[Answer]:
@@ -240,9 +259,9 @@ def answer_vicrop_batch(
     """Training-free ViCrop (rel-att): crop the window of highest relative attention, append its tokens. The maps
     are made per row (two partial prefills each); the answers are batched."""
     t0 = time.perf_counter()
-    images = [load_image(im) for im in images]
+    images = [preprocess(adapter, im) for im in images]
     rois: list[RoIOutcome] = []
-    for image, question in zip(images, questions, strict=True):
+    for image, question in zip([p.image for p in images], questions, strict=True):
         ratio = vicrop_map(adapter, image, question, layer)
         box = best_window(ratio, round(min(ratio.shape) * window_frac))
         pixel = adapter.box_to_pixels(box, image.size, ratio.shape)

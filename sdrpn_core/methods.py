@@ -2,18 +2,18 @@
 oracle crop (the ground-truth box, an upper bound). A new method (S², say) is one `register_method` call.
 
 Each method answers a batch of (image, prompt) rows with the run's settings (`MethodSettings`) and may need an
-RPN or a ground-truth box; a sample without what a method needs is skipped for that method (the oracle on unboxed
-data)."""
+RPN or a ground-truth box. The images come decoded and processed ahead (`Preprocessed`: `.image` is the PIL
+image, `.pixels` the adapter's processed form); the `*_batch` answer functions take them as they are. A sample
+without what a method needs is skipped for that method (the oracle on unboxed data)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from PIL import Image
-
 from sdrpn_core.infer import (
     Answer,
+    Preprocessed,
     answer_baseline_batch,
     answer_sdrpn_batch,
     answer_vicrop_batch,
@@ -38,7 +38,7 @@ class MethodSettings:
 
 
 Answerer = Callable[
-    [MethodSettings, "list[Image.Image]", "list[str]", "list[tuple[int, int, int, int] | None]"], "list[Answer]"
+    [MethodSettings, "list[Preprocessed]", "list[str]", "list[tuple[int, int, int, int] | None]"], "list[Answer]"
 ]
 
 

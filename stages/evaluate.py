@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,10 @@ import pyarrow.parquet as pq
 
 from sdrpn_core.benchmarks import Benchmark, BenchmarkSample, get_benchmark
 from sdrpn_core.benchmarks.scoring import aggregate, score
-from sdrpn_core.data import BadSample, load_image
+from sdrpn_core.data import BadSample, read_ahead
+from sdrpn_core.infer import Preprocessed, preprocess
 from sdrpn_core.methods import EvalMethod, MethodSettings, get_method
+from sdrpn_core.models.base import VLMAdapter
 from sdrpn_core.progress import Progress
 from stages.common import load_model
 from stages.data import read_manifest
@@ -193,30 +196,32 @@ def _row(sample: BenchmarkSample, method: str, answer, score_: float | None, dt:
     }
 
 
-def _readable(rows: list[dict], out: list[dict]) -> list[tuple[BenchmarkSample, object]]:
-    """(sample, image) of the rows whose image reads; an unreadable one becomes an error row (method "-")."""
-    ready = []
+def _read(adapter: VLMAdapter, rows: list[dict]) -> tuple[list[tuple[BenchmarkSample, Preprocessed]], list[dict]]:
+    """(sample, decoded and processed image) of the rows whose image reads, and an error row (method "-") for each
+    one that does not."""
+    ready, errors = [], []
     for row in rows:
         sample = _sample(row)
         try:
-            ready.append((sample, load_image(row["image"])))
+            ready.append((sample, preprocess(adapter, row["image"])))
         except BadSample as e:
-            out.append(_row(sample, "-", None, None, 0.0, e.reason))
-    return ready
+            errors.append(_row(sample, "-", None, None, 0.0, e.reason))
+    return ready, errors
 
 
 def _answer_all(
     run: _Run, rows: list[dict], what: str, progress: Callable[[int, int], None] | None, batch_size: int = 1
 ) -> list[dict]:
     """Every method on every readable row, `batch_size` rows at a time → prediction rows (each row charged an
-    equal share of its batch's seconds); an unreadable image is a recorded error row, never a crash. Logs counts,
-    rate, ETA and the running mean score per method."""
+    equal share of its batch's seconds); an unreadable image is a recorded error row, never a crash. The next
+    batch's images are read while this one is answered. Logs counts, rate, ETA and the running mean score per
+    method."""
     out: list[dict] = []
     done: dict[str, list[float]] = {m.name: [] for m in run.methods}
     bar = Progress(len(rows), what, log, callback=progress)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        ready = _readable(chunk, out)
+    chunks = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    for chunk, (ready, errors) in read_ahead(partial(_read, run.settings.adapter), chunks):
+        out.extend(errors)
         for method in run.methods:
             todo = [(s, im) for s, im in ready if not (method.needs_box and s.box is None)]
             if not todo:

@@ -5,8 +5,11 @@ the repetition penalty, and ViCrop and the oracle crop."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
+import torch
 
 from sdrpn_core import infer
 from sdrpn_core.infer import (
@@ -127,3 +130,46 @@ def test_vicrop_and_oracle_batches_equal_batch_1(nano):
     vic1 = [answer_vicrop(adapter, im, q, layer=1, max_new_tokens=5) for im, q in zip(images, questions, strict=True)]
     assert [a.token_ids for a in vic] == [a.token_ids for a in vic1]
     assert [a.roi.pixel_boxes for a in vic] == [a.roi.pixel_boxes for a in vic1]
+
+
+def test_a_collated_row_is_that_row_collated_alone(nano):
+    """`collated_row` slices the batch (no second tokenisation); it must be exactly what `collate` gives one row:
+    ids, mask, its own pixels (Qwen's packed patches of different counts), positions, grid and extras."""
+    adapter, _ = nano
+    images, questions = _rows()
+    pixels = [adapter.pixel_values(im) for im in images]
+    x = adapter.collate(pixels, questions)
+    for i in range(len(images)):
+        start = x.input_ids.shape[1] - int(x.attention_mask[i].sum())
+        row, alone = adapter.collated_row(x, i, start), adapter.collate([pixels[i]], [questions[i]])
+        for name in ("input_ids", "attention_mask", "pixel_values"):
+            assert torch.equal(getattr(row, name), getattr(alone, name)), (i, name)
+        assert [p.tolist() for p in row.image_positions] == [p.tolist() for p in alone.image_positions]
+        assert row.grids == alone.grids and row.extra.keys() == alone.extra.keys()
+        for key in alone.extra:
+            assert torch.equal(row.extra[key], alone.extra[key]), (i, key)
+    assert len({int(m.sum()) for m in x.attention_mask}) > 1  # the rows really were padded differently
+
+
+def test_preprocessed_images_give_the_same_answers(nano, tmp_path):
+    """Evaluation hands the methods images decoded and processed ahead (`preprocess`); answers are the same as from
+    the files, and an image processed for another adapter's inputs is processed again, not reused."""
+    adapter, rpn = nano
+    images, questions = _rows(3)
+    paths = []
+    for k, im in enumerate(images):
+        im.save(tmp_path / f"{k}.png")
+        paths.append(str(tmp_path / f"{k}.png"))
+    ready = [infer.preprocess(adapter, p) for p in paths]
+    kwargs = {"threshold": 0.5, "mode": "box", "max_new_tokens": 5}
+    from_files = answer_sdrpn_batch(adapter, rpn, paths, questions, **kwargs)
+    assert [a.token_ids for a in answer_sdrpn_batch(adapter, rpn, ready, questions, **kwargs)] == [
+        a.token_ids for a in from_files
+    ]
+    vic = answer_vicrop_batch(adapter, ready, questions, layer=1, max_new_tokens=5)
+    assert [a.token_ids for a in vic] == [
+        a.token_ids for a in answer_vicrop_batch(adapter, paths, questions, layer=1, max_new_tokens=5)
+    ]
+    other = copy.copy(adapter)
+    again = infer.preprocess(other, ready[0])
+    assert again.adapter is other and again is not ready[0] and again.image is ready[0].image

@@ -28,7 +28,7 @@ def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
     """A centre crop of half the image, registered here, runs through the evaluate stage next to the baseline."""
 
     def centre(settings, images, prompts, boxes):
-        halves = [[(w // 4, h // 4, 3 * w // 4, 3 * h // 4)] for w, h in (im.size for im in images)]
+        halves = [[(w // 4, h // 4, 3 * w // 4, 3 * h // 4)] for w, h in (im.image.size for im in images)]
         return answer_with_boxes_batch(settings.adapter, images, prompts, halves, 4)
 
     monkeypatch.setitem(METHODS, "centre", EvalMethod("centre", centre, "+centre crop"))

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from sdrpn_core.data import BadSample, ImageReadError, load_image
+from sdrpn_core.data import BadSample, ImageReadError, load_image, read_ahead
 from stages.config import ConfigError, DatasetSpec, PipelineConfig
 from stages.data import build_manifest, read_manifest, read_rejections
 from storage.artifacts import MARKER, ArtifactStore
@@ -211,6 +212,27 @@ def test_image_reads_are_retried_and_a_lasting_outage_is_not_a_bad_sample(tmp_pa
     flaky["failures_left"] = 0
     with pytest.raises(BadSample, match="image not found"):
         load_image(f"flaky://{tmp_path}/missing.png")
+
+
+def test_read_ahead_keeps_order_overlaps_the_next_read_and_raises_at_the_failing_item():
+    """Evaluation reads the next batch in a thread while answering this one; an unreachable image still fails
+    the piece, at its own batch, after the batches before it were answered."""
+    started = {k: threading.Event() for k in range(4)}
+
+    def read(k: int) -> int:
+        started[k].set()
+        if k == 2:
+            raise ImageReadError("s3://b/2.png unreachable")
+        return k * 10
+
+    seen = []
+    with pytest.raises(ImageReadError, match=r"2\.png"):
+        for k, value in read_ahead(read, [0, 1, 2, 3]):
+            seen.append((k, value))
+            if k == 0:  # while item 0 is being worked on, item 1 is already being read
+                assert started[1].wait(timeout=10)
+    assert seen == [(0, 0), (1, 10)] and not started[3].is_set()
+    assert list(read_ahead(read, [])) == []
 
 
 def test_a_503_during_extraction_fails_the_shard_and_the_rerun_processes_the_sample(tmp_path, flaky, tiny_llava):

@@ -146,6 +146,10 @@ class VLMAdapter(Protocol):
         """One image → the family's processed form (raises on a bad image); `collate` batches these."""
 
     def collate(self, pixel_values: list[Any], questions: list[str]) -> VLMInputs: ...
+    def collated_row(self, x: VLMInputs, i: int, start: int) -> VLMInputs:
+        """Row i of a collated batch, its first `start` columns (left padding) cut: what `collate` gives for that
+        row alone, sliced rather than tokenised again."""
+
     def embed(self, x: VLMInputs) -> torch.Tensor:
         """Input embeddings [B, L, D] with the image features in place of the image tokens."""
 

@@ -180,6 +180,15 @@ class LlavaAdapter(DecoderParts):
             grids=[self._grid] * len(questions),
         )
 
+    def collated_row(self, x: VLMInputs, i: int, start: int) -> VLMInputs:
+        return VLMInputs(
+            input_ids=x.input_ids[i : i + 1, start:],
+            attention_mask=x.attention_mask[i : i + 1, start:],
+            pixel_values=x.pixel_values[i : i + 1],
+            image_positions=[x.image_positions[i] - start],
+            grids=[x.grids[i]],
+        )
+
     def build_inputs(self, images: list[Image.Image], questions: list[str]) -> VLMInputs:
         return self.collate([self.pixel_values(im) for im in images], questions)
 

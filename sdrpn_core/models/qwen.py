@@ -281,6 +281,21 @@ class QwenAdapter(DecoderParts):
             },
         )
 
+    def collated_row(self, x: VLMInputs, i: int, start: int) -> VLMInputs:
+        thw = x.extra["image_grid_thw"]
+        patches = [0, *thw.prod(-1).cumsum(0).tolist()]  # the rows' pixel patches are packed one after another
+        return VLMInputs(
+            input_ids=x.input_ids[i : i + 1, start:],
+            attention_mask=x.attention_mask[i : i + 1, start:],
+            pixel_values=x.pixel_values[patches[i] : patches[i + 1]],
+            image_positions=[x.image_positions[i] - start],
+            grids=[x.grids[i]],
+            extra={
+                "image_grid_thw": thw[i : i + 1],
+                "mm_token_type_ids": x.extra["mm_token_type_ids"][i : i + 1, start:],
+            },
+        )
+
     def build_inputs(self, images: list[Image.Image], questions: list[str]) -> VLMInputs:
         return self.collate([self.pixel_values(im) for im in images], questions)
 
