@@ -7,6 +7,8 @@ per process, so their ratios measure the scale-out, not the BLAS threading.
   256 px), baseline + SD-RPN (τ 0.03, box mode, KV reuse: the default config's settings) through the evaluate
   stage's own piece function (`stages.evaluate.evaluate_piece`), on a throw-away store. The RPN is untrained
   (seeded): at τ 0.03 every row crops, so each SD-RPN row does the work a real RoI costs.
+- The batch ceiling: the decoder's prefill alone at the prompt's length, per row, batch 8 over batch 1
+  (`prefill_batch8_speedup`), i.e. what batching can gain on this model and CPU with no per-row work at all.
 - Dask: a LocalCluster of 1 or 2 single-threaded worker processes, each loading the model once (before timing);
   the same rows as 4 pieces (2 methods × 2 shards).
 - Training: `sdrpn_core.train.train_rpn` on the nano with random labels, effective batch 32 in micro-batches of 8
@@ -76,6 +78,32 @@ def run_pieces(settings, model, rpn, dataset, params, shards: int) -> float:
     for piece in plan_pieces(model, rpn, dataset, params, shards):
         evaluate_piece(store, model, rpn, dataset, params, piece)
     return 2 * dataset.rows / (time.perf_counter() - t0)
+
+
+def prefill_speedup(settings, model, dataset, repeats: int = 20) -> float:
+    """The decoder's prefill alone at the evaluation prompt's length, per row, batch 8 over batch 1: what batching
+    can gain on this model and CPU when nothing else is done per row (no decoding, no images, no crops)."""
+    import torch
+
+    from sdrpn_core.data import load_image
+    from stages.common import get_store, load_model
+    from stages.data import read_manifest
+
+    adapter = load_model(model)
+    row = read_manifest(dataset, get_store(settings))[0]
+    x = adapter.collate([adapter.pixel_values(load_image(row["image"]))], [row["question"]])
+    per_row = {}
+    with torch.inference_mode():
+        embeds = adapter.embed(x)
+        for b in (1, 8):
+            batch = embeds.expand(b, -1, -1).contiguous()
+            for _ in range(3):
+                adapter.language_model(inputs_embeds=batch)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                adapter.language_model(inputs_embeds=batch)
+            per_row[b] = (time.perf_counter() - t0) / (repeats * b)
+    return per_row[1] / per_row[8]
 
 
 def _warm(settings, model, rpn) -> int:
@@ -198,6 +226,8 @@ def main() -> None:
         rates = {b: run_pieces(settings, model, rpn, dataset, _params(b, f"batch-{b}"), 1) for b in (1, 8)}
         threads = torch.get_num_threads()
         print(f"evaluation (baseline + SD-RPN), {threads} threads: batch 1 {rates[1]:.1f}/s, batch 8 {rates[8]:.1f}/s")
+        ceiling = prefill_speedup(settings, model, dataset)
+        print(f"the decoder's prefill alone (no images, no decoding): batch 8 is {ceiling:.2f}x batch 1 per row")
         workers = {w: eval_on_workers(settings, model, rpn, dataset, w, f"workers-{w}") for w in (1, 2)}
         print(f"evaluation on Dask worker processes: 1 → {workers[1]:.1f}/s, 2 → {workers[2]:.1f}/s")
         train = {w: train_speed(tmp, w, 32 * args.steps, args.steps) for w in (1, 2)}
@@ -205,7 +235,7 @@ def main() -> None:
     print(
         f"RESULT eval_batch8_speedup={rates[8] / rates[1]:.2f} eval_2workers_speedup={workers[2] / workers[1]:.2f} "
         f"train_2ranks_speedup={train[2] / train[1]:.2f} eval_batch1_per_s={rates[1]:.1f} "
-        f"eval_batch8_per_s={rates[8]:.1f}"
+        f"eval_batch8_per_s={rates[8]:.1f} prefill_batch8_speedup={ceiling:.2f}"
     )
 
 

@@ -22,7 +22,7 @@ from prefect.futures import wait
 from flows.publish import publish_run, publish_scores, skipped
 from flows.runners import RunnerFactory, model_bound, task_runners
 from sdrpn_core.methods import get_method
-from stages import evaluate
+from stages import data, evaluate, labels, model, release, teacher, train
 from stages.config import DatasetSpec, PipelineConfig, TeacherSection
 from stages.evaluate import EvalParams, EvalPiece, eval_fingerprint, plan_pieces
 from stages.labels import labels_fingerprint
@@ -33,17 +33,7 @@ from stages.release import release_fingerprint
 from stages.teacher import teacher_fingerprint, teacher_ref
 from stages.train import train_fingerprint
 from storage.fingerprint import hash_obj
-from tasks.stages import (
-    eval_piece_task,
-    eval_task,
-    labels_task,
-    model_task,
-    nano_base_task,
-    release_task,
-    samples_task,
-    teacher_shard_task,
-    train_task,
-)
+from tasks.stages import stage_task
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -86,7 +76,7 @@ def teacher_flow(
     t = t or cfg.teacher
     n = max(1, min(t.shards, dataset.rows))
     with model_bound(cfg.runner):
-        futures = teacher_shard_task.map(
+        futures = stage_task(teacher.SHARD).map(
             cfg.store.settings(),
             model,
             dataset,
@@ -94,10 +84,10 @@ def teacher_flow(
             fp,
             list(range(n)),
             n,
-            t.batch_size,
-            t.chunk_size,
-            t.max_new_tokens,
-            unmapped(t.label_inputs()),
+            batch_size=t.batch_size,
+            chunk_size=t.chunk_size,
+            max_new_tokens=t.max_new_tokens,
+            inputs=unmapped(t.label_inputs()),
         )
     wait(futures)  # every shard finishes (and commits) before one's failure is raised
     return [f.result() for f in futures]
@@ -107,36 +97,41 @@ def _model(cfg: PipelineConfig) -> ModelRef:
     """The model stage, after `nano_base` when the config retrains sdrpn-nano from scratch (a cached task)."""
     settings = cfg.store.settings()
     if cfg.model.source == "nano" and cfg.model.retrain:
-        _call(nano_base_task, cfg.model.nano, settings, nano_base_fingerprint(cfg.model.nano))
-    return model_task(cfg.model, settings)
+        _call(stage_task(model.NANO_BASE), cfg.model.nano, settings, nano_base_fingerprint(cfg.model.nano))
+    return stage_task(model.MODEL)(cfg.model, settings)
+
+
+def _samples(spec: DatasetSpec, settings, role: str) -> DatasetRef:
+    """The samples stage, its run named for the role: `samples[train]`, `samples[eval:<benchmark>]`."""
+    return stage_task(data.SAMPLES).with_options(task_run_name=f"samples[{role}]")(spec, settings)
 
 
 def _source_labels(
-    cfg: PipelineConfig, model: ModelRef, name: str, data: DatasetSpec, teacher: TeacherSection, runners: RunnerFactory
+    cfg: PipelineConfig, model_ref: ModelRef, name: str, spec: DatasetSpec, t: TeacherSection, runners: RunnerFactory
 ) -> LabelsRef:
     """One training source: its samples, its teacher (own preset and inputs) and its labels, each cached alone."""
     settings = cfg.store.settings()
-    dataset = samples_task(data, settings, "train" if name == "train" else f"train:{name}")
-    preset = teacher.preset_obj()
-    t_fp = teacher_fingerprint(model, preset, teacher.max_new_tokens, teacher.label_inputs())
-    teacher_flow.with_options(task_runner=runners())(cfg, model, dataset, t_fp, teacher)
+    dataset = _samples(spec, settings, "train" if name == "train" else f"train:{name}")
+    preset = t.preset_obj()
+    t_fp = teacher_fingerprint(model_ref, preset, t.max_new_tokens, t.label_inputs())
+    teacher_flow.with_options(task_runner=runners())(cfg, model_ref, dataset, t_fp, t)
     params = cfg.labels.params(preset)
-    labels = _call(labels_task, settings, dataset, t_fp, params, labels_fingerprint(t_fp, dataset, params))
-    get_run_logger().info("%s: teacher rows at %s; labels %s", name, teacher_ref(_store(cfg), t_fp).url, labels.stats)
-    return labels
+    ref = _call(stage_task(labels.LABELS), settings, dataset, t_fp, params, labels_fingerprint(t_fp, dataset, params))
+    get_run_logger().info("%s: teacher rows at %s; labels %s", name, teacher_ref(_store(cfg), t_fp).url, ref.stats)
+    return ref
 
 
 def _labels(cfg: PipelineConfig, runners: RunnerFactory) -> tuple[ModelRef, LabelsRef]:
-    model = _model(cfg)
-    parts = [(name, _source_labels(cfg, model, name, data, t, runners)) for name, data, t in cfg.sources()]
-    return model, merge_labels(parts)
+    model_ref = _model(cfg)
+    parts = [(name, _source_labels(cfg, model_ref, name, spec, t, runners)) for name, spec, t in cfg.sources()]
+    return model_ref, merge_labels(parts)
 
 
-def _train(cfg: PipelineConfig, model: ModelRef, labels: LabelsRef) -> RpnRef:
+def _train(cfg: PipelineConfig, model_ref: ModelRef, labels_ref: LabelsRef) -> RpnRef:
     preset = cfg.teacher.preset_obj()
     params = cfg.train.params(preset)
-    fp = train_fingerprint(model, labels, params, preset.name)
-    return _call(train_task, cfg.store.settings(), model, labels, params, preset.name, fp)
+    fp = train_fingerprint(model_ref, labels_ref, params, preset.name)
+    return _call(stage_task(train.TRAIN), cfg.store.settings(), model_ref, labels_ref, params, fp, preset.name)
 
 
 def _eval_params(cfg: PipelineConfig) -> EvalParams:
@@ -162,7 +157,7 @@ def evaluate_flow(
 ) -> list[PieceRef]:
     """The evaluation pieces, mapped over the flow's task runner; each commits to the store when it finishes."""
     with model_bound(cfg.runner):
-        futures = eval_piece_task.map(
+        futures = stage_task(evaluate.PIECE).map(
             unmapped(cfg.store.settings()),
             unmapped(model),
             unmapped(rpn),
@@ -181,12 +176,12 @@ def _eval(
     every one came from the cache)."""
     settings, params, results, all_cached = cfg.store.settings(), _eval_params(cfg), [], True
     for spec in cfg.eval.datasets:
-        dataset = samples_task(spec, settings, f"eval:{spec.benchmark or spec.kind}")
+        dataset = _samples(spec, settings, f"eval:{spec.benchmark or spec.kind}")
         fp = eval_fingerprint(model, rpn, dataset, params)
         pieces = plan_pieces(model, rpn, dataset, params, cfg.eval.shards)
         if evaluate.lookup(_store(cfg), fp, dataset.benchmark) is None:
             evaluate_flow.with_options(task_runner=runners())(cfg, model, rpn, dataset, pieces)
-        ref, was_cached = _run(eval_task, settings, dataset, params, fp, pieces)
+        ref, was_cached = _run(stage_task(evaluate.MERGE), settings, dataset, params, fp, pieces)
         results.append(ref)
         all_cached &= was_cached
     return results, all_cached
@@ -218,24 +213,23 @@ def train_flow(config: PipelineConfig | None = None, config_path: str | None = N
 def eval_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> list[EvalRef]:
     """Evaluation with the newest RPN trained for the model in this store."""
     cfg = load_config(config, config_path)
-    model = _model(cfg)
-    rpn = _latest_rpn(cfg, model) if any(get_method(m).needs_rpn for m in cfg.eval.methods) else None
+    model_ref = _model(cfg)
+    rpn = _latest_rpn(cfg, model_ref) if any(get_method(m).needs_rpn for m in cfg.eval.methods) else None
     with task_runners(cfg.runner) as runners:
-        results, all_cached = _eval(cfg, model, rpn, runners)
+        results, all_cached = _eval(cfg, model_ref, rpn, runners)
     if all_cached:
         skipped("every evaluation")
     else:
-        markdown = publish_scores(cfg, _store(cfg), model, results)
+        markdown = publish_scores(cfg, _store(cfg), model_ref, results)
         create_markdown_artifact(key="sdrpn-eval-report", markdown=markdown, description=f"{cfg.name}: scores")
     return results
 
 
 def _latest_rpn(cfg: PipelineConfig, model: ModelRef) -> RpnRef:
-    from stages.train import lookup
     from storage.artifacts import ArtifactStore
 
     fp = ArtifactStore(_store(cfg)).latest(model.fingerprint, "rpn")
-    ref = lookup(_store(cfg), fp) if fp is not None else None
+    ref = train.lookup(_store(cfg), fp) if fp is not None else None
     if ref is None:
         raise ValueError(f"no trained RPN for model {model.fingerprint} in {cfg.store.root}: run `sdrpn train` first")
     return ref
@@ -246,17 +240,19 @@ def sdrpn(config: PipelineConfig | None = None, config_path: str | None = None) 
     """The whole pipeline: teacher → labels → RPN → evaluation, every stage cached on its fingerprint."""
     cfg = load_config(config, config_path)
     with task_runners(cfg.runner) as runners:
-        model, labels_ref = _labels(cfg, runners)
-        rpn = _train(cfg, model, labels_ref)
-        results, _ = _eval(cfg, model, rpn, runners)
+        model_ref, labels_ref = _labels(cfg, runners)
+        rpn = _train(cfg, model_ref, labels_ref)
+        results, _ = _eval(cfg, model_ref, rpn, runners)
     release_fp = release_fingerprint(rpn, results)
-    shared, was_cached = _run(release_task, cfg.store.settings(), model, rpn, labels_ref, results, release_fp)
+    shared, was_cached = _run(
+        stage_task(release.RELEASE), cfg.store.settings(), model_ref, rpn, labels_ref, results, release_fp
+    )
     if was_cached:  # the same RPN and evaluations as a run that published them
         skipped("the RPN and every evaluation")
     else:
-        publish_run(cfg, _store(cfg), model, labels_ref, rpn, results, shared)
+        publish_run(cfg, _store(cfg), model_ref, labels_ref, rpn, results, shared)
     summary = {
-        "model": model.fingerprint,
+        "model": model_ref.fingerprint,
         "labels": labels_ref.url,
         "rpn": rpn.url,
         "release": shared,

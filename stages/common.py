@@ -1,13 +1,40 @@
-"""Shared by the stages: the store from settings, a local cache dir, and one loaded model per process."""
+"""Shared by the stages: how a stage declares itself (`Stage`), the store from settings, a local cache dir, and
+one loaded model per process."""
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from storage.fingerprint import cache_root
 from storage.store import Store, StoreSettings
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage as its module declares it; `tasks.stages.stage_task` makes the Prefect task from this, so
+    a new stage is its module and a line in the flow.
+
+    `run(…, store, …, progress=None)` computes and commits the stage's output and returns its reference; the
+    task takes the same arguments with the store's settings in place of `store`. `lookup` (its parameters named
+    as `run`'s: `store`, `fp`, …) returns the committed, verified output or None: when found, the task ends
+    `Cached` without running. `run_name` and `progress` are templates over the arguments (`{shard1}` is the
+    1-based `shard`)."""
+
+    name: str
+    run: Callable[..., Any]
+    lookup: Callable[..., Any] | None = None
+    run_name: str = ""  # the task run's name in the UI, e.g. "labels[{dataset.name}]"; default: `name`
+    progress: str | None = None  # a progress artifact's description, e.g. "teacher extraction, shard {shard1}"
+    model_bound: bool = False  # loads the model: tagged for the one-GPU concurrency limit
+    retries: bool = True  # transient I/O failures (S3 5xx, resets) retried; False where a retry redoes hours
+    cached_if: Callable[[Any], bool] | None = None  # an output that says nothing was left to do (a resumed shard)
+    summary: Callable[[Any], str] | None = None  # logged when the stage ran
+
 
 _STORES: dict[StoreSettings, Store] = {}
 _MODELS: dict[object, object] = {}

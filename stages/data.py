@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from sdrpn_core.benchmarks import get_benchmark
 from sdrpn_core.data import Rejection
-from stages.common import cache_dir
+from stages.common import Stage, cache_dir
 from stages.config import DatasetSpec, is_local
 from stages.refs import DatasetRef
 from storage.artifacts import ArtifactStore
@@ -383,3 +383,6 @@ def read_manifest(ref: DatasetRef, store: Store) -> list[dict]:
 def read_rejections(ref: DatasetRef, store: Store) -> list[dict]:
     data = ArtifactStore(store).read("datasets", ref.fingerprint, "quarantine.parquet")
     return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+SAMPLES = Stage("samples", run=build_manifest)  # the flow names each run: samples[train], samples[eval:<benchmark>]

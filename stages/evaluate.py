@@ -33,7 +33,7 @@ from sdrpn_core.infer import Preprocessed, preprocess
 from sdrpn_core.methods import EvalMethod, MethodSettings, get_method
 from sdrpn_core.models.base import VLMAdapter
 from sdrpn_core.progress import Progress
-from stages.common import load_model
+from stages.common import Stage, load_model
 from stages.data import read_manifest
 from stages.refs import DatasetRef, EvalRef, ModelRef, PieceRef, RpnRef
 from stages.report import eval_report_markdown, gallery, png
@@ -369,6 +369,11 @@ def _scores(bench: Benchmark, merged: _Merged) -> list[dict]:
     return scores
 
 
+def merged(store: Store, dataset: DatasetRef, eval_fp: str) -> EvalRef | None:
+    """The benchmark's merged evaluation, committed and verified, or None."""
+    return lookup(store, eval_fp, dataset.benchmark)
+
+
 def merge(store: Store, dataset: DatasetRef, params: EvalParams, eval_fp: str, pieces: list[EvalPiece]) -> EvalRef:
     """The committed pieces → the evaluation's predictions, scores, protocol, report and gallery."""
     if (ref := lookup(store, eval_fp, dataset.benchmark)) is not None:
@@ -422,3 +427,14 @@ def _parquet(rows: list[dict], metadata: dict[str, str] | None = None) -> bytes:
     table = pa.Table.from_pylist(rows, schema=schema)
     pq.write_table(table.replace_schema_metadata(metadata) if metadata else table, buf)
     return buf.getvalue()
+
+
+PIECE = Stage(
+    "evaluate-piece",
+    run=evaluate_piece,
+    lookup=piece_lookup,
+    run_name="evaluate[{piece.name}]",
+    progress="evaluating {piece.name}: samples done",
+    model_bound=True,
+)
+MERGE = Stage("evaluate", run=merge, lookup=merged, run_name="evaluate[{dataset.benchmark}]")

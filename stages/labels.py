@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from sdrpn_core.progress import Progress
 from sdrpn_core.pseudo_labels import LabelParams
+from stages.common import Stage
 from stages.refs import DatasetRef, LabelsRef
 from stages.tables import label_table, teacher_records
 from storage.artifacts import ArtifactStore
@@ -195,3 +196,13 @@ def denoise(
     done = {"teacher": teacher_fp, "dataset": dataset.fingerprint, "params": dataclasses.asdict(params), "stats": stats}
     store.write_json(done, "labels", labels_fp, DONE)
     return LabelsRef(labels_fp, ds.url, stats["samples"], stats["usable"], stats)
+
+
+LABELS = Stage(
+    "labels",
+    run=denoise,
+    lookup=lookup,
+    run_name="labels[{dataset.name}]",
+    progress="pseudo-labels of {dataset.name}: teacher rows read",
+    summary=lambda ref: str(ref.stats),
+)

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from sdrpn_core.models.llava import resolve_dtype
-from stages.common import cache_dir
+from stages.common import Stage, cache_dir
 from stages.config import ModelSpec
 from stages.refs import ModelRef
 from storage.artifacts import ArtifactStore
@@ -93,9 +93,9 @@ def nano_base_fingerprint(overrides: dict) -> str:
     return stage_fingerprint("nano_base", {}, {"recipe": NanoRecipe(**overrides)}, code=hash_obj(code))
 
 
-def nano_base_lookup(store: Store, fp: str) -> bool:
-    """Whether the trained base model is committed and every file matches its marker."""
-    return ArtifactStore(store).verify("nano_base", fp) is not None
+def nano_base_lookup(store: Store, fp: str) -> str | None:
+    """`fp` when the trained base model is committed and every file matches its marker, else None."""
+    return fp if ArtifactStore(store).verify("nano_base", fp) is not None else None
 
 
 def nano_base(overrides: dict, store: Store, fp: str, progress=None) -> str:
@@ -126,3 +126,15 @@ def _nano(spec: ModelSpec, store: Store, dtype: str) -> ModelRef:
     if not arts.is_committed("models", ref.fingerprint):
         arts.put_dir("models", ref.fingerprint, folder, meta={"source": "nano"})
     return ref
+
+
+MODEL = Stage("model", run=resolve_model)
+NANO_BASE = Stage(
+    "nano_base",
+    run=nano_base,
+    lookup=nano_base_lookup,
+    run_name="nano-base",
+    progress="training sdrpn-nano from scratch",
+    model_bound=True,
+    retries=False,
+)

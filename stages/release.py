@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from sdrpn_core.rpn import RPN_CONFIG
-from stages.common import cache_dir
+from stages.common import Stage, cache_dir
 from stages.refs import EvalRef, LabelsRef, ModelRef, RpnRef
 from stages.report import results_markdown, results_rows
 from stages.train import INFERENCE
@@ -145,3 +145,6 @@ def fetch_release(source: str) -> Path:
             f"{source}: not a folder, not a store URL, and not in the local Hugging Face cache ({e}); "
             f"download it first (huggingface-cli download {source})"
         ) from None
+
+
+RELEASE = Stage("release", run=release, lookup=lookup)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from sdrpn_core.data import Sample
 from sdrpn_core.presets import Preset
 from sdrpn_core.teacher import extract_teacher_maps
-from stages.common import load_model
+from stages.common import Stage, load_model
 from stages.data import read_manifest
 from stages.refs import DatasetRef, ModelRef, ShardSummary, TeacherRef
 from stages.tables import teacher_table
@@ -96,3 +96,14 @@ def teacher_ref(store: Store, teacher_fp: str) -> TeacherRef:
     ds = teacher_dataset(store, teacher_fp)
     stats = ds.stats()
     return TeacherRef(teacher_fp, ds.url, stats["rows"], stats["quarantined"])
+
+
+SHARD = Stage(
+    "teacher-shard",
+    run=extract_shard,
+    run_name="teacher-shard {shard1}/{n_shards}",
+    progress="teacher extraction, shard {shard1}/{n_shards}",
+    model_bound=True,
+    cached_if=lambda summary: summary.already_done == summary.rows,  # only verified rows there: nothing extracted
+    summary=str,
+)

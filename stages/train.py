@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdrpn_core.train import CHECKPOINT_DIR, TrainConfig, latest_checkpoint, recipe_record, samples_from_rows, train_rpn
-from stages.common import cache_dir, cached_in_process, load_model
+from stages.common import Stage, cache_dir, cached_in_process, load_model
 from stages.refs import LabelsRef, ModelRef, RpnRef
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import hash_obj, stage_fingerprint
@@ -183,3 +183,6 @@ def load_rpn(store: Store, rpn: RpnRef, model: ModelRef):
         return RoIPredictor.load(local, load_model(model), check_fingerprint=model.fingerprint)
 
     return cached_in_process(("rpn", rpn.fingerprint, model.fingerprint), load)
+
+
+TRAIN = Stage("train", run=train, lookup=lookup, progress="RPN training steps", model_bound=True, retries=False)

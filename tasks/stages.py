@@ -1,4 +1,6 @@
-"""One thin Prefect task per pipeline stage. Each calls its `stages.*` function and holds no method logic.
+"""The Prefect task of a pipeline stage, made from the stage's own declaration (`stages.common.Stage`): every task
+looks its output up in the store, runs the stage with a progress artifact when it is not there, and logs what it
+did. No stage has a hand-written task, so a new stage is its module and a line in the flow.
 
 The store is the only cache. Each stage's output lives under its content fingerprint (model + data + parameters
 + code version) and is verified against its commit records before it is reused; a task whose output is found
@@ -12,24 +14,19 @@ a validation error fails at once. The model-bound tasks carry the `sdrpn-gpu` ta
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 import time
-from collections.abc import Callable
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
-from sdrpn_core.presets import Preset
-from sdrpn_core.pseudo_labels import LabelParams
-from sdrpn_core.train import TrainConfig
-from stages import data, evaluate, labels, model, release, teacher, train
-from stages.common import get_store
-from stages.config import DatasetSpec, ModelSpec
-from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, PieceRef, RpnRef, ShardSummary
+from stages.common import Stage, get_store
 from storage.store import StoreSettings, is_transient
 
 GPU_TAG = "sdrpn-gpu"
@@ -72,159 +69,65 @@ class _Progress:
         update_progress_artifact(artifact_id=self.artifact, progress=100.0)
 
 
-def _named(template: str) -> Callable[..., str]:
-    """A task-run name from the call's parameters, e.g. `samples[eval:textvqa]`, `teacher-shard 3/8`."""
-
-    def name(parameters: dict[str, Any]) -> str:
-        return template.format(**parameters, shard1=parameters.get("shard", 0) + 1)
-
-    return name
+def _arguments(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments as the templates see them: `{shard1}` is the 1-based shard."""
+    return {**parameters, "shard1": parameters.get("shard", 0) + 1}
 
 
-@task(name="nano_base", task_run_name="nano-base", tags=[GPU_TAG], **STORE_IS_THE_CACHE)
-def nano_base_task(overrides: dict, settings: StoreSettings, fp: str) -> str | State:
-    store = get_store(settings)
-    if model.nano_base_lookup(store, fp):
-        return cached(fp, f"sdrpn-nano base model {fp}")
-    progress = _Progress("nano-base", "training sdrpn-nano from scratch")
-    out = model.nano_base(overrides, store, fp, progress)
-    progress.finish()
-    return out
+def _signature(stage: Stage) -> inspect.Signature:
+    """The stage's `run` signature with `settings` (the store's) in place of `store` and without `progress`."""
+    params = [
+        p.replace(name="settings", annotation=StoreSettings) if p.name == "store" else p
+        for p in inspect.signature(stage.run).parameters.values()
+        if p.name != "progress"
+    ]
+    return inspect.Signature(params)
 
 
-@task(name="model", task_run_name="model", **STORE_IS_THE_CACHE, **IO_RETRIES)
-def model_task(spec: ModelSpec, settings: StoreSettings) -> ModelRef:
-    return model.resolve_model(spec, get_store(settings))
+def _pick(fn, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments `fn` names (a lookup takes the store and the few it needs)."""
+    return {name: arguments[name] for name in inspect.signature(fn).parameters}
 
 
-@task(name="samples", task_run_name=_named("samples[{role}]"), **STORE_IS_THE_CACHE, **IO_RETRIES)
-def samples_task(spec: DatasetSpec, settings: StoreSettings, role: str = "data") -> DatasetRef:
-    """`role` names the run in the UI: `train`, `train:<source>` or `eval:<benchmark>`."""
-    return data.build_manifest(spec, get_store(settings))
+@functools.cache
+def stage_task(stage: Stage) -> Task:
+    """The Prefect task of `stage`, called as the stage's `run` is, with the store's settings for the store.
 
+    Found in the store (`stage.lookup`) → the task ends `Cached`; otherwise the stage runs, with a progress
+    artifact keyed on the task run's name, finished at 100 % however the stage got there."""
+    signature = _signature(stage)
+    run_name = stage.run_name or stage.name
+    takes_progress = "progress" in inspect.signature(stage.run).parameters
 
-@task(
-    name="teacher-shard",
-    task_run_name=_named("teacher-shard {shard1}/{n_shards}"),
-    tags=[GPU_TAG],
-    **STORE_IS_THE_CACHE,
-    **IO_RETRIES,
-)
-def teacher_shard_task(
-    settings: StoreSettings,
-    model_ref: ModelRef,
-    dataset: DatasetRef,
-    preset: Preset,
-    fp: str,
-    shard: int,
-    n_shards: int,
-    batch_size: int,
-    chunk_size: int,
-    max_new_tokens: int | None,
-    inputs: dict | None = None,
-) -> ShardSummary | State:
-    """Extracts only the shard's samples that have no verified row yet; `Cached` when there were none."""
-    progress = _Progress(f"teacher-shard-{shard}", f"teacher extraction, shard {shard + 1}/{n_shards}")
-    summary = teacher.extract_shard(
-        get_store(settings),
-        model_ref,
-        dataset,
-        preset,
-        fp,
-        shard,
-        n_shards,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        max_new_tokens=max_new_tokens,
-        progress=progress,
-        inputs=inputs,
+    def run_stage(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = {**bound.arguments, "store": get_store(bound.arguments["settings"])}
+        arguments.pop("settings")
+        what = run_name.format(**_arguments(arguments))
+        if stage.lookup is not None and (ref := stage.lookup(**_pick(stage.lookup, arguments))) is not None:
+            return cached(ref, what)
+        progress = None
+        if stage.progress and takes_progress:
+            key = re.sub(r"[^a-z0-9]+", "-", what.lower()).strip("-")
+            progress = _Progress(key, stage.progress.format(**_arguments(arguments)))
+            arguments["progress"] = progress
+        out = stage.run(**arguments)
+        if progress is not None:
+            progress.finish()
+        if stage.cached_if is not None and stage.cached_if(out):
+            return cached(out, what)
+        if stage.summary is not None:
+            get_run_logger().info("%s: %s", what, stage.summary(out))
+        return out
+
+    run_stage.__signature__ = signature  # Prefect binds the call's parameters (and names the run) by this
+    run_stage.__name__ = run_stage.__qualname__ = f"{stage.name.replace('-', '_')}_task"
+    return task(
+        run_stage,
+        name=stage.name,
+        task_run_name=lambda parameters: run_name.format(**_arguments(parameters)),
+        tags=[GPU_TAG] if stage.model_bound else [],
+        **STORE_IS_THE_CACHE,
+        **(IO_RETRIES if stage.retries else {}),
     )
-    progress.finish()
-    if summary.already_done == summary.rows:
-        return cached(summary, f"teacher shard {shard + 1}/{n_shards}")
-    get_run_logger().info("shard %d: %s", shard, summary)
-    return summary
-
-
-@task(name="labels", task_run_name=_named("labels[{dataset.name}]"), **STORE_IS_THE_CACHE, **IO_RETRIES)
-def labels_task(
-    settings: StoreSettings, dataset: DatasetRef, teacher_fp: str, params: LabelParams, fp: str
-) -> LabelsRef | State:
-    store = get_store(settings)
-    if (ref := labels.lookup(store, fp)) is not None:
-        return cached(ref, f"label set {fp}")
-    progress = _Progress("labels-progress", f"pseudo-labels of {dataset.name or dataset.benchmark}: teacher rows read")
-    ref = labels.denoise(store, dataset, teacher_fp, params, fp, progress)
-    progress.finish()
-    get_run_logger().info("labels: %s", ref.stats)
-    return ref
-
-
-@task(name="train", task_run_name="train", tags=[GPU_TAG], **STORE_IS_THE_CACHE)
-def train_task(
-    settings: StoreSettings, model_ref: ModelRef, labels_ref: LabelsRef, params: TrainConfig, preset: str, fp: str
-) -> RpnRef | State:
-    store = get_store(settings)
-    if (ref := train.lookup(store, fp)) is not None:
-        return cached(ref, f"RPN {fp}")
-    progress = _Progress("train-progress", "RPN training steps")
-    ref = train.train(store, model_ref, labels_ref, params, fp, preset, progress=progress)
-    progress.finish()
-    return ref
-
-
-@task(
-    name="evaluate-piece",
-    task_run_name=_named("evaluate[{piece.name}]"),
-    tags=[GPU_TAG],
-    **STORE_IS_THE_CACHE,
-    **IO_RETRIES,
-)
-def eval_piece_task(
-    settings: StoreSettings,
-    model_ref: ModelRef,
-    rpn: RpnRef | None,
-    dataset: DatasetRef,
-    params: evaluate.EvalParams,
-    piece: evaluate.EvalPiece,
-) -> PieceRef | State:
-    """One method on one shard of a benchmark; `Cached` when its committed predictions verify."""
-    store = get_store(settings)
-    if (ref := evaluate.piece_lookup(store, piece)) is not None:
-        return cached(ref, f"evaluation piece {piece.name}")
-    key = re.sub(r"[^a-z0-9-]+", "-", f"evaluate-{piece.benchmark}-{piece.method}-{piece.shard}".lower())
-    progress = _Progress(key, f"evaluating {piece.name}: samples done")
-    ref = evaluate.evaluate_piece(store, model_ref, rpn, dataset, params, piece, progress)
-    progress.finish()
-    return ref
-
-
-@task(name="evaluate", task_run_name=_named("evaluate[{dataset.benchmark}]"), **STORE_IS_THE_CACHE, **IO_RETRIES)
-def eval_task(
-    settings: StoreSettings,
-    dataset: DatasetRef,
-    params: evaluate.EvalParams,
-    fp: str,
-    pieces: list[evaluate.EvalPiece],
-) -> EvalRef | State:
-    """The committed pieces merged into the benchmark's predictions, scores, report and gallery."""
-    store = get_store(settings)
-    if (ref := evaluate.lookup(store, fp, dataset.benchmark)) is not None:
-        return cached(ref, f"evaluation of {dataset.name or dataset.benchmark} {fp}")
-    return evaluate.merge(store, dataset, params, fp, pieces)
-
-
-@task(name="release", task_run_name="release", **STORE_IS_THE_CACHE, **IO_RETRIES)
-def release_task(
-    settings: StoreSettings,
-    model_ref: ModelRef,
-    rpn: RpnRef,
-    labels_ref: LabelsRef,
-    evals: list[EvalRef],
-    fp: str,
-) -> str | State:
-    """The trained RPN as a shareable folder with its model card; `Cached` when committed."""
-    store = get_store(settings)
-    if (url := release.lookup(store, fp)) is not None:
-        return cached(url, f"release {fp}")
-    return release.release(store, model_ref, rpn, labels_ref, evals, fp)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -25,6 +27,7 @@ from stages import evaluate as eval_stage
 from stages import labels as labels_stage
 from stages import teacher as teacher_stage
 from stages import train as train_stage
+from stages.common import Stage
 from stages.config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,9 +106,15 @@ class Calls:
             ("train", train_stage, "train_rpn"),
             ("eval", eval_stage, "evaluate_piece"),
         ]:
-            monkeypatch.setattr(module, attr, self._wrap(name, getattr(module, attr)))
+            real = getattr(module, attr)
+            wrapped = self._wrap(name, real)
+            monkeypatch.setattr(module, attr, wrapped)
+            for key, value in list(vars(module).items()):  # the stage declarations that run it
+                if isinstance(value, Stage) and value.run is real:
+                    monkeypatch.setattr(module, key, dataclasses.replace(value, run=wrapped))
 
     def _wrap(self, name, fn):
+        @functools.wraps(fn)
         def wrapped(*args, **kwargs):
             self.n[name] = self.n.get(name, 0) + 1
             if name == "teacher":
@@ -341,9 +350,7 @@ def test_io_task_fails_once_then_succeeds_on_retry(family, tmp_path, monkeypatch
             raise ConnectionError("connection reset by peer")
         return real(spec, store)
 
-    from tasks import stages as task_mod
-
-    monkeypatch.setattr(task_mod.data, "build_manifest", flaky)
+    monkeypatch.setattr(data_stage, "SAMPLES", dataclasses.replace(data_stage.SAMPLES, run=flaky))
     t0 = time.time()
     ref = labels_flow(make_config(family, str(tmp_path / "store")))
     assert failures == [1] and ref.rows == 12
@@ -976,3 +983,44 @@ def test_predict_on_the_runs_release_uses_what_the_evaluation_used(tmp_path):
     assert settings["source"] == "evaluation: synthetic"
     assert (settings["threshold"], settings["mode"], settings["max_new_tokens"]) == (0.07, "box", 3)
     assert protocol["roi_threshold"] == 0.07 and protocol["roi_mode"] == "box"
+
+
+def test_a_new_stage_is_its_declaration_and_a_line_in_the_flow(tmp_path):
+    """A stage module declares `Stage(name, run, lookup, …)`; the flow calls `stage_task(STAGE)`. Nothing else is
+    written for it: the task is named from its arguments, shows progress, commits through the stage, is `Cached`
+    when its lookup finds the output, and retries a transient failure."""
+    from prefect import flow
+
+    from flows.pipeline import _run
+    from storage.store import Store, StoreSettings
+    from tasks.stages import stage_task
+
+    ran, failures = [], []
+
+    def tally(store: Store, words: list[str], fp: str, progress=None) -> dict:
+        if not failures:
+            failures.append(1)
+            raise ConnectionResetError("connection reset by peer")
+        ran.append(fp)
+        for k in range(len(words)):
+            progress(k + 1, len(words))
+        store.write_json({"n": len(words)}, "tally", fp, "result.json")
+        return {"n": len(words)}
+
+    def found(store: Store, fp: str) -> dict | None:
+        return store.read_json("tally", fp, "result.json") if store.exists("tally", fp, "result.json") else None
+
+    TALLY = Stage("tally", run=tally, lookup=found, run_name="tally[{fp}]", progress="tallying {fp}: words")
+
+    @flow
+    def words_flow(root: str) -> list:
+        settings = StoreSettings(root=root)
+        return [_run(stage_task(TALLY), settings, ["a", "b", "c"], "fp1") for _ in range(2)]
+
+    t0 = time.time()
+    (first, first_cached), (second, second_cached) = words_flow(str(tmp_path / "store"))
+    assert first == second == {"n": 3} and (first_cached, second_cached) == (False, True)
+    assert ran == ["fp1"] and failures == [1]  # one transient failure, retried; the second call never ran it
+    assert _run_names(t0)[1].count("tally[fp1]") == 2
+    progress = [a for a in _artifacts(progress=True) if a.key == "tally-fp1"]
+    assert progress and progress[-1].data == 100.0 and progress[-1].description == "tallying fp1: words"
