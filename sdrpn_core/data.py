@@ -127,11 +127,15 @@ def check_question(question: str) -> str:
     return question.strip()
 
 
-def read_ahead(read: Callable[[T], R], items: Sequence[T]) -> Iterator[tuple[T, R]]:
+def read_ahead(read: Callable[[T], R], items: Sequence[T], background: bool = True) -> Iterator[tuple[T, R]]:
     """(item, read(item)) in order, the next item read in a background thread while the caller works on this one:
     decoding and image processing release the GIL, so a batch's reading overlaps the model's work on the one before.
-    An exception from `read` is raised here, at the item it belongs to."""
+    An exception from `read` is raised here, at the item it belongs to. `background=False` reads each item in turn
+    (a model on the CPU already has every core: a reading thread would only slow its kernels down)."""
     if not items:
+        return
+    if not background:
+        yield from ((item, read(item)) for item in items)
         return
     with ThreadPoolExecutor(1, thread_name_prefix="sdrpn-read-ahead") as pool:
         pending = pool.submit(read, items[0])

@@ -209,18 +209,25 @@ def _read(adapter: VLMAdapter, rows: list[dict]) -> tuple[list[tuple[BenchmarkSa
     return ready, errors
 
 
+def _reads_ahead(adapter: VLMAdapter) -> bool:
+    """Read the next batch in a thread when the model runs on an accelerator; on the CPU it has every core, and a
+    reading thread beside its kernels made batch 8 slower on the nano (`benchmarks/scale.py`)."""
+    return adapter.device.type != "cpu"
+
+
 def _answer_all(
     run: _Run, rows: list[dict], what: str, progress: Callable[[int, int], None] | None, batch_size: int = 1
 ) -> list[dict]:
     """Every method on every readable row, `batch_size` rows at a time → prediction rows (each row charged an
-    equal share of its batch's seconds); an unreadable image is a recorded error row, never a crash. The next
-    batch's images are read while this one is answered. Logs counts, rate, ETA and the running mean score per
-    method."""
+    equal share of its batch's seconds); an unreadable image is a recorded error row, never a crash. On an
+    accelerator the next batch's images are read while this one is answered. Logs counts, rate, ETA and the
+    running mean score per method."""
     out: list[dict] = []
     done: dict[str, list[float]] = {m.name: [] for m in run.methods}
     bar = Progress(len(rows), what, log, callback=progress)
     chunks = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
-    for chunk, (ready, errors) in read_ahead(partial(_read, run.settings.adapter), chunks):
+    adapter = run.settings.adapter
+    for chunk, (ready, errors) in read_ahead(partial(_read, adapter), chunks, background=_reads_ahead(adapter)):
         out.extend(errors)
         for method in run.methods:
             todo = [(s, im) for s, im in ready if not (method.needs_box and s.box is None)]

@@ -1,12 +1,16 @@
 """Data-parallel training: the train stage launches `torchrun` over `stages.train.train_here`, one rank per device.
 
 `launch` writes the job (store settings, references, recipe: JSON, never a pickle) into the training's scratch
-folder, runs `python -m torch.distributed.run --nproc-per-node <world_size> -m stages.train_ranks <job>` (one node;
-`SDRPN_TORCHRUN_ARGS` replaces `--standalone` with a rendezvous, e.g. `--nnodes 2 --rdzv-backend c10d
---rdzv-endpoint host:29400`, the same command then being started on every node), and follows rank 0's progress.
-Each rank trains on every world_size-th micro-batch (gloo on CPU, NCCL on GPUs); rank 0 writes the checkpoints
-and the artifact folder, which the stage then commits. A killed rank ends the group; the next run resumes from
-the last checkpoint in the scratch (on several nodes it must be on a filesystem they share)."""
+folder, runs `python -m torch.distributed.run --standalone --nproc-per-node <world_size> -m stages.train_ranks
+<job>`, and follows rank 0's progress. Each rank trains on every world_size-th micro-batch (gloo on CPU, NCCL on
+GPUs); rank 0 writes the checkpoints and the artifact folder, which the stage then commits. A killed rank ends the
+group; the next run resumes from the last checkpoint in the scratch.
+
+Several nodes: `SDRPN_TORCHRUN_ARGS` replaces `--standalone` with a rendezvous (`--nnodes 2 --rdzv-backend c10d
+--rdzv-endpoint host:29400`). `train.world_size` stays the whole group's size, so each node runs world_size /
+nnodes ranks; the stage logs the command every other node runs (the same torchrun on the same job file). The
+scratch (`SDRPN_CACHE_DIR`) must be one filesystem the nodes share, at the same path: the job, the checkpoints
+every rank resumes from, and rank 0's artifact (wherever rank 0 lands) are read there."""
 
 from __future__ import annotations
 
@@ -58,11 +62,19 @@ def launch(
     job.write_text(json.dumps(_job(store, model, labels, params, fp, preset)))
     job.chmod(0o600)  # it may carry the store's credentials
     (scratch / "summary.json").unlink(missing_ok=True)
-    rendezvous = shlex.split(os.environ.get("SDRPN_TORCHRUN_ARGS", "--standalone"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc-per-node", str(params.world_size)]
-    cmd += ["-m", "stages.train_ranks", str(job)]
+    cmd, nodes = node_command(job, params.world_size)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     log.info("training on %d ranks: %s", params.world_size, shlex.join(cmd))
+    if nodes > 1:
+        log.warning(
+            "training on %d nodes: start this on each of the other %d (same checkout, same shared scratch):\n"
+            "cd %s && PYTHONPATH=%s %s",
+            nodes,
+            nodes - 1,
+            shlex.quote(str(ROOT)),
+            shlex.quote(str(ROOT)),
+            shlex.join(["python", *cmd[1:]]),
+        )
     rank_log = scratch / "ranks.log"
     with rank_log.open("ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -71,6 +83,32 @@ def launch(
         tail = rank_log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"torchrun training ended with exit code {proc.returncode} (log {rank_log}):\n{tail}")
     return TrainSummary(**json.loads((scratch / "summary.json").read_text()))
+
+
+def rendezvous() -> tuple[list[str], int]:
+    """torchrun's rendezvous arguments (`SDRPN_TORCHRUN_ARGS`; one node by default) and the number of nodes."""
+    args = shlex.split(os.environ.get("SDRPN_TORCHRUN_ARGS", "--standalone"))
+    nodes = 1
+    for i, arg in enumerate(args):
+        if arg == "--nnodes" or arg.startswith("--nnodes="):
+            value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(
+                    f"SDRPN_TORCHRUN_ARGS: --nnodes {value!r}: give a fixed number of nodes (an elastic range would "
+                    "change the world size, and with it the effective batch)"
+                )
+            nodes = int(value)
+    return args, nodes
+
+
+def node_command(job: Path, world_size: int) -> tuple[list[str], int]:
+    """The torchrun command of one node for `job` (every node runs the same one) and the number of nodes."""
+    args, nodes = rendezvous()
+    if world_size % nodes:
+        raise ValueError(f"train.world_size {world_size} is not a multiple of the {nodes} nodes in SDRPN_TORCHRUN_ARGS")
+    per_node = world_size // nodes
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, "--nproc-per-node", str(per_node)]
+    return [*cmd, "-m", "stages.train_ranks", str(job)], nodes
 
 
 def _follow(proc: subprocess.Popen, progress_file: Path, progress: Callable[[int, int], None] | None) -> None:
@@ -113,6 +151,11 @@ def main(job_path: str) -> None:
     try:
         raw = job["params"]
         params = TrainConfig(**{**raw, "betas": tuple(raw["betas"])})
+        if dist.get_world_size() != params.world_size:  # a node started with another --nproc-per-node
+            raise RuntimeError(
+                f"the group has {dist.get_world_size()} ranks, train.world_size is {params.world_size}: every node "
+                "must run world_size / nnodes ranks (the command the train stage logs)"
+            )
         store = get_store(StoreSettings(**job["store"]))
         report = _report_to(Path(job_path).parent / "progress.json")
         train_here(store, ModelRef(**job["model"]), _labels(job["labels"]), params, job["fp"], job["preset"], report)

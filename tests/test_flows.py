@@ -838,10 +838,12 @@ def test_adding_a_method_evaluates_only_its_pieces(tmp_path, monkeypatch):
     assert set(new) == {"baseline", "sdrpn", "oracle"} and {m: new[m] for m in old} == old
 
 
-def test_two_gloo_ranks_train_as_one_process_with_the_same_effective_batch(tmp_path):
+def test_two_gloo_ranks_train_as_one_process_with_the_same_effective_batch(tmp_path, monkeypatch):
     """torchrun, 2 CPU processes (gloo), effective batch 8 = 2 per rank × 2 accumulated × 2 ranks, against one
     process accumulating 4 micro-batches of 2: the same loss history and final weights, within float32 summation
-    order (rtol 1e-4). 11 micro-batches per epoch: the short last step gives one rank 2 micro-batches, the other 1."""
+    order (rtol 1e-4). 11 micro-batches per epoch: the short last step gives one rank 2 micro-batches, the other 1.
+    The same 2 ranks as two nodes of one rank (a c10d rendezvous, the second node started with the command the
+    stage gives) train the same weights."""
     from dataclasses import replace
 
     import numpy as np
@@ -879,6 +881,11 @@ def test_two_gloo_ranks_train_as_one_process_with_the_same_effective_batch(tmp_p
     start = load_file(_initial(store, model, base))
     assert any(not np.allclose(w1[k], start[k]) for k in w1)  # training moved the weights
 
+    nodes = _train_on_two_nodes(store, model, labels, replace(base, world_size=2), preset.name, monkeypatch)
+    w4 = load_file(Path(nodes.url) / "rpn.safetensors")
+    for k in w1:
+        np.testing.assert_allclose(w4[k], w1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
     # one rank killed mid-training: the stage fails naming the rank log; the rerun resumes from the checkpoint
     killed = _train_killing_a_rank(store, model, labels, replace(base, world_size=2, checkpoint_every=1), preset.name)
     assert "torchrun training ended" in killed
@@ -895,6 +902,49 @@ def test_two_gloo_ranks_train_as_one_process_with_the_same_effective_batch(tmp_p
     w3 = load_file(Path(again.url) / "rpn.safetensors")
     for k in w1:
         np.testing.assert_allclose(w3[k], w2[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def _train_on_two_nodes(store, model, labels, params, preset: str, monkeypatch):
+    """The train stage as node 1 of 2 (one rank each, c10d rendezvous on this machine), in a thread; node 2 is
+    started by hand with `node_command`, as the stage's log tells a user to."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rdzv = f"--nnodes 2 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{port} --rdzv-id sdrpn-test"
+    with monkeypatch.context() as patch:
+        patch.setenv("SDRPN_TORCHRUN_ARGS", rdzv)
+        return _start_both_nodes(store, model, labels, params, preset)
+
+
+def _start_both_nodes(store, model, labels, params, preset: str):
+    import threading
+
+    from stages.train_ranks import node_command
+
+    out: dict = {}
+
+    def run():
+        try:
+            out["ref"] = train_stage.train(store, model, labels, params, "two-nodes", preset)
+        except Exception as e:  # reported by the assertion below
+            out["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    job = train_stage.train_scratch(store, "two-nodes") / "job.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and not job.exists():
+        time.sleep(0.05)
+    cmd, n = node_command(job, params.world_size)
+    assert n == 2 and cmd[cmd.index("--nproc-per-node") + 1] == "1"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    other = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    thread.join(timeout=300)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert "ref" in out, out.get("error")
+    return out["ref"]
 
 
 class _Recorded(logging.Handler):
@@ -952,12 +1002,13 @@ def _initial(store, model, params) -> Path:
 
 def test_batched_evaluation_gives_the_batch_1_predictions(family, tmp_path, monkeypatch):
     """eval.batch_size 3 over 2 shards re-answers every piece (throughput changes) with the same predictions and
-    scores as batch 1; protocol.json records the batch size."""
+    scores as batch 1; protocol.json records the batch size. The batches are read ahead in a thread, as on a GPU."""
     from flows.pipeline import sdrpn
 
     root = str(tmp_path / "store")
     one = sdrpn(make_config(family, root, **{"eval.datasets": [{"kind": "synthetic", "n": 7, "seed": 99}]}))
     calls = Calls(monkeypatch)
+    monkeypatch.setattr(eval_stage, "_reads_ahead", lambda adapter: True)
     changes = {"eval.batch_size": 3, "eval.shards": 2, "eval.datasets": [{"kind": "synthetic", "n": 7, "seed": 99}]}
     three = sdrpn(make_config(family, root, **changes))
     assert calls.n == {"eval": 4 * 2}

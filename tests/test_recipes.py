@@ -210,3 +210,21 @@ def test_world_size_0_is_every_visible_gpu(monkeypatch):
     assert (four.world_size, four.samples_per_step, four.accumulation) == (4, 512, 16)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert recipe_of(config("llava-1.5-7b", train={"world_size": 0})).world_size == 1
+
+
+def test_several_nodes_split_the_world_size_and_refuse_what_would_change_the_batch(monkeypatch, tmp_path):
+    """`train.world_size` is the whole group: with `--nnodes 2` in SDRPN_TORCHRUN_ARGS each node runs half the
+    ranks. An elastic node range, or a world size the nodes cannot split, is an error naming the setting."""
+    from stages.train_ranks import node_command
+
+    job = tmp_path / "job.json"
+    cmd, nodes = node_command(job, 4)
+    assert nodes == 1 and "--standalone" in cmd and cmd[cmd.index("--nproc-per-node") + 1] == "4"
+    monkeypatch.setenv("SDRPN_TORCHRUN_ARGS", "--nnodes=2 --rdzv-backend c10d --rdzv-endpoint a:29400")
+    cmd, nodes = node_command(job, 4)
+    assert nodes == 2 and "--standalone" not in cmd and cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    with pytest.raises(ValueError, match="world_size 3 is not a multiple of the 2 nodes"):
+        node_command(job, 3)
+    monkeypatch.setenv("SDRPN_TORCHRUN_ARGS", "--nnodes 1:4 --rdzv-endpoint a:29400")
+    with pytest.raises(ValueError, match="SDRPN_TORCHRUN_ARGS: --nnodes '1:4'"):
+        node_command(job, 4)

@@ -233,6 +233,9 @@ def test_read_ahead_keeps_order_overlaps_the_next_read_and_raises_at_the_failing
                 assert started[1].wait(timeout=10)
     assert seen == [(0, 0), (1, 10)] and not started[3].is_set()
     assert list(read_ahead(read, [])) == []
+    started[1].clear()
+    inline = read_ahead(read, [0, 1], background=False)  # a model on the CPU: no reading thread beside it
+    assert next(inline) == (0, 0) and not started[1].is_set() and next(inline) == (1, 10)
 
 
 def test_a_503_during_extraction_fails_the_shard_and_the_rerun_processes_the_sample(tmp_path, flaky, tiny_llava):
