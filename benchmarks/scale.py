@@ -7,6 +7,8 @@ per process, so their ratios measure the scale-out, not the BLAS threading.
   256 px), baseline + SD-RPN (τ 0.03, box mode, KV reuse: the default config's settings) through the evaluate
   stage's own piece function (`stages.evaluate.evaluate_piece`), on a throw-away store. The RPN is untrained
   (seeded): at τ 0.03 every row crops, so each SD-RPN row does the work a real RoI costs.
+- Reading images (decode + the image processor: per row, nothing a batch shares) as a share of each batch size's
+  time (`batch8_reading_share`).
 - The batch ceiling: the decoder's prefill alone at the prompt's length, per row, batch 8 over batch 1
   (`prefill_batch8_speedup`), i.e. what batching can gain on this model and CPU with no per-row work at all.
 - Dask: a LocalCluster of 1 or 2 single-threaded worker processes, each loading the model once (before timing);
@@ -68,16 +70,35 @@ def _params(batch: int, tag: str):
     )
 
 
-def run_pieces(settings, model, rpn, dataset, params, shards: int) -> float:
-    """Evaluate every piece in this process → samples/s over both methods."""
-    from stages.common import get_store
-    from stages.evaluate import evaluate_piece, plan_pieces
+READING = {"seconds": 0.0}  # time spent reading images (decode + the image processor) in the last run_pieces
 
-    store = get_store(settings)
-    t0 = time.perf_counter()
-    for piece in plan_pieces(model, rpn, dataset, params, shards):
-        evaluate_piece(store, model, rpn, dataset, params, piece)
-    return 2 * dataset.rows / (time.perf_counter() - t0)
+
+def _timed(read):
+    def timed(*args):
+        t0 = time.perf_counter()
+        try:
+            return read(*args)
+        finally:
+            READING["seconds"] += time.perf_counter() - t0
+
+    return timed
+
+
+def run_pieces(settings, model, rpn, dataset, params, shards: int) -> float:
+    """Evaluate every piece in this process → samples/s over both methods (READING: how long reading took)."""
+    import stages.evaluate as evaluate
+    from stages.common import get_store
+
+    store, read = get_store(settings), evaluate._read
+    READING["seconds"] = 0.0
+    evaluate._read = _timed(read)
+    try:
+        t0 = time.perf_counter()
+        for piece in evaluate.plan_pieces(model, rpn, dataset, params, shards):
+            evaluate.evaluate_piece(store, model, rpn, dataset, params, piece)
+        return 2 * dataset.rows / (time.perf_counter() - t0)
+    finally:
+        evaluate._read = read
 
 
 def prefill_speedup(settings, model, dataset, repeats: int = 20) -> float:
@@ -223,9 +244,16 @@ def main() -> None:
         os.environ["SDRPN_CACHE_DIR"] = str(Path(tmp) / "cache")
         settings, model, rpn, dataset = _setup(tmp, args.rows)
         run_pieces(settings, model, rpn, dataset, _params(1, "warm-up"), 1)  # load, JIT paths, caches
-        rates = {b: run_pieces(settings, model, rpn, dataset, _params(b, f"batch-{b}"), 1) for b in (1, 8)}
+        rates, reading = {}, {}
+        for b in (1, 8):
+            rates[b] = run_pieces(settings, model, rpn, dataset, _params(b, f"batch-{b}"), 1)
+            reading[b] = READING["seconds"] * rates[b] / (2 * dataset.rows)  # share of the run's time
         threads = torch.get_num_threads()
         print(f"evaluation (baseline + SD-RPN), {threads} threads: batch 1 {rates[1]:.1f}/s, batch 8 {rates[8]:.1f}/s")
+        print(
+            f"reading images (decode + image processor, per row, unbatched): {100 * reading[1]:.0f}% of batch 1's "
+            f"time, {100 * reading[8]:.0f}% of batch 8's"
+        )
         ceiling = prefill_speedup(settings, model, dataset)
         print(f"the decoder's prefill alone (no images, no decoding): batch 8 is {ceiling:.2f}x batch 1 per row")
         workers = {w: eval_on_workers(settings, model, rpn, dataset, w, f"workers-{w}") for w in (1, 2)}
@@ -235,7 +263,7 @@ def main() -> None:
     print(
         f"RESULT eval_batch8_speedup={rates[8] / rates[1]:.2f} eval_2workers_speedup={workers[2] / workers[1]:.2f} "
         f"train_2ranks_speedup={train[2] / train[1]:.2f} eval_batch1_per_s={rates[1]:.1f} "
-        f"eval_batch8_per_s={rates[8]:.1f} prefill_batch8_speedup={ceiling:.2f}"
+        f"eval_batch8_per_s={rates[8]:.1f} prefill_batch8_speedup={ceiling:.2f} batch8_reading_share={reading[8]:.2f}"
     )
 
 
