@@ -11,6 +11,8 @@ per process, so their ratios measure the scale-out, not the BLAS threading.
   machine drifts by ±20 % within a minute, which one run of each turned into ratios from 1.6 to 2.1.
 - Reading images (decode + the image processor: per row, nothing a batch shares) as a share of each batch size's
   time (`batch8_reading_share`).
+- Batch 8 with the images read ahead in a thread (`eval_batch8_read_ahead_per_s`), as evaluation does when the
+  model is on an accelerator; on the CPU that thread competes with torch's for the cores.
 - The batch ceiling: the decoder's prefill alone at the prompt's length, per row, batch 8 over batch 1
   (`prefill_batch8_speedup`), i.e. what batching can gain on this model and CPU with no per-row work at all.
 - Dask: a LocalCluster of 1 or 2 single-threaded worker processes, each loading the model once (before timing);
@@ -101,6 +103,19 @@ def run_pieces(settings, model, rpn, dataset, params, shards: int) -> float:
         return 2 * dataset.rows / (time.perf_counter() - t0)
     finally:
         evaluate._read = read
+
+
+def read_ahead_rate(settings, model, rpn, dataset, repeats: int) -> float:
+    """Batch 8 with the next batch read in a background thread, as evaluation does on an accelerator (best of
+    `repeats`): on the CPU it competes with torch's threads for the cores."""
+    import stages.evaluate as evaluate
+
+    reads_ahead = evaluate._reads_ahead
+    evaluate._reads_ahead = lambda adapter: True
+    try:
+        return max(run_pieces(settings, model, rpn, dataset, _params(8, f"ahead-{k}"), 1) for k in range(repeats))
+    finally:
+        evaluate._reads_ahead = reads_ahead
 
 
 def prefill_speedup(settings, model, dataset, repeats: int = 20) -> float:
@@ -255,6 +270,8 @@ def main() -> None:
                     rates[b], reading[b] = rate, READING["seconds"] * rate / (2 * dataset.rows)  # share of its time
         threads = torch.get_num_threads()
         print(f"evaluation (baseline + SD-RPN), {threads} threads: batch 1 {rates[1]:.1f}/s, batch 8 {rates[8]:.1f}/s")
+        ahead = read_ahead_rate(settings, model, rpn, dataset, args.repeats)
+        print(f"batch 8 with the images read ahead in a thread (as on a GPU): {ahead:.1f}/s")
         print(
             f"reading images (decode + image processor, per row, unbatched): {100 * reading[1]:.0f}% of batch 1's "
             f"time, {100 * reading[8]:.0f}% of batch 8's"
@@ -268,7 +285,8 @@ def main() -> None:
     print(
         f"RESULT eval_batch8_speedup={rates[8] / rates[1]:.2f} eval_2workers_speedup={workers[2] / workers[1]:.2f} "
         f"train_2ranks_speedup={train[2] / train[1]:.2f} eval_batch1_per_s={rates[1]:.1f} "
-        f"eval_batch8_per_s={rates[8]:.1f} prefill_batch8_speedup={ceiling:.2f} batch8_reading_share={reading[8]:.2f}"
+        f"eval_batch8_per_s={rates[8]:.1f} prefill_batch8_speedup={ceiling:.2f} batch8_reading_share={reading[8]:.2f} "
+        f"eval_batch8_read_ahead_per_s={ahead:.1f}"
     )
 
 
