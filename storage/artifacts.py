@@ -108,14 +108,24 @@ class ArtifactStore:
         modified local copy is never used."""
         dest = Path(dest)
         manifest = self.manifest(kind, fp)  # every name validated before anything is written
+        kept = 0
         for name, expected in manifest["files"].items():
             target = dest / name
             if target.is_file() and target.stat().st_size == expected["size"]:
                 if matches(target.read_bytes(), expected["size"], expected["sha256"]):
+                    kept += 1
                     continue
                 log.warning("local copy %s differs from %s: fetched again", target, self.url(kind, fp, name))
             target.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(str(target), lambda f, n=name: f.write(self.read(kind, fp, n, manifest)))
+        if kept:  # a reused copy is said, never silent
+            log.info(
+                "%s: %d of %d files reused from the verified local copy %s",
+                self.url(kind, fp),
+                kept,
+                len(manifest["files"]),
+                dest,
+            )
         return dest
 
     def verify(self, kind: str, fp: str) -> dict | None:

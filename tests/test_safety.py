@@ -4,6 +4,7 @@ adversarial or unlucky user would meet and checks the new behaviour."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -422,12 +423,25 @@ def test_a_manifest_and_its_images_on_s3(s3_settings, tmp_path):
 
 
 def test_a_stale_local_copy_of_an_artifact_is_replaced_not_used(store, tmp_path):
-    """A local cache left by another run (same fingerprint, other bytes) must not stand in for the artifact."""
+    """A local cache left by another run (same fingerprint, other bytes) must not stand in for the artifact; what
+    is reused from a verified local copy is logged as reused."""
     arts = ArtifactStore(store)
     arts.put_files("rpn", "fp2", {"rpn.safetensors": b"fresh weights", "rpn_config.json": b"{}"})
     local = tmp_path / "cache"
     local.mkdir()
     (local / "rpn.safetensors").write_bytes(b"stale weights")  # same size, other content
     (local / "rpn_config.json").write_bytes(b"{}")
-    arts.fetch_dir("rpn", "fp2", local)
+    said: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())  # Prefect's set-up may own the root handlers
+    logger = logging.getLogger("storage.artifacts")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        arts.fetch_dir("rpn", "fp2", local)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert (local / "rpn.safetensors").read_bytes() == b"fresh weights"
+    assert any("differs" in m and "rpn.safetensors" in m for m in said)
+    assert any("1 of 2 files reused from the verified local copy" in m for m in said)
