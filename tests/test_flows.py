@@ -853,6 +853,7 @@ def test_two_gloo_ranks_train_as_one_process_with_the_same_effective_batch(tmp_p
     from flows.pipeline import labels_flow
     from stages.common import get_store
     from stages.model import resolve_model
+    from stages.train_ranks import _job
 
     cfg = make_config("llava", str(tmp_path / "store"), **{"train_data.n": 22})
     labels = labels_flow(cfg)
@@ -885,6 +886,18 @@ def test_two_gloo_ranks_train_as_one_process_with_the_same_effective_batch(tmp_p
     w4 = load_file(Path(nodes.url) / "rpn.safetensors")
     for k in w1:
         np.testing.assert_allclose(w4[k], w1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    # a node started by hand with the wrong rank count: the group refuses to train (the effective batch would change)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(_job(store, model, labels, replace(base, world_size=2), "wrong-size", preset.name)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+    wrong = subprocess.run(
+        [*cmd, "-m", "stages.train_ranks", str(job)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert wrong.returncode != 0 and "the group has 1 ranks, train.world_size is 2" in wrong.stdout + wrong.stderr
 
     # one rank killed mid-training: the stage fails naming the rank log; the rerun resumes from the checkpoint
     killed = _train_killing_a_rank(store, model, labels, replace(base, world_size=2, checkpoint_every=1), preset.name)
