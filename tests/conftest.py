@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail at once instead of retrying for 20 s
 
@@ -12,6 +14,22 @@ from PIL import Image
 from sdrpn_core.models import LlavaAdapter
 from sdrpn_core.models.tiny import TinyLlavaSpec, TinyQwenSpec, build_tiny_llava, build_tiny_qwen
 from sdrpn_core.presets import get_preset
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_live_streams():
+    """Prefect binds its console handler (and its rich console) to the sys.stderr of the test that first set up
+    logging, and pytest closes that capture after the test; a later test's log line then fails in the handler.
+    Handlers left on a closed stream are pointed at the current one, so tests pass in any order or alone."""
+    loggers = [logging.getLogger()]
+    loggers += [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                handler.stream = sys.stderr  # not setStream: it flushes the closed one first
+                if hasattr(handler, "console"):
+                    handler.console.file = sys.stderr
+    yield
 
 
 @pytest.fixture(scope="session")
