@@ -127,14 +127,27 @@ class Calls:
         return wrapped
 
 
-def _artifacts(progress: bool = False):
+def _artifacts(progress: bool = False, key: str | None = None):
+    """Every artifact of the server (or of one key), read page by page: one read returns at most the API's default
+    limit (200), and the module's server holds more than that by the end."""
     import asyncio
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    where = ArtifactFilter(key=ArtifactFilterKey(any_=[key])) if key else None
 
     async def read():
+        out: list = []
         async with get_client() as client:
-            return await client.read_artifacts()
+            while page := await client.read_artifacts(
+                artifact_filter=where, sort=ArtifactSort.ID_DESC, offset=len(out), limit=200
+            ):  # a stable order, so the pages neither overlap nor skip
+                out += page
+                if len(page) < 200:
+                    break
+        return out
 
     arts = sorted(asyncio.run(read()), key=lambda a: a.created)
     if progress:
@@ -1086,5 +1099,5 @@ def test_a_new_stage_is_its_declaration_and_a_line_in_the_flow(tmp_path):
     assert first == second == {"n": 3} and (first_cached, second_cached) == (False, True)
     assert ran == ["fp1"] and failures == [1]  # one transient failure, retried; the second call never ran it
     assert _run_names(t0)[1].count("tally[fp1]") == 2
-    progress = [a for a in _artifacts(progress=True) if a.key == "tally-fp1"]
+    progress = _artifacts(progress=True, key="tally-fp1")
     assert progress and progress[-1].data == 100.0 and progress[-1].description == "tallying fp1: words"
