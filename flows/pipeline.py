@@ -179,7 +179,7 @@ def _eval(
         dataset = _samples(spec, settings, f"eval:{spec.benchmark or spec.kind}")
         fp = eval_fingerprint(model, rpn, dataset, params)
         pieces = plan_pieces(model, rpn, dataset, params, cfg.eval.shards)
-        if evaluate.lookup(_store(cfg), fp, dataset.benchmark) is None:
+        if evaluate.merged(_store(cfg), dataset, fp) is None:
             evaluate_flow.with_options(task_runner=runners())(cfg, model, rpn, dataset, pieces)
         ref, was_cached = _run(stage_task(evaluate.MERGE), settings, dataset, params, fp, pieces)
         results.append(ref)

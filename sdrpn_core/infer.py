@@ -226,12 +226,12 @@ VICROP_GENERIC_PROMPT = "Write a general description of the image."
 
 
 @torch.inference_mode()
-def vicrop_map(adapter: VLMAdapter, image: Image.Image, question: str, layer: int) -> np.ndarray:
+def vicrop_map(adapter: VLMAdapter, image: Image.Image | Preprocessed, question: str, layer: int) -> np.ndarray:
     """ViCrop's rel-att map: the last prompt token's attention to the image for the question, divided by that for
     a generic description prompt (two extra partial prefills, batched), at one layer, mean over heads."""
     from sdrpn_core.teacher import prompt_attention
 
-    px = adapter.pixel_values(image)
+    px = preprocess(adapter, image).pixels
     x = adapter.collate([px, px], [question, VICROP_GENERIC_PROMPT])
     att = prompt_attention(adapter, x, layer)
     return (att[0] / (att[1] + 1e-8)).numpy().reshape(x.grids[0])
@@ -261,10 +261,10 @@ def answer_vicrop_batch(
     t0 = time.perf_counter()
     images = [preprocess(adapter, im) for im in images]
     rois: list[RoIOutcome] = []
-    for image, question in zip([p.image for p in images], questions, strict=True):
-        ratio = vicrop_map(adapter, image, question, layer)
+    for image, question in zip(images, questions, strict=True):
+        ratio = vicrop_map(adapter, image, question, layer)  # the batch's processed pixels, not processed again
         box = best_window(ratio, round(min(ratio.shape) * window_frac))
-        pixel = adapter.box_to_pixels(box, image.size, ratio.shape)
+        pixel = adapter.box_to_pixels(box, image.image.size, ratio.shape)
         plan = RoIPlan("box" if pixel else "none", (box,), prob=ratio / max(float(ratio.max()), 1e-8))
         rois.append(RoIOutcome(plan, ratio, [pixel] if pixel else [], -1 if pixel else 0))
     answers = answer_with_boxes_batch(adapter, images, questions, [r.pixel_boxes for r in rois], max_new_tokens)

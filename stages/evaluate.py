@@ -383,25 +383,25 @@ def merged(store: Store, dataset: DatasetRef, eval_fp: str) -> EvalRef | None:
 
 def merge(store: Store, dataset: DatasetRef, params: EvalParams, eval_fp: str, pieces: list[EvalPiece]) -> EvalRef:
     """The committed pieces → the evaluation's predictions, scores, protocol, report and gallery."""
-    if (ref := lookup(store, eval_fp, dataset.benchmark)) is not None:
+    if (ref := merged(store, dataset, eval_fp)) is not None:
         return ref
     bench = get_benchmark(dataset.benchmark)
     manifest = {r["sample_id"]: r for r in read_manifest(dataset, store)}  # read (and verified) once
-    merged = _gather(store, manifest, pieces)
-    if not any(merged.per_method.values()):  # nothing evaluated: a failure, never a committed (reused) result
-        errors = [p["error"] for p in merged.predictions if p["error"]][:3]
+    gathered = _gather(store, manifest, pieces)
+    if not any(gathered.per_method.values()):  # nothing evaluated: a failure, never a committed (reused) result
+        errors = [p["error"] for p in gathered.predictions if p["error"]][:3]
         raise ValueError(f"no sample of {dataset.name or dataset.benchmark} could be evaluated: {'; '.join(errors)}")
-    scores = _scores(bench, merged)
-    protocol = merged.protocol
-    rows = [{k: v for k, v in r.items() if k not in ("roi_map", "roi_grid")} for r in merged.predictions]
+    scores = _scores(bench, gathered)
+    protocol = gathered.protocol
+    rows = [{k: v for k, v in r.items() if k not in ("roi_map", "roi_grid")} for r in gathered.predictions]
     files = {
         "predictions.parquet": _parquet(rows, {"sdrpn.protocol": json.dumps(protocol, default=str)}),
         "scores.json": json.dumps(scores, indent=1).encode(),
         "protocol.json": json.dumps(protocol, indent=1, default=str).encode(),
         "report.md": eval_report_markdown(bench, dataset, scores).encode(),
     }
-    if {"sdrpn", "baseline"} <= set(merged.per_method) and params.gallery:
-        picture = gallery(merged.predictions, manifest, params.gallery, protocol.get("pads_to_square", True))
+    if {"sdrpn", "baseline"} <= set(gathered.per_method) and params.gallery:
+        picture = gallery(gathered.predictions, manifest, params.gallery, protocol.get("pads_to_square", True))
         if picture is not None:
             files["gallery.png"] = png(picture)
     arts = ArtifactStore(store)
