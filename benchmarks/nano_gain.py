@@ -22,8 +22,7 @@ def attention_hits(cfg, store, model_ref, dataset_ref, limit: int = 60) -> dict[
 
     from sdrpn_core.data import Sample
     from sdrpn_core.teacher import extract_teacher_maps
-    from stages.common import load_model
-    from stages.data import read_manifest
+    from stages.common import load_model, read_manifest
 
     adapter = load_model(model_ref)
     rows = [r for r in read_manifest(dataset_ref, store) if r.get("box")][:limit]

@@ -98,7 +98,7 @@ def run_pieces(settings, model, rpn, dataset, params, shards: int) -> float:
     evaluate._read = _timed(read)
     try:
         t0 = time.perf_counter()
-        for piece in evaluate.plan_pieces(model, rpn, dataset, params, shards):
+        for piece in evaluate.plan_pieces(store, model, rpn, dataset, params, shards):
             evaluate.evaluate_piece(store, model, rpn, dataset, params, piece)
         return 2 * dataset.rows / (time.perf_counter() - t0)
     finally:
@@ -124,8 +124,7 @@ def prefill_speedup(settings, model, dataset, repeats: int = 20) -> float:
     import torch
 
     from sdrpn_core.data import load_image
-    from stages.common import get_store, load_model
-    from stages.data import read_manifest
+    from stages.common import get_store, load_model, read_manifest
 
     adapter = load_model(model)
     row = read_manifest(dataset, get_store(settings))[0]
@@ -149,7 +148,7 @@ def _warm(settings, model, rpn) -> int:
     import torch
 
     from stages.common import get_store
-    from stages.train import load_rpn
+    from stages.evaluate import load_rpn
 
     torch.set_num_threads(1)
     load_rpn(get_store(settings), rpn, model)
@@ -166,6 +165,7 @@ def _piece(settings, model, rpn, dataset, params, piece) -> str:
 def eval_on_workers(settings, model, rpn, dataset, workers: int, tag: str) -> float:
     from distributed import Client, LocalCluster
 
+    from stages.common import get_store
     from stages.evaluate import plan_pieces
 
     params = _params(1, tag)
@@ -177,7 +177,7 @@ def eval_on_workers(settings, model, rpn, dataset, workers: int, tag: str) -> fl
         client.run(_warm, settings, model, rpn)
 
         def evaluate_all(params) -> float:
-            pieces = plan_pieces(model, rpn, dataset, params, shards=2)
+            pieces = plan_pieces(get_store(settings), model, rpn, dataset, params, shards=2)
             t0 = time.perf_counter()
             client.gather([client.submit(_piece, settings, model, rpn, dataset, params, p, pure=False) for p in pieces])
             return 2 * dataset.rows / (time.perf_counter() - t0)

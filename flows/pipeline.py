@@ -22,9 +22,9 @@ from prefect.futures import wait
 from flows.publish import publish_run, publish_scores, skipped
 from flows.runners import RunnerFactory, model_bound, task_runners
 from sdrpn_core.methods import get_method
-from stages import data, evaluate, labels, model, release, teacher, train
+from stages import data, evaluate, labels, model, release, score, teacher, train
 from stages.config import DatasetSpec, PipelineConfig, TeacherSection
-from stages.evaluate import EvalParams, EvalPiece, eval_fingerprint, plan_pieces
+from stages.evaluate import EvalParams, EvalPiece, plan_pieces
 from stages.labels import labels_fingerprint
 from stages.labels import merge as merge_labels
 from stages.model import nano_base_fingerprint
@@ -172,16 +172,16 @@ def evaluate_flow(
 def _eval(
     cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None, runners: RunnerFactory
 ) -> tuple[list[EvalRef], bool]:
-    """Per benchmark: its samples, the pieces not yet in the store (mapped), then the merge → (results, whether
+    """Per benchmark: its samples, the pieces not yet in the store (mapped), then the scores → (results, whether
     every one came from the cache)."""
     settings, params, results, all_cached = cfg.store.settings(), _eval_params(cfg), [], True
     for spec in cfg.eval.datasets:
         dataset = _samples(spec, settings, f"eval:{spec.benchmark or spec.kind}")
-        fp = eval_fingerprint(model, rpn, dataset, params)
-        pieces = plan_pieces(model, rpn, dataset, params, cfg.eval.shards)
-        if evaluate.merged(_store(cfg), dataset, fp) is None:
+        pieces = plan_pieces(_store(cfg), model, rpn, dataset, params, cfg.eval.shards)
+        fp = score.score_fingerprint(dataset, params, pieces)
+        if score.lookup(_store(cfg), dataset, fp) is None:
             evaluate_flow.with_options(task_runner=runners())(cfg, model, rpn, dataset, pieces)
-        ref, was_cached = _run(stage_task(evaluate.MERGE), settings, dataset, params, fp, pieces)
+        ref, was_cached = _run(stage_task(score.SCORE), settings, dataset, params, fp, pieces)
         results.append(ref)
         all_cached &= was_cached
     return results, all_cached

@@ -3,6 +3,7 @@ one loaded model per process."""
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from collections.abc import Callable
@@ -10,7 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.fingerprint import cache_root
+import pyarrow.parquet as pq
+
+from stages.code import code_fingerprint, library_versions
+from storage.artifacts import ArtifactStore
+from storage.fingerprint import cache_root, hash_obj
 from storage.store import Store, StoreSettings
 
 
@@ -23,7 +28,11 @@ class Stage:
     task takes the same arguments with the store's settings in place of `store`. `lookup` (its parameters named
     as `run`'s: `store`, `fp`, …) returns the committed, verified output or None: when found, the task ends
     `Cached` without running. `run_name` and `progress` are templates over the arguments (`{shard1}` is the
-    1-based `shard`)."""
+    1-based `shard`).
+
+    `code` names the modules the stage runs (default: the module of `run`); the stage's key covers their import
+    closure inside the project (`stages.code`), less the `exclude`d packages, whose part in the output its key
+    holds by value. A model-bound stage is also keyed on the numeric libraries' versions."""
 
     name: str
     run: Callable[..., Any]
@@ -34,6 +43,16 @@ class Stage:
     retries: bool = True  # transient I/O failures (S3 5xx, resets) retried; False where a retry redoes hours
     cached_if: Callable[[Any], bool] | None = None  # an output that says nothing was left to do (a resumed shard)
     summary: Callable[[Any], str] | None = None  # logged when the stage ran
+    code: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def code_version(self) -> str:
+        """What the stage's output depends on of the code (and, for a model-bound stage, of torch/transformers)."""
+        roots = self.code or (self.run.__module__,)
+        parts: dict[str, Any] = {"code": code_fingerprint(roots, self.exclude)}
+        if self.model_bound:
+            parts["libraries"] = library_versions()
+        return hash_obj(parts)
 
 
 _STORES: dict[StoreSettings, Store] = {}
@@ -60,6 +79,18 @@ def cached_in_process(key: object, load):
         if key not in _MODELS:
             _MODELS[key] = load()
         return _MODELS[key]
+
+
+def read_manifest(ref, store: Store) -> list[dict]:
+    """A dataset's manifest rows, checked against the artifact's commit record (a modified manifest is refused)."""
+    data = ArtifactStore(store).read("datasets", ref.fingerprint, "manifest.parquet")
+    return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+def read_rejections(ref, store: Store) -> list[dict]:
+    """A dataset's quarantined rows (id and reason)."""
+    data = ArtifactStore(store).read("datasets", ref.fingerprint, "quarantine.parquet")
+    return pq.read_table(io.BytesIO(data)).to_pylist()
 
 
 def load_model(ref):

@@ -24,11 +24,12 @@ import pyarrow.parquet as pq
 
 from sdrpn_core.benchmarks import get_benchmark
 from sdrpn_core.data import Rejection
+from stages.code import code_fingerprint
 from stages.common import Stage, cache_dir
 from stages.config import DatasetSpec, is_local
 from stages.refs import DatasetRef
 from storage.artifacts import ArtifactStore
-from storage.fingerprint import code_version, dataset_fingerprint, hash_obj, uri_sha256
+from storage.fingerprint import dataset_fingerprint, hash_obj, uri_sha256
 from storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,10 @@ def _synthetic_key(spec: DatasetSpec, store: Store) -> Path:
     """Where this machine remembers which manifest a synthetic spec built on a store: the scenes are a pure function
     of the spec and the code, so a rerun need not regenerate (and hash) them to find its fingerprint. Kept in the
     local cache, not the shared store, so nobody else's write can redirect a spec to other data."""
-    key = hash_obj({"spec": spec.model_dump(), "code": code_version(), "store": store.url("")})
+    code = code_fingerprint(
+        ("stages.data", "sdrpn_core.synthetic"), exclude=("sdrpn_core.benchmarks", "sdrpn_core.metrics")
+    )
+    key = hash_obj({"spec": spec.model_dump(), "code": code, "store": store.url("")})
     return cache_dir("datasets-by-spec") / f"{key}.json"
 
 
@@ -372,17 +376,6 @@ def _build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
         len(rejected),
         tuple(warnings),
     )
-
-
-def read_manifest(ref: DatasetRef, store: Store) -> list[dict]:
-    """The manifest's rows, checked against the artifact's commit record (a modified manifest is refused)."""
-    data = ArtifactStore(store).read("datasets", ref.fingerprint, "manifest.parquet")
-    return pq.read_table(io.BytesIO(data)).to_pylist()
-
-
-def read_rejections(ref: DatasetRef, store: Store) -> list[dict]:
-    data = ArtifactStore(store).read("datasets", ref.fingerprint, "quarantine.parquet")
-    return pq.read_table(io.BytesIO(data)).to_pylist()
 
 
 SAMPLES = Stage("samples", run=build_manifest)  # the flow names each run: samples[train], samples[eval:<benchmark>]

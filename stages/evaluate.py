@@ -1,15 +1,14 @@
-"""The `evaluate` stage: one benchmark, every method (baseline, SD-RPN, ViCrop, oracle crop), as cached pieces.
+"""The `evaluate` stage: answering. One benchmark, every method (baseline, SD-RPN, ViCrop, oracle crop), as
+cached pieces; scoring the answers is the `score` stage (`stages/score.py`), so a metric fix never calls the model.
 
-An evaluation is split into pieces, one per (method, shard of the benchmark's rows). Each piece is fingerprinted
-on what its answers depend on (the model, the data, its shard, the parameters its method reads, the RPN for
-SD-RPN alone) and committed to the store as an artifact `<root>/eval-piece/<fp>/` when it finishes, so a crash
-loses only the pieces in flight, and adding a method or changing τ evaluates only the pieces it changes. Pieces
-run on the flow's task runner (threads or Dask workers, one model per worker).
-
-`merge` reads the pieces back and writes the evaluation `<root>/eval/<fp>/`: predictions.parquet (in manifest
-order, whatever order the pieces finished in), scores.json (per method: the benchmark's headline score in
-percent, sub-scores, samples/s and throughput relative to this run's baseline), protocol.json (everything a score
-depends on), report.md and gallery.png (largest SD-RPN wins and losses). `evaluate` is both, in one process."""
+An evaluation is split into pieces, one per (method, shard of the benchmark's rows). Each piece is keyed on what
+its answers depend on: the model, the data, its shard, the parameters its method reads, the RPN for SD-RPN alone,
+the code it runs (the model's and the method's, not the benchmarks' or the metrics') and, from its benchmark, the
+prompts of its rows and the generation limit and τ, by value. So a benchmark's prompt change re-answers that
+benchmark alone, and its metric change re-answers nothing. A piece is committed to the store as an artifact
+`<root>/eval-piece/<fp>/` (predictions.parquet without scores, protocol.json) when it finishes, so a crash loses
+only the pieces in flight, and adding a method or changing τ answers only the pieces it changes. Pieces run on
+the flow's task runner (threads or Dask workers, one model per worker)."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -27,20 +26,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdrpn_core.benchmarks import Benchmark, BenchmarkSample, get_benchmark
-from sdrpn_core.benchmarks.scoring import aggregate, score
+from sdrpn_core.benchmarks.scoring import score
 from sdrpn_core.data import BadSample, read_ahead
 from sdrpn_core.infer import Preprocessed, preprocess
 from sdrpn_core.methods import EvalMethod, MethodSettings, get_method
 from sdrpn_core.models.base import VLMAdapter
 from sdrpn_core.progress import Progress
-from stages.common import Stage, load_model
-from stages.data import read_manifest
-from stages.refs import DatasetRef, EvalRef, ModelRef, PieceRef, RpnRef
-from stages.report import eval_report_markdown, gallery, png
-from stages.train import load_rpn
+from stages.code import library_versions
+from stages.common import Stage, cache_dir, cached_in_process, load_model, read_manifest
+from stages.refs import DatasetRef, ModelRef, PieceRef, RpnRef
 from storage.artifacts import ArtifactStore
-from storage.fingerprint import stage_fingerprint
-from storage.store import Store, StoreError
+from storage.fingerprint import hash_obj, stage_fingerprint
+from storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +61,6 @@ class EvalParams:
 SHARED_PARAMS = ("max_new_tokens", "inputs", "protocol", "batch_size")  # what every method's answers depend on
 
 
-def eval_fingerprint(model: ModelRef, rpn: RpnRef | None, dataset: DatasetRef, params: EvalParams) -> str:
-    inputs = {"model": model.fingerprint, "dataset": dataset.fingerprint, "rpn": rpn.fingerprint if rpn else ""}
-    return stage_fingerprint("eval", inputs, params)
-
-
 @dataclass(frozen=True)
 class EvalPiece:
     """One method on one shard of a benchmark's rows (contiguous: rows [shard·n/of, (shard+1)·n/of))."""
@@ -85,28 +77,42 @@ class EvalPiece:
 
 
 def plan_pieces(
-    model: ModelRef, rpn: RpnRef | None, dataset: DatasetRef, params: EvalParams, shards: int = 1
+    store: Store, model: ModelRef, rpn: RpnRef | None, dataset: DatasetRef, params: EvalParams, shards: int = 1
 ) -> list[EvalPiece]:
     """The pieces of one evaluation, methods in the config's order (an RPN method is left out without an RPN)."""
-    n = max(1, min(shards, dataset.rows))
+    bench = get_benchmark(dataset.benchmark)
+    rows = read_manifest(dataset, store)
+    n = max(1, min(shards, len(rows)))
+    prompts = [hash_obj([bench.prompt(sample_of(r)) for r in shard_of(rows, shard, n)]) for shard in range(n)]
+    code = PIECE.code_version()
     pieces = []
     for method in map(get_method, params.methods):
         if method.needs_rpn and rpn is None:
             continue
         used = {k: getattr(params, k) for k in (*SHARED_PARAMS, *method.depends_on)}
+        # what the benchmark gives the answers, by value (its module is not part of the piece's code version)
+        used["benchmark"] = {"max_new_tokens": bench.max_new_tokens}
+        if "threshold" in method.depends_on:
+            used["benchmark"]["thresholds"] = bench.thresholds
         inputs = {
             "model": model.fingerprint,
             "dataset": dataset.fingerprint,
             "rpn": rpn.fingerprint if method.needs_rpn and rpn else "",
         }
         for shard in range(n):
-            where = {"method": method.name, "shard": shard, "of": n, **used}
-            fp = stage_fingerprint("eval-piece", inputs, where)
+            where = {"method": method.name, "shard": shard, "of": n, "prompts": prompts[shard], **used}
+            fp = stage_fingerprint("eval-piece", inputs, where, code=code)
             pieces.append(EvalPiece(dataset.benchmark, method.name, shard, n, fp))
     return pieces
 
 
-def _sample(row: dict) -> BenchmarkSample:
+def shard_of(rows: list[dict], shard: int, n_shards: int) -> list[dict]:
+    """A piece's rows: contiguous, [shard·n/of, (shard+1)·n/of)."""
+    return rows[shard * len(rows) // n_shards : (shard + 1) * len(rows) // n_shards]
+
+
+def sample_of(row: dict) -> BenchmarkSample:
+    """A manifest row as the benchmark's sample (prompts and metrics read these)."""
     options = tuple(tuple(o) for o in json.loads(row["options"])) if row.get("options") else ()
     return BenchmarkSample(
         row["sample_id"],
@@ -118,22 +124,6 @@ def _sample(row: dict) -> BenchmarkSample:
         tuple(row["box"]) if row.get("box") else None,
         tuple(json.loads(row["meta"]).items()) if row.get("meta") else (),
     )
-
-
-def lookup(store: Store, eval_fp: str, benchmark: str) -> EvalRef | None:
-    """The finished evaluation, if committed and every file (predictions, scores…) matches its marker."""
-    arts = ArtifactStore(store)
-    manifest = arts.verify("eval", eval_fp)
-    if manifest is None:
-        return None
-    try:
-        scores = json.loads(arts.read("eval", eval_fp, "scores.json", manifest))
-    except (ValueError, FileNotFoundError):
-        scores = None
-    if not isinstance(scores, list) or not all(isinstance(s, dict) for s in scores):
-        log.error("%s: scores.json is not a list of score rows; re-evaluating", arts.url("eval", eval_fp))
-        return None
-    return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), benchmark)
 
 
 def piece_lookup(store: Store, piece: EvalPiece) -> PieceRef | None:
@@ -179,7 +169,7 @@ def _prepare(store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: Dat
     return _Run(bench, methods, settings, tokens)
 
 
-def _row(sample: BenchmarkSample, method: str, answer, score_: float | None, dt: float, error: str = "") -> dict:
+def _row(sample: BenchmarkSample, method: str, answer, dt: float, error: str = "") -> dict:
     """One prediction row; the RoI map is kept (float32, flattened) so the merge can draw the gallery."""
     roi = answer.roi if answer else None
     prob = roi.plan.prob if roi is not None and roi.plan.prob is not None else None
@@ -187,7 +177,6 @@ def _row(sample: BenchmarkSample, method: str, answer, score_: float | None, dt:
         "sample_id": sample.sample_id,
         "method": method,
         "prediction": answer.text if answer else "",
-        "score": score_,
         "seconds": dt,
         "roi": json.dumps(roi.pixel_boxes) if roi else "",
         "roi_map": np.asarray(prob, dtype=np.float32).ravel().tolist() if prob is not None else None,
@@ -201,12 +190,24 @@ def _read(adapter: VLMAdapter, rows: list[dict]) -> tuple[list[tuple[BenchmarkSa
     one that does not."""
     ready, errors = [], []
     for row in rows:
-        sample = _sample(row)
+        sample = sample_of(row)
         try:
             ready.append((sample, preprocess(adapter, row["image"])))
         except BadSample as e:
-            errors.append(_row(sample, "-", None, None, 0.0, e.reason))
+            errors.append(_row(sample, "-", None, 0.0, e.reason))
     return ready, errors
+
+
+def load_rpn(store: Store, rpn: RpnRef, model: ModelRef):
+    """The RPN, fetched (verified) and loaded once per process, like the model: a worker keeps it for every
+    evaluation piece it runs."""
+    from sdrpn_core.rpn import RoIPredictor
+
+    def load():
+        local = ArtifactStore(store).fetch_dir("rpn", rpn.fingerprint, cache_dir("rpn", rpn.fingerprint))  # checked
+        return RoIPredictor.load(local, load_model(model), check_fingerprint=model.fingerprint)
+
+    return cached_in_process(("rpn", rpn.fingerprint, model.fingerprint), load)
 
 
 def _reads_ahead(adapter: VLMAdapter) -> bool:
@@ -238,9 +239,8 @@ def _answer_all(
             answers = method.answer(run.settings, [im for _, im in todo], prompts, [s.box for s, _ in todo])
             dt = (time.perf_counter() - t0) / len(todo)
             for (sample, _), answer in zip(todo, answers, strict=True):
-                sc = score(run.bench, sample, answer.text)
-                done[method.name].append(sc)
-                out.append(_row(sample, method.name, answer, sc, dt))
+                done[method.name].append(score(run.bench, sample, answer.text))  # for the log; the score stage scores
+                out.append(_row(sample, method.name, answer, dt))
         bar.update(len(chunk), **{m: f"{100 * np.mean(s):.1f}" for m, s in done.items() if s})
     return out
 
@@ -280,6 +280,7 @@ def _protocol(run: _Run, model: ModelRef, rpn_ref: RpnRef | None, dataset: Datas
         "vicrop_layer": params.vicrop_layer,
         "batch_size": params.batch_size,
         "answer_format": bench.answer_format,
+        "libraries": library_versions(),
         "params": asdict(params),
     }
 
@@ -298,7 +299,7 @@ def evaluate_piece(
         return ref
     run = _prepare(store, model, rpn_ref, dataset, replace(params, methods=(piece.method,)))
     rows = read_manifest(dataset, store)
-    mine = rows[piece.shard * len(rows) // piece.n_shards : (piece.shard + 1) * len(rows) // piece.n_shards]
+    mine = shard_of(rows, piece.shard, piece.n_shards)
     predictions = _answer_all(run, mine, f"evaluate[{piece.name}]", progress, params.batch_size)
     protocol = _protocol(run, model, rpn_ref, dataset, params)
     arts = ArtifactStore(store)
@@ -312,119 +313,7 @@ def evaluate_piece(
     return PieceRef(piece.fingerprint, arts.url("eval-piece", piece.fingerprint), piece.method, piece.shard, len(mine))
 
 
-PIECE_COLUMNS = ("sample_id", "method", "prediction", "score", "seconds", "roi", "roi_map", "roi_grid", "error")
-
-
-def _read_piece(arts: ArtifactStore, piece: EvalPiece) -> tuple[list[dict], dict]:
-    """A committed piece's prediction rows and protocol (verified against its marker; Parquet and JSON only)."""
-    table = pq.read_table(io.BytesIO(arts.read("eval-piece", piece.fingerprint, "predictions.parquet")))
-    missing = [c for c in PIECE_COLUMNS if c not in table.column_names]
-    if missing and table.num_rows:
-        raise StoreError(f"{arts.url('eval-piece', piece.fingerprint)}: predictions lack columns {missing}")
-    protocol = json.loads(arts.read("eval-piece", piece.fingerprint, "protocol.json"))
-    return table.to_pylist(), protocol
-
-
-@dataclass
-class _Merged:
-    """The pieces' rows in manifest order, with what the scores aggregate."""
-
-    predictions: list[dict]
-    protocol: dict
-    per_method: dict[str, list[tuple[BenchmarkSample, str, float]]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-def _gather(store: Store, manifest: dict[str, dict], pieces: list[EvalPiece]) -> _Merged:
-    arts = ArtifactStore(store)
-    samples = {sid: _sample(r) for sid, r in manifest.items()}
-    order = {sid: i for i, sid in enumerate(samples)}
-    methods = list(dict.fromkeys(p.method for p in pieces))
-    by_method: dict[str, list[dict]] = {m: [] for m in methods}
-    errors: dict[str, dict] = {}
-    protocol: dict = {}
-    for piece in pieces:
-        rows, protocol = _read_piece(arts, piece)
-        for r in rows:
-            if r["error"]:
-                errors.setdefault(r["sample_id"], r)  # every method's piece records an unreadable image: once
-            else:
-                by_method[piece.method].append(r)
-    rank = {m: i for i, m in enumerate(methods)}
-    predictions = sorted(
-        [*errors.values(), *(r for rows in by_method.values() for r in rows)],
-        key=lambda r: (order.get(r["sample_id"], len(order)), rank.get(r["method"], -1)),
-    )
-    merged = _Merged(predictions, {**protocol, "shards": pieces[0].n_shards if pieces else 1})
-    for m, rows in by_method.items():
-        rows.sort(key=lambda r: order.get(r["sample_id"], len(order)))
-        merged.per_method[m] = [(samples[r["sample_id"]], r["prediction"], r["score"]) for r in rows]
-        merged.seconds[m] = sum(r["seconds"] for r in rows)
-    return merged
-
-
-def _scores(bench: Benchmark, merged: _Merged) -> list[dict]:
-    """Per method: the benchmark's aggregate, samples/s, and throughput relative to this run's baseline."""
-    scores = []
-    for name, done in merged.per_method.items():
-        agg = aggregate(bench, [d[0] for d in done], [d[1] for d in done], [d[2] for d in done])
-        rate = len(done) / merged.seconds[name] if merged.seconds[name] else 0.0
-        scores.append({"benchmark": bench.name, "method": name, **agg, "samples_per_s": rate})
-    base_rate = next((s["samples_per_s"] for s in scores if s["method"] == "baseline"), None)
-    for s in scores:
-        s["relative_throughput"] = s["samples_per_s"] / base_rate if base_rate else None
-    return scores
-
-
-def merged(store: Store, dataset: DatasetRef, eval_fp: str) -> EvalRef | None:
-    """The benchmark's merged evaluation, committed and verified, or None."""
-    return lookup(store, eval_fp, dataset.benchmark)
-
-
-def merge(store: Store, dataset: DatasetRef, params: EvalParams, eval_fp: str, pieces: list[EvalPiece]) -> EvalRef:
-    """The committed pieces → the evaluation's predictions, scores, protocol, report and gallery."""
-    if (ref := merged(store, dataset, eval_fp)) is not None:
-        return ref
-    bench = get_benchmark(dataset.benchmark)
-    manifest = {r["sample_id"]: r for r in read_manifest(dataset, store)}  # read (and verified) once
-    gathered = _gather(store, manifest, pieces)
-    if not any(gathered.per_method.values()):  # nothing evaluated: a failure, never a committed (reused) result
-        errors = [p["error"] for p in gathered.predictions if p["error"]][:3]
-        raise ValueError(f"no sample of {dataset.name or dataset.benchmark} could be evaluated: {'; '.join(errors)}")
-    scores = _scores(bench, gathered)
-    protocol = gathered.protocol
-    rows = [{k: v for k, v in r.items() if k not in ("roi_map", "roi_grid")} for r in gathered.predictions]
-    files = {
-        "predictions.parquet": _parquet(rows, {"sdrpn.protocol": json.dumps(protocol, default=str)}),
-        "scores.json": json.dumps(scores, indent=1).encode(),
-        "protocol.json": json.dumps(protocol, indent=1, default=str).encode(),
-        "report.md": eval_report_markdown(bench, dataset, scores).encode(),
-    }
-    if {"sdrpn", "baseline"} <= set(gathered.per_method) and params.gallery:
-        picture = gallery(gathered.predictions, manifest, params.gallery, protocol.get("pads_to_square", True))
-        if picture is not None:
-            files["gallery.png"] = png(picture)
-    arts = ArtifactStore(store)
-    arts.put_files("eval", eval_fp, files, meta={"benchmark": bench.name, "dataset": dataset.name})
-    return EvalRef(eval_fp, arts.url("eval", eval_fp), tuple(scores), bench.name)
-
-
-def evaluate(
-    store: Store,
-    model: ModelRef,
-    rpn_ref: RpnRef | None,
-    dataset: DatasetRef,
-    params: EvalParams,
-    eval_fp: str,
-    shards: int = 1,
-) -> EvalRef:
-    """Every piece in this process, then the merge (the flows map the pieces over their task runner instead)."""
-    if (ref := lookup(store, eval_fp, dataset.benchmark)) is not None:
-        return ref
-    pieces = plan_pieces(model, rpn_ref, dataset, params, shards)
-    for piece in pieces:
-        evaluate_piece(store, model, rpn_ref, dataset, params, piece)
-    return merge(store, dataset, params, eval_fp, pieces)
+PIECE_COLUMNS = ("sample_id", "method", "prediction", "seconds", "roi", "roi_map", "roi_grid", "error")
 
 
 def _parquet(rows: list[dict], metadata: dict[str, str] | None = None) -> bytes:
@@ -443,5 +332,6 @@ PIECE = Stage(
     run_name="evaluate[{piece.name}]",
     progress="evaluating {piece.name}: samples done",
     model_bound=True,
+    # a benchmark enters a piece's key by value (its rows' prompts, its generation limit and τ); its metric never
+    exclude=("sdrpn_core.benchmarks", "sdrpn_core.metrics"),
 )
-MERGE = Stage("evaluate", run=merge, lookup=merged, run_name="evaluate[{dataset.benchmark}]")

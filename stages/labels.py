@@ -39,7 +39,8 @@ _STAT_COLUMNS = ["sample_id", "valid", "num_fg", "num_bg", "num_sink", "reason"]
 
 
 def labels_fingerprint(teacher_fp: str, dataset: DatasetRef, params: LabelParams) -> str:
-    return stage_fingerprint("labels", {"teacher": teacher_fp, "dataset": dataset.fingerprint}, params)
+    inputs = {"teacher": teacher_fp, "dataset": dataset.fingerprint}
+    return stage_fingerprint("labels", inputs, params, code=LABELS.code_version())
 
 
 def merge(parts: list[tuple[str, LabelsRef]]) -> LabelsRef:
@@ -47,7 +48,7 @@ def merge(parts: list[tuple[str, LabelsRef]]) -> LabelsRef:
     a sample id; the merged fingerprint changes when any part does, so only the changed source was recomputed."""
     if len(parts) == 1:
         return parts[0][1]
-    fp = stage_fingerprint("labels-merge", {name: ref.fingerprint for name, ref in parts}, None)
+    fp = stage_fingerprint("labels-merge", {name: ref.fingerprint for name, ref in parts}, None, code="")
     stats = {"sources": {name: ref.stats for name, ref in parts}}
     return LabelsRef(
         fp,

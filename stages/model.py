@@ -12,7 +12,7 @@ from stages.common import Stage, cache_dir
 from stages.config import ModelSpec
 from stages.refs import ModelRef
 from storage.artifacts import ArtifactStore
-from storage.fingerprint import file_sha256, hash_obj, model_fingerprint, stage_fingerprint
+from storage.fingerprint import hash_obj, model_fingerprint, stage_fingerprint
 from storage.store import Store
 
 
@@ -85,12 +85,9 @@ def nano_base_fingerprint(overrides: dict) -> str:
     """The recipe (defaults + `model.nano` overrides) and the sources it trains with: the synthetic task and the
     trainer. Unlike the other stages, edits elsewhere in `sdrpn_core` do not retrain it (it takes the better part
     of an hour on a CPU)."""
-    import sdrpn_core.synthetic as synthetic
     from sdrpn_core.synthetic.nano import NanoRecipe
 
-    folder = Path(synthetic.__file__).parent
-    code = {p.name: file_sha256(p) for p in sorted(folder.glob("*.py"))}
-    return stage_fingerprint("nano_base", {}, {"recipe": NanoRecipe(**overrides)}, code=hash_obj(code))
+    return stage_fingerprint("nano_base", {}, {"recipe": NanoRecipe(**overrides)}, code=NANO_BASE.code_version())
 
 
 def nano_base_lookup(store: Store, fp: str) -> str | None:
@@ -137,4 +134,7 @@ NANO_BASE = Stage(
     progress="training sdrpn-nano from scratch",
     model_bound=True,
     retries=False,
+    # the recipe and the synthetic task: edits to the adapters or the inference code do not retrain the base
+    code=("sdrpn_core.synthetic", "sdrpn_core.synthetic.nano"),
+    exclude=("sdrpn_core.models", "sdrpn_core.infer", "sdrpn_core.metrics", "sdrpn_core.progress"),
 )

@@ -27,7 +27,9 @@ from storage.store import Store
 
 
 def release_fingerprint(rpn: RpnRef, evals: list[EvalRef]) -> str:
-    return hash_obj({"release": rpn.fingerprint, "evals": [e.fingerprint for e in evals]})
+    return hash_obj(
+        {"release": rpn.fingerprint, "evals": [e.fingerprint for e in evals], "code": RELEASE.code_version()}
+    )
 
 
 def lookup(store: Store, fp: str) -> str | None:
@@ -147,4 +149,11 @@ def fetch_release(source: str) -> Path:
         ) from None
 
 
-RELEASE = Stage("release", run=release, lookup=lookup)
+RELEASE = Stage(
+    "release",
+    run=release,
+    lookup=lookup,
+    # the model card prints the paper's rows; the benchmarks' other code reaches it through the scores
+    code=("stages.release", "sdrpn_core.benchmarks.published"),
+    exclude=("sdrpn_core.benchmarks", "sdrpn_core.metrics"),
+)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from sdrpn_core.pseudo_labels import LabelParams
 from sdrpn_core.teacher import TeacherRecord
 from storage.labels import LABEL_SCHEMA, SCHEMA_VERSION, TEACHER_SCHEMA
+
+if TYPE_CHECKING:  # the teacher's rows are written here too; its code version must not follow the label rules
+    from sdrpn_core.pseudo_labels import LabelParams
 
 
 def _teacher_columns(records: Sequence[TeacherRecord]) -> dict[str, list]:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from sdrpn_core.data import Sample
 from sdrpn_core.presets import Preset
 from sdrpn_core.teacher import extract_teacher_maps
-from stages.common import Stage, load_model
-from stages.data import read_manifest
+from stages.code import library_versions
+from stages.common import Stage, load_model, read_manifest
 from stages.refs import DatasetRef, ModelRef, ShardSummary, TeacherRef
 from stages.tables import teacher_table
 from storage.fingerprint import stage_fingerprint
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def teacher_fingerprint(model: ModelRef, preset: Preset, max_new_tokens: int | None, inputs: dict | None = None) -> str:
     teacher_part = preset.override(recipe={})  # the training recipe does not change what the teacher sees
     params = {"preset": teacher_part, "max_new": max_new_tokens, **({"inputs": inputs} if inputs else {})}
-    return stage_fingerprint("teacher", {"model": model.fingerprint}, params)
+    return stage_fingerprint("teacher", {"model": model.fingerprint}, params, code=SHARD.code_version())
 
 
 def shard_rows(rows: list[dict], shard: int, n_shards: int) -> list[dict]:
@@ -65,7 +65,7 @@ def extract_shard(
         adapter = load_model(model)
         if inputs:
             adapter = adapter.with_inputs(**inputs)
-        meta = {"dataset": dataset.fingerprint, "shard": shard}
+        meta = {"dataset": dataset.fingerprint, "shard": shard, "libraries": library_versions()}
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
             # samples are named by their content key, so a record can only ever land on its own row

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdrpn_core.train import CHECKPOINT_DIR, TrainConfig, latest_checkpoint, recipe_record, samples_from_rows, train_rpn
-from stages.common import Stage, cache_dir, cached_in_process, load_model
+from stages.code import library_versions
+from stages.common import Stage, cache_dir, load_model
 from stages.refs import LabelsRef, ModelRef, RpnRef
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import hash_obj, stage_fingerprint
@@ -28,9 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def train_fingerprint(model: ModelRef, labels: LabelsRef, params: TrainConfig, preset: str) -> str:
-    return stage_fingerprint(
-        "train", {"model": model.fingerprint, "labels": labels.fingerprint}, {"train": params, "preset": preset}
-    )
+    inputs = {"model": model.fingerprint, "labels": labels.fingerprint}
+    return stage_fingerprint("train", inputs, {"train": params, "preset": preset}, code=TRAIN.code_version())
 
 
 def rpn_ref(arts: ArtifactStore, fp: str, manifest: dict) -> RpnRef:
@@ -164,7 +164,12 @@ def train(
     else:
         summary = train_here(store, model, labels, params, train_fp, preset, progress)
     arts = ArtifactStore(store)
-    meta = {**asdict(summary), "model": model.fingerprint, "effective_batch": params.samples_per_step}
+    meta = {
+        **asdict(summary),
+        "model": model.fingerprint,
+        "effective_batch": params.samples_per_step,
+        "libraries": library_versions(),
+    }
     arts.put_dir("rpn", train_fp, scratch / "artifact", meta=meta)
     arts.set_latest(model.fingerprint, "rpn", train_fp)
     # the scratch only serves a resume after a crash: once committed it goes, so a later run whose artifact is
@@ -173,16 +178,12 @@ def train(
     return RpnRef(train_fp, arts.url("rpn", train_fp), summary.steps, summary.final_loss)
 
 
-def load_rpn(store: Store, rpn: RpnRef, model: ModelRef):
-    """The RPN, fetched (verified) and loaded once per process, like the model: a worker keeps it for every
-    evaluation piece it runs."""
-    from sdrpn_core.rpn import RoIPredictor
-
-    def load():
-        local = ArtifactStore(store).fetch_dir("rpn", rpn.fingerprint, cache_dir("rpn", rpn.fingerprint))  # checked
-        return RoIPredictor.load(local, load_model(model), check_fingerprint=model.fingerprint)
-
-    return cached_in_process(("rpn", rpn.fingerprint, model.fingerprint), load)
-
-
-TRAIN = Stage("train", run=train, lookup=lookup, progress="RPN training steps", model_bound=True, retries=False)
+TRAIN = Stage(
+    "train",
+    run=train,
+    lookup=lookup,
+    progress="RPN training steps",
+    model_bound=True,
+    retries=False,
+    code=("stages.train", "stages.train_ranks"),  # the ranks run `stages.train_ranks` in their own processes
+)

@@ -6,19 +6,18 @@
   already the sha256 of their content, and the snapshot folder names the commit.
 * dataset: the sample manifest — ids, questions, answers, boxes and the *bytes* of each image — independent of row
   order and of where the files live (image URIs are not part of it, their content is).
-* stage: stage name + the inputs' fingerprints + the stage's parameters + the code version of `sdrpn_core`.
+* stage: stage name + the inputs' fingerprints + the stage's parameters + the version of the code the stage runs
+  (`stages.code`: its import closure, without comments or docstrings).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -196,24 +195,6 @@ def dataset_fingerprint(
 # -- stages and code ---------------------------------------------------------------------------------------------
 
 
-METHOD_PACKAGE = "sdrpn_core"  # whose sources version every stage
-
-
-@cache
-def code_version() -> str:
-    """Hash of the `sdrpn_core` sources: any change to the method re-runs the stages (SDRPN_CODE_VERSION pins)."""
-    if pinned := os.environ.get("SDRPN_CODE_VERSION"):
-        return pinned
-    spec = importlib.util.find_spec(METHOD_PACKAGE)  # located, not imported: storage does not depend on the method
-    if spec is None or spec.origin is None:
-        raise RuntimeError(f"package {METHOD_PACKAGE} not found: cannot version the method's code")
-    root = Path(spec.origin).parent
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*.py")):
-        h.update(str(p.relative_to(root)).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:FP_LEN]
-
-
-def stage_fingerprint(stage: str, inputs: Mapping[str, str], params: Any, *, code: str | None = None) -> str:
-    return hash_obj({"stage": stage, "inputs": dict(inputs), "params": params, "code": code or code_version()})
+def stage_fingerprint(stage: str, inputs: Mapping[str, str], params: Any, *, code: str) -> str:
+    """`code`: the stage's code version (`stages.common.Stage.code_version`: the modules it runs)."""
+    return hash_obj({"stage": stage, "inputs": dict(inputs), "params": params, "code": code})

@@ -373,8 +373,9 @@ def test_every_benchmark_declares_what_the_paper_evaluates():
 
 
 def test_samples_stage_warns_when_the_count_is_not_the_published_size(tmp_path, store):
+    from stages.common import read_manifest
     from stages.config import DatasetSpec
-    from stages.data import build_manifest, read_manifest
+    from stages.data import build_manifest
 
     repo = tmp_path / "textvqa"
     write(repo / "data" / "validation-00000-of-00001.parquet", textvqa_rows("val", range(4)), TEXTVQA)

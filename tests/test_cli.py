@@ -16,7 +16,7 @@ from tests.conftest import random_image
 
 
 def test_bad_manifest_line_is_quarantined_with_its_location(tmp_path):
-    from stages.data import read_rejections
+    from stages.common import read_rejections
 
     manifest = tmp_path / "samples.jsonl"
     random_image(0).save(tmp_path / "x.png")
@@ -39,7 +39,7 @@ def test_jsonl_manifest_resolves_relative_images_and_is_stable(tmp_path):
     store = Store(str(tmp_path / "store"))
     ref = build_manifest(DatasetSpec(kind="jsonl", path=str(manifest)), store)
     assert ref.rows == 3 and ref == build_manifest(DatasetSpec(kind="jsonl", path=str(manifest)), store)
-    from stages.data import read_manifest
+    from stages.common import read_manifest
 
     rows = read_manifest(ref, store)
     assert rows[0]["image"] == str(tmp_path / "imgs" / "0.png") and rows[0]["answers"] == ["7"]

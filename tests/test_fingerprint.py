@@ -7,7 +7,6 @@ import shutil
 import pytest
 
 from storage.fingerprint import (
-    code_version,
     dataset_fingerprint,
     file_sha256,
     hash_obj,
@@ -140,4 +139,3 @@ def test_stage_fingerprint_changes_with_what_matters_only():
     assert base != stage_fingerprint("labels", {"teacher": "t1"}, {"fg": 0.2, "bg": 0.1}, code="c2")
     assert base != stage_fingerprint("train", {"teacher": "t1"}, {"fg": 0.2, "bg": 0.1}, code="c1")
     assert hash_obj({"x": 1}) != hash_obj({"x": 1.0})
-    assert len(code_version()) == 16 and code_version() == code_version()

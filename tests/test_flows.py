@@ -223,7 +223,7 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     assert {"samples[train]", "samples[eval:synthetic]", "teacher-shard 1/2", "teacher-shard 2/2"} <= set(task_names)
     assert {"model", "train", "release", "evaluate[synthetic/sdrpn 1/1]"} <= set(task_names)
     assert any(n.startswith("labels[synthetic") for n in task_names), task_names
-    assert "evaluate[synthetic]" in task_names and any(n.startswith("teacher[synthetic") for n in flow_names)
+    assert "score[synthetic]" in task_names and any(n.startswith("teacher[synthetic") for n in flow_names)
     assert any(n.startswith("test-") and len(n) == len("test-") + 8 for n in flow_names), flow_names
     methods = {s["method"]: s for s in summary["scores"]}
     assert set(methods) == {"baseline", "sdrpn", "vicrop", "oracle"}
@@ -275,7 +275,7 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     assert again["scores"] == summary["scores"]
     assert calls.n == {}  # no teacher, label, training or evaluation work: every stage came from the cache
     states = _task_states(t0)
-    for stage in ("teacher-shard", "labels", "train", "evaluate", "release"):
+    for stage in ("teacher-shard", "labels", "train", "score", "release"):
         assert states.get(stage) == {"Cached"}, (stage, states)
     assert len([a for a in _artifacts(progress=True) if a.key in published]) == versions  # nothing re-published
 

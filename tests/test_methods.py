@@ -9,9 +9,10 @@ from sdrpn_core.infer import answer_with_boxes_batch
 from sdrpn_core.methods import METHODS, EvalMethod, get_method
 from stages.config import ConfigError, DatasetSpec, ModelSpec, PipelineConfig
 from stages.data import build_manifest
-from stages.evaluate import EvalParams, eval_fingerprint, evaluate
+from stages.evaluate import EvalParams
 from stages.model import resolve_model
 from stages.report import METHOD_NAMES
+from stages.score import evaluate
 from storage.store import Store, StoreSettings
 
 
@@ -36,7 +37,7 @@ def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
     model = resolve_model(ModelSpec(source="tiny", tiny={"image_size": 32, "patch_size": 8}), store)
     dataset = build_manifest(DatasetSpec(kind="synthetic", n=3, seed=5, canvas=96), store)
     params = EvalParams(methods=("baseline", "centre", "oracle", "sdrpn"), max_new_tokens=4, vicrop_layer=1)
-    ref = evaluate(store, model, None, dataset, params, eval_fingerprint(model, None, dataset, params))
+    ref = evaluate(store, model, None, dataset, params)
     rows = {s["method"]: s for s in ref.scores}
     assert list(rows) == ["baseline", "centre", "oracle"]  # SD-RPN needs an RPN: none here, so left out
     assert rows["centre"]["relative_throughput"] > 0 and 0 <= rows["centre"]["score"] <= 100

@@ -19,8 +19,9 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from sdrpn_core.data import BadSample, ImageReadError, load_image, read_ahead
+from stages.common import read_manifest, read_rejections
 from stages.config import ConfigError, DatasetSpec, PipelineConfig
-from stages.data import build_manifest, read_manifest, read_rejections
+from stages.data import build_manifest
 from storage.artifacts import MARKER, ArtifactStore
 from storage.labels import teacher_dataset
 from storage.sharded import ShardedDataset
