@@ -67,7 +67,7 @@ def _setup(tmp: str, n: int):
 
 
 def _params(batch: int, tag: str):
-    from stages.evaluate import EvalParams
+    from sdrpn_core.methods import EvalParams
 
     return EvalParams(
         methods=("baseline", "sdrpn"), threshold=0.03, mode="box", max_new_tokens=4, batch_size=batch, protocol=tag

@@ -21,10 +21,10 @@ from prefect.futures import wait
 
 from flows.publish import publish_run, publish_scores, skipped
 from flows.runners import RunnerFactory, model_bound, task_runners
-from sdrpn_core.methods import get_method
+from sdrpn_core.methods import EvalParams, get_method
 from stages import data, evaluate, labels, model, release, score, teacher, train
 from stages.config import DatasetSpec, PipelineConfig, TeacherSection
-from stages.evaluate import EvalParams, EvalPiece, plan_pieces
+from stages.evaluate import EvalPiece, plan_pieces
 from stages.labels import labels_fingerprint
 from stages.labels import merge as merge_labels
 from stages.model import nano_base_fingerprint
@@ -135,20 +135,7 @@ def _train(cfg: PipelineConfig, model_ref: ModelRef, labels_ref: LabelsRef) -> R
 
 
 def _eval_params(cfg: PipelineConfig) -> EvalParams:
-    e, preset = cfg.eval, cfg.teacher.preset_obj()
-    return EvalParams(
-        methods=tuple(e.methods),
-        threshold=e.threshold,
-        default_threshold=preset.roi_threshold,
-        mode=e.mode,
-        reuse_kv=e.reuse_kv,
-        max_new_tokens=e.max_new_tokens,
-        vicrop_layer=e.vicrop_layer if e.vicrop_layer is not None else min(preset.grounding),
-        gallery=e.gallery,
-        batch_size=e.batch_size,
-        inputs=tuple(sorted(e.inputs.items())),
-        model_key=preset.name.split("/")[0],
-    )
+    return cfg.eval.params(cfg.teacher.preset_obj())
 
 
 @flow(name="sdrpn-evaluate", flow_run_name="evaluate[{dataset.benchmark}] pieces")
@@ -214,7 +201,8 @@ def eval_flow(config: PipelineConfig | None = None, config_path: str | None = No
     """Evaluation with the newest RPN trained for the model in this store."""
     cfg = load_config(config, config_path)
     model_ref = _model(cfg)
-    rpn = _latest_rpn(cfg, model_ref) if any(get_method(m).needs_rpn for m in cfg.eval.methods) else None
+    methods = _eval_params(cfg).methods
+    rpn = _latest_rpn(cfg, model_ref) if any(get_method(m).needs_rpn for m in methods) else None
     with task_runners(cfg.runner) as runners:
         results, all_cached = _eval(cfg, model_ref, rpn, runners)
     if all_cached:

@@ -8,8 +8,10 @@ without what a method needs is skipped for that method (the oracle on unboxed da
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from sdrpn_core.infer import (
     Answer,
@@ -25,8 +27,44 @@ from sdrpn_core.rpn import RoIPredictor
 
 
 @dataclass(frozen=True)
+class EvalParams:
+    """What an evaluation reads; the config's `eval:` section is generated from these fields (one left unset takes
+    the preset's value, then the default here). `options` holds each method's own settings by method name, as
+    sorted items (`eval.options.<method>` in the config), validated by the method's `options` dataclass."""
+
+    methods: tuple[str, ...] = ("baseline", "sdrpn", "vicrop", "oracle")
+    threshold: float | None = None  # None: the benchmark's per-family value, else `default_threshold`
+    default_threshold: float = 0.15
+    mode: Literal["mask", "box"] = "mask"
+    reuse_kv: bool = True
+    max_new_tokens: int | None = None  # None: the benchmark's
+    vicrop_layer: int = 14
+    gallery: int = 6
+    batch_size: int = 1  # rows answered together (answers equal batch 1's; throughput is what changes)
+    inputs: tuple[tuple[str, Any], ...] = ()  # adapter input overrides for evaluation (sorted items)
+    model_key: str = ""  # the preset's model ("qwen2.5-vl-3b"): selects the authors' per-model τ
+    protocol: str = "lmms-eval 0.4.0 (the authors' vendored copy)"  # prompts and metrics scored as by this harness
+    options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (method, its settings' sorted items)
+
+    def __post_init__(self):
+        for name, ok in [
+            ("batch_size", self.batch_size >= 1),
+            ("gallery", self.gallery >= 0),
+            ("vicrop_layer", self.vicrop_layer >= 0),
+            ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1),
+            ("mode", self.mode in ("mask", "box")),
+        ]:
+            if not ok:
+                raise ValueError(f"eval.{name} = {getattr(self, name)!r} is out of range")
+        for method in self.methods:
+            get_method(method)  # unknown names: a KeyError listing the known ones
+        for method, _ in self.options:
+            get_method(method).options_of(self)  # unknown settings: an error naming them
+
+
+@dataclass(frozen=True)
 class MethodSettings:
-    """What the methods of one evaluation run share."""
+    """What the methods of one evaluation run share, and (`options`) the answering method's own settings."""
 
     adapter: VLMAdapter
     rpn: RoIPredictor | None
@@ -35,6 +73,7 @@ class MethodSettings:
     reuse_kv: bool
     max_new_tokens: int
     vicrop_layer: int
+    options: Any = None
 
 
 Answerer = Callable[
@@ -52,6 +91,21 @@ class EvalMethod:
     # the evaluation parameters its answers depend on beyond those every method shares (generation limit, inputs):
     # an evaluation piece is fingerprinted on these alone, so changing τ re-runs SD-RPN and nothing else
     depends_on: tuple[str, ...] = ()
+    # a frozen dataclass of the method's own settings, set in the config as `eval.options.<name>` and given to the
+    # answerer as `settings.options`; its pieces are keyed on them, the other methods' are not
+    options: type | None = None
+
+    def options_of(self, params: EvalParams) -> Any:
+        """This method's settings in `params` (its dataclass's defaults for those not given), or None."""
+        given = dict(dict(params.options).get(self.name, ()))
+        if self.options is None:
+            if given:
+                raise ValueError(f"eval.options.{self.name}: the method {self.name!r} takes no options")
+            return None
+        known = {f.name for f in dataclasses.fields(self.options)}
+        if unknown := sorted(set(given) - known):
+            raise ValueError(f"eval.options.{self.name}: unknown {unknown}; known: {sorted(known)}")
+        return self.options(**given)
 
 
 METHODS: Registry[EvalMethod] = Registry("evaluation method")

@@ -188,9 +188,9 @@ def _cells(fn: Callable[..., Any]) -> dict[str, Any]:
     return out
 
 
-def _object_source(obj: Any) -> str | None:
+def _object_source(obj: Any, root: bool = False) -> str | None:
     module = getattr(obj, "__module__", None) or ""
-    if not is_project(module) or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+    if not (root or is_project(module)) or not (inspect.isfunction(obj) or inspect.isclass(obj)):
         return None
     try:
         source = inspect.getsource(obj)
@@ -203,8 +203,8 @@ def _object_source(obj: Any) -> str | None:
 
 
 def function_fingerprint(fn: Callable[..., Any]) -> str:
-    """`fn`'s normalized source with every project function, class and simple constant it refers to, transitively
-    (a lambda's defining line stands for the lambda). Library objects are not followed."""
+    """`fn`'s normalized source (wherever it is defined) with every project function, class and simple constant it
+    refers to, transitively (a lambda's defining line stands for the lambda). Library objects are not followed."""
     parts: dict[str, str] = {}
     stack: list[Any] = [fn]
     seen: set[int] = set()
@@ -213,7 +213,7 @@ def function_fingerprint(fn: Callable[..., Any]) -> str:
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        source = _object_source(obj)
+        source = _object_source(obj, root=obj is fn)
         if source is None:
             continue
         parts[f"{obj.__module__}.{obj.__qualname__}:{len(parts)}"] = source

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from sdrpn_core.methods import EvalParams
 from sdrpn_core.presets import Preset, get_preset
 from sdrpn_core.pseudo_labels import LabelParams
 from sdrpn_core.train import TrainConfig
@@ -196,9 +197,12 @@ class _DataclassSection(_Section):
 
 
 def section_of(cls: type, doc: str, base: type[_DataclassSection] = _DataclassSection) -> type[_DataclassSection]:
-    """The config section for dataclass `cls`: one optional field per dataclass field, unknown keys an error."""
+    """The config section for dataclass `cls`: one optional field per dataclass field (but those `base` declares
+    itself), unknown keys an error."""
     hints = typing.get_type_hints(cls)
-    fields: dict[str, Any] = {f.name: (hints[f.name] | None, None) for f in dataclasses.fields(cls)}
+    fields: dict[str, Any] = {
+        f.name: (hints[f.name] | None, None) for f in dataclasses.fields(cls) if f.name not in base.model_fields
+    }
     return create_model(
         cls.__name__.replace("Params", "").replace("Config", "") + "Section", __base__=base, __doc__=doc, **fields
     )
@@ -234,41 +238,34 @@ TrainSection = section_of(
 )
 
 
-class EvalSection(_Section):
-    """Benchmarks and methods compared in one run. `threshold` / `max_new_tokens` left unset take each benchmark's
-    authors' value for the model family; `vicrop_layer` defaults to the preset's first grounding layer (14 for
-    LLaVA-1.5-7B, ViCrop's own choice); `paper_model` names the paper's rows to print beside ours."""
+class _EvalBase(_DataclassSection):
+    """Benchmarks and methods compared in one run: the fields of `sdrpn_core.methods.EvalParams` (generated), and
+    what the run itself sets here. `threshold` / `max_new_tokens` left unset take each benchmark's authors' value
+    for the model family; `default_threshold`, `vicrop_layer` (ViCrop's layer: the preset's first grounding layer,
+    14 for LLaVA-1.5-7B) and `model_key` default to the preset's; `paper_model` names the paper's rows to print
+    beside ours; `options.<method>` sets a method's own settings."""
 
     datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(kind="synthetic", n=32, seed=1000)])
-    methods: list[str] = Field(default_factory=lambda: ["baseline", "sdrpn", "vicrop", "oracle"])  # `METHODS` names
-    threshold: float | None = None
-    mode: Literal["mask", "box"] = "mask"
-    reuse_kv: bool = True
-    max_new_tokens: Positive | None = None
-    vicrop_layer: Annotated[int, Field(ge=0)] | None = None
     paper_model: str | None = None
-    gallery: Annotated[int, Field(ge=0)] = 6
     # pieces per (benchmark, method): each is cached and committed on its own, and they run in parallel on the
     # runner's workers; a crash loses only the pieces in flight
     shards: Positive = 1
-    # rows answered together by each method (left-padded batches; the answers equal batch 1's, recorded in
-    # protocol.json)
-    batch_size: Positive = 1
     # adapter input settings for evaluation alone, e.g. the authors' Qwen evaluation without square padding:
     # {pad_square: false}; recorded in protocol.json
-    inputs: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, Any] | None = None
+    options: dict[str, dict[str, Any]] | None = None  # per method, its own settings (`EvalMethod.options`)
 
-    @field_validator("threshold")
+    @field_validator("threshold", check_fields=False)
     @classmethod
     def _tau(cls, v: float | None) -> float | None:
         return check_threshold(v)
 
-    @field_validator("methods")
+    @field_validator("methods", check_fields=False)
     @classmethod
-    def _known_methods(cls, v: list[str]) -> list[str]:
+    def _known_methods(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
         from sdrpn_core.methods import METHODS
 
-        unknown = [m for m in v if m not in METHODS]
+        unknown = [m for m in v or () if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown evaluation methods {unknown}; known: {', '.join(METHODS)}")
         return v
@@ -279,6 +276,21 @@ class EvalSection(_Section):
         if not v:
             raise ValueError("eval.datasets is empty: name at least one dataset")
         return v
+
+    def params(self, preset: Preset) -> EvalParams:
+        """The run's evaluation parameters: the preset's τ, ViCrop layer and model under the chosen fields."""
+        chosen = {k: v for k, v in self.chosen().items() if k not in ("datasets", "paper_model", "shards")}
+        chosen["inputs"] = tuple(sorted((self.inputs or {}).items()))
+        chosen["options"] = tuple(sorted((m, tuple(sorted(o.items()))) for m, o in (self.options or {}).items()))
+        base = {
+            "default_threshold": preset.roi_threshold,
+            "vicrop_layer": min(preset.grounding),
+            "model_key": preset.name.split("/")[0],
+        }
+        return EvalParams(**{**base, **chosen})
+
+
+EvalSection = section_of(EvalParams, _EvalBase.__doc__ or "", _EvalBase)
 
 
 class StoreSection(_Section):
@@ -325,6 +337,7 @@ class PipelineConfig(_Section):
         preset = self.teacher.preset_obj()
         self.labels.params(preset)
         self.train.params(preset)
+        self.eval.params(preset)
         if self.train_sources and "train_data" in self.model_fields_set:
             raise ValueError("set train_data (one source) or train_sources (several), not both")
         names = [s.name for s in self.train_sources]

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -29,10 +29,10 @@ from sdrpn_core.benchmarks import Benchmark, BenchmarkSample, get_benchmark
 from sdrpn_core.benchmarks.scoring import score
 from sdrpn_core.data import BadSample, read_ahead
 from sdrpn_core.infer import Preprocessed, preprocess
-from sdrpn_core.methods import EvalMethod, MethodSettings, get_method
+from sdrpn_core.methods import EvalMethod, EvalParams, MethodSettings, get_method
 from sdrpn_core.models.base import VLMAdapter
 from sdrpn_core.progress import Progress
-from stages.code import library_versions
+from stages.code import function_fingerprint, library_versions
 from stages.common import Stage, cache_dir, cached_in_process, load_model, read_manifest
 from stages.refs import DatasetRef, ModelRef, PieceRef, RpnRef
 from storage.artifacts import ArtifactStore
@@ -40,22 +40,6 @@ from storage.fingerprint import hash_obj, stage_fingerprint
 from storage.store import Store
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvalParams:
-    methods: tuple[str, ...] = ("baseline", "sdrpn", "vicrop", "oracle")
-    threshold: float | None = None  # None: the benchmark's per-family value, else `default_threshold`
-    default_threshold: float = 0.15
-    mode: str = "mask"
-    reuse_kv: bool = True
-    max_new_tokens: int | None = None  # None: the benchmark's
-    vicrop_layer: int = 14
-    gallery: int = 6
-    batch_size: int = 1  # rows answered together (answers equal batch 1's; throughput is what changes)
-    inputs: tuple[tuple[str, Any], ...] = ()  # adapter input overrides for evaluation (sorted items)
-    model_key: str = ""  # the preset's model ("qwen2.5-vl-3b"): selects the authors' per-model τ
-    protocol: str = "lmms-eval 0.4.0 (the authors' vendored copy)"  # prompts and metrics scored as by this harness
 
 
 SHARED_PARAMS = ("max_new_tokens", "inputs", "protocol", "batch_size")  # what every method's answers depend on
@@ -90,6 +74,8 @@ def plan_pieces(
         if method.needs_rpn and rpn is None:
             continue
         used = {k: getattr(params, k) for k in (*SHARED_PARAMS, *method.depends_on)}
+        used["options"] = method.options_of(params)  # its own settings, defaults included
+        used["answer"] = function_fingerprint(method.answer)  # a method defined outside the project: its code
         # what the benchmark gives the answers, by value (its module is not part of the piece's code version)
         used["benchmark"] = {"max_new_tokens": bench.max_new_tokens}
         if "threshold" in method.depends_on:
@@ -147,6 +133,10 @@ class _Run:
     methods: list[EvalMethod]
     settings: MethodSettings
     tokens: int | None
+    options: dict[str, Any] = field(default_factory=dict)  # each method's own settings
+
+    def settings_for(self, method: EvalMethod) -> MethodSettings:
+        return replace(self.settings, options=self.options[method.name])
 
 
 def _prepare(store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams) -> _Run:
@@ -166,7 +156,7 @@ def _prepare(store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: Dat
     )
     max_new = params.max_new_tokens or bench.max_new_tokens or adapter.default_max_new_tokens
     settings = MethodSettings(adapter, rpn, threshold, params.mode, params.reuse_kv, max_new, params.vicrop_layer)
-    return _Run(bench, methods, settings, tokens)
+    return _Run(bench, methods, settings, tokens, {m.name: m.options_of(params) for m in methods})
 
 
 def _row(sample: BenchmarkSample, method: str, answer, dt: float, error: str = "") -> dict:
@@ -236,7 +226,7 @@ def _answer_all(
                 continue
             prompts = [run.bench.prompt(s) for s, _ in todo]
             t0 = time.perf_counter()
-            answers = method.answer(run.settings, [im for _, im in todo], prompts, [s.box for s, _ in todo])
+            answers = method.answer(run.settings_for(method), [im for _, im in todo], prompts, [s.box for s, _ in todo])
             dt = (time.perf_counter() - t0) / len(todo)
             for (sample, _), answer in zip(todo, answers, strict=True):
                 done[method.name].append(score(run.bench, sample, answer.text))  # for the log; the score stage scores

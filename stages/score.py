@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 
 from sdrpn_core.benchmarks import Benchmark, BenchmarkSample, get_benchmark
 from sdrpn_core.benchmarks.scoring import aggregate, score
+from sdrpn_core.methods import EvalParams
 from stages.code import function_fingerprint
 from stages.common import Stage, read_manifest
-from stages.evaluate import PIECE_COLUMNS, EvalParams, EvalPiece, _parquet, evaluate_piece, plan_pieces, sample_of
+from stages.evaluate import PIECE_COLUMNS, EvalPiece, _parquet, evaluate_piece, plan_pieces, sample_of
 from stages.refs import DatasetRef, EvalRef, ModelRef, RpnRef
 from stages.report import eval_report_markdown, gallery, png
 from storage.artifacts import ArtifactStore

@@ -11,11 +11,12 @@ import sys
 import pytest
 
 from sdrpn_core.benchmarks import BENCHMARKS, get_benchmark
+from sdrpn_core.methods import EvalParams
 from stages import code as code_mod
 from stages.code import code_fingerprint, direct_imports, function_fingerprint, import_closure, normalized
 from stages.config import DatasetSpec
 from stages.data import build_manifest
-from stages.evaluate import PIECE, EvalParams, plan_pieces
+from stages.evaluate import PIECE, plan_pieces
 from stages.labels import LABELS
 from stages.model import NANO_BASE
 from stages.refs import ModelRef

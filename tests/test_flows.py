@@ -851,6 +851,50 @@ def test_adding_a_method_evaluates_only_its_pieces(tmp_path, monkeypatch):
     assert set(new) == {"baseline", "sdrpn", "oracle"} and {m: new[m] for m in old} == old
 
 
+@dataclasses.dataclass(frozen=True)
+class CentreOptions:
+    fraction: float = 0.5  # the crop's side, as a fraction of the image's
+
+
+def test_a_method_with_its_own_setting_is_its_module_and_a_line_in_the_config(tmp_path, monkeypatch):
+    """A centre crop with a setting of its own: an options dataclass and one `register_method` (here, in the test);
+    the config names the method and sets `eval.options.centre`. The answerer receives the setting, the pieces are
+    keyed on it, so changing it answers the centre crop's pieces and nothing else."""
+    from flows.pipeline import eval_flow
+    from sdrpn_core.infer import answer_with_boxes_batch
+    from sdrpn_core.methods import METHODS, EvalMethod
+    from stages.config import ConfigError
+
+    seen = []
+
+    def centre(settings, images, prompts, boxes):
+        f = settings.options.fraction
+        seen.append(f)
+        sizes = [im.image.size for im in images]
+        crops = [
+            [(int(w * (1 - f) / 2), int(h * (1 - f) / 2), int(w * (1 + f) / 2), int(h * (1 + f) / 2))] for w, h in sizes
+        ]
+        return answer_with_boxes_batch(settings.adapter, images, prompts, crops, settings.max_new_tokens)
+
+    monkeypatch.setitem(METHODS, "centre", EvalMethod("centre", centre, "+centre crop", options=CentreOptions))
+    root = str(tmp_path / "store")
+
+    def config(**options):
+        changes = {"eval.methods": ["baseline", "centre"], "eval.shards": 2, "eval.options": {"centre": options}}
+        return make_config("llava", root, **changes)
+
+    first = eval_flow(config())
+    assert set(seen) == {0.5} and {s["method"] for r in first for s in r.scores} == {"baseline", "centre"}
+    calls = Calls(monkeypatch)
+    eval_flow(config(fraction=0.25))
+    assert calls.n == {"eval": 2} and seen[-1] == 0.25  # the centre crop's two shards; the baseline's are cached
+    calls.n.clear()
+    eval_flow(config(fraction=0.25))
+    assert calls.n == {}
+    with pytest.raises((ValueError, ConfigError), match=r"eval.options.centre: unknown \['size'\]"):
+        config(size=3)
+
+
 def test_two_gloo_ranks_train_as_one_process_with_the_same_effective_batch(tmp_path, monkeypatch):
     """torchrun, 2 CPU processes (gloo), effective batch 8 = 2 per rank × 2 accumulated × 2 ranks, against one
     process accumulating 4 micro-batches of 2: the same loss history and final weights, within float32 summation

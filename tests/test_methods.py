@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 
 from sdrpn_core.infer import answer_with_boxes_batch
-from sdrpn_core.methods import METHODS, EvalMethod, get_method
+from sdrpn_core.methods import METHODS, EvalMethod, EvalParams, get_method
 from stages.config import ConfigError, DatasetSpec, ModelSpec, PipelineConfig
 from stages.data import build_manifest
-from stages.evaluate import EvalParams
 from stages.model import resolve_model
 from stages.report import METHOD_NAMES
 from stages.score import evaluate
@@ -42,7 +41,7 @@ def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
     assert list(rows) == ["baseline", "centre", "oracle"]  # SD-RPN needs an RPN: none here, so left out
     assert rows["centre"]["relative_throughput"] > 0 and 0 <= rows["centre"]["score"] <= 100
     cfg = {"model": {"source": "tiny"}, "eval": {"methods": ["baseline", "centre"]}}
-    assert PipelineConfig.model_validate(cfg).eval.methods == ["baseline", "centre"]
+    assert PipelineConfig.model_validate(cfg).eval.methods == ("baseline", "centre")
 
 
 def test_an_unknown_method_fails_at_load(tmp_path):
