@@ -173,7 +173,7 @@ def _predict_settings(args: argparse.Namespace, folder: Path) -> dict:
     evaluated with, or its preset's at training), else the built-in defaults."""
     import json as _json
 
-    from stages.train import INFERENCE
+    from stages.train_ranks import INFERENCE
 
     recorded = _json.loads((folder / INFERENCE).read_text()) if (folder / INFERENCE).exists() else {}
     settings = {**PREDICT_DEFAULTS, **{k: v for k, v in recorded.items() if k in PREDICT_DEFAULTS and v is not None}}

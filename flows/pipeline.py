@@ -25,15 +25,10 @@ from sdrpn_core.methods import EvalParams, get_method
 from stages import data, evaluate, labels, model, release, score, teacher, train
 from stages.config import DatasetSpec, PipelineConfig, TeacherSection
 from stages.evaluate import EvalPiece, plan_pieces
-from stages.labels import labels_fingerprint
 from stages.labels import merge as merge_labels
-from stages.model import nano_base_fingerprint
 from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, PieceRef, RpnRef, ShardSummary
-from stages.release import release_fingerprint
-from stages.teacher import teacher_fingerprint, teacher_ref
-from stages.train import train_fingerprint
 from storage.fingerprint import hash_obj
-from tasks.stages import stage_task
+from tasks.stages import Found, stage_task
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -56,21 +51,21 @@ def _run_name() -> str:
     return f"{cfg.name}-{hash_obj(cfg.model_dump(mode='json'))[:8]}"
 
 
-def _call(task, *args):
+def _call(task, *args, **kwargs):
     """Run a task in the current flow and return its value (a stage found in the store ends `Cached` by returning
     that state; its data is the stage's reference)."""
-    return _run(task, *args)[0]
+    return _run(task, *args, **kwargs)[0]
 
 
-def _run(task, *args) -> tuple[Any, bool]:
+def _run(task, *args, **kwargs) -> tuple[Any, bool]:
     """(the task's value, whether it came from the cache)."""
-    state = task(*args, return_state=True)
+    state = task(*args, return_state=True, **kwargs)
     return state.result(), state.name == "Cached"
 
 
 @flow(name="sdrpn-teacher", flow_run_name="teacher[{dataset.name}]")
 def teacher_flow(
-    cfg: PipelineConfig, model: ModelRef, dataset: DatasetRef, fp: str, t: TeacherSection | None = None
+    cfg: PipelineConfig, model: ModelRef, dataset: DatasetRef, t: TeacherSection | None = None
 ) -> list[ShardSummary]:
     """The teacher shards, mapped over the flow's task runner; each shard commits to the store independently."""
     t = t or cfg.teacher
@@ -81,7 +76,6 @@ def teacher_flow(
             model,
             dataset,
             t.preset_obj(),
-            fp,
             list(range(n)),
             n,
             batch_size=t.batch_size,
@@ -97,7 +91,7 @@ def _model(cfg: PipelineConfig) -> ModelRef:
     """The model stage, after `nano_base` when the config retrains sdrpn-nano from scratch (a cached task)."""
     settings = cfg.store.settings()
     if cfg.model.source == "nano" and cfg.model.retrain:
-        _call(stage_task(model.NANO_BASE), cfg.model.nano, settings, nano_base_fingerprint(cfg.model.nano))
+        _call(stage_task(model.NANO_BASE), cfg.model.nano, settings)
     return stage_task(model.MODEL)(cfg.model, settings)
 
 
@@ -112,12 +106,9 @@ def _source_labels(
     """One training source: its samples, its teacher (own preset and inputs) and its labels, each cached alone."""
     settings = cfg.store.settings()
     dataset = _samples(spec, settings, "train" if name == "train" else f"train:{name}")
-    preset = t.preset_obj()
-    t_fp = teacher_fingerprint(model_ref, preset, t.max_new_tokens, t.label_inputs())
-    teacher_flow.with_options(task_runner=runners())(cfg, model_ref, dataset, t_fp, t)
-    params = cfg.labels.params(preset)
-    ref = _call(stage_task(labels.LABELS), settings, dataset, t_fp, params, labels_fingerprint(t_fp, dataset, params))
-    get_run_logger().info("%s: teacher rows at %s; labels %s", name, teacher_ref(_store(cfg), t_fp).url, ref.stats)
+    shards = teacher_flow.with_options(task_runner=runners())(cfg, model_ref, dataset, t)
+    ref = _call(stage_task(labels.LABELS), settings, dataset, shards[0].teacher, cfg.labels.params(t.preset_obj()))
+    get_run_logger().info("%s: teacher rows at %s; labels %s", name, shards[0].url, ref.stats)
     return ref
 
 
@@ -130,8 +121,7 @@ def _labels(cfg: PipelineConfig, runners: RunnerFactory) -> tuple[ModelRef, Labe
 def _train(cfg: PipelineConfig, model_ref: ModelRef, labels_ref: LabelsRef) -> RpnRef:
     preset = cfg.teacher.preset_obj()
     params = cfg.train.params(preset)
-    fp = train_fingerprint(model_ref, labels_ref, params, preset.name)
-    return _call(stage_task(train.TRAIN), cfg.store.settings(), model_ref, labels_ref, params, fp, preset.name)
+    return _call(stage_task(train.TRAIN), cfg.store.settings(), model_ref, labels_ref, params, preset.name)
 
 
 def _eval_params(cfg: PipelineConfig) -> EvalParams:
@@ -165,10 +155,10 @@ def _eval(
     for spec in cfg.eval.datasets:
         dataset = _samples(spec, settings, f"eval:{spec.benchmark or spec.kind}")
         pieces = plan_pieces(_store(cfg), model, rpn, dataset, params, cfg.eval.shards)
-        fp = score.score_fingerprint(dataset, params, pieces)
-        if score.lookup(_store(cfg), dataset, fp) is None:
+        found = score.SCORE.find({"store": _store(cfg), "dataset": dataset, "params": params, "pieces": pieces})
+        if found is None:  # the answers first; a scored evaluation found needs none of them
             evaluate_flow.with_options(task_runner=runners())(cfg, model, rpn, dataset, pieces)
-        ref, was_cached = _run(stage_task(score.SCORE), settings, dataset, params, fp, pieces)
+        ref, was_cached = _run(stage_task(score.SCORE), settings, dataset, params, pieces, found=Found(found))
         results.append(ref)
         all_cached &= was_cached
     return results, all_cached
@@ -231,10 +221,7 @@ def sdrpn(config: PipelineConfig | None = None, config_path: str | None = None) 
         model_ref, labels_ref = _labels(cfg, runners)
         rpn = _train(cfg, model_ref, labels_ref)
         results, _ = _eval(cfg, model_ref, rpn, runners)
-    release_fp = release_fingerprint(rpn, results)
-    shared, was_cached = _run(
-        stage_task(release.RELEASE), cfg.store.settings(), model_ref, rpn, labels_ref, results, release_fp
-    )
+    shared, was_cached = _run(stage_task(release.RELEASE), cfg.store.settings(), model_ref, rpn, labels_ref, results)
     if was_cached:  # the same RPN and evaluations as a run that published them
         skipped("the RPN and every evaluation")
     else:

@@ -288,12 +288,6 @@ def answer_vicrop(
     )[0]
 
 
-@torch.inference_mode()
-def predict_roi(adapter: VLMAdapter, rpn: RoIPredictor, image: Image.Image | str, question: str) -> np.ndarray:
-    """Pass 1 alone: the RPN's logit map [grid_h, grid_w] for one image and question."""
-    return run_pass1(adapter, rpn, image, question, reuse_kv=False).logits_map
-
-
 PRUNE_ABOVE = 1024  # Qwen: with more original image tokens than this, pass 2 also prunes them …
 PRUNE_SCORE = 0.01  # … keeping those whose max RPN score over the tokens after the image is above this
 

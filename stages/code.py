@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import threading
 import types
 from collections.abc import Callable, Iterable
 from functools import cache
@@ -32,6 +33,9 @@ from storage.fingerprint import FP_LEN, hash_obj
 
 PROJECT = ("sdrpn_core", "stages", "storage")  # the packages whose code is fingerprinted
 NUMERIC_LIBRARIES = ("torch", "transformers")  # their versions change what a model computes
+# CPython 3.11's AST constructor keeps its recursion depth in process-wide state: two threads parsing at once fail
+# with "AST constructor recursion depth mismatch" (mapped teacher shards key themselves concurrently)
+_PARSING = threading.RLock()
 
 
 def is_project(module: str) -> bool:
@@ -66,7 +70,8 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 
 def normalized(source: str) -> str:
     """The code without comments, docstrings or formatting: what running it depends on."""
-    return ast.unparse(_strip_docstrings(ast.parse(source)))
+    with _PARSING:
+        return ast.unparse(_strip_docstrings(ast.parse(source)))
 
 
 @cache
@@ -115,7 +120,9 @@ def direct_imports(module: str) -> frozenset[str]:
     if found is None:
         return frozenset()
     path, is_package = found
-    tree = ast.parse(path.read_text())
+    with _PARSING:
+        tree = ast.parse(path.read_text())
+        unparsed = ast.unparse(tree)
     names: set[str] = set()
     for node in _import_nodes(tree):
         if isinstance(node, ast.Import):
@@ -124,7 +131,7 @@ def direct_imports(module: str) -> frozenset[str]:
         source = _absolute(node, module, is_package)
         names.add(source)
         names.update(f"{source}.{alias.name}" for alias in node.names if _spec(f"{source}.{alias.name}"))
-    if is_package and "iter_modules" in ast.unparse(tree):  # a registry importing every module of its package
+    if is_package and "iter_modules" in unparsed:  # a registry importing every module of its package
         names.update(f"{module}.{p.stem}" for p in path.parent.glob("*.py") if p.stem != "__init__")
     return frozenset(m for name in names if is_project(name) for m in _with_parents(name) if _spec(m))
 
@@ -152,8 +159,9 @@ def import_closure(roots: tuple[str, ...], exclude: tuple[str, ...] = ()) -> tup
 
 def code_fingerprint(roots: Iterable[str], exclude: Iterable[str] = ()) -> str:
     """The normalized sources of the `roots`' import closure, as a short hash."""
-    closure = import_closure(tuple(sorted(set(roots))), tuple(sorted(set(exclude))))
-    return hash_obj({m: _module_hash(m) for m in closure})
+    with _PARSING:
+        closure = import_closure(tuple(sorted(set(roots))), tuple(sorted(set(exclude))))
+        return hash_obj({m: _module_hash(m) for m in closure})
 
 
 # -- one function, with what it refers to -------------------------------------------------------------------------
@@ -205,6 +213,11 @@ def _object_source(obj: Any, root: bool = False) -> str | None:
 def function_fingerprint(fn: Callable[..., Any]) -> str:
     """`fn`'s normalized source (wherever it is defined) with every project function, class and simple constant it
     refers to, transitively (a lambda's defining line stands for the lambda). Library objects are not followed."""
+    with _PARSING:
+        return _function_fingerprint(fn)
+
+
+def _function_fingerprint(fn: Callable[..., Any]) -> str:
     parts: dict[str, str] = {}
     stack: list[Any] = [fn]
     seen: set[int] = set()

@@ -3,6 +3,7 @@ one loaded model per process."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import threading
@@ -15,20 +16,27 @@ import pyarrow.parquet as pq
 
 from stages.code import code_fingerprint, library_versions
 from storage.artifacts import ArtifactStore
-from storage.fingerprint import cache_root, hash_obj
+from storage.fingerprint import cache_root, hash_obj, stage_fingerprint
 from storage.store import Store, StoreSettings
+
+
+def pick(fn: Callable[..., Any], arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments `fn` names (a lookup or a key takes the few it needs of the run's)."""
+    return {name: arguments[name] for name in inspect.signature(fn).parameters if name in arguments}
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A pipeline stage as its module declares it; `tasks.stages.stage_task` makes the Prefect task from this, so
-    a new stage is its module and a line in the flow.
+    """A pipeline stage, all of it in one declaration at the end of its module; `tasks.stages.stage_task` makes
+    the Prefect task from this, so a new stage is its module and a line in the flow.
 
-    `run(…, store, …, progress=None)` computes and commits the stage's output and returns its reference; the
-    task takes the same arguments with the store's settings in place of `store`. `lookup` (its parameters named
-    as `run`'s: `store`, `fp`, …) returns the committed, verified output or None: when found, the task ends
-    `Cached` without running. `run_name` and `progress` are templates over the arguments (`{shard1}` is the
-    1-based `shard`).
+    `run(…, store, …, fp, progress=None)` computes and commits the stage's output under `fp` and returns its
+    reference; the task takes the same arguments with the store's settings in place of `store`, and without `fp`
+    when the stage declares its `key`: the material of its cache key, from the run's arguments named as `run`
+    names them (the inputs' references and the parameters), hashed with the stage's name and code version into
+    `fp`. `lookup` (its parameters named as `run`'s) returns the committed, verified output or None: the one
+    lookup per call, made before `run` (`ensure` here, the task under Prefect; a found output ends the task
+    `Cached`). `run_name` and `progress` are templates over the arguments (`{shard1}` is the 1-based `shard`).
 
     `code` names the modules the stage runs (default: the module of `run`); the stage's key covers their import
     closure inside the project (`stages.code`), less the `exclude`d packages, whose part in the output its key
@@ -43,8 +51,32 @@ class Stage:
     retries: bool = True  # transient I/O failures (S3 5xx, resets) retried; False where a retry redoes hours
     cached_if: Callable[[Any], bool] | None = None  # an output that says nothing was left to do (a resumed shard)
     summary: Callable[[Any], str] | None = None  # logged when the stage ran
+    key: Callable[..., Any] | None = None
     code: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+
+    def fingerprint(self, **arguments: Any) -> str:
+        """The stage's output's fingerprint for these run arguments: its key, its name, its code version."""
+        if self.key is None:
+            raise TypeError(f"stage {self.name} declares no key: its callers pass `fp`")
+        return stage_fingerprint(self.name, {}, self.key(**pick(self.key, arguments)), code=self.code_version())
+
+    def keyed(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The run's arguments with `fp` filled in from the key, when the stage declares one."""
+        if self.key is None or "fp" in arguments:
+            return arguments
+        return {**arguments, "fp": self.fingerprint(**arguments)}
+
+    def find(self, arguments: dict[str, Any]) -> Any | None:
+        """The committed output for these run arguments, or None: the stage's one lookup."""
+        return self.lookup(**pick(self.lookup, self.keyed(arguments))) if self.lookup is not None else None
+
+    def ensure(self, **arguments: Any) -> Any:
+        """The output, looked up once and computed only when it is not in the store (the task does the same under
+        Prefect, with progress and a `Cached` state): for scripts, benchmarks and tests."""
+        arguments = self.keyed(arguments)
+        found = self.find(arguments)
+        return found if found is not None else self.run(**pick(self.run, arguments))
 
     def code_version(self) -> str:
         """What the stage's output depends on of the code (and, for a model-bound stage, of torch/transformers)."""

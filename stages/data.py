@@ -30,6 +30,7 @@ from stages.config import DatasetSpec, is_local
 from stages.refs import DatasetRef
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import dataset_fingerprint, hash_obj, uri_sha256
+from storage.records import ManifestLine
 from storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -98,34 +99,19 @@ def location_problem(uri: str, roots: list[str], allow_http: bool) -> str | None
 
 
 def _jsonl_row(raw: object, base: str) -> dict:
-    """One manifest object → a manifest row; ValueError naming the bad field."""
-    if not isinstance(raw, dict):
-        raise ValueError("not a JSON object")
-    image, question = raw.get("image"), raw.get("question")
-    if not isinstance(image, str) or not image.strip():
-        raise ValueError("'image' must be a non-empty string")
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("'question' must be a non-empty string")
-    answers, box, options = raw.get("answers", []), raw.get("box"), raw.get("options")
-    if not isinstance(answers, list) or not all(isinstance(a, (str, int, float)) for a in answers):
-        raise ValueError("'answers' must be a list of strings")
-    if box is not None and (
-        not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, int) and v >= 0 for v in box)
-    ):
-        raise ValueError("'box' must be four non-negative integers [x0, y0, x1, y1]")
-    for key in ("domain", "category"):
-        if not isinstance(raw.get(key, ""), str):
-            raise ValueError(f"{key!r} must be a string")
+    """One manifest object → a manifest row (`storage.records.ManifestLine`); ValueError naming the bad field."""
+    line = ManifestLine.parse(raw)
+    image = line.image
     if is_local(image) and not Path(image.removeprefix("file://")).is_absolute():
         image = f"{base}/{image}"
     return {
         "image": image,
-        "question": question,
-        "answers": [str(a) for a in answers],
-        "box": box or None,
-        "domain": raw.get("domain") or "default",
-        "category": raw.get("category") or "",
-        "options": json.dumps(options) if options else "",
+        "question": line.question,
+        "answers": line.answers,
+        "box": line.box,
+        "domain": line.domain or "default",
+        "category": line.category,
+        "options": json.dumps(line.options) if line.options else "",
     }
 
 

@@ -284,9 +284,7 @@ def evaluate_piece(
     piece: EvalPiece,
     progress: Callable[[int, int], None] | None = None,
 ) -> PieceRef:
-    """One method on one shard, committed to the store when done (found there: returned as it is)."""
-    if (ref := piece_lookup(store, piece)) is not None:
-        return ref
+    """One method on one shard, committed to the store when done."""
     run = _prepare(store, model, rpn_ref, dataset, replace(params, methods=(piece.method,)))
     rows = read_manifest(dataset, store)
     mine = shard_of(rows, piece.shard, piece.n_shards)

@@ -38,9 +38,9 @@ LABEL_SLICE = 256  # teacher rows turned into label rows at a time
 _STAT_COLUMNS = ["sample_id", "valid", "num_fg", "num_bg", "num_sink", "reason"]
 
 
-def labels_fingerprint(teacher_fp: str, dataset: DatasetRef, params: LabelParams) -> str:
-    inputs = {"teacher": teacher_fp, "dataset": dataset.fingerprint}
-    return stage_fingerprint("labels", inputs, params, code=LABELS.code_version())
+def labels_key(teacher_fp: str, dataset: DatasetRef, params: LabelParams) -> dict:
+    """A label set depends on the teacher rows, the manifest it labels, and the label parameters."""
+    return {"teacher": teacher_fp, "dataset": dataset.fingerprint, "params": params}
 
 
 def merge(parts: list[tuple[str, LabelsRef]]) -> LabelsRef:
@@ -60,13 +60,13 @@ def merge(parts: list[tuple[str, LabelsRef]]) -> LabelsRef:
     )
 
 
-def lookup(store: Store, labels_fp: str) -> LabelsRef | None:
+def lookup(store: Store, fp: str) -> LabelsRef | None:
     """The finished label set, if its done record is valid and every shard matches its commit record."""
-    if not store.exists("labels", labels_fp, DONE):
+    if not store.exists("labels", fp, DONE):
         return None
-    ds = label_dataset(store, labels_fp)
+    ds = label_dataset(store, fp)
     try:
-        stats = store.read_json("labels", labels_fp, DONE).get("stats")
+        stats = store.read_json("labels", fp, DONE).get("stats")
     except (ValueError, AttributeError):
         stats = None
     if not isinstance(stats, dict) or not all(isinstance(stats.get(k), int) for k in ("samples", "usable")):
@@ -75,9 +75,9 @@ def lookup(store: Store, labels_fp: str) -> LabelsRef | None:
     bad = ds.bad_commits()
     if bad:
         log.error("label set %s has %d corrupt shards (%s): relabelling", ds.url, len(bad), bad[0].shard)
-        store.rm("labels", labels_fp, DONE)
+        store.rm("labels", fp, DONE)
         return None
-    return LabelsRef(labels_fp, ds.url, stats["samples"], stats["usable"], stats)
+    return LabelsRef(fp, ds.url, stats["samples"], stats["usable"], stats)
 
 
 def _manifest_index(dataset: DatasetRef, store: Store) -> pa.Table:
@@ -161,19 +161,17 @@ def denoise(
     dataset: DatasetRef,
     teacher_fp: str,
     params: LabelParams,
-    labels_fp: str,
+    fp: str,
     progress: Callable[[int, int], None] | None = None,
 ) -> LabelsRef:
-    """Idempotent: a done record is written last; a crashed run is completed (labelled samples are skipped).
+    """Resumable: a done record is written last; a crashed run is completed (labelled samples are skipped).
     Logs (and reports to `progress`) the teacher rows read, with rate and ETA."""
-    if (ref := lookup(store, labels_fp)) is not None:
-        return ref
-    ds = label_dataset(store, labels_fp)
+    ds = label_dataset(store, fp)
     manifest = _manifest_index(dataset, store)
     covered = np.asarray(_isin(manifest.column("sample_id"), ds.committed_ids(include_quarantine=False)))
     teacher = teacher_dataset(store, teacher_fp)
     meta = {"teacher": teacher_fp, "dataset": dataset.fingerprint}
-    bar = Progress(manifest.num_rows, f"labels {labels_fp}", log, callback=progress)
+    bar = Progress(manifest.num_rows, f"labels {fp}", log, callback=progress)
     for shard in teacher.iter_shards(dedup=False):
         _label_shard(ds, shard, manifest, covered, params, meta)
         bar.update(min(shard.num_rows, bar.total - bar.done))
@@ -195,8 +193,8 @@ def denoise(
         ds.retire_replaced(set(manifest.column("sample_id").to_pylist()))
     stats = {**_stats(ds, manifest), "quarantined": int(rejected.sum())}
     done = {"teacher": teacher_fp, "dataset": dataset.fingerprint, "params": dataclasses.asdict(params), "stats": stats}
-    store.write_json(done, "labels", labels_fp, DONE)
-    return LabelsRef(labels_fp, ds.url, stats["samples"], stats["usable"], stats)
+    store.write_json(done, "labels", fp, DONE)
+    return LabelsRef(fp, ds.url, stats["samples"], stats["usable"], stats)
 
 
 LABELS = Stage(
@@ -206,4 +204,5 @@ LABELS = Stage(
     run_name="labels[{dataset.name}]",
     progress="pseudo-labels of {dataset.name}: teacher rows read",
     summary=lambda ref: str(ref.stats),
+    key=labels_key,
 )

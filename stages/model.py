@@ -12,7 +12,7 @@ from stages.common import Stage, cache_dir
 from stages.config import ModelSpec
 from stages.refs import ModelRef
 from storage.artifacts import ArtifactStore
-from storage.fingerprint import hash_obj, model_fingerprint, stage_fingerprint
+from storage.fingerprint import hash_obj, model_fingerprint
 from storage.store import Store
 
 
@@ -85,9 +85,13 @@ def nano_base_fingerprint(overrides: dict) -> str:
     """The recipe (defaults + `model.nano` overrides) and the sources it trains with: the synthetic task and the
     trainer. Unlike the other stages, edits elsewhere in `sdrpn_core` do not retrain it (it takes the better part
     of an hour on a CPU)."""
+    return NANO_BASE.fingerprint(overrides=overrides)
+
+
+def nano_base_key(overrides: dict) -> dict:
     from sdrpn_core.synthetic.nano import NanoRecipe
 
-    return stage_fingerprint("nano_base", {}, {"recipe": NanoRecipe(**overrides)}, code=NANO_BASE.code_version())
+    return {"recipe": NanoRecipe(**overrides)}
 
 
 def nano_base_lookup(store: Store, fp: str) -> str | None:
@@ -100,13 +104,11 @@ def nano_base(overrides: dict, store: Store, fp: str, progress=None) -> str:
     store (`nano_base/<fp>`); a committed one is not trained again. Returns `fp`."""
     from sdrpn_core.synthetic.nano import NanoRecipe, train_nano
 
-    arts = ArtifactStore(store)
-    if not nano_base_lookup(store, fp):
-        recipe = NanoRecipe(**overrides)
-        adapter = train_nano(recipe, progress=progress)
-        with tempfile.TemporaryDirectory() as tmp:
-            adapter.save_pretrained(tmp)
-            arts.put_dir("nano_base", fp, tmp, meta={"recipe": hash_obj({"recipe": recipe})})
+    recipe = NanoRecipe(**overrides)
+    adapter = train_nano(recipe, progress=progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter.save_pretrained(tmp)
+        ArtifactStore(store).put_dir("nano_base", fp, tmp, meta={"recipe": hash_obj({"recipe": recipe})})
     return fp
 
 
@@ -114,7 +116,7 @@ def _nano(spec: ModelSpec, store: Store, dtype: str) -> ModelRef:
     """The shipped sdrpn-nano, or (retrain / not shipped) the `nano_base` stage's model, fetched from the store."""
     folder = SHIPPED_NANO
     if spec.retrain or not (folder / "config.json").exists():
-        fp = nano_base(spec.nano, store, nano_base_fingerprint(spec.nano))
+        fp = NANO_BASE.ensure(overrides=spec.nano, store=store)
         folder = cache_dir("models") / f"nano-{fp}"
         if not (folder / "config.json").exists():
             _fill_atomically(folder, lambda tmp: ArtifactStore(store).fetch_dir("nano_base", fp, tmp))
@@ -137,4 +139,5 @@ NANO_BASE = Stage(
     # the recipe and the synthetic task: edits to the adapters or the inference code do not retrain the base
     code=("sdrpn_core.synthetic", "sdrpn_core.synthetic.nano"),
     exclude=("sdrpn_core.models", "sdrpn_core.infer", "sdrpn_core.metrics", "sdrpn_core.progress"),
+    key=nano_base_key,
 )

@@ -33,6 +33,8 @@ class ShardSummary:
     extracted: int
     already_done: int
     rejected: int
+    teacher: str = ""  # the teacher rows' fingerprint, shared by every shard: what the labels read
+    url: str = ""
 
 
 @dataclass(frozen=True)

@@ -20,16 +20,15 @@ from sdrpn_core.rpn import RPN_CONFIG
 from stages.common import Stage, cache_dir
 from stages.refs import EvalRef, LabelsRef, ModelRef, RpnRef
 from stages.report import results_markdown, results_rows
-from stages.train import INFERENCE
+from stages.train_ranks import INFERENCE
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import hash_obj
 from storage.store import Store
 
 
-def release_fingerprint(rpn: RpnRef, evals: list[EvalRef]) -> str:
-    return hash_obj(
-        {"release": rpn.fingerprint, "evals": [e.fingerprint for e in evals], "code": RELEASE.code_version()}
-    )
+def release_key(rpn: RpnRef, evals: list[EvalRef]) -> dict:
+    """A release packages one RPN with the evaluations of it."""
+    return {"release": rpn.fingerprint, "evals": [e.fingerprint for e in evals]}
 
 
 def lookup(store: Store, fp: str) -> str | None:
@@ -156,4 +155,5 @@ RELEASE = Stage(
     # the model card prints the paper's rows; the benchmarks' other code reaches it through the scores
     code=("stages.release", "sdrpn_core.benchmarks.published"),
     exclude=("sdrpn_core.benchmarks", "sdrpn_core.metrics"),
+    key=release_key,
 )

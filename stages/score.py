@@ -26,11 +26,11 @@ from sdrpn_core.benchmarks.scoring import aggregate, score
 from sdrpn_core.methods import EvalParams
 from stages.code import function_fingerprint
 from stages.common import Stage, read_manifest
-from stages.evaluate import PIECE_COLUMNS, EvalPiece, _parquet, evaluate_piece, plan_pieces, sample_of
+from stages.evaluate import PIECE, PIECE_COLUMNS, EvalPiece, _parquet, plan_pieces, sample_of
 from stages.refs import DatasetRef, EvalRef, ModelRef, RpnRef
 from stages.report import eval_report_markdown, gallery, png
 from storage.artifacts import ArtifactStore
-from storage.fingerprint import hash_obj, stage_fingerprint
+from storage.fingerprint import hash_obj
 from storage.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,11 @@ def scoring_fingerprint(bench: Benchmark) -> str:
     return hash_obj({"functions": functions, "values": values})
 
 
-def score_fingerprint(dataset: DatasetRef, params: EvalParams, pieces: list[EvalPiece]) -> str:
+def score_key(dataset: DatasetRef, params: EvalParams, pieces: list[EvalPiece]) -> dict:
     """The scored evaluation of `pieces`: their answers, the benchmark's scoring, the gallery's size."""
-    bench = get_benchmark(dataset.benchmark)
-    inputs = {"dataset": dataset.fingerprint, "pieces": hash_obj([p.fingerprint for p in pieces])}
-    settings = {"benchmark": scoring_fingerprint(bench), "gallery": params.gallery}
-    return stage_fingerprint("score", inputs, settings, code=SCORE.code_version())
+    scoring = scoring_fingerprint(get_benchmark(dataset.benchmark))
+    pieces_fp = hash_obj([p.fingerprint for p in pieces])
+    return {"dataset": dataset.fingerprint, "pieces": pieces_fp, "benchmark": scoring, "gallery": params.gallery}
 
 
 def lookup(store: Store, dataset: DatasetRef, fp: str) -> EvalRef | None:
@@ -177,11 +176,11 @@ def evaluate(
 ) -> EvalRef:
     """Every piece in this process, then the scores (the flows map the pieces over their task runner instead)."""
     pieces = plan_pieces(store, model, rpn_ref, dataset, params, shards)
-    fp = score_fingerprint(dataset, params, pieces)
+    fp = SCORE.fingerprint(dataset=dataset, params=params, pieces=pieces)
     if (ref := lookup(store, dataset, fp)) is not None:
         return ref
     for piece in pieces:
-        evaluate_piece(store, model, rpn_ref, dataset, params, piece)
+        PIECE.ensure(store=store, model=model, rpn_ref=rpn_ref, dataset=dataset, params=params, piece=piece)
     return merge(store, dataset, params, fp, pieces)
 
 
@@ -192,4 +191,5 @@ SCORE = Stage(
     run_name="score[{dataset.benchmark}]",
     # the benchmark's part is `scoring_fingerprint` (its metric and aggregate, not every benchmark's module)
     exclude=("sdrpn_core.benchmarks", "sdrpn_core.metrics"),
+    key=score_key,
 )

@@ -19,17 +19,21 @@ from stages.code import library_versions
 from stages.common import Stage, load_model, read_manifest
 from stages.refs import DatasetRef, ModelRef, ShardSummary, TeacherRef
 from stages.tables import teacher_table
-from storage.fingerprint import stage_fingerprint
 from storage.labels import teacher_dataset
 from storage.store import Store
 
 log = logging.getLogger(__name__)
 
 
-def teacher_fingerprint(model: ModelRef, preset: Preset, max_new_tokens: int | None, inputs: dict | None = None) -> str:
+def teacher_key(model: ModelRef, preset: Preset, max_new_tokens: int | None = None, inputs: dict | None = None) -> dict:
+    """The teacher rows depend on the model, the preset's heads and layers, the generation limit and the inputs."""
     teacher_part = preset.override(recipe={})  # the training recipe does not change what the teacher sees
     params = {"preset": teacher_part, "max_new": max_new_tokens, **({"inputs": inputs} if inputs else {})}
-    return stage_fingerprint("teacher", {"model": model.fingerprint}, params, code=SHARD.code_version())
+    return {"model": model.fingerprint, **params}
+
+
+def teacher_fingerprint(model: ModelRef, preset: Preset, max_new_tokens: int | None, inputs: dict | None = None) -> str:
+    return SHARD.fingerprint(model=model, preset=preset, max_new_tokens=max_new_tokens, inputs=inputs)
 
 
 def shard_rows(rows: list[dict], shard: int, n_shards: int) -> list[dict]:
@@ -41,7 +45,7 @@ def extract_shard(
     model: ModelRef,
     dataset: DatasetRef,
     preset: Preset,
-    teacher_fp: str,
+    fp: str,
     shard: int,
     n_shards: int,
     *,
@@ -51,7 +55,7 @@ def extract_shard(
     progress: Callable[[int, int], None] | None = None,
     inputs: dict | None = None,
 ) -> ShardSummary:
-    ds = teacher_dataset(store, teacher_fp)
+    ds = teacher_dataset(store, fp)
     rows = shard_rows(read_manifest(dataset, store), shard, n_shards)
     keys = {r["sample_key"] for r in rows}
     done = ds.committed_ids(among=keys)  # verified commits only: a corrupt shard's keys are redone
@@ -89,7 +93,7 @@ def extract_shard(
         len(rows) - len(todo),
         rejected,
     )
-    return ShardSummary(shard, len(rows), extracted, len(rows) - len(todo), rejected)
+    return ShardSummary(shard, len(rows), extracted, len(rows) - len(todo), rejected, fp, ds.url)
 
 
 def teacher_ref(store: Store, teacher_fp: str) -> TeacherRef:
@@ -106,4 +110,5 @@ SHARD = Stage(
     model_bound=True,
     cached_if=lambda summary: summary.already_done == summary.rows,  # only verified rows there: nothing extracted
     summary=str,
+    key=teacher_key,
 )

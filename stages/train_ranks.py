@@ -1,4 +1,5 @@
-"""Data-parallel training: the train stage launches `torchrun` over `stages.train.train_here`, one rank per device.
+"""Training the RPN where it runs: in this process (`train_here`, one rank or alone) or on a torchrun group that
+`launch` starts, one rank per device; the train stage (`stages.train`) calls one of them and commits the result.
 
 `launch` writes the job (store settings, references, recipe: JSON, never a pickle) into the training's scratch
 folder, runs `python -m torch.distributed.run --standalone --nproc-per-node <world_size> -m stages.train_ranks
@@ -14,24 +15,126 @@ every rank resumes from, and rank 0's artifact (wherever rank 0 lands) are read 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sdrpn_core.train import TrainConfig
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sdrpn_core.train import TrainConfig, recipe_record, samples_from_rows, train_rpn
+from stages.common import cache_dir, get_store, load_model
 from stages.refs import LabelsRef, ModelRef
+from storage.fingerprint import hash_obj
+from storage.labels import label_dataset
 from storage.store import Store, StoreSettings
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_scratch(store: Store, train_fp: str) -> Path:
+    """The local checkpoint folder of one training on one store. Keyed by the store too: another store's run of the
+    same fingerprint (a test, a colleague's bucket) must never be resumed from here."""
+    return cache_dir("train", hash_obj(store.url(""))[:12], train_fp)
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    steps: int
+    final_loss: float
+    skipped_all_ignore: int
+    rejected: int
+
+
+def training_frame(store: Store, labels: LabelsRef, params: TrainConfig) -> pl.DataFrame:
+    """The rows trained on, sorted by sample id: the training order must not depend on the order shards were
+    committed in (threads, workers). Strict: a label shard that no longer matches its record is an error naming it
+    (the next run relabels)."""
+    parts = [label_dataset(store, fp).scan(strict=True) for fp in labels.label_fingerprints()]
+    merged = pl.concat(parts).unique(subset=["sample_id"], keep="first", maintain_order=True)  # first source wins
+    frame = (merged if params.keep_all_ignore else merged.filter(pl.col("valid"))).sort("sample_id").collect()
+    if frame.filter(pl.col("valid")).height == 0:
+        raise ValueError(
+            f"no usable labels in {labels.url}: all {labels.rows} samples are all-ignore or were rejected "
+            f"({labels.stats.get('ignored_because', {})}); loosen the label parameters or check the teacher heads"
+        )
+    return frame
+
+
+def train_here(
+    store: Store,
+    model: ModelRef,
+    labels: LabelsRef,
+    params: TrainConfig,
+    train_fp: str,
+    preset: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrainSummary:
+    """Train in this process (one rank of a torchrun group, or alone); the main rank writes the artifact folder
+    into the scratch and returns its summary."""
+    from sdrpn_core.train import Ranks
+
+    frame = training_frame(store, labels, params)
+    adapter = load_model(model)
+    if params.inputs:  # e.g. Qwen: the authors' training prompt (a literal "<image>" line, the question as given)
+        adapter = adapter.with_inputs(**params.inputs)
+    scratch = train_scratch(store, train_fp)
+    result = train_rpn(
+        adapter,
+        samples_from_rows(frame.to_dicts()),
+        params,
+        out_dir=scratch,
+        rpn_fields={
+            "preset": preset,
+            "base_model": model.path,
+            "base_model_fingerprint": model.fingerprint,
+            "base_model_dtype": model.dtype,
+        },
+        progress=progress,
+    )
+    summary = TrainSummary(
+        result.steps, float(result.history[-1]["loss"]), result.skipped_all_ignore, len(result.rejected)
+    )
+    if Ranks.current().main:
+        out = scratch / "artifact"
+        shutil.rmtree(out, ignore_errors=True)
+        result.rpn.save(out)
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(result.history), buf)
+        (out / "train_log.parquet").write_bytes(buf.getvalue())
+        (out / "train_recipe.json").write_text(json.dumps(recipe_record(params), indent=2))
+        (out / INFERENCE).write_text(json.dumps(training_inference_defaults(preset), indent=2))
+        (scratch / "summary.json").write_text(json.dumps(asdict(summary)))
+    return summary
+
+
+INFERENCE = "inference.json"  # the settings `sdrpn predict` takes unless told otherwise
+
+
+def training_inference_defaults(preset: str) -> dict:
+    """Until an evaluation records what it ran with (the release), the preset's τ, the mask mode and the family's
+    generation limit (None)."""
+    from sdrpn_core.presets import get_preset
+
+    return {
+        "threshold": get_preset(preset).roi_threshold,
+        "mode": "mask",
+        "max_new_tokens": None,
+        "reuse_kv": True,
+        "source": f"training: preset {preset}",
+    }
 
 
 def _job(store: Store, model: ModelRef, labels: LabelsRef, params: TrainConfig, fp: str, preset: str) -> dict:
@@ -55,8 +158,6 @@ def launch(
     progress: Callable[[int, int], None] | None = None,
 ):
     """Train on `params.world_size` ranks and wait; returns rank 0's summary (a failure names the rank log)."""
-    from stages.train import TrainSummary, train_scratch
-
     scratch = train_scratch(store, fp)
     job = scratch / "job.json"
     job.write_text(json.dumps(_job(store, model, labels, params, fp, preset)))
@@ -139,8 +240,6 @@ def main(job_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from stages.common import get_store
-    from stages.train import train_here
 
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '?')}] %(message)s")
     job = json.loads(Path(job_path).read_text())

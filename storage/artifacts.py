@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 from storage.files import matches, write_atomic
+from storage.records import MarkerRecord
 from storage.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 MARKER = "_COMMITTED.json"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def check_name(name: object) -> str:
@@ -41,19 +41,17 @@ def check_name(name: object) -> str:
 
 def _check_listing(url: str, raw: object) -> dict:
     """A marker read from the store → its validated content; StoreError naming the artifact and the entry."""
-    files = raw.get("files") if isinstance(raw, dict) else None
-    if not isinstance(files, dict):
+    if not isinstance(raw, dict):
         raise StoreError(f"{url}/{MARKER} is malformed: no file listing")
-    for name, entry in files.items():
+    for name in raw.get("files") or {} if isinstance(raw.get("files"), dict) else {}:
         try:
             check_name(name)
         except ValueError as e:
             raise StoreError(f"{url}/{MARKER} refused: {e}") from None
-        ok = isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
-        if not ok or not _SHA256.fullmatch(entry["sha256"]):
-            raise StoreError(f"{url}/{MARKER} refused: bad size/sha256 for {name!r}")
-    if not isinstance(raw.get("meta", {}), dict):
-        raise StoreError(f"{url}/{MARKER} is malformed: meta is not an object")
+    try:
+        MarkerRecord.parse(raw)
+    except ValueError as e:
+        raise StoreError(f"{url}/{MARKER} {e}") from None
     return raw
 
 

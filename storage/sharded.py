@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,13 +34,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from storage.files import matches
+from storage.records import CommitRecord
 from storage.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 COMMITS = "_commits"
 RETIRED = "_retired"
-_SHARD_NAME = re.compile(r"^(part|quarantine)-[0-9]{20}-[0-9a-f]{12}\.parquet$")
 
 
 class SchemaError(ValueError):
@@ -67,24 +66,8 @@ def _stamp() -> str:
 
 def parse_commit(record: str, raw: object) -> Commit:
     """A commit record read from the store → Commit; ValueError naming the first bad field."""
-    if not isinstance(raw, dict):
-        raise ValueError("not a JSON object")
-    shard, kind, rows, ids = raw.get("shard"), raw.get("kind", "data"), raw.get("rows"), raw.get("ids")
-    if not isinstance(shard, str) or not _SHARD_NAME.match(shard):
-        raise ValueError(f"bad shard name {shard!r}")
-    if kind not in ("data", "quarantine") or shard.startswith("part") != (kind == "data"):
-        raise ValueError(f"bad kind {kind!r} for shard {shard}")
-    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
-        raise ValueError(f"bad row count {rows!r}")
-    if not isinstance(ids, list) or len(ids) != rows or not all(isinstance(i, str) for i in ids):
-        raise ValueError("ids must be a list of strings, one per row")
-    sha, size, version = raw.get("sha256"), raw.get("size"), raw.get("schema_version", 0)
-    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise ValueError("no sha256 of the shard (written by an older sdrpn, or tampered with)")
-    if not isinstance(size, int) or size < 0 or not isinstance(version, int):
-        raise ValueError("bad size or schema version")
-    meta = raw.get("meta") or {}
-    return Commit(record, shard, kind, rows, tuple(ids), version, meta if isinstance(meta, dict) else {}, sha, size)
+    c = CommitRecord.parse(raw)
+    return Commit(record, c.shard, c.kind, c.rows, tuple(c.ids), c.schema_version, c.meta, c.sha256, c.size)
 
 
 class ShardedDataset:

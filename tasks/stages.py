@@ -18,6 +18,7 @@ import functools
 import inspect
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -26,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
-from stages.common import Stage, get_store
+from stages.common import Stage, get_store, pick
 from storage.store import StoreSettings, is_transient
 
 GPU_TAG = "sdrpn-gpu"
@@ -74,19 +75,25 @@ def _arguments(parameters: dict[str, Any]) -> dict[str, Any]:
     return {**parameters, "shard1": parameters.get("shard", 0) + 1}
 
 
+@dataclass(frozen=True)
+class Found:
+    """What the caller's own lookup of a stage found (its output, or None): the task then looks no further, so a
+    flow that checks an output first (to skip the work that feeds it) does not look it up twice."""
+
+    ref: Any
+
+
 def _signature(stage: Stage) -> inspect.Signature:
-    """The stage's `run` signature with `settings` (the store's) in place of `store` and without `progress`."""
+    """The stage's `run` signature with `settings` (the store's) in place of `store`, without `progress`, without
+    `fp` when the stage's key makes it, and with an optional `found` (`Found`) when it has a lookup."""
     params = [
         p.replace(name="settings", annotation=StoreSettings) if p.name == "store" else p
         for p in inspect.signature(stage.run).parameters.values()
-        if p.name != "progress"
+        if p.name != "progress" and not (p.name == "fp" and stage.key is not None)
     ]
+    if stage.lookup is not None:
+        params.append(inspect.Parameter("found", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Found))
     return inspect.Signature(params)
-
-
-def _pick(fn, arguments: dict[str, Any]) -> dict[str, Any]:
-    """The arguments `fn` names (a lookup takes the store and the few it needs)."""
-    return {name: arguments[name] for name in inspect.signature(fn).parameters}
 
 
 @functools.cache
@@ -104,15 +111,17 @@ def stage_task(stage: Stage) -> Task:
         bound.apply_defaults()
         arguments = {**bound.arguments, "store": get_store(bound.arguments["settings"])}
         arguments.pop("settings")
+        found = arguments.pop("found", None)
+        arguments = stage.keyed(arguments)
         what = run_name.format(**_arguments(arguments))
-        if stage.lookup is not None and (ref := stage.lookup(**_pick(stage.lookup, arguments))) is not None:
+        if (ref := found.ref if found is not None else stage.find(arguments)) is not None:
             return cached(ref, what)
         progress = None
         if stage.progress and takes_progress:
             key = re.sub(r"[^a-z0-9]+", "-", what.lower()).strip("-")
             progress = _Progress(key, stage.progress.format(**_arguments(arguments)))
             arguments["progress"] = progress
-        out = stage.run(**arguments)
+        out = stage.run(**pick(stage.run, arguments))
         if progress is not None:
             progress.finish()
         if stage.cached_if is not None and stage.cached_if(out):

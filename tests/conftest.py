@@ -17,6 +17,18 @@ from sdrpn_core.presets import get_preset
 
 
 @pytest.fixture(autouse=True)
+def _process_state_left_as_found():
+    """A test may not leave torch's thread count or default dtype changed: later tests that compare runs bit for
+    bit would then depend on the order the suite ran in."""
+    before = torch.get_num_threads(), torch.get_default_dtype()
+    yield
+    after = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_num_threads(before[0])
+    torch.set_default_dtype(before[1])
+    assert after == before, f"the test changed torch's (threads, default dtype) from {before} to {after}"
+
+
+@pytest.fixture(autouse=True)
 def _log_handlers_on_live_streams():
     """Prefect binds its console handler (and its rich console) to the sys.stderr of the test that first set up
     logging, and pytest closes that capture after the test; a later test's log line then fails in the handler.

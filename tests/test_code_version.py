@@ -150,3 +150,14 @@ def test_a_benchmarks_metric_key_follows_it_into_the_metrics_module(monkeypatch)
     monkeypatch.setattr(metrics, "vqa_accuracy", lambda prediction, answers: 1.0)  # TextVQA's metric calls it
     assert function_fingerprint(textvqa.metric) != before[0]
     assert function_fingerprint(synthetic.metric) == before[1]  # exact match: untouched
+
+
+def test_stages_key_themselves_from_many_threads_at_once():
+    """Mapped teacher shards compute their key concurrently: parsing must not race (CPython 3.11's AST state)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for cached in (code_mod._spec, code_mod._module_hash, code_mod.direct_imports, code_mod.import_closure):
+        cached.cache_clear()
+    with ThreadPoolExecutor(4) as pool:
+        keys = list(pool.map(lambda roots: code_fingerprint(roots), [["stages.teacher"], ["stages.labels"]] * 4))
+    assert len(set(keys[0::2])) == 1 and len(set(keys[1::2])) == 1 and keys[0] != keys[1]

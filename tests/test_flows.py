@@ -583,7 +583,6 @@ def test_planted_prefect_cache_payload_does_not_run(tmp_path, monkeypatch):
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
     from flows.pipeline import sdrpn
-    from stages.labels import labels_fingerprint
 
     cfg = make_config("llava", str(tmp_path / "store"))
     first = sdrpn(cfg)
@@ -612,7 +611,6 @@ def test_planted_prefect_cache_payload_does_not_run(tmp_path, monkeypatch):
     assert not marker.exists()  # nothing was unpickled
     assert again["scores"] == first["scores"] and calls.n == {}
     assert _task_states(t0)["train"] == {"Cached"}  # cached from the store's verified artifacts
-    assert labels_fingerprint  # the labels key above is the stage fingerprint the old code used
 
 
 def _flip_a_bit(path: Path) -> None:

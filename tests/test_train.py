@@ -103,6 +103,8 @@ WORKER = textwrap.dedent(
     """
     import json, os, signal, sys
     import numpy as np
+    import torch
+    torch.set_num_threads({threads})  # as the straight run in the test process: reductions split alike
     sys.path.insert(0, {root!r})
     from sdrpn_core.models.tiny import build_tiny
     from sdrpn_core.train import TrainConfig, TrainSample, train_rpn
@@ -131,15 +133,23 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, family):
         [{"id": s.sample_id, "image": s.image, "q": s.question, "labels": s.labels.tolist()} for s in samples]
     )
     out = tmp_path / "run"
-    script = WORKER.format(root=str(ROOT), samples=spec, cfg=json.dumps(cfg), die_at=5, out=str(out), family=family)
+    threads = 1  # both runs under the same explicit thread count, whatever earlier tests left in the environment
+    script = WORKER.format(
+        root=str(ROOT), samples=spec, cfg=json.dumps(cfg), die_at=5, out=str(out), family=family, threads=threads
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     state = json.loads((latest_checkpoint(out / CHECKPOINT_DIR) / "state.json").read_text())
     assert state["step"] == 4  # the checkpoint of step 4 survived; step 5 was lost with the process
     assert [p.name for p in (out / CHECKPOINT_DIR).iterdir()] == ["step-000000004"]  # nothing half-written
 
-    resumed = train_rpn(build_tiny(family), samples, TrainConfig(**cfg), out_dir=out)
-    straight = train_rpn(build_tiny(family), samples, TrainConfig(**cfg))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        resumed = train_rpn(build_tiny(family), samples, TrainConfig(**cfg), out_dir=out)
+        straight = train_rpn(build_tiny(family), samples, TrainConfig(**cfg))
+    finally:
+        torch.set_num_threads(before)
     assert resumed.steps == straight.steps == 6
     for (name, a), (_, b) in zip(resumed.rpn.state_dict().items(), straight.rpn.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -190,7 +200,7 @@ def test_kill_at_each_checkpoint_swap_step_leaves_a_resumable_run(tmp_path, tiny
 
 
 def test_a_finished_checkpoint_resumes_at_100_percent_and_scratch_is_per_store(tiny_llava, tmp_path, monkeypatch):
-    from stages.train import train_scratch
+    from stages.train_ranks import train_scratch
     from storage.store import Store, StoreSettings
 
     samples = make_samples(tmp_path, 4)

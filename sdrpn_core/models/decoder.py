@@ -43,13 +43,6 @@ def layer_inputs(
     return mask, adapter.rotary_emb(hidden, position_ids=position_ids)
 
 
-def text_positions(like: torch.Tensor, start: int, length: int = 1) -> torch.Tensor:
-    """Positions start..start+length−1 for text tokens, shaped like `like` ([B, L] or [3, B, L]: text tokens carry
-    the same id on all three M-RoPE axes)."""
-    pos = torch.arange(start, start + length, device=like.device)[None]
-    return pos if like.ndim == 2 else pos[None].expand(3, 1, length)
-
-
 def run_layers(
     layers: Sequence[nn.Module],
     hidden: torch.Tensor,
@@ -74,14 +67,6 @@ def run_layers(
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids for a left-padded batch, as HF generate computes them (pads get 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def truncate_cache(cache: DynamicCache, length: int) -> None:
-    """Keep the first `length` positions of every filled cache layer (layers never filled stay empty)."""
-    for layer in cache.layers:
-        seen = layer.get_seq_length()
-        if seen > length:
-            layer.crop(length - seen)
 
 
 def eos_token_ids(model: nn.Module, generation_kwargs: dict | None = None) -> list[int]:
