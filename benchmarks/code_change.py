@@ -170,6 +170,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(Path(args.child), args.quick)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.settings import PREFECT_API_URL
 
     from flows.cli import temporary_api

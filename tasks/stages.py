@@ -2,8 +2,9 @@
 looks its output up in the store, runs the stage with a progress artifact when it is not there, and logs what it
 did. No stage has a hand-written task, so a new stage is its module and a line in the flow.
 
-The store is the only cache. Each stage's output lives under its content fingerprint (model + data + parameters
-+ code version) and is verified against its commit records before it is reused; a task whose output is found
+The store is the only cache. Each stage's output lives under its content fingerprint (the stage's key: its inputs'
+fingerprints and parameters, with the version of the code it runs), computed here from the declaration, and is
+verified against its commit records before it is reused: one lookup per call, and a task whose output is found
 ends in a `Cached` state without running its stage. Prefect persists no results: its result records are
 pickles, and a store others can write to must never hold anything that is executed on read.
 

@@ -27,6 +27,7 @@ from stages import evaluate as eval_stage
 from stages import labels as labels_stage
 from stages import teacher as teacher_stage
 from stages import train as train_stage
+from stages import train_ranks
 from stages.common import Stage
 from stages.config import PipelineConfig
 
@@ -103,7 +104,7 @@ class Calls:
         for name, module, attr in [
             ("teacher", teacher_stage, "extract_teacher_maps"),
             ("labels", labels_stage, "denoise"),
-            ("train", train_stage, "train_rpn"),
+            ("train", train_ranks, "train_rpn"),
             ("eval", eval_stage, "evaluate_piece"),
         ]:
             real = getattr(module, attr)
@@ -1105,18 +1106,19 @@ def test_predict_on_the_runs_release_uses_what_the_evaluation_used(tmp_path):
 
 
 def test_a_new_stage_is_its_declaration_and_a_line_in_the_flow(tmp_path):
-    """A stage module declares `Stage(name, run, lookup, …)`; the flow calls `stage_task(STAGE)`. Nothing else is
-    written for it: the task is named from its arguments, shows progress, commits through the stage, is `Cached`
-    when its lookup finds the output, and retries a transient failure."""
+    """A stage module declares `Stage(name, run, lookup, key, …)`; the flow calls `stage_task(STAGE)` with the
+    stage's inputs. Nothing else is written for it: the task computes the output's fingerprint from the key (and
+    the stage's code), is named from its arguments, shows progress, commits through the stage, looks its output
+    up once per call and is `Cached` when found, and retries a transient failure."""
     from prefect import flow
 
     from flows.pipeline import _run
     from storage.store import Store, StoreSettings
     from tasks.stages import stage_task
 
-    ran, failures = [], []
+    ran, failures, looked = [], [], []
 
-    def tally(store: Store, words: list[str], fp: str, progress=None) -> dict:
+    def tally(store: Store, label: str, words: list[str], fp: str, progress=None) -> dict:
         if not failures:
             failures.append(1)
             raise ConnectionResetError("connection reset by peer")
@@ -1127,19 +1129,28 @@ def test_a_new_stage_is_its_declaration_and_a_line_in_the_flow(tmp_path):
         return {"n": len(words)}
 
     def found(store: Store, fp: str) -> dict | None:
+        looked.append(fp)
         return store.read_json("tally", fp, "result.json") if store.exists("tally", fp, "result.json") else None
 
-    TALLY = Stage("tally", run=tally, lookup=found, run_name="tally[{fp}]", progress="tallying {fp}: words")
+    TALLY = Stage(
+        "tally",
+        run=tally,
+        lookup=found,
+        key=lambda words: {"words": sorted(words)},
+        run_name="tally[{label}]",
+        progress="tallying {label}: words",
+    )
 
     @flow
     def words_flow(root: str) -> list:
         settings = StoreSettings(root=root)
-        return [_run(stage_task(TALLY), settings, ["a", "b", "c"], "fp1") for _ in range(2)]
+        return [_run(stage_task(TALLY), settings, "abc", ["a", "b", "c"]) for _ in range(2)]
 
     t0 = time.time()
     (first, first_cached), (second, second_cached) = words_flow(str(tmp_path / "store"))
     assert first == second == {"n": 3} and (first_cached, second_cached) == (False, True)
-    assert ran == ["fp1"] and failures == [1]  # one transient failure, retried; the second call never ran it
-    assert _run_names(t0)[1].count("tally[fp1]") == 2
-    progress = _artifacts(progress=True, key="tally-fp1")
-    assert progress and progress[-1].data == 100.0 and progress[-1].description == "tallying fp1: words"
+    assert ran == [TALLY.fingerprint(words=["c", "b", "a"])] and failures == [1]  # retried once; the key is sorted
+    assert looked == [ran[0]] * 3  # one lookup per call (the failed attempt's, its retry's, the second call's)
+    assert _run_names(t0)[1].count("tally[abc]") == 2
+    progress = _artifacts(progress=True, key="tally-abc")
+    assert progress and progress[-1].data == 100.0 and progress[-1].description == "tallying abc: words"

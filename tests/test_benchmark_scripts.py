@@ -1,0 +1,42 @@
+"""The benchmark scripts run, and say what they measure: each ends with a complete `RESULT` line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def result_line(script: str, *args: str, timeout: int = 900) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)  # the script starts its own API
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT "), done.stdout[-2000:]
+    return dict(pair.split("=", 1) for pair in last.removeprefix("RESULT ").split())
+
+
+@pytest.mark.slow
+def test_code_change_reruns_what_each_edit_touches_through_the_real_pipeline():
+    """Five edits on a copy of the project, each rerun from the first run's store: a docstring reruns nothing, a
+    metric fix only the scores without a model call, a prompt change one benchmark's answers, a label-rule change
+    the labels onward with the teacher cached, a teacher change the teacher."""
+    result = result_line("code_change.py", "--quick")
+    assert result["docstring_stages"] == "0"
+    assert result["metric_stages"] == "1" and result["metric_model_calls"] == "0"
+    assert result["prompt_benchmarks_reanswered"] == "1"
+    assert result["labels_edit_teacher_cached"] == "1"
+    assert result["teacher_edit_teacher_rerun"] == "1"
