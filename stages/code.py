@@ -210,9 +210,11 @@ def _object_source(obj: Any, root: bool = False) -> str | None:
         return source.strip()
 
 
+@cache
 def function_fingerprint(fn: Callable[..., Any]) -> str:
     """`fn`'s normalized source (wherever it is defined) with every project function, class and simple constant it
-    refers to, transitively (a lambda's defining line stands for the lambda). Library objects are not followed."""
+    refers to, transitively (a lambda's defining line stands for the lambda). Library objects are not followed.
+    Once per function and process, as the modules' hashes: the code a process runs does not change under it."""
     with _PARSING:
         return _function_fingerprint(fn)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
 
 from sdrpn_core.benchmarks import get_benchmark
 from sdrpn_core.data import Rejection
@@ -121,6 +122,39 @@ def _row_id(raw: object, line: int, text: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
         return f"line{line}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
     return str(value)
+
+
+def manifest_files(url: str, **storage_options) -> list[str]:
+    """The JSONL manifests `url` names, in name order: one file, a folder (every `*.jsonl` in it) or a glob, local or
+    on any fsspec store. New training data arrives as new files beside the old ones; a run takes all present."""
+    fs, path = url_to_fs(url, **storage_options)
+    if any(c in path for c in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = fs.glob(path.rstrip("/") + "/*.jsonl")
+    else:
+        return [url]
+    files = sorted(p for p in found if not fs.isdir(p))
+    if not files:
+        raise FileNotFoundError(f"no JSONL manifest in {url} (a folder is read for *.jsonl files)")
+    return files if is_local(url) else [fs.unstrip_protocol(p) for p in files]
+
+
+def read_jsonl_manifests(url: str, **storage_options) -> tuple[list[dict], list[Rejection]]:
+    """Every manifest `url` names (`manifest_files`), as one: an id repeated in a later file is a rejection naming
+    where it was first (the first file, in name order, wins)."""
+    rows, rejected, first = [], [], {}
+    for file in manifest_files(url, **storage_options):
+        some, bad = read_jsonl_manifest(file, **storage_options)
+        rejected += bad
+        for row in some:
+            sid = row["sample_id"]
+            if sid in first:
+                rejected.append(Rejection(sid, f"{row['where']}: duplicate id {sid!r} (first at {first[sid]})"))
+                continue
+            first[sid] = row["where"]
+            rows.append(row)
+    return rows, rejected
 
 
 def read_jsonl_manifest(url: str, **storage_options) -> tuple[list[dict], list[Rejection]]:
@@ -250,14 +284,23 @@ def _source_rows(spec: DatasetSpec, store: Store) -> tuple[list[dict], list[Reje
     if spec.kind == "jsonl":
         if not spec.path:
             raise ValueError("dataset.path is required for kind 'jsonl'")
-        rows, rejected = read_jsonl_manifest(spec.path, **_options(spec.path, store))
-        return rows, rejected, spec.path.rstrip("/").rsplit("/", 2)[-2] if "/" in spec.path else spec.path, []
+        rows, rejected = read_jsonl_manifests(spec.path, **_options(spec.path, store))
+        return rows, rejected, _name(spec.path), []
     if spec.kind == "benchmark":
         if not spec.path or not spec.benchmark:
             raise ValueError("dataset.benchmark and dataset.path are required for kind 'benchmark'")
         rows, rejected, warnings = _benchmark_rows(spec, store)
         return rows, rejected, spec.benchmark, warnings
     return _synthetic_rows(spec, store), [], f"synthetic-{spec.variant}-{spec.seed}", []
+
+
+def _name(path: str) -> str:
+    """A JSONL dataset's name: the folder holding its manifest (or manifests: a folder, a glob's folder)."""
+    folder = path.rstrip("/")
+    last = folder.rsplit("/", 1)[-1]
+    if (last.endswith(".jsonl") or any(c in last for c in "*?[")) and "/" in folder:
+        folder = folder.rsplit("/", 1)[0]
+    return folder.rsplit("/", 1)[-1]
 
 
 def _options(url: str, store: Store) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from typing import Any
 from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+from prefect.exceptions import MissingContextError
+from prefect.logging.handlers import APILogHandler
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
@@ -32,6 +36,34 @@ from stages.common import Stage, get_store, pick
 from storage.store import StoreSettings, is_transient
 
 GPU_TAG = "sdrpn-gpu"
+STAGE_LOGGERS = ("stages", "sdrpn_core", "storage")  # the modules' own loggers: counts, rates, ETA, resumes
+
+
+class _RunLogs(APILogHandler):
+    """Sends the stage modules' own lines (counts, rate, ETA, running scores, resumes, reused copies) to the run
+    that wrote them, so the Prefect UI shows them under the task run; outside a run (a script or a test calling a
+    stage, a reading thread) a line stays local: it is dropped here, not warned about."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            get_run_context()
+        except MissingContextError:
+            return
+        super().emit(record)
+
+
+def forward_stage_logs() -> None:
+    """Attach the run-log handler to the stage modules' loggers, once per process (workers included: each imports
+    this module to run a task)."""
+    for name in STAGE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _RunLogs) for h in logger.handlers):
+            logger.addHandler(_RunLogs())
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
+forward_stage_logs()
 STORE_IS_THE_CACHE = {"cache_policy": NO_CACHE, "persist_result": False}
 
 

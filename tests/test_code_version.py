@@ -96,7 +96,13 @@ def project_package(tmp_path, monkeypatch):
 
 
 def _fresh():
-    for cached in (code_mod._spec, code_mod._module_hash, code_mod.direct_imports, code_mod.import_closure):
+    for cached in (
+        code_mod._spec,
+        code_mod._module_hash,
+        code_mod.direct_imports,
+        code_mod.import_closure,
+        code_mod.function_fingerprint,
+    ):
         cached.cache_clear()
     importlib.invalidate_caches()
     for name in [m for m in sys.modules if m.startswith("fpdemo")]:
@@ -148,8 +154,11 @@ def test_a_benchmarks_metric_key_follows_it_into_the_metrics_module(monkeypatch)
     before = function_fingerprint(textvqa.metric), function_fingerprint(synthetic.metric)
     assert function_fingerprint(textvqa.metric) != function_fingerprint(get_benchmark("docvqa").metric)
     monkeypatch.setattr(metrics, "vqa_accuracy", lambda prediction, answers: 1.0)  # TextVQA's metric calls it
+    function_fingerprint.cache_clear()  # a process's code does not change under it; this test changes it
     assert function_fingerprint(textvqa.metric) != before[0]
     assert function_fingerprint(synthetic.metric) == before[1]  # exact match: untouched
+    monkeypatch.undo()
+    function_fingerprint.cache_clear()
 
 
 def test_stages_key_themselves_from_many_threads_at_once():

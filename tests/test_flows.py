@@ -1154,3 +1154,78 @@ def test_a_new_stage_is_its_declaration_and_a_line_in_the_flow(tmp_path):
     assert _run_names(t0)[1].count("tally[abc]") == 2
     progress = _artifacts(progress=True, key="tally-abc")
     assert progress and progress[-1].data == 100.0 and progress[-1].description == "tallying abc: words"
+
+
+def _week(folder: Path, name: str, seed: int, n: int) -> None:
+    """A week's new training rows: synthetic scenes saved as files, one JSONL manifest beside them."""
+    from sdrpn_core.synthetic import make_split
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for s in make_split(n, seed, canvas=96):
+        image = f"images/{name}-{s.sample_id}.png"
+        s.image.save(folder / image)
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"{name}-{s.sample_id}",
+                    "image": image,
+                    "question": s.question,
+                    "answers": [s.answer],
+                    "box": list(s.box),
+                }
+            )
+        )
+    (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_training_data_that_grows_by_manifests_sends_only_the_new_rows_through_the_teacher(tmp_path, monkeypatch):
+    """`train_data.path` names a folder of JSONL manifests: each run takes every manifest present; a new week's file
+    sends its rows (and only those) through the teacher, and a run with nothing new is cached throughout."""
+    from flows.pipeline import sdrpn
+
+    incoming, root = tmp_path / "incoming", str(tmp_path / "store")
+    _week(incoming, "week1", 11, 8)
+    config = make_config("llava", root, **{"train_data": {"kind": "jsonl", "path": str(incoming)}})
+    first = sdrpn(config)
+    _week(incoming, "week2", 12, 4)
+    calls = Calls(monkeypatch)
+    second = sdrpn(config)
+    assert calls.samples_extracted == 4 and calls.n["train"] == 1  # the new rows alone, then a new RPN
+    assert second["rpn"] != first["rpn"]
+    calls.n.clear()
+    calls.samples_extracted = 0
+    third = sdrpn(config)
+    assert calls.n == {} and third["rpn"] == second["rpn"]  # nothing arrived: every stage cached
+
+
+def _task_logs(task_name: str, since: float) -> list:
+    """The log lines the API holds for the task runs of this name started after `since`."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId, TaskRunFilter, TaskRunFilterName
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[task_name])))
+            ids = [r.id for r in runs if r.start_time and r.start_time.timestamp() >= since]
+            return await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=ids)))
+
+    return asyncio.run(read())
+
+
+def test_stage_lines_reach_the_task_runs_logs_in_the_ui(tmp_path):
+    """The stage modules log through their own loggers (counts, rate, ETA, running scores); a run sends those lines
+    to the task run that wrote them, where the UI (and the API) shows them."""
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.pipeline import sdrpn
+
+    t0 = time.time()
+    sdrpn(make_config("llava", str(tmp_path / "store")))
+    APILogHandler().flush()  # the batch the log worker still holds
+    train = _task_logs("train", t0)
+    assert any(r.name.startswith("sdrpn_core") and "/s, ETA" in r.message for r in train), [r.message for r in train]
+    piece = _task_logs("evaluate[synthetic/baseline 1/1]", t0)
+    assert any(r.name == "stages.evaluate" and "baseline=" in r.message for r in piece), [r.message for r in piece]
