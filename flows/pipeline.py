@@ -26,7 +26,7 @@ from stages import data, evaluate, labels, model, release, score, teacher, train
 from stages.config import DatasetSpec, PipelineConfig, TeacherSection
 from stages.evaluate import EvalPiece, plan_pieces
 from stages.labels import merge as merge_labels
-from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, PieceRef, RpnRef, ShardSummary
+from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, PieceRef, RpnRef, ShardSummary, TeacherRef
 from storage.fingerprint import hash_obj
 from tasks.stages import Found, stage_task
 
@@ -106,10 +106,24 @@ def _source_labels(
     """One training source: its samples, its teacher (own preset and inputs) and its labels, each cached alone."""
     settings = cfg.store.settings()
     dataset = _samples(spec, settings, "train" if name == "train" else f"train:{name}")
-    shards = teacher_flow.with_options(task_runner=runners())(cfg, model_ref, dataset, t)
-    ref = _call(stage_task(labels.LABELS), settings, dataset, shards[0].teacher, cfg.labels.params(t.preset_obj()))
-    get_run_logger().info("%s: teacher rows at %s; labels %s", name, shards[0].url, ref.stats)
+    rows = _teacher(cfg, model_ref, dataset, t, runners)
+    ref = _call(stage_task(labels.LABELS), settings, dataset, rows.fingerprint, cfg.labels.params(t.preset_obj()))
+    get_run_logger().info("%s: teacher rows at %s; labels %s", name, rows.url, ref.stats)
     return ref
+
+
+def _teacher(
+    cfg: PipelineConfig, model_ref: ModelRef, dataset: DatasetRef, t: TeacherSection, runners: RunnerFactory
+) -> TeacherRef:
+    """The teacher's rows for the dataset: its shards (a sub-flow) when a sample lacks one; none started when the
+    store holds them all (a sub-flow costs its start and its heartbeat, about two seconds, for nothing)."""
+    found = teacher.finished(_store(cfg), model_ref, dataset, t.preset_obj(), t.max_new_tokens, t.label_inputs())
+    if found is not None:
+        get_run_logger().info("teacher[%s]: every sample's rows found in the store, no shard started", dataset.name)
+        return found
+    shards = teacher_flow.with_options(task_runner=runners())(cfg, model_ref, dataset, t)
+    rejected = sum(s.rejected for s in shards)
+    return TeacherRef(shards[0].teacher, shards[0].url, sum(s.rows for s in shards) - rejected, rejected)
 
 
 def _labels(cfg: PipelineConfig, runners: RunnerFactory) -> tuple[ModelRef, LabelsRef]:

@@ -96,10 +96,23 @@ def extract_shard(
     return ShardSummary(shard, len(rows), extracted, len(rows) - len(todo), rejected, fp, ds.url)
 
 
-def teacher_ref(store: Store, teacher_fp: str) -> TeacherRef:
-    ds = teacher_dataset(store, teacher_fp)
-    stats = ds.stats()
-    return TeacherRef(teacher_fp, ds.url, stats["rows"], stats["quarantined"])
+def finished(
+    store: Store,
+    model: ModelRef,
+    dataset: DatasetRef,
+    preset: Preset,
+    max_new_tokens: int | None = None,
+    inputs: dict | None = None,
+) -> TeacherRef | None:
+    """The teacher's rows for every sample of `dataset`, when verified commits hold them all (as rows or as
+    rejections): the flow then starts no shard. None when a sample is missing; the shards extract just those."""
+    fp = teacher_fingerprint(model, preset, max_new_tokens, inputs)
+    ds = teacher_dataset(store, fp)
+    keys = {r["sample_key"] for r in read_manifest(dataset, store)}
+    if not keys <= ds.committed_ids(among=keys):
+        return None
+    rows = ds.committed_ids(include_quarantine=False, among=keys)
+    return TeacherRef(fp, ds.url, len(rows), len(keys) - len(rows))
 
 
 SHARD = Stage(

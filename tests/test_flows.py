@@ -276,8 +276,9 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     assert again["scores"] == summary["scores"]
     assert calls.n == {}  # no teacher, label, training or evaluation work: every stage came from the cache
     states = _task_states(t0)
-    for stage in ("teacher-shard", "labels", "train", "score", "release"):
+    for stage in ("labels", "train", "score", "release"):
         assert states.get(stage) == {"Cached"}, (stage, states)
+    assert "teacher-shard" not in states  # every sample's teacher rows were found: no shard started
     assert len([a for a in _artifacts(progress=True) if a.key in published]) == versions  # nothing re-published
 
 
