@@ -107,7 +107,8 @@ def _source_labels(
     settings = cfg.store.settings()
     dataset = _samples(spec, settings, "train" if name == "train" else f"train:{name}")
     rows = _teacher(cfg, model_ref, dataset, t, runners)
-    ref = _call(stage_task(labels.LABELS), settings, dataset, rows.fingerprint, cfg.labels.params(t.preset_obj()))
+    params = labels.LABELS.config(cfg, t.preset_obj())
+    ref = _call(stage_task(labels.LABELS), settings, dataset, rows.fingerprint, params)
     get_run_logger().info("%s: teacher rows at %s; labels %s", name, rows.url, ref.stats)
     return ref
 
@@ -134,12 +135,12 @@ def _labels(cfg: PipelineConfig, runners: RunnerFactory) -> tuple[ModelRef, Labe
 
 def _train(cfg: PipelineConfig, model_ref: ModelRef, labels_ref: LabelsRef) -> RpnRef:
     preset = cfg.teacher.preset_obj()
-    params = cfg.train.params(preset)
+    params = train.TRAIN.config(cfg, preset)
     return _call(stage_task(train.TRAIN), cfg.store.settings(), model_ref, labels_ref, params, preset.name)
 
 
 def _eval_params(cfg: PipelineConfig) -> EvalParams:
-    return cfg.eval.params(cfg.teacher.preset_obj())
+    return evaluate.PIECE.config(cfg, cfg.teacher.preset_obj())
 
 
 @flow(name="sdrpn-evaluate", flow_run_name="evaluate[{dataset.benchmark}] pieces")

@@ -37,6 +37,7 @@ class Stage:
     `fp`. `lookup` (its parameters named as `run`'s) returns the committed, verified output or None: the one
     lookup per call, made before `run` (`ensure` here, the task under Prefect; a found output ends the task
     `Cached`). `run_name` and `progress` are templates over the arguments (`{shard1}` is the 1-based `shard`).
+    `config(cfg, preset)` builds the stage's parameters from the config sections it reads: the flow passes them on.
 
     `code` names the modules the stage runs (default: the module of `run`); the stage's key covers their import
     closure inside the project (`stages.code`), less the `exclude`d packages, whose part in the output its key
@@ -52,6 +53,8 @@ class Stage:
     cached_if: Callable[[Any], bool] | None = None  # an output that says nothing was left to do (a resumed shard)
     summary: Callable[[Any], str] | None = None  # logged when the stage ran
     key: Callable[..., Any] | None = None
+    # the stage's parameters from the config section(s) it reads: (config, preset of the source) → parameters
+    config: Callable[..., Any] | None = None
     code: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 

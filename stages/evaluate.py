@@ -322,4 +322,5 @@ PIECE = Stage(
     model_bound=True,
     # a benchmark enters a piece's key by value (its rows' prompts, its generation limit and τ); its metric never
     exclude=("sdrpn_core.benchmarks", "sdrpn_core.metrics"),
+    config=lambda cfg, preset: cfg.eval.params(preset),
 )

@@ -205,4 +205,5 @@ LABELS = Stage(
     progress="pseudo-labels of {dataset.name}: teacher rows read",
     summary=lambda ref: str(ref.stats),
     key=labels_key,
+    config=lambda cfg, preset: cfg.labels.params(preset),
 )

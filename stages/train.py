@@ -83,4 +83,5 @@ TRAIN = Stage(
     retries=False,
     code=("stages.train", "stages.train_ranks"),  # the ranks run `stages.train_ranks` in their own processes
     key=train_key,
+    config=lambda cfg, preset: cfg.train.params(preset),
 )
