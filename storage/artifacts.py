@@ -16,38 +16,16 @@ import time
 from pathlib import Path
 
 from storage.files import matches, write_atomic
-from storage.records import MarkerRecord
+from storage.records import MARKER, MarkerRecord, check_name
 from storage.store import Store, StoreError
 
 log = logging.getLogger(__name__)
-
-MARKER = "_COMMITTED.json"
-
-
-def check_name(name: object) -> str:
-    """A file name inside an artifact: relative, '/'-separated, no `..`, no empty or hidden-marker parts."""
-    parts = name.split("/") if isinstance(name, str) else []
-    if (
-        not parts
-        or name == MARKER
-        or any(p in ("", ".", "..") for p in parts)
-        or "\\" in name
-        or "\0" in name
-        or ":" in parts[0]
-    ):
-        raise ValueError(f"bad artifact file name {name!r}")
-    return name
 
 
 def _check_listing(url: str, raw: object) -> dict:
     """A marker read from the store → its validated content; StoreError naming the artifact and the entry."""
     if not isinstance(raw, dict):
         raise StoreError(f"{url}/{MARKER} is malformed: no file listing")
-    for name in raw.get("files") or {} if isinstance(raw.get("files"), dict) else {}:
-        try:
-            check_name(name)
-        except ValueError as e:
-            raise StoreError(f"{url}/{MARKER} refused: {e}") from None
     try:
         MarkerRecord.parse(raw)
     except ValueError as e:

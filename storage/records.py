@@ -13,6 +13,22 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
+MARKER = "_COMMITTED.json"  # an artifact's commit marker, written last
+
+
+def check_name(name: object) -> str:
+    """A file name inside an artifact: relative, '/'-separated, no `..`, no empty or hidden-marker parts."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if (
+        not parts
+        or name == MARKER
+        or any(p in ("", ".", "..") for p in parts)
+        or "\\" in name
+        or "\0" in name
+        or ":" in parts[0]
+    ):
+        raise ValueError(f"bad artifact file name {name!r}")
+    return name
 
 
 def _unset() -> Any:
@@ -129,6 +145,10 @@ class MarkerRecord(Record):
         if not isinstance(v, dict):
             raise ValueError("is malformed: no file listing")
         for name, entry in v.items():
+            try:
+                check_name(name)
+            except ValueError as e:
+                raise ValueError(f"refused: {e}") from None
             ok = isinstance(entry, dict) and is_int(entry.get("size")) and isinstance(entry.get("sha256"), str)
             if not ok or not SHA256.fullmatch(entry["sha256"]):
                 raise ValueError(f"refused: bad size/sha256 for {name!r}")
