@@ -33,6 +33,8 @@ from storage.fingerprint import FP_LEN, hash_obj
 
 PROJECT = ("sdrpn_core", "stages", "storage")  # the packages whose code is fingerprinted
 NUMERIC_LIBRARIES = ("torch", "transformers")  # their versions change what a model computes
+# the benchmarks' readers, prompts and metrics: a stage that excludes them holds their part in its key by value
+BENCHMARK_CODE = ("sdrpn_core.benchmarks", "sdrpn_core.metrics")
 # CPython 3.11's AST constructor keeps its recursion depth in process-wide state: two threads parsing at once fail
 # with "AST constructor recursion depth mismatch" (mapped teacher shards key themselves concurrently)
 _PARSING = threading.RLock()

@@ -25,7 +25,7 @@ from fsspec.core import url_to_fs
 
 from sdrpn_core.benchmarks import get_benchmark
 from sdrpn_core.data import Rejection
-from stages.code import code_fingerprint
+from stages.code import BENCHMARK_CODE, code_fingerprint
 from stages.common import Stage, cache_dir
 from stages.config import DatasetSpec, is_local
 from stages.refs import DatasetRef
@@ -341,9 +341,7 @@ def _synthetic_key(spec: DatasetSpec, store: Store) -> Path:
     """Where this machine remembers which manifest a synthetic spec built on a store: the scenes are a pure function
     of the spec and the code, so a rerun need not regenerate (and hash) them to find its fingerprint. Kept in the
     local cache, not the shared store, so nobody else's write can redirect a spec to other data."""
-    code = code_fingerprint(
-        ("stages.data", "sdrpn_core.synthetic"), exclude=("sdrpn_core.benchmarks", "sdrpn_core.metrics")
-    )
+    code = code_fingerprint(("stages.data", "sdrpn_core.synthetic"), exclude=BENCHMARK_CODE)
     key = hash_obj({"spec": spec.model_dump(), "code": code, "store": store.url("")})
     return cache_dir("datasets-by-spec") / f"{key}.json"
 

@@ -32,7 +32,7 @@ from sdrpn_core.infer import Preprocessed, preprocess
 from sdrpn_core.methods import EvalMethod, EvalParams, MethodSettings, get_method
 from sdrpn_core.models.base import VLMAdapter
 from sdrpn_core.progress import Progress
-from stages.code import function_fingerprint, library_versions
+from stages.code import BENCHMARK_CODE, function_fingerprint, library_versions
 from stages.common import Stage, cache_dir, cached_in_process, load_model, read_manifest
 from stages.refs import DatasetRef, ModelRef, PieceRef, RpnRef
 from storage.artifacts import ArtifactStore
@@ -321,6 +321,6 @@ PIECE = Stage(
     progress="evaluating {piece.name}: samples done",
     model_bound=True,
     # a benchmark enters a piece's key by value (its rows' prompts, its generation limit and τ); its metric never
-    exclude=("sdrpn_core.benchmarks", "sdrpn_core.metrics"),
+    exclude=BENCHMARK_CODE,
     config=lambda cfg, preset: cfg.eval.params(preset),
 )

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from sdrpn_core.rpn import RPN_CONFIG
+from stages.code import BENCHMARK_CODE
 from stages.common import Stage, cache_dir
 from stages.refs import EvalRef, LabelsRef, ModelRef, RpnRef
 from stages.report import results_markdown, results_rows
@@ -154,6 +155,6 @@ RELEASE = Stage(
     lookup=lookup,
     # the model card prints the paper's rows; the benchmarks' other code reaches it through the scores
     code=("stages.release", "sdrpn_core.benchmarks.published"),
-    exclude=("sdrpn_core.benchmarks", "sdrpn_core.metrics"),
+    exclude=BENCHMARK_CODE,
     key=release_key,
 )

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from sdrpn_core.benchmarks import Benchmark, BenchmarkSample, get_benchmark
 from sdrpn_core.benchmarks.scoring import aggregate, score
 from sdrpn_core.methods import EvalParams
-from stages.code import function_fingerprint
+from stages.code import BENCHMARK_CODE, function_fingerprint
 from stages.common import Stage, read_manifest
 from stages.evaluate import PIECE, PIECE_COLUMNS, EvalPiece, _parquet, plan_pieces, sample_of
 from stages.refs import DatasetRef, EvalRef, ModelRef, RpnRef
@@ -190,6 +190,6 @@ SCORE = Stage(
     lookup=lookup,
     run_name="score[{dataset.benchmark}]",
     # the benchmark's part is `scoring_fingerprint` (its metric and aggregate, not every benchmark's module)
-    exclude=("sdrpn_core.benchmarks", "sdrpn_core.metrics"),
+    exclude=BENCHMARK_CODE,
     key=score_key,
 )

@@ -240,7 +240,6 @@ def main(job_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '?')}] %(message)s")
     job = json.loads(Path(job_path).read_text())
     cuda = job["model"]["device"].startswith("cuda") and torch.cuda.is_available()
