@@ -153,6 +153,10 @@ def _run_flow(args: argparse.Namespace, cfg) -> int:
         _print_scores(summary["scores"])
         for url in summary["eval"]:
             print(f"report: {url}/report.md")
+        if summary["promotion"]:
+            from stages.promote import summary as decision_line
+
+            print(decision_line(summary["promotion"]))
     elif args.command == "labels":
         ref = pipeline.labels_flow(cfg)
         print(f"labels: {ref.url} ({ref.rows} samples, {ref.usable} usable) {ref.stats}")
@@ -213,6 +217,35 @@ def _predict_model(args: argparse.Namespace, folder: Path):
     return adapter
 
 
+def current_release(args: argparse.Namespace) -> Path:
+    """`--rpn current`: the champion release in the store (`--store`, default: the default config's) of the base
+    model `--model` names, or of the only model with a champion there."""
+    from flows.pipeline import DEFAULT_CONFIG
+    from stages.common import cache_dir
+    from stages.config import PipelineConfig
+    from storage.artifacts import ArtifactStore
+    from storage.champion import Champions
+    from storage.store import Store
+
+    store = Store(args.store or PipelineConfig.from_yaml(DEFAULT_CONFIG).store.root)
+    champions = Champions(store).all()
+    if args.model:
+        wanted = {args.model, str(Path(args.model).resolve())}
+        champions = [c for c in champions if c.base_model in wanted]
+    if len(champions) != 1:
+        found = ", ".join(f"{c.base_model} ({c.release[:12]})" for c in Champions(store).all()) or "none"
+        raise SystemExit(
+            f"sdrpn predict --rpn current: {len(champions)} champions in {store.url()} match "
+            f"{'--model ' + args.model if args.model else 'any model'} (champions there: {found}); "
+            "name the base model with --model, or the release itself with --rpn"
+        )
+    log.info("--rpn current: release %s of %s", champions[0].release[:12], champions[0].base_model)
+    if not args.model:
+        args.model = champions[0].base_model
+    release = champions[0].release
+    return ArtifactStore(store).fetch_dir("release", release, cache_dir("release", f"current-{release}"))
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Answer one question about one image with SD-RPN; write the answer, the overlay (and the comparison)."""
     import json as _json
@@ -223,7 +256,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from sdrpn_core.visualize import answer_card, side_by_side
     from stages.release import fetch_release
 
-    folder = fetch_release(args.rpn)
+    folder = current_release(args) if args.rpn == "current" else fetch_release(args.rpn)
     settings = _predict_settings(args, folder)
     adapter = _predict_model(args, folder)
     rpn = RoIPredictor.load(folder, adapter)
@@ -260,33 +293,108 @@ SCHEDULE_VARIABLE = "sdrpn_weekly_retrain"  # prefect.yaml reads the schedule's 
 SCHEDULE_SLUG = "weekly-retrain"
 
 
-def cmd_schedule(args: argparse.Namespace) -> int:
-    """Switch the weekly retraining of `sdrpn/full` on or off: the server variable every `prefect deploy --all`
-    reads (so a redeploy keeps the choice), and the deployed schedule at once."""
-    import asyncio
+def _server_api() -> str:
+    """The Prefect API a lasting change goes to; SystemExit when none is set (a temporary one forgets it)."""
+    from prefect.settings import PREFECT_API_URL
 
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise SystemExit(
+            "PREFECT_API_URL is not set: this would write to a temporary Prefect server that forgets it when the "
+            "command ends. Point it at your server, e.g. `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+        )
+    return url
+
+
+def _recorded_schedule() -> bool | None:
     from prefect.variables import Variable
 
-    async def apply() -> str:
-        async with get_client() as client:
-            try:
-                deployment = await client.read_deployment_by_name(args.deployment)
-            except ObjectNotFound:
-                return f"{args.deployment} is not deployed yet: `prefect deploy --all` will create it so"
-            for s in deployment.schedules:
-                if s.slug == SCHEDULE_SLUG and args.state != "status":
-                    await client.update_deployment_schedule(deployment.id, s.id, active=args.state == "on")
-            deployment = await client.read_deployment_by_name(args.deployment)
-            ours = [s for s in deployment.schedules if s.slug == SCHEDULE_SLUG]
-            states = [f"{getattr(s.schedule, 'cron', s.schedule)} {'on' if s.active else 'off'}" for s in ours]
-            return f"{args.deployment}: {', '.join(states) or 'no weekly-retrain schedule'}"
+    value = Variable.get(SCHEDULE_VARIABLE, default=None)
+    return value if isinstance(value, bool) else None
 
-    if args.state != "status":
-        Variable.set(SCHEDULE_VARIABLE, args.state == "on", overwrite=True)
-    print(f"{SCHEDULE_VARIABLE} = {Variable.get(SCHEDULE_VARIABLE)}")
-    print(asyncio.run(apply()))
+
+async def _schedules(deployment_name: str, state: bool | None) -> list[tuple[str, bool]] | None:
+    """(cron, active) of the deployment's weekly-retrain schedules, after setting them to `state` (None: read
+    only); None when the deployment does not exist."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            deployment = await client.read_deployment_by_name(deployment_name)
+        except ObjectNotFound:
+            return None
+        for s in deployment.schedules:
+            if s.slug == SCHEDULE_SLUG and state is not None:
+                await client.update_deployment_schedule(deployment.id, s.id, active=state)
+        deployment = await client.read_deployment_by_name(deployment_name)
+    return [
+        (str(getattr(s.schedule, "cron", s.schedule)), s.active)
+        for s in deployment.schedules
+        if s.slug == SCHEDULE_SLUG
+    ]
+
+
+def schedule_report(deployment: str, recorded: bool | None, schedules: list[tuple[str, bool]] | None) -> list[str]:
+    """What `sdrpn schedule` says: the recorded choice, the deployed schedules, and any disagreement with its fix."""
+    on_off = {True: "on", False: "off"}
+    lines = [f"{SCHEDULE_VARIABLE} = {on_off.get(recorded, 'not set')}"]
+    if recorded is None:
+        lines.append(
+            f"the variable {SCHEDULE_VARIABLE} is not set: `prefect deploy --all` fails on the schedule's `active` "
+            "until it is; run `sdrpn schedule off` (or `on`) first"
+        )
+    if schedules is None:
+        lines.append(f"{deployment} is not deployed yet: `prefect deploy --all` will create it so")
+        return lines
+    lines.append(f"{deployment}: {', '.join(f'{c} {on_off[a]}' for c, a in schedules) or 'no weekly-retrain schedule'}")
+    for cron, active in schedules:
+        if recorded is not None and active != recorded:
+            lines.append(
+                f"the deployed schedule {cron} is {on_off[active]} (switched in the UI?) but {SCHEDULE_VARIABLE} is "
+                f"{on_off[recorded]}: the next `prefect deploy --all` makes it {on_off[recorded]} again; "
+                f"`sdrpn schedule {on_off[active]}` keeps it {on_off[active]}"
+            )
+    return lines
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    """Switch the weekly retraining of `sdrpn/full` on or off: the server variable every `prefect deploy --all`
+    reads (so a redeploy keeps the choice), and the deployed schedule at once; `status` says both, and where they
+    disagree."""
+    import asyncio
+
+    from prefect.variables import Variable
+
+    _server_api()
+    state = None if args.state == "status" else args.state == "on"
+    if state is not None:
+        Variable.set(SCHEDULE_VARIABLE, state, overwrite=True)
+    lines = schedule_report(args.deployment, _recorded_schedule(), asyncio.run(_schedules(args.deployment, state)))
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """`prefect deploy --all` from the checkout, after checking what it needs: a lasting server and the recorded
+    schedule choice (named, with the fix, when missing)."""
+    import asyncio
+
+    api = _server_api()
+    if _recorded_schedule() is None:
+        raise SystemExit("\n".join(schedule_report(args.deployment, None, None)[:2]))
+    root = Path(__file__).resolve().parents[1]
+    prefect = Path(sys.executable).with_name("prefect")
+    env = {**os.environ, "PWD": str(root)}
+    done = subprocess.run([str(prefect), "deploy", "--all", "--no-prompt"], cwd=root, env=env, check=False)
+    if done.returncode != 0:
+        return done.returncode
+    print(f"deployed to {api}")
+    print(
+        "\n".join(
+            schedule_report(args.deployment, _recorded_schedule(), asyncio.run(_schedules(args.deployment, None)))
+        )
+    )
     return 0
 
 
@@ -386,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--deployment", default="sdrpn/full")
     sc.set_defaults(func=cmd_schedule)
 
+    dp = sub.add_parser("deploy", help="`prefect deploy --all` from this checkout, once the schedule choice exists")
+    dp.add_argument("--deployment", default="sdrpn/full")
+    dp.set_defaults(func=cmd_deploy)
+
     pr = sub.add_parser(
         "predict",
         help="answer one question about one image with SD-RPN",
@@ -394,8 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("image")
     pr.add_argument("question")
     pr.add_argument(
-        "--rpn", required=True, help="the RPN: a folder, a store URL (…/release/<fp>, …/rpn/<fp>) or a cached hub id"
+        "--rpn",
+        required=True,
+        help="the RPN: a folder, a store URL (…/release/<fp>, …/rpn/<fp>), a cached hub id, or `current`: the "
+        "store's champion for the base model",
     )
+    pr.add_argument("--store", help="the store `--rpn current` reads (default: the default config's)")
     pr.add_argument("--model", help="base model (default: the one named in the RPN config)")
     recorded = "the RPN's inference.json, else {}"
     pr.add_argument("--threshold", type=float, help="τ on the RoI map (default: " + recorded.format(0.15) + ")")

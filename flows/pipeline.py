@@ -12,21 +12,26 @@ cluster whose workers each load the model once.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger, tags, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
+from prefect.states import Completed, State
 
-from flows.publish import publish_run, publish_scores, skipped
+from flows.publish import key, publish_decision, publish_run, publish_scores, skipped
 from flows.runners import RunnerFactory, model_bound, task_runners
 from sdrpn_core.methods import EvalParams, get_method
-from stages import data, evaluate, labels, model, release, score, teacher, train
+from stages import data, evaluate, labels, model, promote, release, score, teacher, train
 from stages.config import DatasetSpec, PipelineConfig, TeacherSection
 from stages.evaluate import EvalPiece, plan_pieces
 from stages.labels import merge as merge_labels
 from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, PieceRef, RpnRef, ShardSummary, TeacherRef
+from storage.champion import Champions
 from storage.fingerprint import hash_obj
 from tasks.stages import Found, stage_task
 
@@ -40,7 +45,8 @@ def load_config(config: PipelineConfig | dict | None = None, config_path: str | 
 
 
 def _run_name() -> str:
-    """Flow runs are named after the config and a short fingerprint of it (`default-3f9a21c0`)."""
+    """Flow runs are named after the config and the run's (scheduled) start, UTC, to the second
+    (`default-2026-12-07T03-00-00`); the config's fingerprint is a tag (`config-fp:3f9a21c0`)."""
     from prefect.runtime import flow_run
 
     params = flow_run.parameters
@@ -48,7 +54,22 @@ def _run_name() -> str:
         cfg = load_config(params.get("config"), params.get("config_path"))
     except Exception:  # a bad config is reported, naming the field, by the flow itself
         return f"{flow_run.flow_name}-invalid-config"
-    return f"{cfg.name}-{hash_obj(cfg.model_dump(mode='json'))[:8]}"
+    start = flow_run.scheduled_start_time or datetime.now(UTC)
+    return f"{cfg.name}-{start.astimezone(UTC):%Y-%m-%dT%H-%M-%S}"
+
+
+@contextmanager
+def _labelled(cfg: PipelineConfig) -> Iterator[None]:
+    """Tags the flow run with its config's name and fingerprint (the UI filters on them), and every task run in it
+    with the name (progress artifacts are keyed under it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    labels = [f"config:{cfg.name}", f"config-fp:{hash_obj(cfg.model_dump(mode='json'))[:8]}"]
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=sorted({*flow_run.tags, *labels}))
+    with tags(labels[0]):
+        yield
 
 
 def _call(task, *args, **kwargs):
@@ -162,13 +183,15 @@ def evaluate_flow(
 
 
 def _eval(
-    cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None, runners: RunnerFactory
+    cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None, runners: RunnerFactory, only: tuple[str, ...] = ()
 ) -> tuple[list[EvalRef], bool]:
-    """Per benchmark: its samples, the pieces not yet in the store (mapped), then the scores → (results, whether
-    every one came from the cache)."""
+    """Per benchmark (`only` these, if named): its samples, the pieces not yet in the store (mapped), then the
+    scores → (results, whether every one came from the cache)."""
     settings, params, results, all_cached = cfg.store.settings(), _eval_params(cfg), [], True
     for spec in cfg.eval.datasets:
         dataset = _samples(spec, settings, f"eval:{spec.benchmark or spec.kind}")
+        if only and dataset.benchmark not in only:
+            continue
         pieces = plan_pieces(_store(cfg), model, rpn, dataset, params, cfg.eval.shards)
         found = score.SCORE.find({"store": _store(cfg), "dataset": dataset, "params": params, "pieces": pieces})
         if found is None:  # the answers first; a scored evaluation found needs none of them
@@ -177,6 +200,56 @@ def _eval(
         results.append(ref)
         all_cached &= was_cached
     return results, all_cached
+
+
+def _promote(
+    cfg: PipelineConfig, model: ModelRef, rpn: RpnRef, results: list[EvalRef], release_url: str, runners: RunnerFactory
+) -> dict | None:
+    """Champion and challenger (`stages.promote`): the decision on the run's release, recorded, announced and
+    published once; None when there is nothing to decide (the release is the champion already, or the gate's
+    method was not evaluated)."""
+    logger, gate, champions = get_run_logger(), cfg.promotion.gate(), Champions(_store(cfg))
+    if gate.method not in _eval_params(cfg).methods:
+        logger.info("promotion: %s is not evaluated in this run; the champion is left as it is", gate.method)
+        return None
+    challenger = promote.Candidate(release_url.rstrip("/").rsplit("/", 1)[-1], rpn.fingerprint, release_url)
+    current = champions.current(model.fingerprint)
+    if current is not None and current.release == challenger.release:
+        logger.info("promotion: release %s is the champion already", challenger.release[:12])
+        return None
+    champion = promote.Candidate(current.release, current.rpn, current.url) if current else None
+    rows, why = [], ""
+    if champion is not None and gate.enabled:
+        rows, why = _against(cfg, model, results, champion, gate, runners)
+    decision = promote.decide(model, challenger, champion, rows, gate, why)
+    earlier = champions.decided(model.fingerprint, decision["id"])
+    if earlier is not None:
+        logger.info("promotion decided before (not announced again): %s", promote.summary(earlier))
+        if earlier["promoted"]:
+            champions.promote(earlier)  # completes a promotion a crash interrupted
+        return earlier
+    champions.record(decision)
+    publish_decision(cfg, _store(cfg), decision)
+    return decision
+
+
+def _against(
+    cfg: PipelineConfig,
+    model: ModelRef,
+    results: list[EvalRef],
+    champion: promote.Candidate,
+    gate: promote.Gate,
+    runners: RunnerFactory,
+) -> tuple[list[dict], str]:
+    """The champion evaluated on the same samples of the gate benchmarks (pieces an earlier run answered are
+    read, not answered again) → (side-by-side rows, or a reason to promote without them)."""
+    theirs = train.lookup(_store(cfg), champion.rpn)
+    if theirs is None:
+        return [], f"the champion's RPN {champion.rpn[:12]} is gone from the store (or fails verification)"
+    get_run_logger().info("promotion: evaluating the champion %s on the gate benchmarks", champion.release[:12])
+    benchmarks = gate.benchmarks or tuple(r.benchmark for r in results)
+    champion_results, _ = _eval(cfg, model, theirs, runners, only=benchmarks)
+    return promote.compare(results, champion_results, gate), ""
 
 
 def _store(cfg: PipelineConfig):
@@ -189,7 +262,7 @@ def _store(cfg: PipelineConfig):
 def labels_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> LabelsRef:
     """Teacher extraction and pseudo-labels for the training data."""
     cfg = load_config(config, config_path)
-    with task_runners(cfg.runner) as runners:
+    with _labelled(cfg), task_runners(cfg.runner) as runners:
         return _labels(cfg, runners)[1]
 
 
@@ -197,50 +270,58 @@ def labels_flow(config: PipelineConfig | None = None, config_path: str | None = 
 def train_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> RpnRef:
     """Labels, then the RPN."""
     cfg = load_config(config, config_path)
-    with task_runners(cfg.runner) as runners:
+    with _labelled(cfg), task_runners(cfg.runner) as runners:
         return _train(cfg, *_labels(cfg, runners))
 
 
 @flow(name="sdrpn-eval", flow_run_name=_run_name)
 def eval_flow(config: PipelineConfig | None = None, config_path: str | None = None) -> list[EvalRef]:
-    """Evaluation with the newest RPN trained for the model in this store."""
+    """Evaluation with the model's champion RPN in this store (else its newest trained one)."""
     cfg = load_config(config, config_path)
-    model_ref = _model(cfg)
-    methods = _eval_params(cfg).methods
-    rpn = _latest_rpn(cfg, model_ref) if any(get_method(m).needs_rpn for m in methods) else None
-    with task_runners(cfg.runner) as runners:
-        results, all_cached = _eval(cfg, model_ref, rpn, runners)
-    if all_cached:
-        skipped("every evaluation")
-    else:
-        markdown = publish_scores(cfg, _store(cfg), model_ref, results)
-        create_markdown_artifact(key="sdrpn-eval-report", markdown=markdown, description=f"{cfg.name}: scores")
+    with _labelled(cfg):
+        model_ref = _model(cfg)
+        methods = _eval_params(cfg).methods
+        rpn = current_rpn(_store(cfg), model_ref) if any(get_method(m).needs_rpn for m in methods) else None
+        with task_runners(cfg.runner) as runners:
+            results, all_cached = _eval(cfg, model_ref, rpn, runners)
+        if all_cached:
+            skipped("every evaluation", cfg, _store(cfg))
+        else:
+            markdown = publish_scores(cfg, _store(cfg), model_ref, results)
+            create_markdown_artifact(key=key(cfg, "eval-report"), markdown=markdown, description=f"{cfg.name}: scores")
     return results
 
 
-def _latest_rpn(cfg: PipelineConfig, model: ModelRef) -> RpnRef:
+def current_rpn(store, model: ModelRef) -> RpnRef:
+    """The RPN `sdrpn eval` uses: the model's champion (`storage.champion`), else the newest trained for it."""
     from storage.artifacts import ArtifactStore
 
-    fp = ArtifactStore(_store(cfg)).latest(model.fingerprint, "rpn")
-    ref = train.lookup(_store(cfg), fp) if fp is not None else None
+    champion = Champions(store).current(model.fingerprint)
+    fp = champion.rpn if champion else ArtifactStore(store).latest(model.fingerprint, "rpn")
+    ref = train.lookup(store, fp) if fp is not None else None
     if ref is None:
-        raise ValueError(f"no trained RPN for model {model.fingerprint} in {cfg.store.root}: run `sdrpn train` first")
+        raise ValueError(f"no trained RPN for model {model.fingerprint} in {store.url()}: run `sdrpn train` first")
+    what = f"the champion (release {champion.release[:12]})" if champion else "the newest trained (no champion yet)"
+    get_run_logger().info("evaluating RPN %s: %s", fp[:12], what)
     return ref
 
 
 @flow(name="sdrpn", flow_run_name=_run_name, log_prints=True)
-def sdrpn(config: PipelineConfig | None = None, config_path: str | None = None) -> dict:
-    """The whole pipeline: teacher → labels → RPN → evaluation, every stage cached on its fingerprint."""
+def sdrpn(config: PipelineConfig | None = None, config_path: str | None = None) -> dict | State:
+    """The whole pipeline: teacher → labels → RPN → evaluation → release → promotion, every stage cached on its
+    fingerprint. A promotion decision is the run's state message (a rejection ends `Completed`: it is a result)."""
     cfg = load_config(config, config_path)
-    with task_runners(cfg.runner) as runners:
+    with _labelled(cfg), task_runners(cfg.runner) as runners:
         model_ref, labels_ref = _labels(cfg, runners)
         rpn = _train(cfg, model_ref, labels_ref)
         results, _ = _eval(cfg, model_ref, rpn, runners)
-    shared, was_cached = _run(stage_task(release.RELEASE), cfg.store.settings(), model_ref, rpn, labels_ref, results)
-    if was_cached:  # the same RPN and evaluations as a run that published them
-        skipped("the RPN and every evaluation")
-    else:
-        publish_run(cfg, _store(cfg), model_ref, labels_ref, rpn, results, shared)
+        settings = cfg.store.settings()
+        shared, was_cached = _run(stage_task(release.RELEASE), settings, model_ref, rpn, labels_ref, results)
+        if was_cached:  # the same RPN and evaluations as a run that published them
+            skipped("the RPN and every evaluation", cfg, _store(cfg))
+        else:
+            publish_run(cfg, _store(cfg), model_ref, labels_ref, rpn, results, shared)
+        decision = _promote(cfg, model_ref, rpn, results, shared, runners)
     summary = {
         "model": model_ref.fingerprint,
         "labels": labels_ref.url,
@@ -248,6 +329,7 @@ def sdrpn(config: PipelineConfig | None = None, config_path: str | None = None) 
         "release": shared,
         "eval": [r.url for r in results],
         "scores": [s for r in results for s in r.scores],
+        "promotion": decision,
     }
     print(summary)
-    return summary
+    return Completed(message=promote.summary(decision), data=summary) if decision else summary

@@ -1,7 +1,11 @@
 """What a person sees of a run in the Prefect UI: artifacts with descriptions, pictures as image artifacts, and
 locations that open from a browser (presigned URLs for an S3 store) or, for a local store, the path as text (a
-`file://` link opens nothing). Nothing is published for a run whose outputs all came from the cache: the
-artifacts of the run that made them still stand."""
+`file://` link opens nothing).
+
+Artifact keys are namespaced by the config (`sdrpn-<config>-report`), so two configs on one server do not write
+over each other's. Nothing is published for a run whose outputs all came from the cache: the artifacts of the run
+that made them still stand, and their links are re-signed in place (a presigned URL lives `LINK_LIFETIME_S`, a
+week: every run, a cached one included, restarts that week without a new artifact version)."""
 
 from __future__ import annotations
 
@@ -11,16 +15,24 @@ import re
 import pyarrow.parquet as pq
 from prefect import get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
 
 from stages.config import PipelineConfig
+from stages.promote import summary
 from stages.refs import EvalRef, LabelsRef, ModelRef, RpnRef
 from stages.report import results_rows, write_results
 from storage.artifacts import ArtifactStore
-from storage.store import Store
+from storage.champion import Champions
+from storage.store import LINK_LIFETIME_S, Store
 
 
 def _key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def key(cfg: PipelineConfig, *what: str) -> str:
+    """The artifact key of `what` for this config: `sdrpn-<config name>-<what>`."""
+    return _key("sdrpn", cfg.name, *what)
 
 
 def place(store: Store, kind: str, fp: str, name: str = "") -> str:
@@ -30,12 +42,12 @@ def place(store: Store, kind: str, fp: str, name: str = "") -> str:
     return f"[{name or kind}]({url}) (`{where}`)" if url else f"`{where}`"
 
 
-def image(store: Store, kind: str, fp: str, name: str, key: str, description: str) -> str:
+def image(store: Store, kind: str, fp: str, name: str, artifact: str, description: str) -> str:
     """An image artifact where the store gives the browser a URL; the report's Markdown for it either way."""
     url = store.browser_url(kind, fp, name)
     if url is None:
         return f"{description}: `{store.url(kind, fp, name)}`"
-    create_image_artifact(image_url=url, key=key, description=description)
+    create_image_artifact(image_url=url, key=artifact, description=description)
     return f"![{description}]({url})"
 
 
@@ -58,13 +70,13 @@ def publish_scores(cfg: PipelineConfig, store: Store, model: ModelRef, results: 
     url, markdown = write_results(store, results, _paper_model(cfg), model.fingerprint, history)
     fp = url.rstrip("/").rsplit("/", 1)[-1]
     create_table_artifact(
-        key="sdrpn-scores",
+        key=key(cfg, "scores"),
         table=results_rows(results),
         description=f"{cfg.name}: score per benchmark and method (percent) and throughput relative to the baseline",
     )
-    lines = [markdown, image(store, "reports", fp, "scores.png", "sdrpn-score-bars", "scores per benchmark")]
+    lines = [markdown, image(store, "reports", fp, "scores.png", key(cfg, "score-bars"), "scores per benchmark")]
     if history:
-        lines.append(image(store, "reports", fp, "loss.png", "sdrpn-loss-curve", "RPN training loss per step"))
+        lines.append(image(store, "reports", fp, "loss.png", key(cfg, "loss-curve"), "RPN training loss per step"))
     lines.append(f"Results files: {place(store, 'reports', fp, 'results.md')}")
     return "\n\n".join(lines)
 
@@ -87,9 +99,7 @@ def publish_run(
         galleries.append(arts.read("eval", r.fingerprint, "report.md").decode())
         if "gallery.png" in arts.manifest("eval", r.fingerprint)["files"]:
             what = f"{r.benchmark}: RoI overlays of the largest SD-RPN wins, then losses"
-            galleries.append(
-                image(store, "eval", r.fingerprint, "gallery.png", _key("sdrpn-gallery", r.benchmark), what)
-            )
+            galleries.append(image(store, "eval", r.fingerprint, "gallery.png", key(cfg, "gallery", r.benchmark), what))
     stats = labels.stats
     report = [
         f"# SD-RPN run: {cfg.name}",
@@ -105,7 +115,7 @@ def publish_run(
         *galleries,
     ]
     create_markdown_artifact(
-        key="sdrpn-report",
+        key=key(cfg, "report"),
         markdown="\n\n".join(report),
         description=f"{cfg.name}: scores, pseudo-label statistics, RPN training and RoI galleries",
     )
@@ -122,13 +132,84 @@ def publish_run(
         ],
     ]
     create_markdown_artifact(
-        key="sdrpn-outputs",
+        key=key(cfg, "outputs"),
         markdown="\n".join(outputs),
         description=f"{cfg.name}: where the run's outputs are in the store (browser links for S3, paths otherwise)",
     )
 
 
-def skipped(what: str) -> None:
+def publish_decision(cfg: PipelineConfig, store: Store, decision: dict) -> None:
+    """The promotion decision: a log line, the side-by-side table (a Markdown artifact) and a Prefect event,
+    `sdrpn.rpn.promoted` or `sdrpn.rpn.rejected`, whose payload is the decision (scores included), for automations
+    (e.g. a notification on rejection)."""
+    logger, line = get_run_logger(), summary(decision)
+    (logger.info if decision["promoted"] else logger.warning)("%s", line)
+    rows = [
+        "| benchmark | metric | champion | challenger | difference | passes |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {r['benchmark']} | {r['metric']} | {_num(r['champion'])} | {_num(r['challenger'])} | "
+            f"{_num(r['delta'], '+.1f')} | {'yes' if r['passes'] else 'no'} |"
+            for r in decision["rows"]
+        ],
+    ]
+    champion = decision["champion"]
+    markdown = [
+        f"# {'Promoted' if decision['promoted'] else 'Rejected'}: {decision['reason']}",
+        *(rows if decision["rows"] else ["(nothing compared)"]),
+        f"Challenger: {place(store, 'release', decision['challenger']['release'], 'README.md')}",
+        f"Champion: {place(store, 'release', champion['release'], 'README.md') if champion else 'none yet'}",
+        f"Decision record: `{Champions(store).decision_url(decision['model'], decision['id'])}`",
+    ]
+    create_markdown_artifact(
+        key=key(cfg, "promotion"), markdown="\n\n".join(markdown), description=f"{cfg.name}: {line}"
+    )
+    emit_event(
+        event=f"sdrpn.rpn.{'promoted' if decision['promoted'] else 'rejected'}",
+        resource={"prefect.resource.id": f"sdrpn.model.{decision['model']}", "prefect.resource.name": cfg.name},
+        related=[
+            {
+                "prefect.resource.id": f"sdrpn.release.{decision['challenger']['release']}",
+                "prefect.resource.role": "challenger",
+            }
+        ],
+        payload=decision,
+    )
+
+
+LINK = re.compile(r"https?://[^\s)\"'<>`]+")
+
+
+def refresh_links(store: Store, prefix: str) -> int:
+    """Re-sign, in place, every link into `store` held by the newest version of each artifact whose key starts
+    with `prefix`; returns how many artifacts changed. No artifact version is added."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactUpdate
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+
+    def resign(match: re.Match) -> str:
+        path = store.relative(match.group())
+        return (store.browser_url(path) if path else None) or match.group()
+
+    changed = 0
+    where = ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(like_=f"{prefix}%"))
+    with get_client(sync_client=True) as client:
+        for artifact in client.read_latest_artifacts(artifact_filter=where):
+            if isinstance(artifact.data, str) and (fresh := LINK.sub(resign, artifact.data)) != artifact.data:
+                client.update_artifact(artifact.latest_id, ArtifactUpdate(data=fresh))
+                changed += 1
+    return changed
+
+
+def _num(value: float | None, spec: str = ".1f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def skipped(what: str, cfg: PipelineConfig, store: Store) -> None:
+    """Nothing re-published; the links of the config's artifacts re-signed in place."""
     get_run_logger().info(
         "%s came from the cache: nothing re-published (the artifacts of the run that made them stand)", what
     )
+    if store.links:
+        refreshed = refresh_links(store, key(cfg, ""))
+        get_run_logger().info("%d artifacts' links re-signed for another %d days", refreshed, LINK_LIFETIME_S // 86400)

@@ -11,7 +11,7 @@ import dataclasses
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -21,6 +21,9 @@ from sdrpn_core.presets import Preset, get_preset
 from sdrpn_core.pseudo_labels import LabelParams
 from sdrpn_core.train import TrainConfig
 from storage.store import StoreSettings
+
+if TYPE_CHECKING:
+    from stages.promote import Gate
 
 
 class _Section(BaseModel):
@@ -319,6 +322,40 @@ class RunnerSection(_Section):
         return self
 
 
+class PromotionSection(_Section):
+    """The champion/challenger gate (`stages.promote`): a retrained RPN is promoted to the model's current one only
+    if `method`'s metric (`metrics.<benchmark>`, default `score`) on each gate benchmark (`benchmarks`, default:
+    every evaluated one) is not below the champion's by more than `tolerance` points. `enabled: false` promotes
+    every RPN (the gate's comparison is skipped)."""
+
+    enabled: bool = True
+    benchmarks: list[str] = Field(default_factory=list)
+    metrics: dict[str, str] = Field(default_factory=dict)
+    method: str = "sdrpn"
+    tolerance: Annotated[float, Field(ge=0)] = 0.0
+
+    def gate(self) -> Gate:
+        from stages.promote import Gate  # here: the stages that read config sections do not run the gate
+
+        return Gate(
+            enabled=self.enabled,
+            benchmarks=tuple(self.benchmarks),
+            metrics=tuple(sorted(self.metrics.items())),
+            method=self.method,
+            tolerance=self.tolerance,
+        )
+
+    def check(self, evaluated: list[str], methods: tuple[str, ...]) -> None:
+        """The gate names benchmarks the run evaluates and an RPN method it runs (checked before any work)."""
+        from sdrpn_core.methods import get_method
+
+        for name in [*self.benchmarks, *self.metrics]:
+            if name not in evaluated:
+                raise ValueError(f"promotion: benchmark {name!r} is not evaluated (eval.datasets: {evaluated})")
+        if "method" in self.model_fields_set and (self.method not in methods or not get_method(self.method).needs_rpn):
+            raise ValueError(f"promotion.method {self.method!r} must be an RPN method of eval.methods {list(methods)}")
+
+
 class PipelineConfig(_Section):
     name: str = "default"
     model: ModelSpec  # required: which MLLM (a folder, a hub id, the shipped nano or a tiny random one)
@@ -330,6 +367,7 @@ class PipelineConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     store: StoreSection = Field(default_factory=StoreSection)
     runner: RunnerSection = Field(default_factory=RunnerSection)
+    promotion: PromotionSection = Field(default_factory=PromotionSection)
 
     @model_validator(mode="after")
     def _resolvable(self) -> PipelineConfig:
@@ -337,7 +375,8 @@ class PipelineConfig(_Section):
         preset = self.teacher.preset_obj()
         self.labels.params(preset)
         self.train.params(preset)
-        self.eval.params(preset)
+        methods = self.eval.params(preset).methods
+        self.promotion.check([_benchmark_of(d) for d in self.eval.datasets], methods)
         if self.train_sources and "train_data" in self.model_fields_set:
             raise ValueError("set train_data (one source) or train_sources (several), not both")
         names = [s.name for s in self.train_sources]
@@ -378,6 +417,12 @@ class PipelineConfig(_Section):
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
             raise ConfigError(f"{path}: {problems}") from None
+
+
+def _benchmark_of(spec: DatasetSpec) -> str:
+    from sdrpn_core.benchmarks import get_benchmark
+
+    return get_benchmark(spec.benchmark or "synthetic").name
 
 
 def _fix(section: object, key: str, base: Path, *, hub_ok: bool = False) -> None:

@@ -201,3 +201,26 @@ class ManifestLine(Record):
         if not isinstance(v, str):
             raise ValueError(f"{info.field_name!r} must be a string")
         return v
+
+
+FINGERPRINT = re.compile(r"[\w-][\w.-]*")
+
+
+class ChampionRecord(Record):
+    """The current champion RPN of a base model (`release/current/<model>/champion.json`): the release that was
+    promoted, its RPN, and the decision that promoted it."""
+
+    model: str = _unset()
+    base_model: str = ""  # the path or id it was trained on, as the run named it
+    release: str = _unset()
+    rpn: str = _unset()
+    url: str = ""
+    decision: str = ""
+    decided: float = 0.0
+
+    @field_validator("model", "release", "rpn", mode="before")
+    @classmethod
+    def _fp(cls, v: object, info) -> str:
+        if not isinstance(v, str) or not FINGERPRINT.fullmatch(v):
+            raise ValueError(f"no {info.field_name} fingerprint")
+        return v

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -23,6 +24,7 @@ from storage.files import write_atomic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+LINK_LIFETIME_S = 7 * 24 * 3600  # the longest an S3 (SigV4) presigned URL may live
 
 
 class StoreError(RuntimeError):
@@ -107,15 +109,35 @@ class Store:
         p = self.path(*parts)
         return p if self.protocol == "file" else f"{self.protocol}://{p}"
 
-    def browser_url(self, *parts: str, expires_s: int = 7 * 24 * 3600) -> str | None:
+    @property
+    def links(self) -> bool:
+        """Whether outputs have browser URLs (an object store), rather than paths shown as text."""
+        return self.protocol not in ("file", "local")
+
+    def browser_url(self, *parts: str, expires_s: int = LINK_LIFETIME_S) -> str | None:
         """An http(s) URL a browser can open (a presigned one for S3, valid `expires_s`), or None where there is
         none (a local folder: show its path as text instead)."""
-        if self.protocol in ("file", "local"):
+        if not self.links:
             return None
         try:
             return self.fs.sign(self.path(*parts), expiration=expires_s)
         except NotImplementedError:
             return None
+
+    def relative(self, url: str) -> str | None:
+        """The store path (relative to the root) a browser URL of this store points at, else None: path-style
+        (`http://endpoint/bucket/prefix/key?…`) or virtual-hosted (`https://bucket.s3…/prefix/key?…`)."""
+        parts = urlsplit(url)
+        path = unquote(parts.path).lstrip("/")
+        bucket, _, prefix = self.root_path.partition("/")
+        if path.startswith(self.root_path + "/"):
+            return path[len(self.root_path) + 1 :]
+        if parts.hostname and parts.hostname.startswith(bucket + "."):
+            if not prefix:
+                return path or None
+            if path.startswith(prefix + "/"):
+                return path[len(prefix) + 1 :]
+        return None
 
     def retrying(self, what: str, fn: Callable[[], T]) -> T:
         s = self.settings

@@ -103,6 +103,15 @@ class _Progress:
         update_progress_artifact(artifact_id=self.artifact, progress=100.0)
 
 
+def _namespace() -> str:
+    """`sdrpn-<config>`: the config's name from the run's `config:<name>` tag (the flows set it), so two configs'
+    progress artifacts keep apart; `sdrpn` for a task run outside the flows."""
+    from prefect.runtime import task_run
+
+    name = next((t.split(":", 1)[1] for t in task_run.tags or () if t.startswith("config:")), "")
+    return f"sdrpn-{name}" if name else "sdrpn"
+
+
 def _arguments(parameters: dict[str, Any]) -> dict[str, Any]:
     """The call's arguments as the templates see them: `{shard1}` is the 1-based shard."""
     return {**parameters, "shard1": parameters.get("shard", 0) + 1}
@@ -151,7 +160,7 @@ def stage_task(stage: Stage) -> Task:
             return cached(ref, what)
         progress = None
         if stage.progress and takes_progress:
-            key = re.sub(r"[^a-z0-9]+", "-", what.lower()).strip("-")
+            key = re.sub(r"[^a-z0-9]+", "-", f"{_namespace()} {what}".lower()).strip("-")
             progress = _Progress(key, stage.progress.format(**_arguments(arguments)))
             arguments["progress"] = progress
         out = stage.run(**pick(stage.run, arguments))

@@ -34,10 +34,10 @@ def _prefect(env, *args, timeout=120, check=True):
     return proc.stdout
 
 
-def _sdrpn(env, *args) -> str:
+def _sdrpn(env, *args, ok: bool = True) -> str:
     proc = subprocess.run([str(BIN / "sdrpn"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def _check_the_schedule_survives_redeploys(env) -> None:
@@ -47,13 +47,35 @@ def _check_the_schedule_survives_redeploys(env) -> None:
         [str(BIN / "prefect"), "deploy", "--all", "--no-prompt"], env=env, cwd=ROOT, capture_output=True, text=True
     )
     assert first.returncode != 0 and "active" in first.stdout + first.stderr
+    refused = _sdrpn(env, "deploy", ok=False)  # ours names the variable and the fix instead
+    assert "sdrpn_weekly_retrain is not set" in refused and "sdrpn schedule off" in refused
+    assert "not set" in _sdrpn(env, "schedule", "status")
     assert "not deployed yet" in _sdrpn(env, "schedule", "off")
-    _prefect(env, "deploy", "--all", "--no-prompt")
+    assert "0 3 * * 1 off" in _sdrpn(env, "deploy")
     assert "0 3 * * 1 off" in _sdrpn(env, "schedule", "status")
     assert "0 3 * * 1 on" in _sdrpn(env, "schedule", "on")
     _prefect(env, "deploy", "--all", "--no-prompt")  # the redeploy that used to switch it off
     assert "0 3 * * 1 on" in _sdrpn(env, "schedule", "status")
+    _toggle_in_the_ui(env, active=False)
+    status = _sdrpn(env, "schedule", "status")
+    assert "switched in the UI?" in status and "`sdrpn schedule off` keeps it off" in status
     assert "0 3 * * 1 off" in _sdrpn(env, "schedule", "off")
+    assert "switched in the UI?" not in _sdrpn(env, "schedule", "status")
+
+
+def _toggle_in_the_ui(env, active: bool) -> None:
+    """What the UI's toggle does: the schedule's `active` set through the API, the variable left as it was."""
+    code = (
+        "import asyncio\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        d = await c.read_deployment_by_name('sdrpn/full')\n"
+        "        for s in d.schedules:\n"
+        f"            await c.update_deployment_schedule(d.id, s.id, active={active})\n"
+        "asyncio.run(main())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, timeout=60)
 
 
 def test_deployment_run_sdrpn_full(tmp_path):

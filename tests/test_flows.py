@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from stages import train as train_stage
 from stages import train_ranks
 from stages.common import Stage
 from stages.config import PipelineConfig
+from storage.fingerprint import hash_obj
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,6 +194,45 @@ def _run_names(since: float) -> tuple[list[str], list[str]]:
     return asyncio.run(read())
 
 
+def _flow_run_tags(name: str) -> set[str]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+
+    (run,) = asyncio.run(read())
+    return set(run.tags)
+
+
+def _events(name: str, since: float) -> list[dict]:
+    """The events of this name the server holds, newest last (the client sends them in the background: wait)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            for _ in range(40):
+                body = {"filter": {"event": {"name": [name]}, "occurred": {"since": _iso(since)}}, "limit": 50}
+                found = (await client._client.post("/events/filter", json=body)).json()["events"]
+                if found:
+                    return sorted(found, key=lambda e: e["occurred"])
+                await asyncio.sleep(0.25)
+        return []
+
+    return asyncio.run(read())
+
+
+def _iso(t: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(t, tz=UTC).isoformat()
+
+
 def _task_states(since: float) -> dict[str, set[str]]:
     import asyncio
 
@@ -225,7 +266,10 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     assert {"model", "train", "release", "evaluate[synthetic/sdrpn 1/1]"} <= set(task_names)
     assert any(n.startswith("labels[synthetic") for n in task_names), task_names
     assert "score[synthetic]" in task_names and any(n.startswith("teacher[synthetic") for n in flow_names)
-    assert any(n.startswith("test-") and len(n) == len("test-") + 8 for n in flow_names), flow_names
+    (ours,) = [n for n in flow_names if n.startswith("test-")]  # the config and the start, UTC, to the second
+    assert re.fullmatch(r"test-\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d", ours), ours
+    assert {"config:test", f"config-fp:{hash_obj(cfg.model_dump(mode='json'))[:8]}"} <= _flow_run_tags(ours)
+    assert summary["promotion"]["promoted"] and summary["promotion"]["reason"] == "the first RPN of this base model"
     methods = {s["method"]: s for s in summary["scores"]}
     assert set(methods) == {"baseline", "sdrpn", "vicrop", "oracle"}
     assert methods["oracle"]["samples"] == 4
@@ -252,23 +296,25 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     assert protocol["ocr_tokens_in_prompt"] is False and protocol["dtype"] == "float32"
     assert (Path(summary["rpn"]) / "rpn.safetensors").exists()
     artifacts = _artifacts()
-    published = {"sdrpn-scores", "sdrpn-report", "sdrpn-outputs"}
+    published = {"sdrpn-test-scores", "sdrpn-test-report", "sdrpn-test-outputs", "sdrpn-test-promotion"}
     assert published <= set(artifacts)
     assert all(artifacts[k].description and cfg.name in artifacts[k].description for k in published)
-    assert artifacts["sdrpn-scores"].type == "table" and "baseline" in str(artifacts["sdrpn-scores"].data)
-    report = artifacts["sdrpn-report"].data
+    assert artifacts["sdrpn-test-scores"].type == "table" and "baseline" in str(artifacts["sdrpn-test-scores"].data)
+    assert "Promoted: the first RPN" in artifacts["sdrpn-test-promotion"].data
+    report = artifacts["sdrpn-test-report"].data
     assert "Pseudo-labels" in report and "base64" not in report  # pictures are files (a local store: their paths)
     assert "gallery.png" in report and "scores.png" in report and "loss.png" in report
-    outputs = artifacts["sdrpn-outputs"].data
+    outputs = artifacts["sdrpn-test-outputs"].data
     assert "file://" not in outputs and str(tmp_path / "store" / "release") in outputs
     progress = [a for a in _artifacts(progress=True) if a.type == "progress" and a.created.timestamp() >= started]
     assert progress and all(a.data == 100.0 for a in progress), [(a.key, a.data) for a in progress]
+    assert all(a.key.startswith("sdrpn-test-") for a in progress), [a.key for a in progress]  # keyed per config
     release = Path(summary["release"])
     card = (release / "README.md").read_text()
     assert "base_model:" in card and "## Scores" in card and "## Protocol" in card and "## Recipe" in card
     inference = json.loads((release / "inference.json").read_text())
     assert inference["threshold"] == protocol["roi_threshold"] and inference["max_new_tokens"] == 3
-    versions = len([a for a in _artifacts(progress=True) if a.key in published])
+    versions = len([a for a in _artifacts(progress=True) if (a.key or "").startswith("sdrpn-test-")])
 
     calls = Calls(monkeypatch)
     t0 = time.time()
@@ -279,7 +325,9 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     for stage in ("labels", "train", "score", "release"):
         assert states.get(stage) == {"Cached"}, (stage, states)
     assert "teacher-shard" not in states  # every sample's teacher rows were found: no shard started
-    assert len([a for a in _artifacts(progress=True) if a.key in published]) == versions  # nothing re-published
+    # nothing re-published, no progress artifact, no second decision: not one new artifact version
+    assert len([a for a in _artifacts(progress=True) if (a.key or "").startswith("sdrpn-test-")]) == versions
+    assert again["promotion"] is None
 
 
 def test_changing_eval_or_label_params_reruns_only_what_depends_on_them(family, tmp_path, monkeypatch):
@@ -461,13 +509,15 @@ def test_full_flow_on_s3(family, moto_server, s3_settings, tmp_path, monkeypatch
     import requests
 
     artifacts = _artifacts()
-    for key in ("sdrpn-gallery-synthetic", "sdrpn-score-bars", "sdrpn-loss-curve"):  # pictures a browser opens
+    for key in ("sdrpn-test-gallery-synthetic", "sdrpn-test-score-bars", "sdrpn-test-loss-curve"):  # pictures
         assert artifacts[key].type == "image" and artifacts[key].description, key
         got = requests.get(artifacts[key].data, timeout=10)
         assert got.status_code == 200 and got.content[:8] == b"\x89PNG\r\n\x1a\n", key
-    outputs = artifacts["sdrpn-outputs"].data
+        assert got.headers["Content-Type"] == "image/png"  # a browser shows it
+    outputs = artifacts["sdrpn-test-outputs"].data
     assert f"]({moto_server['endpoint']}/" in outputs and "s3://" in outputs  # presigned links, and the URL as text
-    assert "![" in artifacts["sdrpn-report"].data and "base64" not in artifacts["sdrpn-report"].data
+    assert "![" in artifacts["sdrpn-test-report"].data and "base64" not in artifacts["sdrpn-test-report"].data
+    _every_object_has_its_content_type(store)
 
     from stages.release import fetch_release
 
@@ -475,7 +525,28 @@ def test_full_flow_on_s3(family, moto_server, s3_settings, tmp_path, monkeypatch
     shared = fetch_release(summary["release"])  # an s3:// release, fetched and verified
     assert {"rpn.safetensors", "rpn_config.json", "inference.json", "README.md"} <= {p.name for p in shared.iterdir()}
     calls = Calls(monkeypatch)
+    versions = len([a for a in _artifacts(progress=True) if (a.key or "").startswith("sdrpn-test-")])
+    time.sleep(1.1)  # a presigned URL is signed to the second
     assert sdrpn(cfg)["scores"] == summary["scores"] and calls.n == {}
+    fresh = _artifacts()
+    assert len([a for a in _artifacts(progress=True) if (a.key or "").startswith("sdrpn-test-")]) == versions
+    for key in ("sdrpn-test-outputs", "sdrpn-test-report", "sdrpn-test-score-bars"):  # re-signed in place
+        assert fresh[key].id == artifacts[key].id and fresh[key].data != artifacts[key].data, key
+        links = re.findall(r"https?://[^\s)\"'<>`]+", fresh[key].data)
+        assert links and all(requests.get(u, timeout=10).status_code == 200 for u in links), key
+
+
+def _every_object_has_its_content_type(store) -> None:
+    """Every object the run wrote carries its type (S3's default, `binary/octet-stream`, makes a browser download a
+    model card instead of showing it)."""
+    from storage.files import content_type
+
+    store.fs.invalidate_cache()
+    paths = store.fs.find(store.root_path)
+    assert len(paths) > 20
+    for path in paths:
+        head = store.fs.info(path, refresh=True)
+        assert head.get("ContentType") == content_type(path), (path, head.get("ContentType"))
 
 
 def test_cli_run_then_eval(family, tmp_path, capsys):
