@@ -787,20 +787,68 @@ def test_a_stage_that_produced_nothing_is_not_stored_as_done(tmp_path, monkeypat
     assert labels_flow(fixed).rows == 12
 
 
-def test_the_nano_default_reads_small_details_with_sd_rpn(tmp_path):
-    """The headline claim, loosely, within the CI budget: on a held-out slice of the default task (seed 1000,
-    never trained on) with the shipped sdrpn-nano and an RPN trained here on 300 scenes, SD-RPN beats the baseline
-    by a wide margin and the oracle crop beats both (full figures: `python benchmarks/nano_gain.py`)."""
-    from flows.pipeline import sdrpn
-
+def _nano_config(root: str, **train) -> PipelineConfig:
     raw = PipelineConfig.from_yaml(ROOT / "configs" / "default.yaml").model_dump(mode="json")
     raw["train_data"]["n"] = 300
     raw["eval"]["datasets"][0]["n"] = 60
     raw["eval"]["methods"] = ["baseline", "sdrpn", "oracle"]
-    raw["store"]["root"] = str(tmp_path / "store")
-    scores = {s["method"]: s["score"] for s in sdrpn(PipelineConfig.model_validate(raw))["scores"]}
+    raw["store"]["root"] = root
+    raw["train"] = {**(raw.get("train") or {}), **train}
+    return PipelineConfig.model_validate(raw)
+
+
+def test_the_nano_default_reads_small_details_with_sd_rpn_and_a_worse_rpn_is_not_promoted(tmp_path, monkeypatch):
+    """The headline claim, loosely, within the CI budget: on a held-out slice of the default task (seed 1000,
+    never trained on) with the shipped sdrpn-nano and an RPN trained here on 300 scenes, SD-RPN beats the baseline
+    by a wide margin and the oracle crop beats both (full figures: `python benchmarks/nano_gain.py`).
+
+    Then the promotion gate: that RPN is the first, so it is promoted; a retrained one that learned nothing (a
+    learning rate a million times too small) is evaluated, compared on the same samples, rejected: the run ends
+    Completed with the reason, the pointer is unchanged, the challenger's release is kept, the event carries the
+    scores, and `sdrpn eval` keeps evaluating the champion. A rerun does not decide (or announce) again."""
+    from flows.pipeline import current_rpn, sdrpn
+    from stages.common import get_store
+    from storage.champion import Champions
+
+    root = str(tmp_path / "store")
+    first = sdrpn(_nano_config(root))
+    scores = {s["method"]: s["score"] for s in first["scores"]}
     assert scores["sdrpn"] >= scores["baseline"] + 25, scores
     assert scores["oracle"] > scores["sdrpn"], scores
+    assert first["promotion"]["promoted"]
+    champions = Champions(get_store(_nano_config(root).store.settings()))
+    champion = champions.current(first["model"])
+    assert champion is not None and first["release"].endswith(champion.release)
+
+    t0 = time.time()
+    state = sdrpn(_nano_config(root, lr=1e-9), return_state=True)
+    assert state.name == "Completed" and "REJECTED" in state.message, state.message
+    worse = state.result()
+    decision = worse["promotion"]
+    assert not decision["promoted"] and worse["rpn"] != first["rpn"]
+    (row,) = decision["rows"]
+    assert row["champion"] == scores["sdrpn"] and row["challenger"] < row["champion"] and not row["passes"]
+    assert champions.current(first["model"]) == champion  # the champion stays
+    assert (Path(worse["release"]) / "rpn.safetensors").exists()  # the challenger's release kept for inspection
+    assert [d["promoted"] for d in champions.history(first["model"])] == [True, False]
+    (event,) = _events("sdrpn.rpn.rejected", t0)
+    assert event["payload"]["rows"][0]["challenger"] == row["challenger"]
+    assert event["resource"]["prefect.resource.id"] == f"sdrpn.model.{first['model']}"
+    assert "Rejected" in _artifacts()["sdrpn-default-promotion"].data
+
+    calls = Calls(monkeypatch)
+    again = sdrpn(_nano_config(root, lr=1e-9))
+    assert calls.n == {} and again["promotion"]["id"] == decision["id"]  # the recorded decision, not a new one
+    assert len(champions.history(first["model"])) == 2 and len(_events("sdrpn.rpn.rejected", t0)) == 1
+
+    from flows.pipeline import _model
+    from prefect import flow
+
+    @flow
+    def which() -> str:
+        return current_rpn(get_store(_nano_config(root).store.settings()), _model(_nano_config(root))).url
+
+    assert which() == first["rpn"]  # what `sdrpn eval` evaluates: the champion, not the newest trained
 
 
 def test_cli_labels_then_train(tmp_path, capsys, monkeypatch):
@@ -1175,6 +1223,11 @@ def test_predict_on_the_runs_release_uses_what_the_evaluation_used(tmp_path):
     assert settings["source"] == "evaluation: synthetic"
     assert (settings["threshold"], settings["mode"], settings["max_new_tokens"]) == (0.07, "box", 3)
     assert protocol["roi_threshold"] == 0.07 and protocol["roi_mode"] == "box"
+    current = ["predict", str(image), "what?", "--rpn", "current", "--store", str(tmp_path / "store")]
+    assert main([*current, "--out", str(tmp_path / "c")]) == 0  # the store's champion: this run's release
+    assert json.loads((tmp_path / "c" / "answer.json").read_text())["settings"] == settings
+    with pytest.raises(SystemExit, match="0 champions"):
+        main([*current, "--model", str(tmp_path / "elsewhere")])
 
 
 def test_a_new_stage_is_its_declaration_and_a_line_in_the_flow(tmp_path):
