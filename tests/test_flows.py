@@ -841,8 +841,9 @@ def test_the_nano_default_reads_small_details_with_sd_rpn_and_a_worse_rpn_is_not
     assert calls.n == {} and again["promotion"]["id"] == decision["id"]  # the recorded decision, not a new one
     assert len(champions.history(first["model"])) == 2 and len(_events("sdrpn.rpn.rejected", t0)) == 1
 
-    from flows.pipeline import _model
     from prefect import flow
+
+    from flows.pipeline import _model
 
     @flow
     def which() -> str:
