@@ -97,7 +97,9 @@ def run_and_shoot(out: Path, config: str | None, train_n: int, eval_n: int, chro
             subprocess.run([sys.executable, "-c", script, str(cfg_path)], env={**env, "PYTHONPATH": str(ROOT)},
                            check=True, cwd=ROOT)  # fmt: skip
             run = _api(base, "/flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"is_null_": True}}})[0]
-            report = _api(base, "/artifacts/filter", {"artifacts": {"key": {"any_": ["sdrpn-report"]}}})[0]
+            from flows.publish import key
+
+            report = _api(base, "/artifacts/filter", {"artifacts": {"key": {"any_": [key(cfg, "report")]}}})[0]
             out.mkdir(parents=True, exist_ok=True)
             return [
                 shoot(chromium, f"{base}/runs/flow-run/{run['id']}", out / "prefect-run.png"),

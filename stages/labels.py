@@ -27,7 +27,7 @@ from stages.common import Stage
 from stages.refs import DatasetRef, LabelsRef
 from stages.tables import label_table, teacher_records
 from storage.artifacts import ArtifactStore
-from storage.fingerprint import stage_fingerprint
+from storage.fingerprint import hash_obj, stage_fingerprint
 from storage.labels import label_dataset, teacher_dataset
 from storage.sharded import ShardedDataset
 from storage.store import Store, StoreError
@@ -80,9 +80,9 @@ def lookup(store: Store, fp: str) -> LabelsRef | None:
     return LabelsRef(fp, ds.url, stats["samples"], stats["usable"], stats)
 
 
-def _manifest_index(dataset: DatasetRef, store: Store) -> pa.Table:
+def _manifest_index(dataset_fp: str, store: Store) -> pa.Table:
     """sample_id, sample_key, image and row number of every manifest row (compact Arrow, not Python objects)."""
-    data = ArtifactStore(store).read("datasets", dataset.fingerprint, "manifest.parquet")
+    data = ArtifactStore(store).read("datasets", dataset_fp, "manifest.parquet")
     table = pq.read_table(io.BytesIO(data), columns=["sample_id", "sample_key", "image"])
     return table.append_column("_mrow", pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
@@ -100,6 +100,51 @@ def _first_unseen(pairs: pa.Table, seen: np.ndarray) -> pa.Table:
     return pairs.take(pa.array(keep, type=pa.int64()))
 
 
+def _rule(teacher_fp: str, params: LabelParams) -> str:
+    """What a label row is a function of: its sample's teacher row, the label parameters and the label code. Label
+    sets made by one rule share rows by sample content, so a grown dataset labels only its new samples."""
+    return hash_obj({"teacher": teacher_fp, "params": params, "code": LABELS.code_version()})
+
+
+def _earlier_sets(store: Store, fp: str, rule: str) -> list[dict]:
+    """The finished label sets of other datasets made by the same rule (their done records)."""
+    found = []
+    for other in store.ls("labels"):
+        if other == fp or not store.exists("labels", other, DONE):
+            continue
+        try:
+            done = store.read_json("labels", other, DONE)
+        except ValueError:
+            continue
+        if isinstance(done, dict) and done.get("rule") == rule and isinstance(done.get("dataset"), str):
+            found.append({**done, "fp": other})
+    return found
+
+
+def _reuse_earlier(store: Store, fp: str, rule: str, manifest: pa.Table, covered: np.ndarray, meta) -> int:
+    """Label rows of earlier label sets of the same rule, for this manifest's samples (matched by the sample key,
+    the content hash) → copied into this set under this manifest's ids, not labelled again. Returns how many."""
+    ds, before = label_dataset(store, fp), int(covered.sum())
+    for done in _earlier_sets(store, fp, rule):
+        ids = _manifest_index(done["dataset"], store).select(["sample_id", "sample_key"])
+        for shard in label_dataset(store, done["fp"]).iter_shards(dedup=False):
+            if covered.all():
+                return int(covered.sum()) - before
+            rows = pa.table({"sample_id": shard.column("sample_id"), "_row": pa.array(np.arange(shard.num_rows))})
+            keyed = rows.join(ids, "sample_id", join_type="inner", use_threads=False).select(["sample_key", "_row"])
+            pairs = _first_unseen(manifest.join(keyed, "sample_key", join_type="inner", use_threads=False), covered)
+            if pairs.num_rows:
+                copied = _renamed(shard.take(pairs.column("_row")), pairs)
+                ds.write(copied.select(ds.schema.names), meta, skip_committed=False)
+    return int(covered.sum()) - before
+
+
+def _renamed(rows: pa.Table, pairs: pa.Table) -> pa.Table:
+    """Rows of another dataset (or the teacher's) under this manifest's sample ids and image paths."""
+    rows = rows.drop_columns(["sample_id", "image"])
+    return rows.append_column("sample_id", pairs.column("sample_id")).append_column("image", pairs.column("image"))
+
+
 def _label_shard(ds: ShardedDataset, shard: pa.Table, manifest: pa.Table, covered: np.ndarray, params, meta) -> None:
     """Label one teacher shard's rows for every manifest row they hold that has no label yet (first commit wins)."""
     rows = pa.table({"sample_key": shard.column("sample_key"), "_row": pa.array(np.arange(shard.num_rows))})
@@ -108,8 +153,7 @@ def _label_shard(ds: ShardedDataset, shard: pa.Table, manifest: pa.Table, covere
     pairs = _first_unseen(manifest.join(rows, "sample_key", join_type="inner", use_threads=False), covered)
     if not pairs.num_rows:
         return
-    joined = shard.take(pairs.column("_row")).drop_columns(["sample_id", "image"])
-    joined = joined.append_column("sample_id", pairs.column("sample_id")).append_column("image", pairs.column("image"))
+    joined = _renamed(shard.take(pairs.column("_row")), pairs)
     slices = range(0, joined.num_rows, LABEL_SLICE)  # the Python-side working set stays small whatever the shard
     parts = [label_table(teacher_records(joined.slice(i, LABEL_SLICE)), params) for i in slices]
     ds.write(pa.concat_tables(parts), meta, skip_committed=False)
@@ -165,16 +209,23 @@ def denoise(
     progress: Callable[[int, int], None] | None = None,
 ) -> LabelsRef:
     """Resumable: a done record is written last; a crashed run is completed (labelled samples are skipped).
-    Logs (and reports to `progress`) the teacher rows read, with rate and ETA."""
-    ds = label_dataset(store, fp)
-    manifest = _manifest_index(dataset, store)
+    Samples an earlier label set of the same rule holds are copied from it; only the others are labelled. Logs
+    (and reports to `progress`) the samples done, with rate and ETA."""
+    ds, rule = label_dataset(store, fp), _rule(teacher_fp, params)
+    manifest = _manifest_index(dataset.fingerprint, store)
     covered = np.asarray(_isin(manifest.column("sample_id"), ds.committed_ids(include_quarantine=False)))
     teacher = teacher_dataset(store, teacher_fp)
     meta = {"teacher": teacher_fp, "dataset": dataset.fingerprint}
     bar = Progress(manifest.num_rows, f"labels {fp}", log, callback=progress)
-    for shard in teacher.iter_shards(dedup=False):
+    reused = _reuse_earlier(store, fp, rule, manifest, covered, meta)
+    bar.update(int(covered.sum()))
+    if reused:
+        log.info("labels %s: %d samples' label rows reused from earlier label sets of the same rule", fp, reused)
+    todo = set(manifest.column("sample_key").filter(pa.array(~covered)).to_pylist())
+    for shard in teacher.iter_shards(dedup=False, among=todo) if todo else ():
+        before = int(covered.sum())
         _label_shard(ds, shard, manifest, covered, params, meta)
-        bar.update(min(shard.num_rows, bar.total - bar.done))
+        bar.update(min(int(covered.sum()) - before, bar.total - bar.done))
     problems = list(teacher.problems)
     rejected = _quarantine_rejected(ds, teacher, manifest, covered, meta)
     missing = ~covered & ~rejected
@@ -192,7 +243,13 @@ def denoise(
     if ds.bad_commits():  # corrupt label shards of an earlier run, relabelled above: retire their records
         ds.retire_replaced(set(manifest.column("sample_id").to_pylist()))
     stats = {**_stats(ds, manifest), "quarantined": int(rejected.sum())}
-    done = {"teacher": teacher_fp, "dataset": dataset.fingerprint, "params": dataclasses.asdict(params), "stats": stats}
+    done = {
+        "teacher": teacher_fp,
+        "dataset": dataset.fingerprint,
+        "params": dataclasses.asdict(params),
+        "rule": rule,
+        "stats": stats,
+    }
     store.write_json(done, "labels", fp, DONE)
     return LabelsRef(fp, ds.url, stats["samples"], stats["usable"], stats)
 

@@ -40,3 +40,13 @@ def test_code_change_reruns_what_each_edit_touches_through_the_real_pipeline():
     assert result["prompt_benchmarks_reanswered"] == "1"
     assert result["labels_edit_teacher_cached"] == "1"
     assert result["teacher_edit_teacher_rerun"] == "1"
+
+
+@pytest.mark.slow
+def test_three_weeks_of_retraining_do_only_the_new_work_and_reject_a_worse_rpn():
+    """Week 2's new manifest alone goes through the teacher; week 3's challenger, made worse on purpose, is rejected
+    and the champion stays."""
+    result = result_line("retrain.py", "--quick")
+    assert result["week2_teacher_rows"] == result["week2_new_rows"] != "0"
+    assert result["week3_promoted"] == "0" and result["champion_unchanged"] == "1"
+    assert float(result["week2_over_week1_time"]) > 0

@@ -1282,6 +1282,26 @@ def test_a_new_stage_is_its_declaration_and_a_line_in_the_flow(tmp_path):
     assert progress and progress[-1].data == 100.0 and progress[-1].description == "tallying abc: words"
 
 
+def _count_labelled(monkeypatch) -> list[int]:
+    """Rows handed to the labeller (`stages.labels.label_table`), per call."""
+    counts: list[int] = []
+    real = labels_stage.label_table
+
+    def counting(records, params):
+        counts.append(len(records))
+        return real(records, params)
+
+    monkeypatch.setattr(labels_stage, "label_table", counting)
+    return counts
+
+
+def _label_rows(url: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = [r for f in sorted(Path(url).rglob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return sorted(rows, key=lambda r: r["sample_id"])
+
+
 def _week(folder: Path, name: str, seed: int, n: int) -> None:
     """A week's new training rows: synthetic scenes saved as files, one JSONL manifest beside them."""
     from sdrpn_core.synthetic import make_split
@@ -1316,9 +1336,13 @@ def test_training_data_that_grows_by_manifests_sends_only_the_new_rows_through_t
     first = sdrpn(config)
     _week(incoming, "week2", 12, 4)
     calls = Calls(monkeypatch)
+    labelled = _count_labelled(monkeypatch)
     second = sdrpn(config)
     assert calls.samples_extracted == 4 and calls.n["train"] == 1  # the new rows alone, then a new RPN
+    assert sum(labelled) == 4  # the labeller too: the 8 earlier samples' label rows are copied, not made again
     assert second["rpn"] != first["rpn"]
+    earlier, grown = _label_rows(first["labels"]), _label_rows(second["labels"])
+    assert len(grown) == 12 and all(row in grown for row in earlier)  # copied exactly, under the same ids
     calls.n.clear()
     calls.samples_extracted = 0
     third = sdrpn(config)
@@ -1355,3 +1379,27 @@ def test_stage_lines_reach_the_task_runs_logs_in_the_ui(tmp_path):
     assert any(r.name.startswith("sdrpn_core") and "/s, ETA" in r.message for r in train), [r.message for r in train]
     piece = _task_logs("evaluate[synthetic/baseline 1/1]", t0)
     assert any(r.name == "stages.evaluate" and "baseline=" in r.message for r in piece), [r.message for r in piece]
+
+
+def test_the_documented_rejection_automation_is_accepted_by_the_server():
+    """`configs/automations/notify-on-rejection.yaml`, with a real notification block's id put in as the README
+    says, is an automation the server stores, triggered by `sdrpn.rpn.rejected` on any model."""
+    import asyncio
+
+    import yaml
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.client.orchestration import get_client
+    from prefect.events.schemas.automations import AutomationCore
+
+    block = CustomWebhookNotificationBlock(name="hook", url="http://127.0.0.1:9/hook")
+    block_id = block.save("sdrpn-test-hook", overwrite=True)
+    (raw,) = yaml.safe_load((ROOT / "configs" / "automations" / "notify-on-rejection.yaml").read_text())["automations"]
+    raw["actions"][0]["block_document_id"] = str(block_id)
+
+    async def create_and_read():
+        async with get_client() as client:
+            made = await client.create_automation(AutomationCore.model_validate(raw))
+            return await client.read_automation(made)
+
+    stored = asyncio.run(create_and_read())
+    assert stored.trigger.expect == {"sdrpn.rpn.rejected"} and stored.actions[0].block_document_id == block_id
