@@ -325,6 +325,8 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     for stage in ("labels", "train", "score", "release"):
         assert states.get(stage) == {"Cached"}, (stage, states)
     assert "teacher-shard" not in states  # every sample's teacher rows were found: no shard started
+    (rerun,) = [n for n in _run_names(t0)[0] if n.startswith("test-")]
+    assert rerun != ours  # runs of one config are told apart by their start
     # nothing re-published, no progress artifact, no second decision: not one new artifact version
     assert len([a for a in _artifacts(progress=True) if (a.key or "").startswith("sdrpn-test-")]) == versions
     assert again["promotion"] is None
