@@ -757,7 +757,8 @@ def test_a_missing_teacher_shard_is_an_error_naming_it_then_the_rerun_repairs_it
     shard = sorted(teacher_dir.glob("part-*.parquet"))[0]
     shard.unlink()
     dataset = build_manifest(cfg.train_data, store)
-    params = cfg.labels.params(cfg.teacher.preset_obj())
+    # other label parameters: no earlier label set of this rule to copy rows from, so every row needs the teacher
+    params = dataclasses.replace(cfg.labels.params(cfg.teacher.preset_obj()), fg_ratio=0.8)
     with pytest.raises(StoreError, match=rf"have no teacher row.*{shard.name}.*missing"):
         labels_stage.denoise(store, dataset, teacher_dir.name, params, "relabel000000000")
     assert not store.exists("labels", "relabel000000000", "_DONE.json")  # not marked done with rows missing
