@@ -1281,7 +1281,7 @@ def test_a_new_stage_is_its_declaration_and_a_line_in_the_flow(tmp_path):
     assert ran == [TALLY.fingerprint(words=["c", "b", "a"])] and failures == [1]  # retried once; the key is sorted
     assert looked == [ran[0]] * 3  # one lookup per call (the failed attempt's, its retry's, the second call's)
     assert _run_names(t0)[1].count("tally[abc]") == 2
-    progress = _artifacts(progress=True, key="tally-abc")
+    progress = _artifacts(progress=True, key="sdrpn-tally-abc")  # outside a config's flow: no config in it
     assert progress and progress[-1].data == 100.0 and progress[-1].description == "tallying abc: words"
 
 
