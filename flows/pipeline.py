@@ -28,7 +28,7 @@ from flows.runners import RunnerFactory, model_bound, task_runners
 from sdrpn_core.methods import EvalParams, get_method
 from stages import data, evaluate, labels, model, promote, release, score, teacher, train
 from stages.config import DatasetSpec, PipelineConfig, TeacherSection
-from stages.evaluate import EvalPiece, plan_pieces
+from stages.evaluate import EvalPiece, by_shard, plan_pieces
 from stages.labels import merge as merge_labels
 from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, PieceRef, RpnRef, ShardSummary, TeacherRef
 from storage.champion import Champions
@@ -161,25 +161,26 @@ def _train(cfg: PipelineConfig, model_ref: ModelRef, labels_ref: LabelsRef) -> R
 
 
 def _eval_params(cfg: PipelineConfig) -> EvalParams:
-    return evaluate.PIECE.config(cfg, cfg.teacher.preset_obj())
+    return evaluate.PIECES.config(cfg, cfg.teacher.preset_obj())
 
 
 @flow(name="sdrpn-evaluate", flow_run_name="evaluate[{dataset.benchmark}] pieces")
 def evaluate_flow(
     cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None, dataset: DatasetRef, pieces: list[EvalPiece]
 ) -> list[PieceRef]:
-    """The evaluation pieces, mapped over the flow's task runner; each commits to the store when it finishes."""
+    """The evaluation pieces, a task per shard (its methods read each image once), mapped over the flow's task
+    runner; each piece commits to the store when its shard finishes."""
     with model_bound(cfg.runner):
-        futures = stage_task(evaluate.PIECE).map(
+        futures = stage_task(evaluate.PIECES).map(
             unmapped(cfg.store.settings()),
             unmapped(model),
             unmapped(rpn),
             unmapped(dataset),
             unmapped(_eval_params(cfg)),
-            pieces,
+            by_shard(pieces),
         )
-    wait(futures)  # every piece finishes (and commits) before one's failure is raised
-    return [f.result() for f in futures]
+    wait(futures)  # every shard finishes (and commits) before one's failure is raised
+    return [ref for f in futures for ref in f.result()]
 
 
 def _eval(

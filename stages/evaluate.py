@@ -60,6 +60,27 @@ class EvalPiece:
         return f"{self.benchmark}/{self.method} {self.shard + 1}/{self.n_shards}"
 
 
+@dataclass(frozen=True)
+class EvalShard:
+    """The pieces of one shard (one per method): answered together, so each image is read and preprocessed once
+    whichever methods answer it; each piece is still committed and found on its own."""
+
+    pieces: tuple[EvalPiece, ...]
+
+    @property
+    def name(self) -> str:
+        first = self.pieces[0]
+        return f"{first.benchmark} {first.shard + 1}/{first.n_shards}: {', '.join(p.method for p in self.pieces)}"
+
+
+def by_shard(pieces: list[EvalPiece]) -> list[EvalShard]:
+    """The pieces grouped by shard, shards and methods in the plan's order."""
+    shards: dict[int, list[EvalPiece]] = {}
+    for piece in pieces:
+        shards.setdefault(piece.shard, []).append(piece)
+    return [EvalShard(tuple(group)) for _, group in sorted(shards.items())]
+
+
 def plan_pieces(
     store: Store, model: ModelRef, rpn: RpnRef | None, dataset: DatasetRef, params: EvalParams, shards: int = 1
 ) -> list[EvalPiece]:
@@ -68,7 +89,7 @@ def plan_pieces(
     rows = read_manifest(dataset, store)
     n = max(1, min(shards, len(rows)))
     prompts = [hash_obj([bench.prompt(sample_of(r)) for r in shard_of(rows, shard, n)]) for shard in range(n)]
-    code = PIECE.code_version()
+    code = PIECES.code_version()
     pieces = []
     for method in map(get_method, params.methods):
         if method.needs_rpn and rpn is None:
@@ -275,30 +296,62 @@ def _protocol(run: _Run, model: ModelRef, rpn_ref: RpnRef | None, dataset: Datas
     }
 
 
-def evaluate_piece(
+def answer_pieces(
     store: Store,
     model: ModelRef,
     rpn_ref: RpnRef | None,
     dataset: DatasetRef,
     params: EvalParams,
-    piece: EvalPiece,
+    pieces: list[EvalPiece],
     progress: Callable[[int, int], None] | None = None,
+) -> list[PieceRef]:
+    """Several methods on one shard, reading each image once; each method's piece committed when the shard is done
+    (an unreadable image's error row goes to every piece)."""
+    first = pieces[0]
+    run = _prepare(store, model, rpn_ref, dataset, replace(params, methods=tuple(p.method for p in pieces)))
+    mine = shard_of(read_manifest(dataset, store), first.shard, first.n_shards)
+    what = f"evaluate[{EvalShard(tuple(pieces)).name}]"
+    predictions = _answer_all(run, mine, what, progress, params.batch_size)
+    protocol = json.dumps(_protocol(run, model, rpn_ref, dataset, params), default=str).encode()
+    arts, refs = ArtifactStore(store), []
+    for piece in pieces:
+        rows = [r for r in predictions if r["method"] in (piece.method, "-")]
+        meta = {"method": piece.method, "shard": piece.shard, "of": piece.n_shards, "rows": len(mine)}
+        files = {"predictions.parquet": _parquet(rows), "protocol.json": protocol}
+        url = arts.put_files("eval-piece", piece.fingerprint, files, meta=meta)
+        refs.append(PieceRef(piece.fingerprint, url, piece.method, piece.shard, len(mine)))
+    return refs
+
+
+def evaluate_shard(
+    store: Store,
+    model: ModelRef,
+    rpn_ref: RpnRef | None,
+    dataset: DatasetRef,
+    params: EvalParams,
+    shard: EvalShard,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[PieceRef]:
+    """The shard's pieces: those in the store as they are, the others answered together (`answer_pieces`)."""
+    found = {p: piece_lookup(store, p) for p in shard.pieces}
+    missing = [p for p, ref in found.items() if ref is None]
+    if missing and len(missing) < len(shard.pieces):
+        log.info("evaluate[%s]: %d of %d pieces in the store", shard.name, len(shard.pieces) - len(missing), len(found))
+    answered = iter(answer_pieces(store, model, rpn_ref, dataset, params, missing, progress) if missing else [])
+    return [ref if ref is not None else next(answered) for ref in found.values()]
+
+
+def shard_lookup(store: Store, shard: EvalShard) -> list[PieceRef] | None:
+    """Every piece of the shard, when all are committed and verified."""
+    refs = [piece_lookup(store, p) for p in shard.pieces]
+    return None if any(r is None for r in refs) else refs  # type: ignore[return-value]
+
+
+def evaluate_piece(
+    store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams, piece: EvalPiece
 ) -> PieceRef:
-    """One method on one shard, committed to the store when done."""
-    run = _prepare(store, model, rpn_ref, dataset, replace(params, methods=(piece.method,)))
-    rows = read_manifest(dataset, store)
-    mine = shard_of(rows, piece.shard, piece.n_shards)
-    predictions = _answer_all(run, mine, f"evaluate[{piece.name}]", progress, params.batch_size)
-    protocol = _protocol(run, model, rpn_ref, dataset, params)
-    arts = ArtifactStore(store)
-    meta = {"method": piece.method, "shard": piece.shard, "of": piece.n_shards, "rows": len(mine)}
-    arts.put_files(
-        "eval-piece",
-        piece.fingerprint,
-        {"predictions.parquet": _parquet(predictions), "protocol.json": json.dumps(protocol, default=str).encode()},
-        meta=meta,
-    )
-    return PieceRef(piece.fingerprint, arts.url("eval-piece", piece.fingerprint), piece.method, piece.shard, len(mine))
+    """One method on one shard (a shard of one piece)."""
+    return evaluate_shard(store, model, rpn_ref, dataset, params, EvalShard((piece,)))[0]
 
 
 PIECE_COLUMNS = ("sample_id", "method", "prediction", "seconds", "roi", "roi_map", "roi_grid", "error")
@@ -313,12 +366,12 @@ def _parquet(rows: list[dict], metadata: dict[str, str] | None = None) -> bytes:
     return buf.getvalue()
 
 
-PIECE = Stage(
+PIECES = Stage(
     "evaluate-piece",
-    run=evaluate_piece,
-    lookup=piece_lookup,
-    run_name="evaluate[{piece.name}]",
-    progress="evaluating {piece.name}: samples done",
+    run=evaluate_shard,
+    lookup=shard_lookup,
+    run_name="evaluate[{shard.name}]",
+    progress="evaluating {shard.name}: samples done",
     model_bound=True,
     # a benchmark enters a piece's key by value (its rows' prompts, its generation limit and τ); its metric never
     exclude=BENCHMARK_CODE,

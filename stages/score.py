@@ -26,7 +26,7 @@ from sdrpn_core.benchmarks.scoring import aggregate, score
 from sdrpn_core.methods import EvalParams
 from stages.code import BENCHMARK_CODE, function_fingerprint
 from stages.common import Stage, read_manifest
-from stages.evaluate import PIECE, PIECE_COLUMNS, EvalPiece, _parquet, plan_pieces, sample_of
+from stages.evaluate import PIECE_COLUMNS, PIECES, EvalPiece, _parquet, by_shard, plan_pieces, sample_of
 from stages.refs import DatasetRef, EvalRef, ModelRef, RpnRef
 from stages.report import eval_report_markdown, gallery, png
 from storage.artifacts import ArtifactStore
@@ -179,8 +179,8 @@ def evaluate(
     fp = SCORE.fingerprint(dataset=dataset, params=params, pieces=pieces)
     if (ref := lookup(store, dataset, fp)) is not None:
         return ref
-    for piece in pieces:
-        PIECE.ensure(store=store, model=model, rpn_ref=rpn_ref, dataset=dataset, params=params, piece=piece)
+    for shard in by_shard(pieces):
+        PIECES.ensure(store=store, model=model, rpn_ref=rpn_ref, dataset=dataset, params=params, shard=shard)
     return merge(store, dataset, params, fp, pieces)
 
 

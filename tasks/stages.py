@@ -114,7 +114,8 @@ def _namespace() -> str:
 
 def _arguments(parameters: dict[str, Any]) -> dict[str, Any]:
     """The call's arguments as the templates see them: `{shard1}` is the 1-based shard."""
-    return {**parameters, "shard1": parameters.get("shard", 0) + 1}
+    shard = parameters.get("shard", 0)
+    return {**parameters, "shard1": shard + 1} if isinstance(shard, int) else parameters
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from stages import code as code_mod
 from stages.code import code_fingerprint, direct_imports, function_fingerprint, import_closure, normalized
 from stages.config import DatasetSpec
 from stages.data import build_manifest
-from stages.evaluate import PIECE, plan_pieces
+from stages.evaluate import PIECES, plan_pieces
 from stages.labels import LABELS
 from stages.model import NANO_BASE
 from stages.refs import ModelRef
@@ -46,14 +46,14 @@ def test_each_stage_runs_what_it_imports_and_nothing_of_the_stages_after_it():
     assert "sdrpn_core.pseudo_labels" not in teacher  # a label rule change never re-runs the GPU teacher
     assert "sdrpn_core.pseudo_labels" in labels and "stages.tables" in labels
     assert {"sdrpn_core.train", "sdrpn_core.rpn", "stages.train_ranks"} <= train
-    for stage in (SHARD, LABELS, TRAIN, PIECE, SCORE, RELEASE):  # benchmarks reach these by value, or not at all
+    for stage in (SHARD, LABELS, TRAIN, PIECES, SCORE, RELEASE):  # benchmarks reach these by value, or not at all
         found = closure(stage)
         assert not {m for m in found if m.startswith(("sdrpn_core.benchmarks.", "sdrpn_core.metrics"))} - {
             "sdrpn_core.benchmarks.published"
         }, stage.name
         assert not {m for m in found if m.startswith(("flows", "tasks"))}, stage.name
-    assert {"sdrpn_core.infer", "sdrpn_core.methods", "sdrpn_core.batched", "sdrpn_core.roi"} <= closure(PIECE)
-    assert "sdrpn_core.train" not in closure(PIECE)  # answering does not run the training loop
+    assert {"sdrpn_core.infer", "sdrpn_core.methods", "sdrpn_core.batched", "sdrpn_core.roi"} <= closure(PIECES)
+    assert "sdrpn_core.train" not in closure(PIECES)  # answering does not run the training loop
     assert {"stages.report", "stages.score"} <= closure(SCORE)
     assert "sdrpn_core.benchmarks.published" in closure(RELEASE)  # the model card prints the paper's rows
     assert "sdrpn_core.infer" not in closure(NANO_BASE) and "sdrpn_core.synthetic.nano" in closure(NANO_BASE)

@@ -103,11 +103,12 @@ class Calls:
     def __init__(self, monkeypatch):
         self.n: dict[str, int] = {}
         self.samples_extracted = 0
+        self.pieces_answered = 0
         for name, module, attr in [
             ("teacher", teacher_stage, "extract_teacher_maps"),
             ("labels", labels_stage, "denoise"),
             ("train", train_ranks, "train_rpn"),
-            ("eval", eval_stage, "evaluate_piece"),
+            ("eval", eval_stage, "answer_pieces"),  # a shard's missing pieces, answered together
         ]:
             real = getattr(module, attr)
             wrapped = self._wrap(name, real)
@@ -122,6 +123,8 @@ class Calls:
             self.n[name] = self.n.get(name, 0) + 1
             if name == "teacher":
                 self.samples_extracted += len(args[1])
+            if name == "eval":
+                self.pieces_answered += len(args[5])
             if name == "train":
                 self.train_samples = [s.sample_id for s in args[1]]
                 self.train_prompt = args[0].prompt("q ?")
@@ -263,7 +266,7 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     summary = sdrpn(cfg)
     flow_names, task_names = _run_names(started)
     assert {"samples[train]", "samples[eval:synthetic]", "teacher-shard 1/2", "teacher-shard 2/2"} <= set(task_names)
-    assert {"model", "train", "release", "evaluate[synthetic/sdrpn 1/1]"} <= set(task_names)
+    assert {"model", "train", "release", "evaluate[synthetic 1/1: baseline, sdrpn, vicrop, oracle]"} <= set(task_names)
     assert any(n.startswith("labels[synthetic") for n in task_names), task_names
     assert "score[synthetic]" in task_names and any(n.startswith("teacher[synthetic") for n in flow_names)
     (ours,) = [n for n in flow_names if n.startswith("test-")]  # the config and the start, UTC, to the second
@@ -942,7 +945,7 @@ def test_evaluation_killed_mid_run_resumes_only_missing_pieces_and_equals_a_dask
 
     calls = Calls(monkeypatch)
     resumed = sdrpn(cfg)
-    assert calls.n == {"eval": 16 - kept}  # the teacher, labels and RPN were cached; only missing pieces ran
+    assert calls.pieces_answered == 16 - kept  # the teacher, labels and RPN were cached; only missing pieces ran
 
     for folder in ("eval", "eval-piece"):  # an uninterrupted evaluation, on Dask, with the same RPN
         for marker in (root / folder).glob("*/_COMMITTED.json"):
@@ -1204,7 +1207,7 @@ def test_batched_evaluation_gives_the_batch_1_predictions(family, tmp_path, monk
     monkeypatch.setattr(eval_stage, "_reads_ahead", lambda adapter: True)
     changes = {"eval.batch_size": 3, "eval.shards": 2, "eval.datasets": [{"kind": "synthetic", "n": 7, "seed": 99}]}
     three = sdrpn(make_config(family, root, **changes))
-    assert calls.n == {"eval": 4 * 2}
+    assert calls.n == {"eval": 2} and calls.pieces_answered == 4 * 2  # a task per shard, its methods together
     assert _predictions(three["eval"][0]) == _predictions(one["eval"][0])
     assert [(s["method"], s["score"]) for s in three["scores"]] == [(s["method"], s["score"]) for s in one["scores"]]
     protocol = json.loads((Path(three["eval"][0]) / "protocol.json").read_text())
@@ -1380,7 +1383,7 @@ def test_stage_lines_reach_the_task_runs_logs_in_the_ui(tmp_path):
     APILogHandler().flush()  # the batch the log worker still holds
     train = _task_logs("train", t0)
     assert any(r.name.startswith("sdrpn_core") and "/s, ETA" in r.message for r in train), [r.message for r in train]
-    piece = _task_logs("evaluate[synthetic/baseline 1/1]", t0)
+    piece = _task_logs("evaluate[synthetic 1/1: baseline, sdrpn, vicrop, oracle]", t0)
     assert any(r.name == "stages.evaluate" and "baseline=" in r.message for r in piece), [r.message for r in piece]
 
 
