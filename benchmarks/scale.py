@@ -5,18 +5,19 @@ per process, so their ratios measure the scale-out, not the BLAS threading.
 
 - Evaluation: the shipped sdrpn-nano (a 1.5 M-parameter LLaVA) on the default's held-out split (select task,
   256 px), baseline + SD-RPN (τ 0.03, box mode, KV reuse: the default config's settings) through the evaluate
-  stage's own piece function (`stages.evaluate.evaluate_piece`), on a throw-away store. The RPN is untrained
+  stage's own function (`stages.evaluate.evaluate_shard`: a shard's methods together, each image read once), on a
+  throw-away store. The RPN is untrained
   (seeded): at τ 0.03 every row crops, so each SD-RPN row does the work a real RoI costs.
 - Batch 1 and batch 8 run alternately `--repeats` times (3), and the best rate of each counts: the load of a shared
   machine drifts by ±20 % within a minute, which one run of each turned into ratios from 1.6 to 2.1.
-- Reading images (decode + the image processor: per row, nothing a batch shares) as a share of each batch size's
-  time (`batch8_reading_share`).
+- Reading images (decode + the image processor: once per row for both methods, nothing a batch shares) as a
+  share of each batch size's time (`batch8_reading_share`).
 - Batch 8 with the images read ahead in a thread (`eval_batch8_read_ahead_per_s`), as evaluation does when the
   model is on an accelerator; on the CPU that thread competes with torch's for the cores.
 - The batch ceiling: the decoder's prefill alone at the prompt's length, per row, batch 8 over batch 1
   (`prefill_batch8_speedup`), i.e. what batching can gain on this model and CPU with no per-row work at all.
 - Dask: a LocalCluster of 1 or 2 single-threaded worker processes, each loading the model once (before timing);
-  the same rows as 4 pieces (2 methods × 2 shards).
+  the same rows as 2 shards (each answering both methods).
 - Training: `sdrpn_core.train.train_rpn` on the nano with random labels, effective batch 32 in micro-batches of 8
   (the authors' per-device batch; 4 accumulated in one process, 2 on each of 2 gloo ranks), timed inside the
   processes after the model loads.
@@ -98,8 +99,8 @@ def run_pieces(settings, model, rpn, dataset, params, shards: int) -> float:
     evaluate._read = _timed(read)
     try:
         t0 = time.perf_counter()
-        for piece in evaluate.plan_pieces(store, model, rpn, dataset, params, shards):
-            evaluate.evaluate_piece(store, model, rpn, dataset, params, piece)
+        for shard in evaluate.by_shard(evaluate.plan_pieces(store, model, rpn, dataset, params, shards)):
+            evaluate.evaluate_shard(store, model, rpn, dataset, params, shard)
         return 2 * dataset.rows / (time.perf_counter() - t0)
     finally:
         evaluate._read = read
@@ -155,18 +156,18 @@ def _warm(settings, model, rpn) -> int:
     return os.getpid()
 
 
-def _piece(settings, model, rpn, dataset, params, piece) -> str:
+def _shard(settings, model, rpn, dataset, params, shard) -> list[str]:
     from stages.common import get_store
-    from stages.evaluate import evaluate_piece
+    from stages.evaluate import evaluate_shard
 
-    return evaluate_piece(get_store(settings), model, rpn, dataset, params, piece).url
+    return [r.url for r in evaluate_shard(get_store(settings), model, rpn, dataset, params, shard)]
 
 
 def eval_on_workers(settings, model, rpn, dataset, workers: int, tag: str) -> float:
     from distributed import Client, LocalCluster
 
     from stages.common import get_store
-    from stages.evaluate import plan_pieces
+    from stages.evaluate import by_shard, plan_pieces
 
     params = _params(1, tag)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
@@ -177,9 +178,9 @@ def eval_on_workers(settings, model, rpn, dataset, workers: int, tag: str) -> fl
         client.run(_warm, settings, model, rpn)
 
         def evaluate_all(params) -> float:
-            pieces = plan_pieces(get_store(settings), model, rpn, dataset, params, shards=2)
+            shards = by_shard(plan_pieces(get_store(settings), model, rpn, dataset, params, shards=2))
             t0 = time.perf_counter()
-            client.gather([client.submit(_piece, settings, model, rpn, dataset, params, p, pure=False) for p in pieces])
+            client.gather([client.submit(_shard, settings, model, rpn, dataset, params, s, pure=False) for s in shards])
             return 2 * dataset.rows / (time.perf_counter() - t0)
 
         evaluate_all(_params(1, f"{tag}-warm-up"))  # every worker has run each code path once

@@ -262,8 +262,11 @@ def test_full_flow_end_to_end_then_everything_cached(family, tmp_path, monkeypat
     from flows.pipeline import sdrpn
 
     cfg = make_config(family, str(tmp_path / "store"))
+    read, real_read = [], eval_stage._read
+    monkeypatch.setattr(eval_stage, "_read", lambda adapter, rows: read.extend(rows) or real_read(adapter, rows))
     started = time.time()
     summary = sdrpn(cfg)
+    assert len(read) == 4  # each evaluation image read once, for the four methods that answer it
     flow_names, task_names = _run_names(started)
     assert {"samples[train]", "samples[eval:synthetic]", "teacher-shard 1/2", "teacher-shard 2/2"} <= set(task_names)
     assert {"model", "train", "release", "evaluate[synthetic 1/1: baseline, sdrpn, vicrop, oracle]"} <= set(task_names)
