@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved runs per path; the median counts")
     p.add_argument("--new-tokens", type=int, default=4)
     args = p.parse_args()
     if args.quick:
