@@ -219,16 +219,16 @@ def _promote(
         logger.info("promotion: release %s is the champion already", challenger.release[:12])
         return None
     champion = promote.Candidate(current.release, current.rpn, current.url) if current else None
-    rows, why = [], ""
-    if champion is not None and gate.enabled:
-        rows, why = _against(cfg, model, results, champion, gate, runners)
-    decision = promote.decide(model, challenger, champion, rows, gate, why)
-    earlier = champions.decided(model.fingerprint, decision["id"])
-    if earlier is not None:
+    earlier = champions.decided(model.fingerprint, promote.decision_id(challenger, champion, gate))
+    if earlier is not None:  # found before the champion is evaluated again for it
         logger.info("promotion decided before (not announced again): %s", promote.summary(earlier))
         if earlier["promoted"]:
             champions.promote(earlier)  # completes a promotion a crash interrupted
         return earlier
+    rows, why = [], ""
+    if champion is not None and gate.enabled:
+        rows, why = _against(cfg, model, results, champion, gate, runners)
+    decision = promote.decide(model, challenger, champion, rows, gate, why)
     champions.record(decision)
     publish_decision(cfg, _store(cfg), decision)
     return decision

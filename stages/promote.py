@@ -79,6 +79,12 @@ def compare(challenger: list[EvalRef], champion: list[EvalRef], gate: Gate) -> l
     return rows
 
 
+def decision_id(challenger: Candidate, champion: Candidate | None, gate: Gate) -> str:
+    """What a decision is about: the challenger, the champion it is compared with, the gate. The same three → the
+    same id, so a rerun finds the decision before evaluating anything for it."""
+    return hash_obj({"challenger": challenger.release, "champion": champion and champion.release, "gate": gate})[:24]
+
+
 def decide(
     model: ModelRef, challenger: Candidate, champion: Candidate | None, rows: list[dict], gate: Gate, why: str = ""
 ) -> dict[str, Any]:
@@ -103,9 +109,8 @@ def decide(
             True,
             f"not worse than the champion by more than {gate.tolerance:g} points on any gate benchmark",
         )
-    ident = hash_obj({"challenger": challenger.release, "champion": champion and champion.release, "gate": gate})
     return {
-        "id": ident[:24],
+        "id": decision_id(challenger, champion, gate),
         "model": model.fingerprint,
         "base_model": model.path,
         "promoted": promoted,

@@ -33,8 +33,11 @@ class Champions:
     def url(self, model_fp: str) -> str:
         return self.store.url(*self._where(model_fp, "champion.json"))
 
+    def _decision(self, model_fp: str, decision_id: str) -> tuple[str, ...]:
+        return self._where(model_fp, "decisions", f"{decision_id}.json")
+
     def decision_url(self, model_fp: str, decision_id: str) -> str:
-        return self.store.url(*self._where(model_fp, "decisions", f"{decision_id}.json"))
+        return self.store.url(*self._decision(model_fp, decision_id))
 
     def current(self, model_fp: str) -> ChampionRecord | None:
         """The champion of `model_fp`, or None before the first promotion; StoreError for a malformed pointer."""
@@ -52,13 +55,25 @@ class Champions:
         return [c for c in found if c is not None]
 
     def decided(self, model_fp: str, decision_id: str) -> dict[str, Any] | None:
-        where = self._where(model_fp, "decisions", f"{decision_id}.json")
-        return self.store.read_json(*where) if self.store.exists(*where) else None
+        """The recorded decision of this id, or None; a malformed record is logged and treated as none (the run
+        decides again and writes it anew)."""
+        where = self._decision(model_fp, decision_id)
+        if not self.store.exists(*where):
+            return None
+        try:
+            raw = self.store.read_json(*where)
+        except ValueError:
+            raw = None
+        ok = isinstance(raw, dict) and raw.get("id") == decision_id and isinstance(raw.get("promoted"), bool)
+        if not ok or not isinstance(raw.get("challenger"), dict) or not isinstance(raw.get("reason"), str):
+            log.error("%s is malformed: deciding again", self.store.url(*where))
+            return None
+        return raw
 
     def record(self, decision: dict[str, Any]) -> None:
         """The decision into the history, then (promoted) the champion pointer: a crash between them leaves the
         old champion and a decision the next run finds and completes."""
-        self.store.write_json(decision, *self._where(decision["model"], "decisions", f"{decision['id']}.json"))
+        self.store.write_json(decision, *self._decision(decision["model"], decision["id"]))
         if decision["promoted"]:
             self.promote(decision)
 

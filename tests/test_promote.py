@@ -64,6 +64,10 @@ def test_the_champion_pointer_and_history_in_the_store(store):
     assert [d["id"] for d in champions.history("m0del")] == [one["id"], two["id"]]
     assert champions.decided("m0del", two["id"])["promoted"] is False
     assert [c.release for c in champions.all()] == ["r1"]
+    store.write_json(
+        {"id": two["id"], "promoted": "yes"}, "release", "current", "m0del", "decisions", f"{two['id']}.json"
+    )
+    assert champions.decided("m0del", two["id"]) is None  # a malformed record is decided again, not trusted
     store.write_json({"release": "../../etc"}, "release", "current", "m0del", "champion.json")
     with pytest.raises(StoreError, match=r"champion\.json is malformed"):
         champions.current("m0del")
