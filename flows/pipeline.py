@@ -33,7 +33,7 @@ from stages.labels import merge as merge_labels
 from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, PieceRef, RpnRef, ShardSummary, TeacherRef
 from storage.champion import Champions
 from storage.fingerprint import hash_obj
-from tasks.stages import Found, stage_task
+from tasks.stages import CONFIG_TAG, Found, stage_task
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -65,7 +65,7 @@ def _labelled(cfg: PipelineConfig) -> Iterator[None]:
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
-    labels = [f"config:{cfg.name}", f"config-fp:{hash_obj(cfg.model_dump(mode='json'))[:8]}"]
+    labels = [f"{CONFIG_TAG}{cfg.name}", f"config-fp:{hash_obj(cfg.model_dump(mode='json'))[:8]}"]
     with get_client(sync_client=True) as client:
         client.update_flow_run(flow_run.id, tags=sorted({*flow_run.tags, *labels}))
     with tags(labels[0]):

@@ -24,15 +24,12 @@ from stages.report import results_rows, write_results
 from storage.artifacts import ArtifactStore
 from storage.champion import Champions
 from storage.store import LINK_LIFETIME_S, Store
-
-
-def _key(*parts: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+from tasks.stages import artifact_key
 
 
 def key(cfg: PipelineConfig, *what: str) -> str:
     """The artifact key of `what` for this config: `sdrpn-<config name>-<what>`."""
-    return _key("sdrpn", cfg.name, *what)
+    return artifact_key(cfg.name, *what)
 
 
 def place(store: Store, kind: str, fp: str, name: str = "") -> str:
@@ -211,5 +208,5 @@ def skipped(what: str, cfg: PipelineConfig, store: Store) -> None:
         "%s came from the cache: nothing re-published (the artifacts of the run that made them stand)", what
     )
     if store.links:
-        refreshed = refresh_links(store, key(cfg, ""))
+        refreshed = refresh_links(store, f"{key(cfg)}-")  # this config's keys, not `<name>-other`'s
         get_run_logger().info("%d artifacts' links re-signed for another %d days", refreshed, LINK_LIFETIME_S // 86400)

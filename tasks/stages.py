@@ -103,13 +103,21 @@ class _Progress:
         update_progress_artifact(artifact_id=self.artifact, progress=100.0)
 
 
-def _namespace() -> str:
-    """`sdrpn-<config>`: the config's name from the run's `config:<name>` tag (the flows set it), so two configs'
-    progress artifacts keep apart; `sdrpn` for a task run outside the flows."""
+CONFIG_TAG = "config:"  # `config:<name>`: the flows tag their runs (and so every task run in them) with it
+
+
+def artifact_key(*parts: str) -> str:
+    """`sdrpn-<parts>` as Prefect takes artifact keys: lowercase, any run of other characters one dash (an empty
+    part vanishes). The flows key a config's artifacts `artifact_key(<config name>, <what>)`."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(("sdrpn", *parts)).lower()).strip("-")
+
+
+def _config_name() -> str:
+    """The config's name from the task run's `config:<name>` tag, so two configs' progress artifacts keep apart;
+    empty for a task run outside the flows."""
     from prefect.runtime import task_run
 
-    name = next((t.split(":", 1)[1] for t in task_run.tags or () if t.startswith("config:")), "")
-    return f"sdrpn-{name}" if name else "sdrpn"
+    return next((t.removeprefix(CONFIG_TAG) for t in task_run.tags or () if t.startswith(CONFIG_TAG)), "")
 
 
 def _arguments(parameters: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +169,7 @@ def stage_task(stage: Stage) -> Task:
             return cached(ref, what)
         progress = None
         if stage.progress and takes_progress:
-            key = re.sub(r"[^a-z0-9]+", "-", f"{_namespace()} {what}".lower()).strip("-")
+            key = artifact_key(_config_name(), what)
             progress = _Progress(key, stage.progress.format(**_arguments(arguments)))
             arguments["progress"] = progress
         out = stage.run(**pick(stage.run, arguments))
