@@ -8,7 +8,7 @@ TORCH_VERSION  ?= 2.13.0
 TORCH_PIP_ARGS ?=
 LMMS_EVAL_VERSION ?= 0.4.0
 
-.PHONY: setup demo test test-fast lint bench-quick clean
+.PHONY: setup demo test test-fast lint bench-quick bench-smoke mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,11 +30,19 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest -q
 
-test-fast: setup lint  # without the real-server deployment test
-	$(BIN)/python -m pytest -q -m "not server"
+test-fast: setup lint  # without what starts a process or a server (subprocesses, torchrun, Prefect servers)
+	$(BIN)/python -m pytest -q -m "not server and not slow"
 
 bench-quick: setup
 	for b in teacher_memory infer_overhead label_store labels_memory read_memory rerun; do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
+
+bench-smoke: setup  # every script at tiny sizes: does it run and print its whole RESULT line (also in `make test`)
+	$(BIN)/python -m pytest -q tests/test_benchmark_scripts.py
+
+# mutation testing (about an hour on 2 cores): `make mutation`, or `make mutation ARGS=--quick` (two modules)
+mutation: setup
+	$(BIN)/pip install -q -e ".[mutation]"
+	$(BIN)/python benchmarks/mutation.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs data

@@ -36,6 +36,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._cli import parser  # noqa: E402
+
+# the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
+RESULT_KEYS = (
+    "docstring_stages",
+    "metric_stages",
+    "metric_model_calls",
+    "prompt_benchmarks_reanswered",
+    "labels_edit_teacher_cached",
+    "teacher_edit_teacher_rerun",
+    "first_run_s",
+)
+
 COPIED = ("sdrpn_core", "stages", "storage", "flows", "tasks", "benchmarks", "configs")
 LINKED = ("models",)  # the shipped weights: read, never edited
 STAGE_OF_KIND = {"teacher": "teacher", "labels": "labels", "rpn": "train", "eval-piece": "answer", "eval": "score"}
@@ -164,12 +177,11 @@ def measure(edit: Edit, tmp: Path, base: Path, quick: bool, api: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="24 training and 8 evaluation samples per benchmark")
+    p = parser(__doc__, "24 training and 8 evaluation samples per benchmark")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(Path(args.child), args.quick)
+        return child(Path(args.child), args.quick or args.smoke)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.settings import PREFECT_API_URL
 
@@ -178,9 +190,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as name, temporary_api() as started:
         api, tmp = started or PREFECT_API_URL.value(), Path(name)
         base = tmp / "run-first"
-        first = run_child(copy_project(tmp / "project"), base, args.quick, api)
+        quick = args.quick or args.smoke  # the smallest pipeline whose edits still show: smoke is quick
+        first = run_child(copy_project(tmp / "project"), base, quick, api)
         print(f"first run: {first['seconds']:.1f} s, {first['calls']} decoder-layer calls")
-        rows = {e.name: measure(e, tmp, base, args.quick, api) for e in EDITS}
+        rows = {e.name: measure(e, tmp, base, quick, api) for e in EDITS}
     print(f"{'edit':10s} {'stages recomputed':58s} {'release':8s} {'model calls':>11s} {'rerun s':>8s}")
     for r in rows.values():
         counted = ", ".join(f"{s}×{r['stages'].count(s)}" for s in dict.fromkeys(r["stages"])) or "-"

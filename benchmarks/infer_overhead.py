@@ -14,7 +14,6 @@ term and the vision encoder ignored).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -22,10 +21,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._cli import parser
+
+# the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
+RESULT_KEYS = (
+    "sdrpn_time_ratio",
+    "sdrpn_nokv_time_ratio",
+    "theory_sdrpn_ratio",
+    "theory_sdrpn_nokv_ratio",
+    "kv_speedup",
+    "answers_identical",
+)
+
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="16 layers, hidden 512 (under a minute on 2 cores)")
+    p = parser(__doc__, "16 layers, hidden 512 (under a minute on 2 cores)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--hidden", type=int, default=1024)
@@ -43,6 +53,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.layers, args.hidden = 16, 512
+    if args.smoke:
+        args.layers, args.hidden, args.heads, args.repeats = 4, 64, 2, 1
 
     import numpy as np
     import torch
@@ -80,7 +92,8 @@ def main() -> None:
         return run
 
     paths = {"baseline": baseline, "sdrpn": sdrpn(True), "sdrpn_nokv": sdrpn(False)}
-    for _ in range(2):  # warm-up: the first runs of a process also grow its heap (page faults), more than once
+    # warm-up: the first runs of a process also grow its heap (page faults), more than once
+    for _ in range(1 if args.smoke else 2):
         for fn in paths.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in paths}

@@ -8,7 +8,6 @@ Rows are LLaVA-sized: 24×24 grid → grounding and sink maps (576 float32 each)
 
 from __future__ import annotations
 
-import argparse
 import socket
 import sys
 import tempfile
@@ -16,6 +15,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._cli import parser
+
+# the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
+RESULT_KEYS = (
+    "rows",
+    "local_write_rows_s",
+    "local_read_rows_s",
+    "local_write_mb_s",
+    "local_read_mb_s",
+    "s3_write_rows_s",
+    "s3_read_rows_s",
+    "s3_write_mb_s",
+    "s3_read_mb_s",
+)
 
 
 def label_rows(n: int, seed: int = 0):
@@ -88,13 +102,14 @@ def measure(store, table, shard_rows: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="10k rows")
+    p = parser(__doc__, "10k rows")
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--shard-rows", type=int, default=10_000)
     args = p.parse_args()
     if args.quick:
         args.rows, args.shard_rows = 10_000, 2_000
+    if args.smoke:
+        args.rows, args.shard_rows = 500, 250
 
     import logging
 

@@ -23,6 +23,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks._cli import parser  # noqa: E402
+
+# the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
+RESULT_KEYS = ("labels_peak_mib_*", "labels_peak_mib_*", "peak_ratio")
+
 SHARD_ROWS = 2_000
 CELLS = 576
 
@@ -75,20 +81,18 @@ def prepare(root: str, rows: int, teacher_fp: str = "teacherfp0000000", shard_ro
     ds = teacher_dataset(store, teacher_fp)
     for start in range(0, rows, shard_rows):
         ds.write(_teacher_shard(start, min(shard_rows, rows - start), rng), skip_committed=False)
-    manifest = pa.table(
-        {
-            "sample_id": [f"gqa-{i:08d}" for i in range(rows)],
-            "sample_key": [f"{i:016x}" for i in range(rows)],
-            "image": [f"/data/gqa/images/{i:08d}.jpg" for i in range(rows)],
-            "question": ["Is the man to the left or to the right of the bus?"] * rows,
-            "answers": [["left"]] * rows,
-            "box": pa.nulls(rows, pa.list_(pa.int32())),
-            "domain": ["default"] * rows,
-            "category": [""] * rows,
-            "options": [""] * rows,
-        },
-        schema=MANIFEST_SCHEMA,
-    )
+    given = {
+        "sample_id": [f"gqa-{i:08d}" for i in range(rows)],
+        "sample_key": [f"{i:016x}" for i in range(rows)],
+        "image": [f"/data/gqa/images/{i:08d}.jpg" for i in range(rows)],
+        "question": ["Is the man to the left or to the right of the bus?"] * rows,
+        "answers": [["left"]] * rows,
+        "domain": ["default"] * rows,
+    }
+    # every other manifest field as the samples stage writes it when unused ("" or null), so a field added to the
+    # schema does not break this script
+    empty = {f.name: [""] * rows if pa.types.is_string(f.type) else pa.nulls(rows, f.type) for f in MANIFEST_SCHEMA}
+    manifest = pa.table({**empty, **given}, schema=MANIFEST_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(manifest, buf)
     ArtifactStore(store).put_files("datasets", f"bench{rows:011d}", {"manifest.parquet": buf.getvalue()})
@@ -127,8 +131,7 @@ def measure(job: dict) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2K and 20K rows in shards of 500 (under a minute)")
+    p = parser(__doc__, "2K and 20K rows in shards of 500 (under a minute)")
     p.add_argument("--sizes", default="10000,100000")
     p.add_argument("--shard-rows", type=int, default=SHARD_ROWS, help="teacher rows per committed shard")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per size; the median is reported")
@@ -138,8 +141,10 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))))
         return
-    sizes = [2_000, 20_000] if args.quick else [int(v) for v in args.sizes.split(",")]
-    shard_rows = 500 if args.quick else args.shard_rows
+    sizes = [2_000, 20_000] if args.quick else [200, 400] if args.smoke else [int(v) for v in args.sizes.split(",")]
+    shard_rows = 500 if args.quick else 100 if args.smoke else args.shard_rows
+    if args.smoke:
+        args.repeats = 1
     results = []
     for rows in sizes:
         with tempfile.TemporaryDirectory() as d:

@@ -21,7 +21,6 @@ Prints one line per module, then `RESULT mutants=… killed=… survived=… sco
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -35,6 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._cli import parser  # noqa: E402
+
+# the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
+RESULT_KEYS = ("mutants", "killed", "survived", "equivalent", "device", "score")
+
 EQUIVALENT = ROOT / "benchmarks" / "mutation_equivalent.json"
 SURVIVORS = ROOT / "benchmarks" / "results" / "mutation_survivors.md"
 
@@ -204,12 +210,28 @@ def report(dest: Path, modules: list[str], status: dict[str, str], out: Path = S
     return {"mutants": len(status), "killed": killed, **counts}
 
 
+def smoke() -> None:
+    """What rots here runs no mutant: the modules and test files named, the equivalence list, the config."""
+    missing = [p for m, tests in MODULES.items() for p in (m, *tests) if not (ROOT / p).exists()]
+    if missing:
+        raise SystemExit(f"named in MODULES but missing: {', '.join(missing)}")
+    listed = json.loads(EQUIVALENT.read_text())
+    with tempfile.TemporaryDirectory() as d:
+        write_config(Path(d), list(MODULES))
+        config = (Path(d) / "setup.cfg").read_text()
+    installed = Path(sys.executable).with_name("mutmut").exists()
+    print(f"{len(MODULES)} modules, {len(listed)} equivalent mutants listed, config {len(config)} bytes; "
+          f"mutmut {'installed' if installed else 'not installed (make mutation installs it)'}")  # fmt: skip
+    print("RESULT mutants=0 killed=0 survived=0 equivalent=0 device=0 score=0.000")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="roi.py and pseudo_labels.py only")
+    p = parser(__doc__, "roi.py and pseudo_labels.py only")
     p.add_argument("--keep", type=Path, help="work in this folder and keep it (mutmut browse / show there)")
     p.add_argument("--only", nargs="+", choices=list(MODULES), help="these modules only (while writing tests)")
     args = p.parse_args()
+    if args.smoke:
+        return smoke()
     modules = args.only or (QUICK if args.quick else list(MODULES))
     dest = args.keep or Path(tempfile.mkdtemp(prefix="sdrpn-mutation-"))
     t0 = time.perf_counter()

@@ -7,13 +7,29 @@ asked box beside the rate of hitting another box.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._cli import parser
+
+# the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
+RESULT_KEYS = (
+    "variant",
+    "baseline_acc",
+    "vicrop_acc",
+    "sdrpn_acc",
+    "oracle_acc",
+    "pipeline_s",
+    "attention_hit",
+    "random_box_rate",
+)
+
+# (quick, smoke) -> the default config's split sizes
+SIZES = {(False, False): {}, (True, False): {"train_n": 64, "eval_n": 24}, (False, True): {"train_n": 16, "eval_n": 8}}
 
 
 def attention_hits(cfg, store, model_ref, dataset_ref, limit: int = 60) -> dict[str, float]:
@@ -55,9 +71,8 @@ def attention_hits(cfg, store, model_ref, dataset_ref, limit: int = 60) -> dict[
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, "smaller train / eval splits")
     p.add_argument("config", nargs="?")
-    p.add_argument("--quick", action="store_true", help="smaller train / eval splits")
     args = p.parse_args()
     from benchmarks._pipeline import pipeline_config, start_prefect
     from flows.pipeline import sdrpn
@@ -66,7 +81,7 @@ def main() -> None:
 
     start_prefect()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = pipeline_config(args.config, tmp, **({"train_n": 64, "eval_n": 24} if args.quick else {}))
+        cfg = pipeline_config(args.config, tmp, **SIZES[args.quick, args.smoke])
         t0 = time.perf_counter()
         summary = sdrpn(cfg)
         pipeline_s = time.perf_counter() - t0

@@ -10,7 +10,6 @@ Ends with `RESULT file_mib=… stage_peak_mib=… whole_file_peak_mib=… peak_r
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -20,6 +19,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._cli import parser  # noqa: E402
+
+# the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
+RESULT_KEYS = ("file_mib", "stage_peak_mib", "whole_file_peak_mib", "peak_ratio")
 
 CHILD = r"""
 import json, os, sys, threading, time
@@ -92,10 +97,9 @@ def measure(mode: str, path: Path, store: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+    p = parser(__doc__, "200 rows of 0.5 MB")
     args = p.parse_args()
-    rows, size = (200, 512 * 1024) if args.quick else (800, 1536 * 1024)
+    rows, size = (200, 512 * 1024) if args.quick else (20, 64 * 1024) if args.smoke else (800, 1536 * 1024)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "hr_bench_4k.parquet"
         make_file(path, rows, size)

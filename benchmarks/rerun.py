@@ -6,7 +6,6 @@ retraining when nothing changed).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -14,11 +13,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._cli import parser
+
+# the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
+RESULT_KEYS = ("first_s", "rerun_s", "rerun_ratio")
+
+# (quick, smoke) -> the default config's split sizes
+SIZES = {(False, False): {}, (True, False): {"train_n": 16, "eval_n": 8}, (False, True): {"train_n": 8, "eval_n": 4}}
+
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, "smaller train / eval sets (under a minute)")
     p.add_argument("config", nargs="?")
-    p.add_argument("--quick", action="store_true", help="smaller train / eval sets (under a minute)")
     args = p.parse_args()
     from prefect.logging.handlers import APILogHandler
 
@@ -27,7 +33,7 @@ def main() -> None:
 
     start_prefect()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = pipeline_config(args.config, tmp, **({"train_n": 16, "eval_n": 8} if args.quick else {}))
+        cfg = pipeline_config(args.config, tmp, **SIZES[args.quick, args.smoke])
         t0 = time.perf_counter()
         first = sdrpn(cfg)
         APILogHandler().flush()  # the first run's log lines reach the API as part of the first run, not the rerun

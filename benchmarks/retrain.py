@@ -14,13 +14,17 @@ Prints each week's time, teacher rows, decision and scores; ends with
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._cli import parser
+
+# the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
+RESULT_KEYS = ("week2_teacher_rows", "week2_new_rows", "week3_promoted", "champion_unchanged", "week2_over_week1_time")
 
 SIZES = {False: (600, 200, 300), True: (64, 16, 40)}  # week 1 rows, week 2 rows, evaluation samples
 
@@ -68,8 +72,7 @@ def week(name: str, cfg, store) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"{SIZES[True]} rows (under a minute)")
+    p = parser(__doc__, f"{SIZES[True]} rows (under a minute)")
     args = p.parse_args()
     import os
 
@@ -77,7 +80,7 @@ def main() -> None:
     from stages.common import get_store
     from storage.champion import Champions
 
-    n1, n2, eval_n = SIZES[args.quick]
+    n1, n2, eval_n = SIZES[args.quick or args.smoke]  # smaller, and the rejection of week 3 would be luck
     start_prefect()  # Prefect's temporary API: a real server process, started outside the timings
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

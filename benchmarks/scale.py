@@ -39,6 +39,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._cli import parser  # noqa: E402
+
+# the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
+RESULT_KEYS = (
+    "eval_batch8_speedup",
+    "eval_2workers_speedup",
+    "train_2ranks_speedup",
+    "eval_batch1_per_s",
+    "eval_batch8_per_s",
+    "prefill_batch8_speedup",
+    "batch8_reading_share",
+    "eval_batch8_read_ahead_per_s",
+)
+
 
 def _setup(tmp: str, n: int):
     """A store with the nano model, n held-out rows and an untrained RPN committed as an artifact."""
@@ -244,8 +258,7 @@ def train_speed(tmp: str, world: int, samples: int, steps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer rows and steps (under a minute on 2 cores)")
+    p = parser(__doc__, "fewer rows and steps (under a minute on 2 cores)")
     p.add_argument("--rows", type=int, default=96)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--repeats", type=int, default=3, help="batch 1 / batch 8 runs, alternating; the best of each")
@@ -256,6 +269,8 @@ def main() -> None:
         return
     if args.quick:
         args.rows, args.steps, args.repeats = 32, 4, 1
+    if args.smoke:
+        args.rows, args.steps, args.repeats = 8, 2, 1
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -13,12 +13,22 @@ hidden 4096, 32 heads; bf16 on CUDA) answering batches, in one run:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._cli import parser
+
+# the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
+RESULT_KEYS = (
+    "sdrpn_rel_throughput_b1",
+    "sdrpn_rel_throughput_b8",
+    "baseline_b8_speedup",
+    "sdrpn_b8_speedup",
+    "teacher_speedup",
+)
 
 
 def build(args):
@@ -108,8 +118,7 @@ def teacher(adapter, preset, args) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="4 layers, hidden 256, 112 px, on CPU (under a minute)")
+    p = parser(__doc__, "4 layers, hidden 256, 112 px, on CPU (under a minute)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--layers", type=int, default=32)
@@ -122,6 +131,9 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.layers, args.hidden, args.heads, args.image_size, args.teacher_n, args.repeats = 4, 256, 4, 112, 4, 1
+    if args.smoke:
+        args.layers, args.hidden, args.heads, args.image_size, args.teacher_n, args.repeats = 4, 64, 2, 56, 2, 1
+        args.device, args.new_tokens = "cpu", 2
     adapter, rpn, preset = build(args)
     r = {**answering(adapter, rpn, args), **teacher(adapter, preset, args)}
     for k, v in r.items():

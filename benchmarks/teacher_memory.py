@@ -23,6 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._cli import parser
+
+# the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
+RESULT_KEYS = ("memory_ratio", "time_ratio", "ours_mib", "theirs_mib", "map_max_diff")
+
 
 def _rss_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -112,8 +117,7 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="16 layers, batch 2, 16 tokens (under a minute on 2 cores)")
+    p = parser(__doc__, "16 layers, batch 2, 16 tokens (under a minute on 2 cores)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
@@ -122,6 +126,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.layers, args.batch, args.tokens = 16, 2, 16
+    if args.smoke:
+        args.layers, args.batch, args.tokens = 4, 1, 4
     if args.worker:
         print(json.dumps(worker(args)))
         return

@@ -4,7 +4,7 @@ One Dask cluster serves a whole flow run, so a worker that loaded the model for 
 evaluation pieces (`stages.common.load_model` keeps one model per process). With `runner.gpus`, each worker is
 pinned to one GPU (its own `CUDA_VISIBLE_DEVICES`, so "cuda" in it is that GPU) and offers one `GPU` resource;
 the model-bound tasks ask for it, so two never share a device. An external scheduler (`runner.address`) is used
-as it is: start its workers with `--resources GPU=1` and one `CUDA_VISIBLE_DEVICES` each (README "Scale-out")."""
+as it is: start its workers with `--resources GPU=1` and one `CUDA_VISIBLE_DEVICES` each (docs/scale-out.md)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
-"""The benchmark scripts run, and say what they measure: each ends with a complete `RESULT` line."""
+"""The benchmark scripts run, and say what they measure: each ends with a complete `RESULT` line. Every script
+runs here in its `--smoke` mode (tiny sizes, seconds), so none can rot unseen; two also check what they measure."""
 
 from __future__ import annotations
 
+import ast
+import fnmatch
 import os
 import subprocess
 import sys
@@ -10,6 +13,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+CHECKED_BELOW = {"code_change", "retrain"}  # their smoke runs are the tests of what they measure, below
+
+
+def declared_keys(script: str) -> list[str]:
+    """The script's `RESULT_KEYS` (read from its source: importing a script may start work)."""
+    tree = ast.parse((ROOT / "benchmarks" / f"{script}.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "RESULT_KEYS":
+            return list(ast.literal_eval(node.value))
+    raise AssertionError(f"benchmarks/{script}.py declares no RESULT_KEYS")
 
 
 def result_line(script: str, *args: str, timeout: int = 900) -> dict[str, str]:
@@ -26,7 +42,26 @@ def result_line(script: str, *args: str, timeout: int = 900) -> dict[str, str]:
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("RESULT "), done.stdout[-2000:]
-    return dict(pair.split("=", 1) for pair in last.removeprefix("RESULT ").split())
+    pairs = [pair.split("=", 1) for pair in last.removeprefix("RESULT ").split()]
+    assert all(len(p) == 2 and p[1] for p in pairs), f"a RESULT entry without a value: {last}"
+    keys, patterns = [k for k, _ in pairs], declared_keys(script.removesuffix(".py"))
+    assert len(keys) == len(patterns) and all(map(fnmatch.fnmatchcase, keys, patterns)), (
+        f"{script}: RESULT keys {keys} are not the declared {patterns}"
+    )
+    return dict(pairs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(set(SCRIPTS) - CHECKED_BELOW))
+def test_every_script_runs_in_its_smoke_mode_and_prints_its_whole_result_line(script):
+    result_line(f"{script}.py", "--smoke", timeout=300)
+
+
+def test_every_script_declares_its_result_keys_and_takes_quick_and_smoke():
+    for script in SCRIPTS:
+        assert declared_keys(script), script
+        source = (ROOT / "benchmarks" / f"{script}.py").read_text()
+        assert "parser(__doc__" in source, f"{script} does not use benchmarks._cli.parser (--quick, --smoke)"
 
 
 @pytest.mark.slow
@@ -34,7 +69,7 @@ def test_code_change_reruns_what_each_edit_touches_through_the_real_pipeline():
     """Five edits on a copy of the project, each rerun from the first run's store: a docstring reruns nothing, a
     metric fix only the scores without a model call, a prompt change one benchmark's answers, a label-rule change
     the labels onward with the teacher cached, a teacher change the teacher."""
-    result = result_line("code_change.py", "--quick")
+    result = result_line("code_change.py", "--smoke")
     assert result["docstring_stages"] == "0"
     assert result["metric_stages"] == "1" and result["metric_model_calls"] == "0"
     assert result["prompt_benchmarks_reanswered"] == "1"
@@ -46,7 +81,7 @@ def test_code_change_reruns_what_each_edit_touches_through_the_real_pipeline():
 def test_three_weeks_of_retraining_do_only_the_new_work_and_reject_a_worse_rpn():
     """Week 2's new manifest alone goes through the teacher; week 3's challenger, made worse on purpose, is rejected
     and the champion stays."""
-    result = result_line("retrain.py", "--quick")
+    result = result_line("retrain.py", "--smoke")
     assert result["week2_teacher_rows"] == result["week2_new_rows"] != "0"
     assert result["week3_promoted"] == "0" and result["champion_unchanged"] == "1"
     assert float(result["week2_over_week1_time"]) > 0
