@@ -16,6 +16,23 @@ from sdrpn_core.models.tiny import TinyLlavaSpec, TinyQwenSpec, build_tiny_llava
 from sdrpn_core.presets import get_preset
 
 
+def pytest_collection_modifyitems(config, items):
+    """On n xdist workers (`--dist worksteal` gives worker i the i-th contiguous n-th of the list), each worker's
+    share starts with every n-th test that starts servers or processes, then short ones: the long tests run side by
+    side from the start, and what a worker steals at the end is short."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))  # collection happens on the workers
+    slow = [i for i in items if i.get_closest_marker("server") or i.get_closest_marker("slow")]
+    fast = [i for i in items if not (i.get_closest_marker("server") or i.get_closest_marker("slow"))]
+    share = [len(items) * (w + 1) // workers - len(items) * w // workers for w in range(workers)]
+    ordered: list = []
+    for w in range(workers):
+        mine = slow[w::workers]
+        take = max(0, share[w] - len(mine))
+        ordered += mine + fast[:take]
+        fast = fast[take:]
+    items[:] = ordered + fast
+
+
 @pytest.fixture(autouse=True)
 def _process_state_left_as_found():
     """A test may not leave torch's thread count or default dtype changed: later tests that compare runs bit for
@@ -195,3 +212,27 @@ def nano(request):
     assert adapter.grid == (8, 8)
     torch.manual_seed(0)
     return adapter, RoIPredictor.from_adapter(adapter, K=2, T=2)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One temporary Prefect API (a real server) for every flow test of the session (of each xdist worker)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-storage")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def flow_cache(tmp_path, monkeypatch):
+    """The flow tests' local scratch (downloads, checkpoints) per test, as a fresh machine's."""
+    monkeypatch.setenv("SDRPN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen"])
+def family(request) -> str:
+    """Every flow test that takes it runs on a tiny random LLaVA and on a tiny random Qwen2.5-VL."""
+    return request.param

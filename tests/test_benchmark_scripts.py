@@ -28,9 +28,19 @@ def declared_keys(script: str) -> list[str]:
     raise AssertionError(f"benchmarks/{script}.py declares no RESULT_KEYS")
 
 
-def result_line(script: str, *args: str, timeout: int = 900) -> dict[str, str]:
+@pytest.fixture
+def api_url(prefect_api) -> str:
+    """The session's Prefect API, for the scripts that run flows (each would otherwise start its own server)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def result_line(script: str, *args: str, api: str | None = None, timeout: int = 900) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)  # the script starts its own API
+    env.pop("PREFECT_API_URL", None)  # without `api`, a script that runs flows starts its own API
+    if api:
+        env["PREFECT_API_URL"] = api
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
@@ -53,8 +63,8 @@ def result_line(script: str, *args: str, timeout: int = 900) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(set(SCRIPTS) - CHECKED_BELOW))
-def test_every_script_runs_in_its_smoke_mode_and_prints_its_whole_result_line(script):
-    result_line(f"{script}.py", "--smoke", timeout=300)
+def test_every_script_runs_in_its_smoke_mode_and_prints_its_whole_result_line(script, api_url):
+    result_line(f"{script}.py", "--smoke", api=api_url, timeout=300)
 
 
 def test_every_script_declares_its_result_keys_and_takes_quick_and_smoke():
@@ -65,11 +75,11 @@ def test_every_script_declares_its_result_keys_and_takes_quick_and_smoke():
 
 
 @pytest.mark.slow
-def test_code_change_reruns_what_each_edit_touches_through_the_real_pipeline():
+def test_code_change_reruns_what_each_edit_touches_through_the_real_pipeline(api_url):
     """Five edits on a copy of the project, each rerun from the first run's store: a docstring reruns nothing, a
     metric fix only the scores without a model call, a prompt change one benchmark's answers, a label-rule change
     the labels onward with the teacher cached, a teacher change the teacher."""
-    result = result_line("code_change.py", "--smoke")
+    result = result_line("code_change.py", "--smoke", api=api_url)
     assert result["docstring_stages"] == "0"
     assert result["metric_stages"] == "1" and result["metric_model_calls"] == "0"
     assert result["prompt_benchmarks_reanswered"] == "1"
@@ -78,10 +88,10 @@ def test_code_change_reruns_what_each_edit_touches_through_the_real_pipeline():
 
 
 @pytest.mark.slow
-def test_three_weeks_of_retraining_do_only_the_new_work_and_reject_a_worse_rpn():
+def test_three_weeks_of_retraining_do_only_the_new_work_and_reject_a_worse_rpn(api_url):
     """Week 2's new manifest alone goes through the teacher; week 3's challenger, made worse on purpose, is rejected
     and the champion stays."""
-    result = result_line("retrain.py", "--smoke")
+    result = result_line("retrain.py", "--smoke", api=api_url)
     assert result["week2_teacher_rows"] == result["week2_new_rows"] != "0"
     assert result["week3_promoted"] == "0" and result["champion_unchanged"] == "1"
     assert float(result["week2_over_week1_time"]) > 0

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
-from tests.test_flows import make_config
+from tests.flowkit import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

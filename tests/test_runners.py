@@ -11,6 +11,7 @@ from flows.runners import GPU_RESOURCE, model_bound, task_runners, visible_gpus
 from stages.config import RunnerSection
 
 
+@pytest.mark.slow
 def test_gpu_workers_are_pinned_one_per_device_and_offer_one_gpu_each():
     import dask
     from distributed import Client
@@ -31,6 +32,7 @@ def test_gpu_workers_are_pinned_one_per_device_and_offer_one_gpu_each():
             blocked.result(timeout=1)
 
 
+@pytest.mark.slow
 def test_cpu_workers_and_threads_take_n_workers():
     from distributed import Client
 

@@ -367,11 +367,12 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_cli_does_not_leave_its_temporary_prefect_server(tmp_path, sig):
     import yaml
 
-    from tests.test_flows import make_config
+    from tests.flowkit import make_config
 
     cfg = make_config("llava", str(tmp_path / "store"), **{"train_data.n": 400, "teacher.max_new_tokens": 8})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))

@@ -276,6 +276,7 @@ def test_stats_count_shards_rows_and_quarantine_and_retire_moves_only_replaced_b
     assert sorted(ds.read().column("question").to_pylist()) == ["qa", "qb", "qc again", "qd again"]
 
 
+@pytest.mark.slow
 def test_storage_imports_nothing_of_the_method():
     """The store is a library of its own: its modules load without `sdrpn_core` (or torch)."""
     import subprocess

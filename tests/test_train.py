@@ -123,6 +123,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "qwen"])
 def test_killed_run_resumes_bit_for_bit(tmp_path, family):
     from sdrpn_core.models.tiny import build_tiny
