@@ -28,7 +28,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup lint  # two xdist workers by default (TEST_WORKERS=0: one process); slow tests are scheduled first
+test: setup lint  # two xdist workers by default (TEST_WORKERS=0: one process)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: setup lint  # without what starts a process or a server (subprocesses, torchrun, Prefect servers)

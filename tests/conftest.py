@@ -16,23 +16,6 @@ from sdrpn_core.models.tiny import TinyLlavaSpec, TinyQwenSpec, build_tiny_llava
 from sdrpn_core.presets import get_preset
 
 
-def pytest_collection_modifyitems(config, items):
-    """On n xdist workers (`--dist worksteal` gives worker i the i-th contiguous n-th of the list), each worker's
-    share starts with every n-th test that starts servers or processes, then short ones: the long tests run side by
-    side from the start, and what a worker steals at the end is short."""
-    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))  # collection happens on the workers
-    slow = [i for i in items if i.get_closest_marker("server") or i.get_closest_marker("slow")]
-    fast = [i for i in items if not (i.get_closest_marker("server") or i.get_closest_marker("slow"))]
-    share = [len(items) * (w + 1) // workers - len(items) * w // workers for w in range(workers)]
-    ordered: list = []
-    for w in range(workers):
-        mine = slow[w::workers]
-        take = max(0, share[w] - len(mine))
-        ordered += mine + fast[:take]
-        fast = fast[take:]
-    items[:] = ordered + fast
-
-
 @pytest.fixture(autouse=True)
 def _process_state_left_as_found():
     """A test may not leave torch's thread count or default dtype changed: later tests that compare runs bit for
