@@ -17,3 +17,8 @@ def parser(doc: str | None, quick: str) -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help=quick)
     size.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     return p
+
+
+def size(args: argparse.Namespace) -> str:
+    """ "quick", "smoke" or "full": the key of a script's table of sizes."""
+    return "quick" if args.quick else "smoke" if args.smoke else "full"

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._cli import parser  # noqa: E402
+from benchmarks._cli import parser, size  # noqa: E402
 
 # the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
 RESULT_KEYS = (
@@ -51,7 +51,7 @@ RESULT_KEYS = (
 
 COPIED = ("sdrpn_core", "stages", "storage", "flows", "tasks", "benchmarks", "configs")
 LINKED = ("models",)  # the shipped weights: read, never edited
-SIZES = {"": {}, "--quick": {"train_n": 24, "eval_n": 8}, "--smoke": {"train_n": 12, "eval_n": 4}}  # per benchmark
+SIZES = {"full": {}, "quick": {"train_n": 24, "eval_n": 8}, "smoke": {"train_n": 12, "eval_n": 4}}  # per benchmark
 STAGE_OF_KIND = {"teacher": "teacher", "labels": "labels", "rpn": "train", "eval-piece": "answer", "eval": "score"}
 
 
@@ -120,17 +120,18 @@ def outputs(store: Path) -> set[tuple[str, str]]:
     return {(kind, p.name) for kind in (*STAGE_OF_KIND, "release") for p in (store / kind).glob("*") if p.is_dir()}
 
 
-def run_child(project: Path, work: Path, size: str, api: str) -> dict:
+def run_child(project: Path, work: Path, sizes: str, api: str) -> dict:
     """The pipeline in a fresh interpreter on `project`'s code, its store and cache in `work`."""
     env = {**os.environ, "PYTHONPATH": str(project), "PREFECT_API_URL": api}
     cmd = [sys.executable, str(project / "benchmarks" / "code_change.py"), "--child", str(work)]
-    done = subprocess.run([*cmd, *([size] if size else [])], cwd=project, env=env, capture_output=True, text=True)
+    flag = [] if sizes == "full" else [f"--{sizes}"]
+    done = subprocess.run([*cmd, *flag], cwd=project, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"pipeline on {project} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return json.loads((work / "child.json").read_text())
 
 
-def child(work: Path, size: str) -> None:
+def child(work: Path, sizes: str) -> None:
     """Run the pipeline here, counting decoder-layer forwards, and write what it made to `work/child.json`."""
     import torch
 
@@ -144,7 +145,7 @@ def child(work: Path, size: str) -> None:
             calls["n"] += 1
 
     torch.nn.modules.module.register_module_forward_pre_hook(count)
-    cfg = pipeline_config(None, str(work), **SIZES[size])
+    cfg = pipeline_config(None, str(work), **SIZES[sizes])
     textvqa = cfg.eval.datasets[0].model_copy(update={"benchmark": "textvqa", "seed": 1001})
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"datasets": [*cfg.eval.datasets, textvqa]})})
     t0 = time.perf_counter()
@@ -157,13 +158,13 @@ def benchmarks_of(store: Path, pieces: list[str]) -> set[str]:
     return {json.loads((store / "eval-piece" / fp / "protocol.json").read_text())["benchmark"] for fp in pieces}
 
 
-def measure(edit: Edit, tmp: Path, base: Path, size: str, api: str) -> dict:
+def measure(edit: Edit, tmp: Path, base: Path, sizes: str, api: str) -> dict:
     """Apply `edit` to a fresh copy, rerun from a copy of the first run's store and cache, and diff the outputs."""
     project = copy_project(tmp / f"project-{edit.name}", edit)
     work = tmp / f"run-{edit.name}"
     shutil.copytree(base, work, symlinks=True)
     before = outputs(work / "store")
-    result = run_child(project, work, size, api)
+    result = run_child(project, work, sizes, api)
     new = sorted(outputs(work / "store") - before)
     stages = [f"{STAGE_OF_KIND[k]}" for k, _ in new if k in STAGE_OF_KIND]
     pieces = [fp for k, fp in new if k == "eval-piece"]
@@ -181,9 +182,9 @@ def main() -> None:
     p = parser(__doc__, "24 training and 8 evaluation samples per benchmark")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    size = "--quick" if args.quick else "--smoke" if args.smoke else ""
+    sizes = size(args)
     if args.child:
-        return child(Path(args.child), size)
+        return child(Path(args.child), sizes)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.settings import PREFECT_API_URL
 
@@ -192,9 +193,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as name, temporary_api() as started:
         api, tmp = started or PREFECT_API_URL.value(), Path(name)
         base = tmp / "run-first"
-        first = run_child(copy_project(tmp / "project"), base, size, api)
+        first = run_child(copy_project(tmp / "project"), base, sizes, api)
         print(f"first run: {first['seconds']:.1f} s, {first['calls']} decoder-layer calls")
-        rows = {e.name: measure(e, tmp, base, size, api) for e in EDITS}
+        rows = {e.name: measure(e, tmp, base, sizes, api) for e in EDITS}
     print(f"{'edit':10s} {'stages recomputed':58s} {'release':8s} {'model calls':>11s} {'rerun s':>8s}")
     for r in rows.values():
         counted = ", ".join(f"{s}×{r['stages'].count(s)}" for s in dict.fromkeys(r["stages"])) or "-"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._cli import parser
+from benchmarks._cli import parser, size
 
 # the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
 RESULT_KEYS = (
@@ -28,8 +28,11 @@ RESULT_KEYS = (
     "random_box_rate",
 )
 
-# (quick, smoke) -> the default config's split sizes
-SIZES = {(False, False): {}, (True, False): {"train_n": 64, "eval_n": 24}, (False, True): {"train_n": 16, "eval_n": 8}}
+SIZES = {
+    "full": {},
+    "quick": {"train_n": 64, "eval_n": 24},
+    "smoke": {"train_n": 16, "eval_n": 8},
+}  # the default config's split sizes
 
 
 def attention_hits(cfg, store, model_ref, dataset_ref, limit: int = 60) -> dict[str, float]:
@@ -81,7 +84,7 @@ def main() -> None:
 
     start_prefect()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = pipeline_config(args.config, tmp, **SIZES[args.quick, args.smoke])
+        cfg = pipeline_config(args.config, tmp, **SIZES[size(args)])
         t0 = time.perf_counter()
         summary = sdrpn(cfg)
         pipeline_s = time.perf_counter() - t0

@@ -13,13 +13,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._cli import parser
+from benchmarks._cli import parser, size
 
 # the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
 RESULT_KEYS = ("first_s", "rerun_s", "rerun_ratio")
 
-# (quick, smoke) -> the default config's split sizes
-SIZES = {(False, False): {}, (True, False): {"train_n": 16, "eval_n": 8}, (False, True): {"train_n": 8, "eval_n": 4}}
+SIZES = {
+    "full": {},
+    "quick": {"train_n": 16, "eval_n": 8},
+    "smoke": {"train_n": 8, "eval_n": 4},
+}  # the default config's split sizes
 
 
 def main() -> None:
@@ -33,7 +36,7 @@ def main() -> None:
 
     start_prefect()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = pipeline_config(args.config, tmp, **SIZES[args.quick, args.smoke])
+        cfg = pipeline_config(args.config, tmp, **SIZES[size(args)])
         t0 = time.perf_counter()
         first = sdrpn(cfg)
         APILogHandler().flush()  # the first run's log lines reach the API as part of the first run, not the rerun

@@ -21,12 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._cli import parser
+from benchmarks._cli import parser, size
 
 # the keys of the last line, `RESULT key=value …` (checked by tests/test_benchmark_scripts.py)
 RESULT_KEYS = ("week2_teacher_rows", "week2_new_rows", "week3_promoted", "champion_unchanged", "week2_over_week1_time")
 
-SIZES = {False: (600, 200, 300), True: (64, 16, 40)}  # week 1 rows, week 2 rows, evaluation samples
+# week 1 rows, week 2 rows, evaluation samples; smoke is quick: smaller, and week 3's rejection would be luck
+SIZES = {"full": (600, 200, 300), "quick": (64, 16, 40), "smoke": (64, 16, 40)}
 
 
 def arrive(incoming: Path, week: str, n: int, seed: int) -> int:
@@ -72,7 +73,7 @@ def week(name: str, cfg, store) -> dict:
 
 
 def main() -> None:
-    p = parser(__doc__, f"{SIZES[True]} rows (under a minute)")
+    p = parser(__doc__, f"{SIZES['quick']} rows (under a minute)")
     args = p.parse_args()
     import os
 
@@ -80,7 +81,7 @@ def main() -> None:
     from stages.common import get_store
     from storage.champion import Champions
 
-    n1, n2, eval_n = SIZES[args.quick or args.smoke]  # smaller, and the rejection of week 3 would be luck
+    n1, n2, eval_n = SIZES[size(args)]
     start_prefect()  # Prefect's temporary API: a real server process, started outside the timings
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

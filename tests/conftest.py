@@ -5,6 +5,7 @@ import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail at once instead of retrying for 20 s
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # before any test module imports prefect
 
 import numpy as np
 import pytest
@@ -200,7 +201,6 @@ def nano(request):
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One temporary Prefect API (a real server) for every flow test of the session (of each xdist worker)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 

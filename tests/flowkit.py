@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
-from pathlib import Path
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
 from datetime import UTC
+from pathlib import Path
 
 from stages import evaluate as eval_stage
 from stages import labels as labels_stage

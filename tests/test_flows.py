@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import time
+from datetime import UTC
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-from datetime import UTC
 
 from stages import data as data_stage
 from stages import evaluate as eval_stage

@@ -15,9 +15,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
 from stages import evaluate as eval_stage
 from tests.flowkit import Calls, make_config
 

@@ -14,9 +14,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
 from stages import labels as labels_stage
 from stages import teacher as teacher_stage
 from tests.flowkit import Calls, _task_states, make_config

@@ -3,15 +3,11 @@ automation a rejection triggers."""
 
 from __future__ import annotations
 
-import os
 import time
+from datetime import UTC
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-from datetime import UTC
 
 from stages.config import PipelineConfig
 from tests.flowkit import Calls, _artifacts

@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
 from stages import train as train_stage
 from tests.flowkit import _task_states, make_config
 

@@ -16,8 +16,6 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
 from sdrpn_core.data import BadSample, ImageReadError, load_image, read_ahead
 from stages.common import read_manifest, read_rejections
 from stages.config import ConfigError, DatasetSpec, PipelineConfig
