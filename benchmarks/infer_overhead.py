@@ -1,9 +1,14 @@
 """Time per sample of baseline vs SD-RPN (pass 1 + crop + pass 2), with and without pass-1 KV reuse.
 
 Same model and inputs in one run. The model is LLaVA-1.5-shaped in sequence (336 px / patch 14 → 576 image
-tokens behind the vicuna_v1 prompt) and depth (32 layers, K=15, T=3 as the 7B preset) but narrower (hidden 1024,
-head_dim 128); answers are short, so the prefill dominates. Narrow models overweight attention against the
-linear layers (whose work KV reuse halves in layers 0..K−1), so the measured gain grows with width.
+tokens behind the vicuna_v1 prompt) and depth (32 layers, K=15, T=3 as the 7B preset) but narrower (hidden 2048,
+head_dim 128, against the 7B's 4096); answers are short, so the prefill dominates.
+
+Width matters: per token and layer, attention over k keys costs about k / (3·hidden) of the linear layers, and KV
+reuse saves half the linear work of layers 0..K−1 but only a quarter of their attention (each re-run token still
+reads the whole prefix; splitting that read did not pay on the CPU, see benchmarks/results/infer_overhead_cpu.txt).
+At the 7B's width attention is about 5 % of a layer, at hidden 2048 10 %, at 1024 20 %: the narrower the model,
+the further the measured gain falls below the token-layer theory (which counts linear work only).
 The RoI is a fixed single box (the authors' one-component branch: a 336×336 re-encode, all 576 crop tokens
 inserted), so each path does the work a real RoI costs whatever a random RPN
 would predict. Beside each measured ratio, the theoretical one from token-layer counts (attention's quadratic
@@ -38,10 +43,10 @@ def main() -> None:
     p = parser(__doc__, "16 layers, hidden 512 (under a minute on 2 cores)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved runs per path; the fastest counts")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs per path; the fastest counts")
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument(
         "--threads",

@@ -162,8 +162,8 @@ def _warm(settings, model, rpn) -> int:
     """Load the model and RPN in this worker (kept for its pieces), outside the timing."""
     import torch
 
+    from stages.answering import load_rpn
     from stages.common import get_store
-    from stages.evaluate import load_rpn
 
     torch.set_num_threads(1)
     load_rpn(get_store(settings), rpn, model)

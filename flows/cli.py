@@ -163,6 +163,14 @@ def _run_flow(args: argparse.Namespace, cfg) -> int:
     elif args.command == "train":
         ref = pipeline.train_flow(cfg)
         print(f"RPN: {ref.url} ({ref.steps} steps, final loss {ref.final_loss:.4f})")
+    elif args.command == "calibrate":
+        for ref, doc in pipeline.calibrate_flow(cfg):
+            point = doc["chosen_point"]
+            print(
+                f"{ref.benchmark}: τ {ref.threshold} / {ref.mode}: score {point['score']:.1f} (baseline "
+                f"{doc['baseline_score']:.1f}), {point['relative_throughput']:.2f}× the baseline's throughput; "
+                f"{doc['samples']} samples, {doc['candidates']} candidates ({doc['split']})\n  {ref.url}/curve.png"
+            )
     else:
         results = pipeline.eval_flow(cfg)
         _print_scores([s for r in results for s in r.scores])
@@ -180,12 +188,26 @@ def _predict_settings(args: argparse.Namespace, folder: Path) -> dict:
     from stages.train_ranks import INFERENCE
 
     recorded = _json.loads((folder / INFERENCE).read_text()) if (folder / INFERENCE).exists() else {}
+    source = recorded.get("source", "built-in defaults")
+    if args.benchmark:  # that benchmark's τ and mode (calibrated, where `auto` chose them)
+        per = recorded.get("per_benchmark") or {}
+        if args.benchmark not in per:
+            raise SystemExit(
+                f"sdrpn predict --benchmark {args.benchmark}: {folder / INFERENCE} has no settings for it "
+                f"(it has: {', '.join(per) or 'none'})"
+            )
+        recorded = {**recorded, **per[args.benchmark]}
+        source += f"; {args.benchmark}'s settings"
     settings = {**PREDICT_DEFAULTS, **{k: v for k, v in recorded.items() if k in PREDICT_DEFAULTS and v is not None}}
     for key in PREDICT_DEFAULTS:
-        if getattr(args, key) is not None:
+        if getattr(args, key) not in (None, "auto"):  # `auto`: the release's (calibrated) value
             settings[key] = getattr(args, key)
-    settings["source"] = recorded.get("source", "built-in defaults")
+    settings["source"] = source
     return settings
+
+
+def _tau_or_auto(value: str) -> float | str:
+    return value if value == "auto" else float(value)
 
 
 PREDICT_DEFAULTS = {"threshold": 0.15, "mode": "mask", "max_new_tokens": 128}
@@ -453,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         "labels": "teacher attention → pseudo-labels for the training data",
         "train": "labels, then the RPN",
         "eval": "evaluate baseline / SD-RPN with the newest RPN for the model",
+        "calibrate": "choose SD-RPN's τ and crop mode per benchmark on a calibration split (eval.calibration)",
     }
     for name, text in helps.items():
         sp = sub.add_parser(name, help=text)
@@ -514,8 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--store", help="the store `--rpn current` reads (default: the default config's)")
     pr.add_argument("--model", help="base model (default: the one named in the RPN config)")
     recorded = "the RPN's inference.json, else {}"
-    pr.add_argument("--threshold", type=float, help="τ on the RoI map (default: " + recorded.format(0.15) + ")")
-    pr.add_argument("--mode", choices=["mask", "box"], help="RoI mode (default: " + recorded.format("mask") + ")")
+    pr.add_argument(
+        "--threshold", type=_tau_or_auto, help="τ on the RoI map, or auto (default: " + recorded.format(0.15) + ")"
+    )
+    pr.add_argument(
+        "--mode", choices=["mask", "box", "auto"], help="RoI mode, or auto (default: " + recorded.format("mask") + ")"
+    )
+    pr.add_argument("--benchmark", help="take the τ and mode the release has for this benchmark (calibrated or set)")
     pr.add_argument("--max-new-tokens", type=int, help="answer length (default: " + recorded.format(128) + ")")
     pr.add_argument("--no-kv-reuse", action="store_true", help="recompute pass 2 fully, as the authors do")
     pr.add_argument("--compare", action="store_true", help="also answer without SD-RPN; compare.png side by side")

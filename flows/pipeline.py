@@ -26,11 +26,21 @@ from prefect.states import Completed, State
 from flows.publish import key, publish_decision, publish_run, publish_scores, skipped
 from flows.runners import RunnerFactory, model_bound, task_runners
 from sdrpn_core.methods import EvalParams, get_method
-from stages import data, evaluate, labels, model, promote, release, score, teacher, train
+from stages import calibrate, data, evaluate, labels, model, promote, release, score, teacher, train
 from stages.config import DatasetSpec, PipelineConfig, TeacherSection
 from stages.evaluate import EvalPiece, by_shard, plan_pieces
 from stages.labels import merge as merge_labels
-from stages.refs import DatasetRef, EvalRef, LabelsRef, ModelRef, PieceRef, RpnRef, ShardSummary, TeacherRef
+from stages.refs import (
+    CalibrationRef,
+    DatasetRef,
+    EvalRef,
+    LabelsRef,
+    ModelRef,
+    PieceRef,
+    RpnRef,
+    ShardSummary,
+    TeacherRef,
+)
 from storage.champion import Champions
 from storage.fingerprint import hash_obj
 from tasks.stages import CONFIG_TAG, Found, stage_task
@@ -183,16 +193,31 @@ def evaluate_flow(
     return [ref for f in futures for ref in f.result()]
 
 
+def _calibrated(
+    cfg: PipelineConfig, model: ModelRef, rpn: RpnRef, spec: DatasetSpec, params: EvalParams
+) -> tuple[DatasetSpec, EvalParams, CalibrationRef]:
+    """`auto` τ / mode for one benchmark: its calibration split's samples, the calibrate stage → (the spec to
+    score, a held-out share left out; the parameters with the chosen values; the calibration)."""
+    settings, calibration = cfg.store.settings(), cfg.eval.calibration_params()
+    scored, held, split = calibrate.calibration_split(spec, calibration)
+    data = _samples(held, settings, f"calibrate:{spec.benchmark or spec.kind}")
+    ref = _call(stage_task(calibrate.CALIBRATE), settings, model, rpn, data, params, calibration, split)
+    return scored, calibrate.resolve(params, ref), ref
+
+
 def _eval(
     cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None, runners: RunnerFactory, only: tuple[str, ...] = ()
 ) -> tuple[list[EvalRef], bool]:
-    """Per benchmark (`only` these, if named): its samples, the pieces not yet in the store (mapped), then the
-    scores → (results, whether every one came from the cache)."""
-    settings, params, results, all_cached = cfg.store.settings(), _eval_params(cfg), [], True
+    """Per benchmark (`only` these, if named): its τ and mode calibrated when `auto`, its samples, the pieces not
+    yet in the store (mapped), then the scores → (results, whether every one came from the cache)."""
+    settings, results, all_cached = cfg.store.settings(), [], True
     for spec in cfg.eval.datasets:
-        dataset = _samples(spec, settings, f"eval:{spec.benchmark or spec.kind}")
-        if only and dataset.benchmark not in only:
+        params = _eval_params(cfg)
+        if only and (spec.benchmark or "synthetic") not in only:
             continue
+        if params.calibrated and rpn is not None:
+            spec, params, _ = _calibrated(cfg, model, rpn, spec, params)
+        dataset = _samples(spec, settings, f"eval:{spec.benchmark or spec.kind}")
         pieces = plan_pieces(_store(cfg), model, rpn, dataset, params, cfg.eval.shards)
         found = score.SCORE.find({"store": _store(cfg), "dataset": dataset, "params": params, "pieces": pieces})
         if found is None:  # the answers first; a scored evaluation found needs none of them
@@ -291,6 +316,26 @@ def eval_flow(config: PipelineConfig | None = None, config_path: str | None = No
             markdown = publish_scores(cfg, _store(cfg), model_ref, results)
             create_markdown_artifact(key=key(cfg, "eval-report"), markdown=markdown, description=f"{cfg.name}: scores")
     return results
+
+
+@flow(name="sdrpn-calibrate", flow_run_name=_run_name)
+def calibrate_flow(
+    config: PipelineConfig | None = None, config_path: str | None = None
+) -> list[tuple[CalibrationRef, dict]]:
+    """τ and the crop mode per benchmark of `eval.datasets`, chosen for the model's champion RPN (else its newest)
+    on each one's calibration split → (the calibration, its calibration.json) per benchmark."""
+    cfg = load_config(config, config_path)
+    out = []
+    with _labelled(cfg):
+        model_ref = _model(cfg)
+        rpn, params = current_rpn(_store(cfg), model_ref), _eval_params(cfg)
+        for spec in cfg.eval.datasets:
+            ref = _calibrated(cfg, model_ref, rpn, spec, params)[2]
+            out.append((ref, calibrate.read(_store(cfg), ref)))
+        create_markdown_artifact(
+            key=key(cfg, "calibration"), markdown=calibrate.markdown(out), description=f"{cfg.name}: calibration"
+        )
+    return out
 
 
 def current_rpn(store, model: ModelRef) -> RpnRef:

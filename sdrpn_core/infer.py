@@ -126,7 +126,7 @@ def _inputs(adapter: VLMAdapter, images: list, questions: list[str]) -> _Batch:
     return _Batch([r.image for r in ready], x, adapter.embed(x), adapter.position_ids(x))
 
 
-def _answers(adapter: VLMAdapter, tokens: list[list[int]], seconds: dict[str, float], rois=None) -> list[Answer]:
+def answers_of(adapter: VLMAdapter, tokens: list[list[int]], seconds: dict[str, float], rois=None) -> list[Answer]:
     """Per-row answers; each row is charged an equal share of the batch's time (per phase)."""
     share = {k: v / max(1, len(tokens)) for k, v in seconds.items()}
     return [_finish(adapter, t, rois[i] if rois else None, dict(share)) for i, t in enumerate(tokens)]
@@ -142,7 +142,7 @@ def answer_baseline_batch(
     packed = Packed(b.embeds, b.positions, b.mask)
     logits, cache = prefill(adapter, packed)
     tokens = greedy(adapter, cache, logits, packed, max_new_tokens, _prompt_ids(b.x))
-    return _answers(adapter, tokens, {"total": time.perf_counter() - t0})
+    return answers_of(adapter, tokens, {"total": time.perf_counter() - t0})
 
 
 def answer_baseline(adapter: VLMAdapter, image: Image.Image | str, question: str, max_new_tokens: int = 128) -> Answer:
@@ -209,7 +209,7 @@ def answer_with_boxes_batch(
     packed = pack(rows)
     logits, cache = prefill(adapter, packed)
     tokens = greedy(adapter, cache, logits, packed, max_new_tokens, _prompt_ids(b.x))
-    return _answers(adapter, tokens, {"total": time.perf_counter() - t0})
+    return answers_of(adapter, tokens, {"total": time.perf_counter() - t0})
 
 
 def answer_with_boxes(
@@ -470,7 +470,7 @@ def answer_sdrpn_batch(
     t1 = time.perf_counter()
     done = run_pass2_batch(adapter, p1s, plans, max_new_tokens)
     seconds = {"pass1": t1 - t0, "pass2+decode": time.perf_counter() - t1}
-    return _answers(adapter, [t for t, _ in done], seconds, [roi for _, roi in done])
+    return answers_of(adapter, [t for t, _ in done], seconds, [roi for _, roi in done])
 
 
 def answer_sdrpn(

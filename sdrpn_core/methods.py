@@ -33,9 +33,10 @@ class EvalParams:
     sorted items (`eval.options.<method>` in the config), validated by the method's `options` dataclass."""
 
     methods: tuple[str, ...] = ("baseline", "sdrpn", "vicrop", "oracle")
-    threshold: float | None = None  # None: the benchmark's per-family value, else `default_threshold`
+    # None: the benchmark's per-family value, else `default_threshold`; "auto": chosen by the calibrate stage
+    threshold: float | Literal["auto"] | None = None
     default_threshold: float = 0.15
-    mode: Literal["mask", "box"] = "mask"
+    mode: Literal["mask", "box", "auto"] = "mask"  # "auto": chosen by the calibrate stage
     reuse_kv: bool = True
     max_new_tokens: int | None = None  # None: the benchmark's
     vicrop_layer: int = 14
@@ -45,6 +46,12 @@ class EvalParams:
     model_key: str = ""  # the preset's model ("qwen2.5-vl-3b"): selects the authors' per-model τ
     protocol: str = "lmms-eval 0.4.0 (the authors' vendored copy)"  # prompts and metrics scored as by this harness
     options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (method, its settings' sorted items)
+    calibrated_by: str = ""  # the calibration that chose τ / mode (its fingerprint), set by the flow for `auto`
+
+    @property
+    def calibrated(self) -> bool:
+        """τ or the mode is left to the calibrate stage (`auto`)."""
+        return self.threshold == "auto" or self.mode == "auto"
 
     def __post_init__(self):
         for name, ok in [
@@ -52,7 +59,7 @@ class EvalParams:
             ("gallery", self.gallery >= 0),
             ("vicrop_layer", self.vicrop_layer >= 0),
             ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1),
-            ("mode", self.mode in ("mask", "box")),
+            ("mode", self.mode in ("mask", "box", "auto")),
         ]:
             if not ok:
                 raise ValueError(f"eval.{name} = {getattr(self, name)!r} is out of range")

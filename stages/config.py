@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from sdrpn_core.calibrate import CalibrationParams
 from sdrpn_core.methods import EvalParams
 from sdrpn_core.presets import Preset, get_preset
 from sdrpn_core.pseudo_labels import LabelParams
@@ -55,7 +56,9 @@ def _check_exists(path: str | None, what: str) -> str | None:
     return path
 
 
-def check_threshold(value: float | None) -> float | None:
+def check_threshold(value: float | str | None) -> float | str | None:
+    if value == "auto":
+        return value
     if value is not None and not (0 < value < 1 or -1 <= value < 0):
         raise ValueError(f"τ must be in (0, 1), or in [-1, 0) for the fraction-of-max rule; got {value}")
     return value
@@ -114,9 +117,16 @@ class DatasetSpec(_Section):
     variant: Literal["select", "single"] = "select"
     canvas: Annotated[int, Field(ge=32)] = 256
     limit: Positive | None = None
+    # a seeded share of the rows held out (for calibration): `part` says which side this spec reads; the two sides
+    # are disjoint by construction (`stages.data.holdout_part`)
+    holdout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    holdout_seed: int = 0
+    part: Literal["all", "scored", "held-out"] = "all"
 
     @model_validator(mode="after")
     def _consistent(self) -> DatasetSpec:
+        if (self.part == "all") != (self.holdout == 0):
+            raise ValueError(f"part {self.part!r} with holdout {self.holdout}: a held-out share needs a part, and back")
         if self.kind in ("jsonl", "benchmark") and not self.path:
             raise ValueError(f"path is required for kind {self.kind!r}")
         if self.kind == "benchmark" and not self.benchmark:
@@ -241,6 +251,14 @@ TrainSection = section_of(
 )
 
 
+class _CalibrationBase(_DataclassSection):
+    def params(self) -> CalibrationParams:
+        return CalibrationParams(**self.chosen())
+
+
+CalibrationSection = section_of(CalibrationParams, CalibrationParams.__doc__ or "", _CalibrationBase)
+
+
 class _EvalBase(_DataclassSection):
     """Benchmarks and methods compared in one run: the fields of `sdrpn_core.methods.EvalParams` (generated), and
     what the run itself sets here. `threshold` / `max_new_tokens` left unset take each benchmark's authors' value
@@ -257,6 +275,8 @@ class _EvalBase(_DataclassSection):
     # {pad_square: false}; recorded in protocol.json
     inputs: dict[str, Any] | None = None
     options: dict[str, dict[str, Any]] | None = None  # per method, its own settings (`EvalMethod.options`)
+    # how `threshold: auto` / `mode: auto` are chosen (`sdrpn_core.calibrate`); its defaults when left out
+    calibration: CalibrationSection | None = None  # type: ignore[valid-type]
 
     @field_validator("threshold", check_fields=False)
     @classmethod
@@ -282,7 +302,8 @@ class _EvalBase(_DataclassSection):
 
     def params(self, preset: Preset) -> EvalParams:
         """The run's evaluation parameters: the preset's τ, ViCrop layer and model under the chosen fields."""
-        chosen = {k: v for k, v in self.chosen().items() if k not in ("datasets", "paper_model", "shards")}
+        skip = ("datasets", "paper_model", "shards", "calibration")
+        chosen = {k: v for k, v in self.chosen().items() if k not in skip}
         chosen["inputs"] = tuple(sorted((self.inputs or {}).items()))
         chosen["options"] = tuple(sorted((m, tuple(sorted(o.items()))) for m, o in (self.options or {}).items()))
         base = {
@@ -291,6 +312,9 @@ class _EvalBase(_DataclassSection):
             "model_key": preset.name.split("/")[0],
         }
         return EvalParams(**{**base, **chosen})
+
+    def calibration_params(self) -> CalibrationParams:
+        return self.calibration.params() if self.calibration is not None else CalibrationParams()
 
 
 EvalSection = section_of(EvalParams, _EvalBase.__doc__ or "", _EvalBase)

@@ -199,7 +199,8 @@ def read_jsonl_manifest(url: str, **storage_options) -> tuple[list[dict], list[R
 
 
 def _synthetic_folder(spec: DatasetSpec) -> str:
-    return f"datasets/synthetic/{hash_obj(spec.model_dump(exclude={'limit', 'path', 'kind'}))}"
+    held = {"holdout", "holdout_seed", "part"}  # one side or the other of the same scenes
+    return f"datasets/synthetic/{hash_obj(spec.model_dump(exclude={'limit', 'path', 'kind', *held}))}"
 
 
 def _synthetic_rows(spec: DatasetSpec, store: Store) -> list[dict]:
@@ -371,10 +372,26 @@ def build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
     return ref
 
 
+def held_out(sample_id: str, share: float, seed: int) -> bool:
+    """Whether a row is in the held-out share: a seeded hash of its id, so the split is the same on every machine,
+    whatever the rows' order, and a row added later does not move the others."""
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def holdout_part(rows: list[dict], spec: DatasetSpec) -> list[dict]:
+    """The side of the hold-out `spec.part` reads ("scored" or "held-out"); every row for "all"."""
+    if spec.part == "all":
+        return rows
+    held = spec.part == "held-out"
+    return [r for r in rows if held_out(str(r["sample_id"]), spec.holdout, spec.holdout_seed) == held]
+
+
 def _build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
     rows, rejected, name, warnings = _source_rows(spec, store)
     if spec.limit and not (spec.benchmark and get_benchmark(spec.benchmark).seeded_subset):
         rows = rows[: spec.limit]
+    rows = holdout_part(rows, spec)
     keyed, unreadable = _keyed(rows, spec, store)
     rows = [r for r, _ in keyed]
     rejected += unreadable

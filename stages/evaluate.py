@@ -17,23 +17,23 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdrpn_core.benchmarks import Benchmark, BenchmarkSample, get_benchmark
+from sdrpn_core.benchmarks import BenchmarkSample, get_benchmark
 from sdrpn_core.benchmarks.scoring import score
-from sdrpn_core.data import BadSample, read_ahead
-from sdrpn_core.infer import Preprocessed, preprocess
-from sdrpn_core.methods import EvalMethod, EvalParams, MethodSettings, get_method
+from sdrpn_core.data import read_ahead
+from sdrpn_core.infer import Preprocessed
+from sdrpn_core.methods import EvalParams, get_method
 from sdrpn_core.models.base import VLMAdapter
 from sdrpn_core.progress import Progress
+from stages.answering import AnswerRun, prepare_run, read_samples, sample_of
 from stages.code import BENCHMARK_CODE, function_fingerprint, library_versions
-from stages.common import Stage, cache_dir, cached_in_process, load_model, read_manifest
+from stages.common import Stage, read_manifest
 from stages.refs import DatasetRef, ModelRef, PieceRef, RpnRef
 from storage.artifacts import ArtifactStore
 from storage.fingerprint import hash_obj, stage_fingerprint
@@ -118,21 +118,6 @@ def shard_of(rows: list[dict], shard: int, n_shards: int) -> list[dict]:
     return rows[shard * len(rows) // n_shards : (shard + 1) * len(rows) // n_shards]
 
 
-def sample_of(row: dict) -> BenchmarkSample:
-    """A manifest row as the benchmark's sample (prompts and metrics read these)."""
-    options = tuple(tuple(o) for o in json.loads(row["options"])) if row.get("options") else ()
-    return BenchmarkSample(
-        row["sample_id"],
-        row["image"],
-        row["question"],
-        tuple(row["answers"] or ()),
-        row.get("category") or "",
-        options,
-        tuple(row["box"]) if row.get("box") else None,
-        tuple(json.loads(row["meta"]).items()) if row.get("meta") else (),
-    )
-
-
 def piece_lookup(store: Store, piece: EvalPiece) -> PieceRef | None:
     """The committed piece, if every file matches its marker."""
     arts = ArtifactStore(store)
@@ -144,40 +129,6 @@ def piece_lookup(store: Store, piece: EvalPiece) -> PieceRef | None:
         log.error("%s: marker lacks a row count; re-evaluating", arts.url("eval-piece", piece.fingerprint))
         return None
     return PieceRef(piece.fingerprint, arts.url("eval-piece", piece.fingerprint), piece.method, piece.shard, rows)
-
-
-@dataclass
-class _Run:
-    """One evaluation's settings, resolved once (model, benchmark, methods, τ, generation limit)."""
-
-    bench: Benchmark
-    methods: list[EvalMethod]
-    settings: MethodSettings
-    tokens: int | None
-    options: dict[str, Any] = field(default_factory=dict)  # each method's own settings
-
-    def settings_for(self, method: EvalMethod) -> MethodSettings:
-        return replace(self.settings, options=self.options[method.name])
-
-
-def _prepare(store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams) -> _Run:
-    bench = get_benchmark(dataset.benchmark)
-    adapter = load_model(model)
-    inputs = {**adapter.evaluation_inputs, **dict(params.inputs)}
-    if inputs:
-        adapter = adapter.with_inputs(**inputs)
-    methods = [get_method(m) for m in params.methods]
-    methods = [m for m in methods if not m.needs_rpn or rpn_ref is not None]
-    rpn = load_rpn(store, rpn_ref, model) if any(m.needs_rpn for m in methods) else None
-    tokens = adapter.image_token_budget
-    threshold = (
-        params.threshold
-        if params.threshold is not None
-        else bench.threshold(model.family, params.default_threshold, params.model_key, tokens)
-    )
-    max_new = params.max_new_tokens or bench.max_new_tokens or adapter.default_max_new_tokens
-    settings = MethodSettings(adapter, rpn, threshold, params.mode, params.reuse_kv, max_new, params.vicrop_layer)
-    return _Run(bench, methods, settings, tokens, {m.name: m.options_of(params) for m in methods})
 
 
 def _row(sample: BenchmarkSample, method: str, answer, dt: float, error: str = "") -> dict:
@@ -199,26 +150,8 @@ def _row(sample: BenchmarkSample, method: str, answer, dt: float, error: str = "
 def _read(adapter: VLMAdapter, rows: list[dict]) -> tuple[list[tuple[BenchmarkSample, Preprocessed]], list[dict]]:
     """(sample, decoded and processed image) of the rows whose image reads, and an error row (method "-") for each
     one that does not."""
-    ready, errors = [], []
-    for row in rows:
-        sample = sample_of(row)
-        try:
-            ready.append((sample, preprocess(adapter, row["image"])))
-        except BadSample as e:
-            errors.append(_row(sample, "-", None, 0.0, e.reason))
-    return ready, errors
-
-
-def load_rpn(store: Store, rpn: RpnRef, model: ModelRef):
-    """The RPN, fetched (verified) and loaded once per process, like the model: a worker keeps it for every
-    evaluation piece it runs."""
-    from sdrpn_core.rpn import RoIPredictor
-
-    def load():
-        local = ArtifactStore(store).fetch_dir("rpn", rpn.fingerprint, cache_dir("rpn", rpn.fingerprint))  # checked
-        return RoIPredictor.load(local, load_model(model), check_fingerprint=model.fingerprint)
-
-    return cached_in_process(("rpn", rpn.fingerprint, model.fingerprint), load)
+    ready, bad = read_samples(adapter, rows)
+    return ready, [_row(sample, "-", None, 0.0, reason) for sample, reason in bad]
 
 
 def _reads_ahead(adapter: VLMAdapter) -> bool:
@@ -228,7 +161,7 @@ def _reads_ahead(adapter: VLMAdapter) -> bool:
 
 
 def _answer_all(
-    run: _Run, rows: list[dict], what: str, progress: Callable[[int, int], None] | None, batch_size: int = 1
+    run: AnswerRun, rows: list[dict], what: str, progress: Callable[[int, int], None] | None, batch_size: int = 1
 ) -> list[dict]:
     """Every method on every readable row, `batch_size` rows at a time → prediction rows (each row charged an
     equal share of its batch's seconds); an unreadable image is a recorded error row, never a crash. On an
@@ -256,7 +189,7 @@ def _answer_all(
     return out
 
 
-def _protocol(run: _Run, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams) -> dict:
+def _protocol(run: AnswerRun, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams) -> dict:
     """Everything a score depends on, written beside it."""
     bench, adapter = run.bench, run.settings.adapter
     return {
@@ -308,7 +241,7 @@ def answer_pieces(
     """Several methods on one shard, reading each image once; each method's piece committed when the shard is done
     (an unreadable image's error row goes to every piece)."""
     first = pieces[0]
-    run = _prepare(store, model, rpn_ref, dataset, replace(params, methods=tuple(p.method for p in pieces)))
+    run = prepare_run(store, model, rpn_ref, dataset, replace(params, methods=tuple(p.method for p in pieces)))
     mine = shard_of(read_manifest(dataset, store), first.shard, first.n_shards)
     what = f"evaluate[{EvalShard(tuple(pieces)).name}]"
     predictions = _answer_all(run, mine, what, progress, params.batch_size)

@@ -69,6 +69,17 @@ class RpnRef:
 
 
 @dataclass(frozen=True)
+class CalibrationRef:
+    """τ and the crop mode chosen for one benchmark (`stages.calibrate`), with the calibration's artifact."""
+
+    fingerprint: str
+    url: str
+    benchmark: str
+    threshold: float
+    mode: str
+
+
+@dataclass(frozen=True)
 class EvalRef:
     fingerprint: str
     url: str

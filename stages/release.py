@@ -38,8 +38,19 @@ def lookup(store: Store, fp: str) -> str | None:
 
 
 def inference_defaults(protocols: list[dict]) -> dict:
-    """What predict uses unless told otherwise: the settings of the first evaluation, each benchmark's τ beside."""
+    """What predict uses unless told otherwise: the settings of the first evaluation, each benchmark's τ and mode
+    beside (`predict --benchmark`), with the calibration that chose them where `auto` did."""
     first = protocols[0]
+    per = {
+        p["benchmark"]: {
+            "threshold": p["roi_threshold"],
+            "mode": p["roi_mode"],
+            **({"calibration": p["calibration"]["fingerprint"]} if p.get("calibration") else {}),
+        }
+        for p in protocols
+    }
+    calibrated = [p["benchmark"] for p in protocols if p.get("calibration")]
+    source = f"evaluation: {', '.join(p['benchmark'] for p in protocols)}"
     return {
         "threshold": first["roi_threshold"],
         "mode": first["roi_mode"],
@@ -47,7 +58,8 @@ def inference_defaults(protocols: list[dict]) -> dict:
         "reuse_kv": first["kv_reuse"],
         "inputs": first.get("params", {}).get("inputs", []),
         "per_benchmark_threshold": {p["benchmark"]: p["roi_threshold"] for p in protocols},
-        "source": f"evaluation: {', '.join(p['benchmark'] for p in protocols)}",
+        "per_benchmark": per,
+        "source": source + (f"; τ and mode calibrated on {', '.join(calibrated)}" if calibrated else ""),
     }
 
 

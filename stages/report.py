@@ -190,15 +190,32 @@ def gallery(
     return canvas
 
 
-def eval_report_markdown(bench: Benchmark, dataset: DatasetRef, scores: list[dict]) -> str:
-    """One benchmark's score table: a row per method with sub-scores, samples/s and relative throughput."""
+def calibration_markdown(calibration: dict) -> list[str]:
+    """The lines saying how τ and the mode were chosen (`eval.threshold: auto`), with the curve's picture."""
+    chosen = calibration["chosen"]
+    return [
+        f"SD-RPN's τ {chosen['threshold']} and mode {chosen['mode']} were chosen by calibration on "
+        f"{calibration['samples']} samples: {calibration['split']} ({chosen['reason']}; "
+        f"ids hash {calibration['sample_ids_hash'][:12]}). Score and throughput per τ:",
+        "",
+        "![calibration curve](calibration.png)",
+        "",
+    ]
+
+
+def eval_report_markdown(
+    bench: Benchmark, dataset: DatasetRef, scores: list[dict], calibration: dict | None = None
+) -> str:
+    """One benchmark's score table: a row per method with sub-scores, samples/s and relative throughput (and how
+    SD-RPN's τ was calibrated, when it was)."""
     subs = [k for k in dict.fromkeys(k for s in scores for k in s) if k not in _NOT_SUBSCORES]
     head = "| method | score | " + " | ".join(subs) + (" | " if subs else "") + "samples/s | relative throughput |"
     lines = [f"## {bench.name} ({dataset.rows} samples, {dataset.rejected} rejected rows)", ""]
     notes = [f"> **Warning:** {w}" for w in dataset.warnings]
     if bench.notes:
         notes.append(f"> Differs from the harness: {bench.notes}")
-    lines += [*notes, *([""] if notes else []), head, "|" + "---|" * (4 + len(subs))]
+    lines += [*notes, *([""] if notes else []), *(calibration_markdown(calibration) if calibration else [])]
+    lines += [head, "|" + "---|" * (4 + len(subs))]
     for s in scores:
         rel = f"{s['relative_throughput']:.2f}×" if s.get("relative_throughput") else "–"
         cells = " | ".join(f"{s.get(k, float('nan')):.1f}" for k in subs)

@@ -13,7 +13,6 @@ on), report.md and gallery.png (largest SD-RPN wins and losses)."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -24,9 +23,10 @@ import pyarrow.parquet as pq
 from sdrpn_core.benchmarks import Benchmark, BenchmarkSample, get_benchmark
 from sdrpn_core.benchmarks.scoring import aggregate, score
 from sdrpn_core.methods import EvalParams
-from stages.code import BENCHMARK_CODE, function_fingerprint
+from stages.answering import sample_of, scoring_fingerprint
+from stages.code import BENCHMARK_CODE
 from stages.common import Stage, read_manifest
-from stages.evaluate import PIECE_COLUMNS, PIECES, EvalPiece, _parquet, by_shard, plan_pieces, sample_of
+from stages.evaluate import PIECE_COLUMNS, PIECES, EvalPiece, _parquet, by_shard, plan_pieces
 from stages.refs import DatasetRef, EvalRef, ModelRef, RpnRef
 from stages.report import eval_report_markdown, gallery, png
 from storage.artifacts import ArtifactStore
@@ -36,29 +36,12 @@ from storage.store import Store, StoreError
 log = logging.getLogger(__name__)
 
 
-def scoring_fingerprint(bench: Benchmark) -> str:
-    """What scores a benchmark's answers: its metric and aggregate (with every project function they call), the
-    generic aggregation, and its data fields. Its reader and prompt are not here: they reach the scores through
-    the samples and the answers, which are keyed on them."""
-    functions = {
-        "metric": function_fingerprint(bench.metric),
-        "aggregate": function_fingerprint(bench.aggregate) if bench.aggregate else None,
-        "score": function_fingerprint(score),
-        "aggregate_all": function_fingerprint(aggregate),
-    }
-    values = {
-        f.name: getattr(bench, f.name)
-        for f in dataclasses.fields(bench)
-        if not callable(getattr(bench, f.name)) and f.name != "thresholds"
-    }
-    return hash_obj({"functions": functions, "values": values})
-
-
 def score_key(dataset: DatasetRef, params: EvalParams, pieces: list[EvalPiece]) -> dict:
     """The scored evaluation of `pieces`: their answers, the benchmark's scoring, the gallery's size."""
     scoring = scoring_fingerprint(get_benchmark(dataset.benchmark))
     pieces_fp = hash_obj([p.fingerprint for p in pieces])
-    return {"dataset": dataset.fingerprint, "pieces": pieces_fp, "benchmark": scoring, "gallery": params.gallery}
+    key = {"dataset": dataset.fingerprint, "pieces": pieces_fp, "benchmark": scoring, "gallery": params.gallery}
+    return {**key, "calibration": params.calibrated_by} if params.calibrated_by else key
 
 
 def lookup(store: Store, dataset: DatasetRef, fp: str) -> EvalRef | None:
@@ -140,6 +123,15 @@ def _scores(bench: Benchmark, merged: _Merged) -> list[dict]:
     return scores
 
 
+def _calibration(store: Store, fp: str) -> tuple[dict, bytes]:
+    """What protocol.json says of the calibration that chose τ / mode (all but its answers), and its curve."""
+    arts = ArtifactStore(store)
+    doc = json.loads(arts.read("calibration", fp, "calibration.json"))
+    keep = ("split", "samples", "sample_ids_hash", "grid", "min_relative_throughput", "chosen", "curve")
+    summary = {"fingerprint": fp, "url": arts.url("calibration", fp), **{k: doc.get(k) for k in keep}}
+    return summary, arts.read("calibration", fp, "curve.png")
+
+
 def merge(store: Store, dataset: DatasetRef, params: EvalParams, fp: str, pieces: list[EvalPiece]) -> EvalRef:
     """The committed pieces → the evaluation's scored predictions, scores, protocol, report and gallery."""
     bench = get_benchmark(dataset.benchmark)
@@ -150,13 +142,18 @@ def merge(store: Store, dataset: DatasetRef, params: EvalParams, fp: str, pieces
         raise ValueError(f"no sample of {dataset.name or dataset.benchmark} could be evaluated: {'; '.join(errors)}")
     scores = _scores(bench, gathered)
     protocol = {**gathered.protocol, "scoring": scoring_fingerprint(bench)}
+    calibration = _calibration(store, params.calibrated_by) if params.calibrated_by else None
+    if calibration is not None:
+        protocol["calibration"] = calibration[0]
     rows = [{k: v for k, v in r.items() if k not in ("roi_map", "roi_grid")} for r in gathered.predictions]
     files = {
         "predictions.parquet": _parquet(rows, {"sdrpn.protocol": json.dumps(protocol, default=str)}),
         "scores.json": json.dumps(scores, indent=1).encode(),
         "protocol.json": json.dumps(protocol, indent=1, default=str).encode(),
-        "report.md": eval_report_markdown(bench, dataset, scores).encode(),
+        "report.md": eval_report_markdown(bench, dataset, scores, protocol.get("calibration")).encode(),
     }
+    if calibration is not None:
+        files["calibration.png"] = calibration[1]
     if {"sdrpn", "baseline"} <= set(gathered.per_method) and params.gallery:
         picture = gallery(gathered.predictions, manifest, params.gallery, protocol.get("pads_to_square", True))
         if picture is not None:

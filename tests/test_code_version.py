@@ -13,6 +13,7 @@ import pytest
 from sdrpn_core.benchmarks import BENCHMARKS, get_benchmark
 from sdrpn_core.methods import EvalParams
 from stages import code as code_mod
+from stages.calibrate import CALIBRATE
 from stages.code import code_fingerprint, direct_imports, function_fingerprint, import_closure, normalized
 from stages.config import DatasetSpec
 from stages.data import build_manifest
@@ -46,7 +47,7 @@ def test_each_stage_runs_what_it_imports_and_nothing_of_the_stages_after_it():
     assert "sdrpn_core.pseudo_labels" not in teacher  # a label rule change never re-runs the GPU teacher
     assert "sdrpn_core.pseudo_labels" in labels and "stages.tables" in labels
     assert {"sdrpn_core.train", "sdrpn_core.rpn", "stages.train_ranks"} <= train
-    for stage in (SHARD, LABELS, TRAIN, PIECES, SCORE, RELEASE):  # benchmarks reach these by value, or not at all
+    for stage in (SHARD, LABELS, TRAIN, CALIBRATE, PIECES, SCORE, RELEASE):  # benchmarks: by value, or not at all
         found = closure(stage)
         assert not {m for m in found if m.startswith(("sdrpn_core.benchmarks.", "sdrpn_core.metrics"))} - {
             "sdrpn_core.benchmarks.published"
@@ -55,6 +56,9 @@ def test_each_stage_runs_what_it_imports_and_nothing_of_the_stages_after_it():
     assert {"sdrpn_core.infer", "sdrpn_core.methods", "sdrpn_core.batched", "sdrpn_core.roi"} <= closure(PIECES)
     assert "sdrpn_core.train" not in closure(PIECES)  # answering does not run the training loop
     assert {"stages.report", "stages.score"} <= closure(SCORE)
+    calibrating = closure(CALIBRATE)  # runs before the evaluation: none of its stages' code
+    assert {"sdrpn_core.calibrate", "sdrpn_core.infer"} <= calibrating
+    assert not {"stages.evaluate", "stages.score"} & calibrating
     assert "sdrpn_core.benchmarks.published" in closure(RELEASE)  # the model card prints the paper's rows
     assert "sdrpn_core.infer" not in closure(NANO_BASE) and "sdrpn_core.synthetic.nano" in closure(NANO_BASE)
 
