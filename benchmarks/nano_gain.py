@@ -23,6 +23,8 @@ RESULT_KEYS = (
     "vicrop_acc",
     "sdrpn_acc",
     "oracle_acc",
+    "sdrpn_relative_throughput",
+    "vicrop_relative_throughput",
     "pipeline_s",
     "attention_hit",
     "random_box_rate",
@@ -93,10 +95,11 @@ def main() -> None:
             cfg, store, model.resolve_model(cfg.model, store), data.build_manifest(cfg.eval.datasets[0], store)
         )
     acc = {s["method"]: s["score"] / 100 for s in summary["scores"]}
+    speed = {s["method"]: s.get("relative_throughput") or float("nan") for s in summary["scores"]}
     variant = cfg.eval.datasets[0].variant
     print(f"model={cfg.model.source} variant={variant} train={cfg.train_data.n} heldout={cfg.eval.datasets[0].n}")
     for method, value in acc.items():
-        print(f"  {method:9s} accuracy {value:.3f}")
+        print(f"  {method:9s} accuracy {value:.3f}  throughput {speed[method]:.2f}× the baseline's")
     print(
         f"  teacher attention peak in the asked box: {hits['hit_asked']:.2f} "
         f"(a random peak would land in it {hits['random_box_rate']:.2f} of the time)"
@@ -104,7 +107,9 @@ def main() -> None:
     print(
         f"RESULT variant={variant} baseline_acc={acc.get('baseline', float('nan')):.3f} "
         f"vicrop_acc={acc.get('vicrop', float('nan')):.3f} sdrpn_acc={acc.get('sdrpn', float('nan')):.3f} "
-        f"oracle_acc={acc.get('oracle', float('nan')):.3f} pipeline_s={pipeline_s:.1f} "
+        f"oracle_acc={acc.get('oracle', float('nan')):.3f} "
+        f"sdrpn_relative_throughput={speed.get('sdrpn', float('nan')):.2f} "
+        f"vicrop_relative_throughput={speed.get('vicrop', float('nan')):.2f} pipeline_s={pipeline_s:.1f} "
         f"attention_hit={hits['hit_asked']:.3f} random_box_rate={hits['random_box_rate']:.3f}"
     )
 

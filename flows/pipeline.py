@@ -176,7 +176,12 @@ def _eval_params(cfg: PipelineConfig) -> EvalParams:
 
 @flow(name="sdrpn-evaluate", flow_run_name="evaluate[{dataset.benchmark}] pieces")
 def evaluate_flow(
-    cfg: PipelineConfig, model: ModelRef, rpn: RpnRef | None, dataset: DatasetRef, pieces: list[EvalPiece]
+    cfg: PipelineConfig,
+    model: ModelRef,
+    rpn: RpnRef | None,
+    dataset: DatasetRef,
+    params: EvalParams,
+    pieces: list[EvalPiece],
 ) -> list[PieceRef]:
     """The evaluation pieces, a task per shard (its methods read each image once), mapped over the flow's task
     runner; each piece commits to the store when its shard finishes."""
@@ -186,7 +191,7 @@ def evaluate_flow(
             unmapped(model),
             unmapped(rpn),
             unmapped(dataset),
-            unmapped(_eval_params(cfg)),
+            unmapped(params),
             by_shard(pieces),
         )
     wait(futures)  # every shard finishes (and commits) before one's failure is raised
@@ -221,7 +226,7 @@ def _eval(
         pieces = plan_pieces(_store(cfg), model, rpn, dataset, params, cfg.eval.shards)
         found = score.SCORE.find({"store": _store(cfg), "dataset": dataset, "params": params, "pieces": pieces})
         if found is None:  # the answers first; a scored evaluation found needs none of them
-            evaluate_flow.with_options(task_runner=runners())(cfg, model, rpn, dataset, pieces)
+            evaluate_flow.with_options(task_runner=runners())(cfg, model, rpn, dataset, params, pieces)
         ref, was_cached = _run(stage_task(score.SCORE), settings, dataset, params, pieces, found=Found(found))
         results.append(ref)
         all_cached &= was_cached

@@ -97,6 +97,10 @@ def publish_run(
         if "gallery.png" in arts.manifest("eval", r.fingerprint)["files"]:
             what = f"{r.benchmark}: RoI overlays of the largest SD-RPN wins, then losses"
             galleries.append(image(store, "eval", r.fingerprint, "gallery.png", key(cfg, "gallery", r.benchmark), what))
+        if "calibration.png" in arts.manifest("eval", r.fingerprint)["files"]:
+            what = f"{r.benchmark}: SD-RPN's score and throughput per calibrated τ and mode"
+            artifact = key(cfg, "calibration", r.benchmark)
+            galleries.append(image(store, "eval", r.fingerprint, "calibration.png", artifact, what))
     stats = labels.stats
     report = [
         f"# SD-RPN run: {cfg.name}",

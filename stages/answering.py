@@ -55,6 +55,11 @@ class AnswerRun:
 def prepare_run(
     store: Store, model: ModelRef, rpn_ref: RpnRef | None, dataset: DatasetRef, params: EvalParams
 ) -> AnswerRun:
+    if params.calibrated and "sdrpn" in params.methods and rpn_ref is not None:
+        raise ValueError(
+            "eval.threshold / eval.mode 'auto' reached the evaluation unresolved: the calibrate stage chooses them "
+            "(the flows do this; elsewhere `stages.calibrate.resolve` the parameters first)"
+        )
     bench = get_benchmark(dataset.benchmark)
     adapter = load_model(model)
     inputs = {**adapter.evaluation_inputs, **dict(params.inputs)}

@@ -106,13 +106,13 @@ def _sweep(
     key = {**_answers_key(store, model, rpn, dataset, params, calibration.n), "grid": [asdict(c) for c in candidates]}
     fp = stage_fingerprint("calibration-sweep", {}, key, code=CALIBRATE.code_version())
     arts = ArtifactStore(store)
-    settled = replace(params, threshold=None, mode="mask", methods=("sdrpn",))  # τ and mode are what is swept
-    run = prepare_run(store, model, rpn, dataset, settled)
     rows = read_manifest(dataset, store)[: calibration.n]
-    if arts.verify("calibration-sweep", fp) is not None:
+    if arts.verify("calibration-sweep", fp) is not None:  # answered before: re-scored, no model loaded
         doc = json.loads(arts.read("calibration-sweep", fp, "sweep.json"))
         by_id = {r["sample_id"]: r for r in rows}
         return Sweep.from_json(doc["sweep"]), [sample_of(by_id[i]) for i in doc["sample_ids"]], doc["cost"]
+    settled = replace(params, threshold=None, mode="mask", methods=("sdrpn",))  # τ and mode are what is swept
+    run = prepare_run(store, model, rpn, dataset, settled)
     ready, bad = read_samples(run.settings.adapter, rows)
     if not ready:
         raise ValueError(f"calibration of {dataset.benchmark}: no readable sample among {len(rows)} rows")

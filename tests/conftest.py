@@ -6,10 +6,18 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail at once instead of retrying for 20 s
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # before any test module imports prefect
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one compute thread per xdist worker (and per process it starts): two workers on two cores, not four threads
+    # that spin-wait on each other
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch may have started before this file
 from PIL import Image
 
 from sdrpn_core.models import LlavaAdapter

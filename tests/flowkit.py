@@ -10,6 +10,7 @@ import re
 from datetime import UTC
 from pathlib import Path
 
+from stages import calibrate as calibrate_stage
 from stages import evaluate as eval_stage
 from stages import labels as labels_stage
 from stages import teacher as teacher_stage
@@ -75,6 +76,7 @@ class Calls:
             ("labels", labels_stage, "denoise"),
             ("train", train_ranks, "train_rpn"),
             ("eval", eval_stage, "answer_pieces"),  # a shard's missing pieces, answered together
+            ("calibrate", calibrate_stage, "calibrate"),
         ]:
             real = getattr(module, attr)
             wrapped = self._wrap(name, real)

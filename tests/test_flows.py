@@ -347,6 +347,7 @@ def test_shipped_nano_loads_from_the_artifact_store_and_runs_a_short_pipeline(
     raw["store"] = {**raw["store"], "root": s3_settings.root, "endpoint_url": moto_server["endpoint"]}
     raw["train_data"]["n"] = 16
     raw["eval"]["datasets"][0]["n"] = 6
+    raw["eval"]["calibration"]["n"] = 4
     raw["train"]["epochs"] = 1
     cfg = PipelineConfig.model_validate(raw)
     store = get_store(cfg.store.settings())

@@ -189,3 +189,49 @@ def test_predict_on_the_runs_release_uses_what_the_evaluation_used(tmp_path):
     assert json.loads((tmp_path / "c" / "answer.json").read_text())["settings"] == settings
     with pytest.raises(SystemExit, match="0 champions"):
         main([*current, "--model", str(tmp_path / "elsewhere")])
+
+
+def test_auto_tau_and_mode_are_calibrated_recorded_released_and_taken_by_predict(tmp_path, capsys, monkeypatch):
+    """`eval.threshold: auto` / `mode: auto`: the calibrate stage chooses on other scenes, the evaluation records
+    the choice and its curve, the release carries it per benchmark, predict and `sdrpn calibrate` take it."""
+    from flows.cli import main
+    from flows.pipeline import sdrpn
+    from tests.conftest import random_image
+
+    store = tmp_path / "store"
+    cal = {"thresholds": [0.05, 0.3], "n": 3, "seed": 7}
+    cfg = make_config("llava", str(store), **{"eval.threshold": "auto", "eval.mode": "auto", "eval.calibration": cal})
+    calls = Calls(monkeypatch)
+    summary = sdrpn(cfg)
+    assert calls.n["calibrate"] == 1
+    folder = Path(summary["eval"][0])
+    protocol = json.loads((folder / "protocol.json").read_text())
+    chosen = protocol["calibration"]["chosen"]
+    assert (protocol["roi_threshold"], protocol["roi_mode"]) == (chosen["threshold"], chosen["mode"])
+    assert chosen["threshold"] in (0.05, 0.3) and len(protocol["calibration"]["curve"]) == 4
+    assert "seed 7" in protocol["calibration"]["split"] and protocol["rows"] == 4  # nothing scored was held out
+    assert (folder / "calibration.png").exists() and "calibration.png" in (folder / "report.md").read_text()
+    inference = json.loads((Path(summary["release"]) / "inference.json").read_text())
+    assert inference["per_benchmark"]["synthetic"]["calibration"] == protocol["calibration"]["fingerprint"]
+    assert "calibrated on synthetic" in inference["source"]
+
+    image = tmp_path / "img.png"
+    random_image(3, (96, 96)).save(image)
+    args = ["predict", str(image), "what is the digit?", "--rpn", summary["release"], "--benchmark", "synthetic"]
+    assert main([*args, "--threshold", "auto", "--out", str(tmp_path / "p")]) == 0
+    settings = json.loads((tmp_path / "p" / "answer.json").read_text())["settings"]
+    assert (settings["threshold"], settings["mode"]) == (chosen["threshold"], chosen["mode"])
+    with pytest.raises(SystemExit, match="no settings for it"):
+        main([*args[:-1], "textvqa", "--out", str(tmp_path / "q")])
+
+    again = sdrpn(cfg)  # everything found: the calibration too
+    assert again["scores"] == summary["scores"] and (calls.n["calibrate"], calls.n["eval"]) == (1, 1)
+    hand = make_config("llava", str(store), **{"eval.threshold": 0.3, "eval.mode": "auto", "eval.calibration": cal})
+    protocol_hand = json.loads((Path(sdrpn(hand)["eval"][0]) / "protocol.json").read_text())
+    assert protocol_hand["roi_threshold"] == 0.3 and protocol_hand["roi_mode"] == chosen["mode"]  # the hand wins
+
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(cfg.model_dump(mode="json")))
+    assert main(["calibrate", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"synthetic: τ {chosen['threshold']} / {chosen['mode']}" in out and "curve.png" in out
