@@ -112,10 +112,11 @@ def greedy(
     tokens: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     for step in range(max_new_tokens):
+        logits = logits.float()  # as `generate`: penalty and argmax on fp32 logits (bf16 ties where fp32 does not)
         if penalty != 1.0:
             logits = penalised(logits, seen, penalty)
         if scores is not None:
-            scores.append(logits[0].float().cpu())
+            scores.append(logits[0].cpu())
         picked = logits.argmax(-1)
         for i, token in enumerate(picked.tolist()):
             if not done[i]:

@@ -304,3 +304,27 @@ def test_second_round_of_survivors(nano):
     tall = np.zeros((8, 6))
     tall[7, 5] = 1.0
     assert best_window(tall, 20) == (0, 2, 6, 8)  # the side is clamped to the width, 6
+
+
+def test_bf16_logits_are_penalised_and_compared_in_fp32_as_generate_does(nano, monkeypatch):
+    """Two tokens both in the prompt, bf16 logits 17.0 and 17.125, penalty 1.05: in bf16 both become 16.25 and the
+    argmax takes the first; `generate` casts to fp32 first (16.19 < 16.31) and takes the second. The reference is
+    HF's own repetition-penalty processor on the fp32 logits, as `generate` runs it."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from sdrpn_core.batched import Packed, greedy
+
+    adapter, _ = nano
+    monkeypatch.setattr(adapter.model.generation_config, "repetition_penalty", 1.05)
+    vocab = adapter.model.config.get_text_config().vocab_size
+    a, b = 5, 9  # two ordinary tokens, neither an EOS
+    logits = torch.full((1, vocab), -30.0, dtype=torch.bfloat16)
+    logits[0, a], logits[0, b] = 17.0, 17.125
+    prompt = torch.tensor([1, a, b, 2])
+    penalised_bf16 = logits.clone()
+    penalised_bf16[0, [a, b]] = logits[0, [a, b]] / 1.05
+    assert penalised_bf16[0, a] == penalised_bf16[0, b]  # the tie the bf16 path would break towards `a`
+    reference = RepetitionPenaltyLogitsProcessor(1.05)(prompt[None], logits.float()).argmax(-1).item()
+    packed = Packed(torch.zeros(1, 4, 8), torch.arange(4)[None], torch.ones(1, 4, dtype=torch.long))
+    (tokens,) = greedy(adapter, None, logits.clone(), packed, 1, [prompt])
+    assert reference == b and tokens == [b]
