@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sdrpn_core.infer import _full_prefill, answer_baseline, answer_sdrpn, answer_with_boxes, run_pass1
 from sdrpn_core.models import AdapterError, load_adapter
@@ -314,3 +315,44 @@ def test_evaluation_inputs_are_the_authors_chat_wrappers(tiny_qwen):
     assert f"{chart}\n{SHORT_ANSWER}<|im_end|>" in ev.prompt(chart)
     assert ev.prompt(QUESTIONS[3]).count(SHORT_ANSWER) == 1 and not ev.settings.pad_square
     assert QwenAdapter.default_max_new_tokens == 128
+
+
+def _authors_grid(width: int, height: int, budget: int) -> tuple[int, int]:
+    """The merged token grid the authors' chat wrapper gives a width×height image at a fixed pixel budget, written
+    out from their code's arithmetic: qwen_vl_utils.fetch_image (smart_resize with its defaults 4·28² .. 16384·28²),
+    then the processor's smart_resize at min = max = budget; factor 28 (14-px patches merged 2×2)."""
+    import math
+
+    def smart_resize(h, w, lo, hi):
+        h_bar, w_bar = max(28, round(h / 28) * 28), max(28, round(w / 28) * 28)
+        if h_bar * w_bar > hi:
+            beta = math.sqrt(h * w / hi)
+            return max(28, math.floor(h / beta / 28) * 28), max(28, math.floor(w / beta / 28) * 28)
+        if h_bar * w_bar < lo:
+            beta = math.sqrt(lo / (h * w))
+            return math.ceil(h * beta / 28) * 28, math.ceil(w * beta / 28) * 28
+        return h_bar, w_bar
+
+    h, w = smart_resize(height, width, 4 * 28 * 28, 16384 * 28 * 28)  # fetch_image
+    h, w = smart_resize(h, w, budget, budget)  # the processor
+    return h // 28, w // 28
+
+
+def test_evaluation_grids_equal_the_authors_two_resizes_over_a_sweep_of_image_sizes(tiny_qwen):
+    """1024×768 (TextVQA's common size) is 20×28 after their two resizes and 20×27 after one; the evaluation inputs
+    (the family's, as `prepare_run` applies them) give their grid for every size of the sweep."""
+    budget = 576 * 28 * 28
+    evaluating = tiny_qwen.with_inputs(**tiny_qwen.evaluation_inputs, min_pixels=budget, max_pixels=budget)
+    once = tiny_qwen.with_inputs(pad_square=False, min_pixels=budget, max_pixels=budget)
+    rng = np.random.default_rng(0)
+    sizes = [(1024, 768), (768, 1024), (640, 480), (800, 600), (1280, 720), (500, 375), (333, 500), (1600, 1200)]
+    sizes += [tuple(int(v) for v in rng.integers(200, 2000, 2)) for _ in range(24)]
+    differs = 0
+    for w, h in sizes:
+        image = Image.new("RGB", (w, h), (90, 120, 150))
+        grid = evaluating.merged_grid(evaluating.pixel_values(image).grid_thw)
+        assert grid == _authors_grid(w, h, budget), (w, h)
+        differs += once.merged_grid(once.pixel_values(image).grid_thw) != grid
+    assert _authors_grid(1024, 768, budget) == (20, 28)
+    assert once.merged_grid(once.pixel_values(Image.new("RGB", (1024, 768))).grid_thw) == (20, 27)
+    assert differs >= 3  # one resize is another protocol for a good share of sizes

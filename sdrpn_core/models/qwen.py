@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +41,26 @@ GROUNDING_INSTRUCTION = (
 SETTINGS_FILE = "sdrpn_qwen.json"
 
 
+FETCH_FACTOR, FETCH_MIN_PIXELS, FETCH_MAX_PIXELS = 28, 4 * 28 * 28, 16384 * 28 * 28  # qwen_vl_utils' defaults
+
+
+def fetch_resized(image: Image.Image) -> Image.Image:
+    """`qwen_vl_utils.fetch_image`'s resize with its defaults (what the authors' chat wrapper gives the processor):
+    each side rounded to a multiple of 28, the area kept in [3,136, 12,845,056] pixels, PIL's bicubic resize."""
+    w, h = image.size
+    if max(w, h) / min(w, h) > 200:
+        raise AdapterError(f"image {w}×{h}: aspect ratio above 200, which fetch_image refuses")
+    f = FETCH_FACTOR
+    h_bar, w_bar = max(f, round(h / f) * f), max(f, round(w / f) * f)
+    if h_bar * w_bar > FETCH_MAX_PIXELS:
+        beta = math.sqrt(h * w / FETCH_MAX_PIXELS)
+        h_bar, w_bar = max(f, math.floor(h / beta / f) * f), max(f, math.floor(w / beta / f) * f)
+    elif h_bar * w_bar < FETCH_MIN_PIXELS:
+        beta = math.sqrt(FETCH_MIN_PIXELS / (h * w))
+        h_bar, w_bar = math.ceil(h * beta / f) * f, math.ceil(w * beta / f) * f
+    return image.resize((w_bar, h_bar), Image.BICUBIC)
+
+
 @dataclass(frozen=True)
 class QwenSettings:
     """What the adapter does around the model; recorded with every result.
@@ -55,6 +76,9 @@ class QwenSettings:
     system: str = QWEN_SYSTEM
     prompt: str = "short"
     literal_image_tag: bool = False
+    # the authors' chat wrapper first resizes every image with qwen_vl_utils' fetch_image (to multiples of 28 near
+    # its own size), then the processor resizes it to the budget: two roundings, another grid for ~16 % of sizes
+    fetch_resize: bool = False
 
     def __post_init__(self):
         if self.prompt not in ("short", "plain", "grounding"):
@@ -122,7 +146,7 @@ class QwenAdapter(DecoderParts):
     # the authors' lmms-eval wrapper: no square padding, the task's prompt as given (its post-prompt included)
     # the authors' lmms-eval runs `--model qwen2_5_vl` through its chat wrapper (`models/chat/qwen2_5_vl.py`): no
     # square padding, the short-answer sentence appended to any text that lacks it, 128 new tokens by default
-    evaluation_inputs: ClassVar[dict[str, Any]] = {"pad_square": False, "prompt": "short"}
+    evaluation_inputs: ClassVar[dict[str, Any]] = {"pad_square": False, "prompt": "short", "fetch_resize": True}
     default_max_new_tokens: ClassVar[int] = 128
 
     def __init__(
@@ -239,8 +263,10 @@ class QwenAdapter(DecoderParts):
         can otherwise give a 5×5 grid where 4×4 was asked for, so every padded image gets the same grid."""
         image = image.convert("RGB")
         if not self.settings.pad_square:
-            return image
+            return fetch_resized(image) if self.settings.fetch_resize else image
         square = expand_to_square(image, self.settings.pad_fill)
+        if self.settings.fetch_resize:
+            square = fetch_resized(square)
         if self.settings.min_pixels == self.settings.max_pixels:
             side = self.vision_size
             square = square.resize((side, side), Image.BICUBIC)
