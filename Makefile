@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_VERSION  ?= 2.13.0
 TORCH_PIP_ARGS ?=
 LMMS_EVAL_VERSION ?= 0.4.0
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 .PHONY: setup demo test test-fast lint bench-quick bench-smoke mutation clean
 
@@ -28,7 +28,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup lint  # two xdist workers by default (TEST_WORKERS=0: one process)
+test: setup lint  # three xdist workers by default, one torch thread each (TEST_WORKERS=0: one process)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: setup lint  # without what starts a process or a server (subprocesses, torchrun, Prefect servers)

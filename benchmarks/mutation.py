@@ -54,6 +54,7 @@ MODULES: dict[str, list[str]] = {
     "sdrpn_core/batched.py": ["tests/test_batched.py", "tests/test_infer.py", "tests/test_qwen.py"],
     "sdrpn_core/teacher.py": ["tests/test_teacher.py", "tests/test_qwen.py"],
     "storage/sharded.py": ["tests/test_storage.py", "tests/test_sharded.py"],
+    "sdrpn_core/calibrate.py": ["tests/test_calibrate.py"],
 }
 QUICK = ["sdrpn_core/roi.py", "sdrpn_core/pseudo_labels.py"]
 PACKAGES = ["sdrpn_core", "storage", "tasks", "flows", "stages", "benchmarks", "models", "configs"]
