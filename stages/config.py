@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from sdrpn_core.calibrate import CalibrationParams
 from sdrpn_core.methods import EvalParams
-from sdrpn_core.presets import Preset, get_preset
+from sdrpn_core.presets import PRESETS, Preset, get_preset
 from sdrpn_core.pseudo_labels import LabelParams
 from sdrpn_core.train import TrainConfig
 from storage.store import StoreSettings
@@ -416,10 +416,30 @@ class PipelineConfig(_Section):
         return self
 
     def sources(self) -> list[tuple[str, DatasetSpec, TeacherSection]]:
-        """(name, data, teacher) per training source: `train_sources`, or the one `train_data` with `teacher`."""
+        """(name, data, teacher) per training source: `train_sources`, or the one `train_data` with `teacher` (split
+        by source where the authors split it: `by_source`)."""
         if not self.train_sources:
-            return [("train", self.train_data, self.teacher)]
+            return self.by_source() or [("train", self.train_data, self.teacher)]
         return [(s.name, s.data, s.teacher(self.teacher)) for s in self.train_sources]
+
+    def by_source(self) -> list[tuple[str, DatasetSpec, TeacherSection]]:
+        """A single mix665k `train_data` (both sources) under a model whose presets have natural and textual heads
+        (Qwen2.5-VL) is labelled as the authors label it: GQA rows with the natural heads and prompt, OCR-VQA rows
+        with the textual ones, as two sources (`limit` stays the merged list's). Empty where that does not apply."""
+        data = self.train_data
+        if data.kind != "benchmark" or data.benchmark != "mix665k" or data.config is not None:
+            return []
+        model = self.teacher.preset.split("/")[0]
+        presets = {"gqa": f"{model}/natural", "ocr_vqa": f"{model}/textual"}
+        if not all(p in PRESETS for p in presets.values()):
+            return []
+        configured = get_preset(self.teacher.preset)
+        out = []
+        for source, name in presets.items():
+            same = PRESETS[name] is configured  # the configured heads' overrides stay with them
+            changes = {"preset": name, **({} if same else {"overrides": {}})}
+            out.append((source, data.model_copy(update={"config": source}), self.teacher.model_copy(update=changes)))
+        return out
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:

@@ -100,6 +100,31 @@ def test_mix665k_first_turns_and_seeded_subset(tmp_path):
     assert len(gqa) == 30 and {s.category for s in gqa} == {"gqa"} and [s.sample_id for s in ocr] == ["o1"]
     with pytest.raises(ValueError, match="mix665k config 'coco'"):
         get_benchmark("mix665k").reader(url, config="coco")
+    # `limit` is of the merged list, as the authors' subset: a source's share of it, the two shares that subset
+    parts = [get_benchmark("mix665k").reader(url, config=c, limit=10)[0] for c in ("gqa", "ocr_vqa")]
+    assert sorted(s.sample_id for p in parts for s in p) == sorted(s.sample_id for s in sub1)
+    assert len(parts[0]) == sum(s.category == "gqa" for s in sub1)
+
+
+def test_a_single_qwen_mix665k_source_is_labelled_by_source_as_the_authors_do(tmp_path):
+    from stages.config import PipelineConfig
+
+    (tmp_path / "mix.json").write_text("[]")
+    raw = {
+        "model": {"source": "tiny", "tiny": {"family": "qwen2_5_vl"}},
+        "teacher": {"preset": "qwen2.5-vl-7b/natural", "overrides": {"grounding": {16: [1]}}},
+        "train_data": {"kind": "benchmark", "benchmark": "mix665k", "path": str(tmp_path / "mix.json"), "limit": 10},
+    }
+    sources = PipelineConfig.model_validate(raw).sources()
+    assert [(n, d.config, d.limit, t.preset) for n, d, t in sources] == [
+        ("gqa", "gqa", 10, "qwen2.5-vl-7b/natural"),
+        ("ocr_vqa", "ocr_vqa", 10, "qwen2.5-vl-7b/textual"),
+    ]
+    assert sources[0][2].overrides == {"grounding": {16: (1,)}} and sources[1][2].overrides == {}  # their own heads
+    one = {**raw, "train_data": {**raw["train_data"], "config": "gqa"}}
+    assert [n for n, _, _ in PipelineConfig.model_validate(one).sources()] == ["train"]  # a chosen source: as given
+    llava = {**raw, "model": {"source": "tiny"}, "teacher": {"preset": "llava-1.5-7b"}}
+    assert [n for n, _, _ in PipelineConfig.model_validate(llava).sources()] == ["train"]  # one head set: one source
 
 
 def test_synthetic_split_reads_with_boxes(tmp_path):

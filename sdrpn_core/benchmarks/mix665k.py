@@ -1,7 +1,9 @@
 """The training questions: LLaVA's `llava_v1_5_mix665k.json`, GQA + OCR-VQA entries, first human turn only, the
 `<image>` tag stripped (the authors' "152k" set); `limit` keeps a seeded subset like their `roi_samples`
 (`random.seed(42)`, shuffle, first N — the 10K setting is limit=10000). `config: gqa` or `config: ocr_vqa` reads one
-source alone: the authors label the two with different teacher heads (Qwen's natural and textual presets)."""
+source alone: the authors label the two with different teacher heads (Qwen's natural and textual presets). The
+subset is drawn from both sources before one is taken, so `config: gqa, limit: 10000` is the GQA share of their
+10K set and the two configs together are exactly that set."""
 
 from __future__ import annotations
 
@@ -26,13 +28,14 @@ def read(
     """`images`: the folder that holds `gqa/images/…` and `ocr_vqa/images/…` (default: beside the JSON)."""
     if config not in (None, *SOURCES):
         raise ValueError(f"mix665k config {config!r}: choose one of {', '.join(SOURCES)} (or none for both)")
-    subsets = (config,) if config else SOURCES
     entries = read_json(url, **storage_options)
     root = images or url.rsplit("/", 1)[0]
-    kept = [e for e in entries if e.get("image") and any(s in e["image"] for s in subsets)]
-    if limit is not None:
+    kept = [e for e in entries if e.get("image") and any(s in e["image"] for s in SOURCES)]
+    if limit is not None:  # of the merged list, as theirs: a source's share of the subset, not `limit` of its own
         random.Random(seed).shuffle(kept)
         kept = kept[:limit]
+    if config:
+        kept = [e for e in kept if config in e["image"]]
 
     def make(where, row):
         first = next(t for t in row["conversations"] if t["from"] == "human")
