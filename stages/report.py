@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sdrpn_core.benchmarks import Benchmark, get_benchmark
-from sdrpn_core.benchmarks.published import PUBLISHED
+from sdrpn_core.benchmarks.published import PAPER_PROTOCOL, PUBLISHED, paper_protocol
 from sdrpn_core.data import BadSample, load_image
 from sdrpn_core.methods import METHODS
 from sdrpn_core.visualize import roi_overlay
@@ -42,10 +42,41 @@ def results_rows(results: list[EvalRef]) -> list[dict]:
     return list(rows.values())
 
 
-def results_markdown(rows: list[dict], paper_model: str | None) -> str:
+def protocol_differences(paper_model: str, column: str, ours: dict | None) -> list[str]:
+    """How the paper's cell in `column` was measured where it is not how ours was (`ours`: our protocol.json)."""
+    if not ours:
+        return []
+    theirs, out = paper_protocol(paper_model, column), []
+    if theirs["tokens"] is not None and theirs["tokens"] != ours.get("image_token_budget"):
+        out.append(f"{theirs['tokens']} image tokens (ours {ours.get('image_token_budget')})")
+    if theirs["dtype"] and theirs["dtype"] != str(ours.get("dtype", "")).removeprefix("torch."):
+        out.append(f"{theirs['dtype']} (ours {str(ours.get('dtype', '')).removeprefix('torch.')})")
+    if theirs["kv_reuse"] is not None and theirs["kv_reuse"] != ours.get("kv_reuse"):
+        out.append("pass 2 recomputed (ours: KV reuse)" if not theirs["kv_reuse"] else "KV reuse")
+    return out
+
+
+def _paper_note(paper_model: str, columns: list[str], protocols: dict[str, dict]) -> list[str]:
+    """The paper rows' protocol, and each column where it differs from ours (marked † in the table)."""
+    p = PAPER_PROTOCOL.get(paper_model, {})
+    tokens = ", ".join(f"{c} {t}" for c, t in p.get("tokens", {}).items() if c != "*")
+    lines = [
+        f"Paper rows: arXiv 2509.16944 Tables 1–2 for {paper_model}, measured at {p.get('tokens', {}).get('*')} "
+        f"image tokens{' (' + tokens + ')' if tokens else ''}, {p.get('dtype')}, pass 2 recomputed."
+    ]
+    for c in columns:
+        if differs := protocol_differences(paper_model, c, protocols.get(c)):
+            lines.append(f"† {c}: the paper's cell is at {'; '.join(differs)}: not the same protocol as ours.")
+    return lines
+
+
+def results_markdown(rows: list[dict], paper_model: str | None, protocols: dict[str, dict] | None = None) -> str:
+    """Our rows and, for a model the paper reports, its rows: a paper cell measured under another protocol than
+    ours (`protocols`: our protocol.json per column) is marked †, with what differs below the table."""
     columns = [c for c in dict.fromkeys(k for r in rows for k in r) if c != "method"]
     columns = ["Thru.", *[c for c in columns if c != "Thru."]]
     published = PUBLISHED.get(paper_model or "", {})
+    protocols = protocols or {}
     lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for r in rows:
         cells = []
@@ -53,18 +84,23 @@ def results_markdown(rows: list[dict], paper_model: str | None) -> str:
             v = r.get(c)
             cells.append("–" if v is None else (f"{v:.2f}×" if c == "Thru." else f"{v:.1f}"))
         lines.append(f"| {METHOD_NAMES.get(r['method'], r['method'])} (ours) | " + " | ".join(cells) + " |")
+    marks = {c: "†" if protocol_differences(paper_model or "", c, protocols.get(_base(c))) else "" for c in columns}
     for method, values in published.items():
         cells = [
-            ("–" if values.get(c) is None else (f"{values[c]:.2f}×" if c == "Thru." else f"{values[c]:.1f}"))
+            ("–" if values.get(c) is None else (f"{values[c]:.2f}×" if c == "Thru." else f"{values[c]:.1f}{marks[c]}"))
             for c in columns
         ]
         lines.append(f"| {METHOD_NAMES.get(method, method)} (paper, {paper_model}) | " + " | ".join(cells) + " |")
-    note = (
-        f"Paper rows: arXiv 2509.16944 Tables 1–2 for {paper_model}."
-        if published
-        else "The paper reports no numbers for this model."
-    )
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    if not published:
+        return "\n".join(lines) + "\n\nThe paper reports no numbers for this model.\n"
+    bases = list(dict.fromkeys(_base(c) for c in columns if c != "Thru."))
+    note = _paper_note(paper_model or "", bases, protocols)
+    return "\n".join(lines) + "\n\n" + "\n\n".join(note) + "\n"
+
+
+def _base(column: str) -> str:
+    """A sub-score's column belongs to its benchmark's ("V* Attr" → "V*", "POPE Acc" → "POPE")."""
+    return column.split(" ")[0]
 
 
 def write_results(
@@ -73,9 +109,15 @@ def write_results(
     """results.json, results.md and scores.png (and, given the training log, loss.png) under
     `<root>/reports/<fp>/`; returns (URL, markdown)."""
     rows = results_rows(results)
-    markdown = results_markdown(rows, paper_model)
-    fp = hash_obj({"evals": [r.fingerprint for r in results], "paper": paper_model, "history": history})
     arts = ArtifactStore(store)
+    protocols = {
+        get_benchmark(r.benchmark).paper_key or r.benchmark: json.loads(
+            arts.read("eval", r.fingerprint, "protocol.json")
+        )
+        for r in results
+    }
+    markdown = results_markdown(rows, paper_model, protocols)
+    fp = hash_obj({"evals": [r.fingerprint for r in results], "paper": paper_model, "history": history})
     if not arts.is_committed("reports", fp):
         files = {
             "results.json": json.dumps(rows, indent=1).encode(),

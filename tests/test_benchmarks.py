@@ -223,3 +223,11 @@ def test_results_table_has_the_papers_rows_beside_ours():
     assert "| +SD-RPN (ours) | 0.65× | 57.5 | 66.0 | 66.0 | 66.0 |" in md
     assert "| +SD-RPN (paper, llava-1.5-7b) | 0.62× | 58.7 | 67.5 | 67.8 | 67.1 |" in md
     assert "no numbers for this model" in results_markdown(rows, None)
+    as_theirs = {"image_token_budget": 576, "dtype": "torch.float16", "kv_reuse": False}
+    md = results_markdown(rows, "llava-1.5-7b", {"TextVQA": as_theirs, "V*": as_theirs})
+    assert "†" not in md and "576 image tokens" in md  # the same protocol: nothing marked
+    ours = {"image_token_budget": 576, "dtype": "torch.bfloat16", "kv_reuse": True}
+    md = results_markdown(rows, "qwen2.5-vl-7b", {"TextVQA": {**ours}, "V*": {**ours}})
+    assert "| +SD-RPN (paper, qwen2.5-vl-7b) | 0.57× | 83.5† | 89.5† | – | – |" in md
+    assert "† V*: the paper's cell is at 3072 image tokens (ours 576); pass 2 recomputed (ours: KV reuse)" in md
+    assert "† TextVQA: the paper's cell is at pass 2 recomputed (ours: KV reuse)" in md

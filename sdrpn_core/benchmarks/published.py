@@ -154,3 +154,28 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
         },
     },
 }
+
+# What each paper cell was measured under (the authors' scripts; docs/evaluation-protocol.md): image tokens per
+# column ("*": every other column), the precision, and pass 2 recomputed. A cell whose protocol differs from the
+# run beside it is marked in the report.
+PAPER_PROTOCOL: dict[str, dict] = {
+    "llava-1.5-7b": {"tokens": {"*": 576}, "dtype": "float16", "kv_reuse": False},
+    "llava-1.5-13b": {"tokens": {"*": 576}, "dtype": "float16", "kv_reuse": False},
+    "qwen2.5-vl-3b": {
+        "tokens": {"*": 576, "V*": "1,024–4,096", "HR4K": 4096, "HR8K": 4096},
+        "dtype": "bfloat16",
+        "kv_reuse": False,
+    },
+    "qwen2.5-vl-7b": {
+        "tokens": {"*": 576, "V*": 3072, "HR4K": 4096, "HR8K": 4096},
+        "dtype": "bfloat16",
+        "kv_reuse": False,
+    },
+}
+
+
+def paper_protocol(model: str, column: str) -> dict:
+    """The protocol of one paper cell: image tokens, dtype, KV reuse."""
+    p = PAPER_PROTOCOL.get(model, {})
+    tokens = p.get("tokens", {})
+    return {"tokens": tokens.get(column, tokens.get("*")), "dtype": p.get("dtype"), "kv_reuse": p.get("kv_reuse")}
