@@ -182,3 +182,22 @@ def test_the_stage_chooses_commits_and_re_scores_its_stored_sweep_without_answer
     other = stage.CALIBRATE.ensure(**args, calibration=CalibrationParams(thresholds=(0.2, 0.5), n=3))
     assert other.fingerprint != ref.fingerprint and sum(seen) == 6  # another grid answers again
     assert Candidate(0.2, "box") in grid((0.2, 0.5))
+
+
+def test_the_curve_scores_each_candidate_and_prices_it_against_the_baseline():
+    a, b = Candidate(0.1, "box"), Candidate(0.5, "mask")
+    result = core.Sweep(
+        [a, b],
+        texts={a: ["7", "x", "7", "7"], b: ["x", "x", "7", "x"]},
+        seconds={a: [2.0, 2.0, 2.0, 2.0], b: [1.0, 1.0, 1.5, 0.5]},
+        crop_tokens={a: [64, 64, 0, 32], b: [0, 0, 16, 0]},
+        baseline_texts=["x"] * 4,
+        baseline_seconds=[0.5, 0.5, 0.5, 0.5],
+    )
+    points = core.curve(result, lambda texts: 100 * sum(t == "7" for t in texts) / len(texts))
+    assert points == [
+        CurvePoint(0.1, "box", 75.0, 0.25, 40.0, 0.75),  # 2 s of baseline over 8 s; mean 40 crop tokens; 3 of 4 cropped
+        CurvePoint(0.5, "mask", 25.0, 0.5, 4.0, 0.25),
+    ]
+    assert choose(points).point == points[0] and choose(points, 0.3).point == points[1]
+    assert choose(points).reason == "best score 75.00 of 2 candidates"
