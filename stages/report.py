@@ -56,7 +56,7 @@ def protocol_differences(paper_model: str, column: str, ours: dict | None) -> li
     return out
 
 
-def _paper_note(paper_model: str, columns: list[str], protocols: dict[str, dict]) -> list[str]:
+def _paper_note(paper_model: str, differences: dict[str, list[str]]) -> list[str]:
     """The paper rows' protocol, and each column where it differs from ours (marked † in the table)."""
     p = PAPER_PROTOCOL.get(paper_model, {})
     tokens = ", ".join(f"{c} {t}" for c, t in p.get("tokens", {}).items() if c != "*")
@@ -64,8 +64,8 @@ def _paper_note(paper_model: str, columns: list[str], protocols: dict[str, dict]
         f"Paper rows: arXiv 2509.16944 Tables 1–2 for {paper_model}, measured at {p.get('tokens', {}).get('*')} "
         f"image tokens{' (' + tokens + ')' if tokens else ''}, {p.get('dtype')}, pass 2 recomputed."
     ]
-    for c in columns:
-        if differs := protocol_differences(paper_model, c, protocols.get(c)):
+    for c, differs in differences.items():
+        if differs:
             lines.append(f"† {c}: the paper's cell is at {'; '.join(differs)}: not the same protocol as ours.")
     return lines
 
@@ -84,7 +84,9 @@ def results_markdown(rows: list[dict], paper_model: str | None, protocols: dict[
             v = r.get(c)
             cells.append("–" if v is None else (f"{v:.2f}×" if c == "Thru." else f"{v:.1f}"))
         lines.append(f"| {METHOD_NAMES.get(r['method'], r['method'])} (ours) | " + " | ".join(cells) + " |")
-    marks = {c: "†" if protocol_differences(paper_model or "", c, protocols.get(_base(c))) else "" for c in columns}
+    bases = list(dict.fromkeys(_base(c) for c in columns if c != "Thru."))
+    differences = {b: protocol_differences(paper_model or "", b, protocols.get(b)) for b in bases}
+    marks = {c: "†" if differences.get(_base(c)) else "" for c in columns}
     for method, values in published.items():
         cells = [
             ("–" if values.get(c) is None else (f"{values[c]:.2f}×" if c == "Thru." else f"{values[c]:.1f}{marks[c]}"))
@@ -93,8 +95,7 @@ def results_markdown(rows: list[dict], paper_model: str | None, protocols: dict[
         lines.append(f"| {METHOD_NAMES.get(method, method)} (paper, {paper_model}) | " + " | ".join(cells) + " |")
     if not published:
         return "\n".join(lines) + "\n\nThe paper reports no numbers for this model.\n"
-    bases = list(dict.fromkeys(_base(c) for c in columns if c != "Thru."))
-    note = _paper_note(paper_model or "", bases, protocols)
+    note = _paper_note(paper_model or "", differences)
     return "\n".join(lines) + "\n\n" + "\n\n".join(note) + "\n"
 
 
