@@ -25,7 +25,7 @@ def pipeline_config(path: str | None, tmp: str, *, train_n: int | None = None, e
     """The config at `path` (default: configs/default.yaml) with its store and cache in `tmp`, optionally with
     fewer training / evaluation samples (at most `train_n` / `eval_n`, the latter for calibration too)."""
     from flows.pipeline import DEFAULT_CONFIG
-    from stages.config import PipelineConfig
+    from stages.config import CalibrationSection, PipelineConfig
 
     os.environ["SDRPN_CACHE_DIR"] = str(Path(tmp) / "cache")
     cfg = PipelineConfig.from_yaml(path or DEFAULT_CONFIG)
@@ -34,12 +34,9 @@ def pipeline_config(path: str | None, tmp: str, *, train_n: int | None = None, e
         update["train_data"] = cfg.train_data.model_copy(update={"n": min(cfg.train_data.n, train_n)})
     if eval_n is not None:
         datasets = [d.model_copy(update={"n": min(d.n, eval_n)}) for d in cfg.eval.datasets]
-        calibration = {"n": min(cfg.eval.calibration_params().n, eval_n)}
-        if cfg.eval.calibration is not None:
-            calibration = {"calibration": cfg.eval.calibration.model_copy(update=calibration)}
-        else:
-            calibration = {}
-        update["eval"] = cfg.eval.model_copy(update={"datasets": datasets, **calibration})
+        section = cfg.eval.calibration or CalibrationSection()
+        calibration = section.model_copy(update={"n": min(cfg.eval.calibration_params().n, eval_n)})
+        update["eval"] = cfg.eval.model_copy(update={"datasets": datasets, "calibration": calibration})
     return cfg.model_copy(update=update)
 
 

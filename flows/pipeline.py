@@ -215,11 +215,11 @@ def _eval(
 ) -> tuple[list[EvalRef], bool]:
     """Per benchmark (`only` these, if named): its τ and mode calibrated when `auto`, its samples, the pieces not
     yet in the store (mapped), then the scores → (results, whether every one came from the cache)."""
-    settings, results, all_cached = cfg.store.settings(), [], True
+    settings, configured, results, all_cached = cfg.store.settings(), _eval_params(cfg), [], True
     for spec in cfg.eval.datasets:
-        params = _eval_params(cfg)
-        if only and (spec.benchmark or "synthetic") not in only:
+        if only and spec.scored_as not in only:
             continue
+        params = configured
         if params.calibrated and rpn is not None:
             spec, params, _ = _calibrated(cfg, model, rpn, spec, params)
         dataset = _samples(spec, settings, f"eval:{spec.benchmark or spec.kind}")

@@ -123,6 +123,11 @@ class DatasetSpec(_Section):
     holdout_seed: int = 0
     part: Literal["all", "scored", "held-out"] = "all"
 
+    @property
+    def scored_as(self) -> str:
+        """The benchmark whose rules score this data, as its `DatasetRef.benchmark` names it."""
+        return self.benchmark or "synthetic"
+
     @model_validator(mode="after")
     def _consistent(self) -> DatasetSpec:
         if (self.part == "all") != (self.holdout == 0):
@@ -466,7 +471,7 @@ class PipelineConfig(_Section):
 def _benchmark_of(spec: DatasetSpec) -> str:
     from sdrpn_core.benchmarks import get_benchmark
 
-    return get_benchmark(spec.benchmark or "synthetic").name
+    return get_benchmark(spec.scored_as).name
 
 
 def _fix(section: object, key: str, base: Path, *, hub_ok: bool = False) -> None:

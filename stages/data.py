@@ -360,7 +360,7 @@ def _known_synthetic(spec: DatasetSpec, store: Store) -> DatasetRef | None:
     if len(store.ls(_synthetic_folder(spec), "images")) < meta["rows"]:  # scenes deleted since: build them again
         return None
     url = arts.url("datasets", fp, "manifest.parquet")
-    return DatasetRef(fp, url, meta["rows"], str(meta.get("name", "")), spec.benchmark or "synthetic", meta["rejected"])
+    return DatasetRef(fp, url, meta["rows"], str(meta.get("name", "")), spec.scored_as, meta["rejected"])
 
 
 def build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
@@ -416,7 +416,7 @@ def _build_manifest(spec: DatasetSpec, store: Store) -> DatasetRef:
         arts.url("datasets", fp, "manifest.parquet"),
         len(rows),
         name,
-        spec.benchmark or "synthetic",
+        spec.scored_as,
         len(rejected),
         tuple(warnings),
     )
