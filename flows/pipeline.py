@@ -27,7 +27,7 @@ from flows.publish import key, publish_decision, publish_run, publish_scores, sk
 from flows.runners import RunnerFactory, model_bound, task_runners
 from sdrpn_core.methods import EvalParams, get_method
 from stages import calibrate, data, evaluate, labels, model, promote, release, score, teacher, train
-from stages.config import DatasetSpec, PipelineConfig, TeacherSection
+from stages.config import DatasetSpec, PipelineConfig, TeacherSection, dataset_params
 from stages.evaluate import EvalPiece, by_shard, plan_pieces
 from stages.labels import merge as merge_labels
 from stages.refs import (
@@ -219,7 +219,7 @@ def _eval(
     for spec in cfg.eval.datasets:
         if only and spec.scored_as not in only:
             continue
-        params = configured
+        params = dataset_params(configured, spec)
         if params.calibrated and rpn is not None:
             spec, params, _ = _calibrated(cfg, model, rpn, spec, params)
         dataset = _samples(spec, settings, f"eval:{spec.benchmark or spec.kind}")
@@ -335,7 +335,7 @@ def calibrate_flow(
         model_ref = _model(cfg)
         rpn, params = current_rpn(_store(cfg), model_ref), _eval_params(cfg)
         for spec in cfg.eval.datasets:
-            ref = _calibrated(cfg, model_ref, rpn, spec, params)[2]
+            ref = _calibrated(cfg, model_ref, rpn, spec, dataset_params(params, spec))[2]
             out.append((ref, calibrate.read(_store(cfg), ref)))
         create_markdown_artifact(
             key=key(cfg, "calibration"), markdown=calibrate.markdown(out), description=f"{cfg.name}: calibration"

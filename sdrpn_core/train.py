@@ -63,6 +63,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     metric_threshold: float = 0.5  # sigmoid threshold for token precision / recall in the log
     inputs: dict = field(default_factory=dict)  # adapter input settings while training (Qwen: the authors' prompt)
+    # the frozen backbone's dtype while training, when not the model's (the authors train LLaVA's RPN in bf16 and
+    # run its teacher and evaluation in fp16); the stage loads the model so, `train_rpn` checks it
+    dtype: str | None = None
     # the authors' ROITrainingDataset keeps samples whose labels are all ignore: no loss, but they fill batches and
     # count in the step count (on in their recipes; off trains on labelled samples alone)
     keep_all_ignore: bool = False
@@ -80,6 +83,7 @@ class TrainConfig:
             ("max_grad_norm", self.max_grad_norm, self.max_grad_norm is None or self.max_grad_norm >= 0),
             ("metric_threshold", self.metric_threshold, 0 < self.metric_threshold < 1),
             ("betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)),
+            ("dtype", self.dtype, self.dtype in (None, "float32", "float16", "bfloat16")),
         ]:
             if not ok:
                 raise ValueError(f"train.{name} = {value!r} is out of range")
@@ -378,6 +382,8 @@ def train_rpn(
             f"launches torchrun --nproc-per-node {config.world_size}; on one device keep the authors' batch with "
             "train.effective_batch (the accumulation is derived from it)"
         )
+    if config.dtype is not None and adapter.dtype != getattr(torch, config.dtype):
+        raise ValueError(f"train.dtype {config.dtype}, but the model is loaded in {adapter.dtype}: load it so")
     torch.manual_seed(config.seed)
     usable, skipped_ignore = _usable(adapter, samples, config.keep_all_ignore)
     adapter.model.requires_grad_(False)

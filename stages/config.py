@@ -7,6 +7,7 @@ path is a folder or a hub id. Relative local paths in a YAML file are relative t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import typing
@@ -122,6 +123,9 @@ class DatasetSpec(_Section):
     holdout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     holdout_seed: int = 0
     part: Literal["all", "scored", "held-out"] = "all"
+    # adapter input settings for this dataset's evaluation, over `eval.inputs` (the authors' high-resolution pixel
+    # budgets: {min_pixels: 451584, max_pixels: 2408448} for Qwen-7B's V*); evaluation datasets only
+    inputs: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def scored_as(self) -> str:
@@ -305,10 +309,18 @@ class _EvalBase(_DataclassSection):
             raise ValueError("eval.datasets is empty: name at least one dataset")
         return v
 
-    def params(self, preset: Preset) -> EvalParams:
-        """The run's evaluation parameters: the preset's τ, ViCrop layer and model under the chosen fields."""
+    @field_validator("preset", check_fields=False)
+    @classmethod
+    def _no_preset(cls, v: str | None) -> None:
+        if v is not None:
+            raise ValueError("the protocol preset is set at the top of the config: `protocol: paper` (or fast)")
+
+    def params(self, preset: Preset, protocol: str = "fast") -> EvalParams:
+        """The run's evaluation parameters: the preset's τ, ViCrop layer and model under the chosen fields, named
+        for the config's protocol preset."""
         skip = ("datasets", "paper_model", "shards", "calibration")
         chosen = {k: v for k, v in self.chosen().items() if k not in skip}
+        chosen["preset"] = protocol
         chosen["inputs"] = tuple(sorted((self.inputs or {}).items()))
         chosen["options"] = tuple(sorted((m, tuple(sorted(o.items()))) for m, o in (self.options or {}).items()))
         base = {
@@ -387,6 +399,9 @@ class PromotionSection(_Section):
 
 class PipelineConfig(_Section):
     name: str = "default"
+    # `paper`: every setting the file leaves out as the authors ran the model (`paper_settings`); `fast`: sdrpn's
+    # defaults (KV reuse, the family's auto dtype); protocol.json and the report name which
+    protocol: Literal["fast", "paper"] = "fast"
     model: ModelSpec  # required: which MLLM (a folder, a hub id, the shipped nano or a tiny random one)
     train_data: DatasetSpec = Field(default_factory=lambda: DatasetSpec(kind="synthetic"))
     train_sources: list[SourceSpec] = Field(default_factory=list)  # several sources instead of train_data
@@ -398,6 +413,11 @@ class PipelineConfig(_Section):
     runner: RunnerSection = Field(default_factory=RunnerSection)
     promotion: PromotionSection = Field(default_factory=PromotionSection)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol(cls, raw: Any) -> Any:
+        return paper_settings(raw) if isinstance(raw, dict) and raw.get("protocol") == "paper" else raw
+
     @model_validator(mode="after")
     def _resolvable(self) -> PipelineConfig:
         """The label and training parameters, resolved against the preset, are valid (checked before any work)."""
@@ -408,6 +428,9 @@ class PipelineConfig(_Section):
         self.promotion.check([_benchmark_of(d) for d in self.eval.datasets], methods)
         if self.train_sources and "train_data" in self.model_fields_set:
             raise ValueError("set train_data (one source) or train_sources (several), not both")
+        for name, data, _ in self.sources():
+            if data.inputs:
+                raise ValueError(f"{name}: `inputs` is for evaluation datasets; the teacher's are teacher.inputs")
         names = [s.name for s in self.train_sources]
         if len(set(names)) != len(names):
             raise ValueError(f"train_sources names must be unique, got {names}")
@@ -466,6 +489,49 @@ class PipelineConfig(_Section):
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
             raise ConfigError(f"{path}: {problems}") from None
+
+
+def paper_settings(raw: dict) -> dict:
+    """`protocol: paper`: the authors' settings for the model (`PAPER_PROTOCOL`, by the teacher preset's model) in
+    every place the file leaves them out: the model's dtype (the teacher's and the evaluation's), training's, pass 2
+    recomputed, and each evaluation dataset's pixel range where its paper column was measured at another (Qwen's
+    V* and HR-Bench). The file's own values win; the report marks the paper cells they make differ."""
+    from sdrpn_core.benchmarks import get_benchmark
+    from sdrpn_core.benchmarks.published import PAPER_PROTOCOL
+
+    raw = copy.deepcopy(raw)
+    teacher = raw.get("teacher") if isinstance(raw.get("teacher"), dict) else {}
+    preset = str(teacher.get("preset", TeacherSection.model_fields["preset"].default))
+    paper = PAPER_PROTOCOL.get(preset.split("/")[0])
+    if paper is None:
+        raise ValueError(f"protocol paper: the paper reports no protocol for preset {preset!r} (known: "
+                         f"{', '.join(PAPER_PROTOCOL)}); use protocol: fast")  # fmt: skip
+    for section, key, value in [("model", "dtype", paper.dtype), ("train", "dtype", paper.train_dtype)]:
+        if isinstance(raw.setdefault(section, {}), dict):
+            raw[section].setdefault(key, value)
+    evaluation = raw.setdefault("eval", {})
+    if not isinstance(evaluation, dict):
+        return raw
+    evaluation.setdefault("reuse_kv", paper.kv_reuse)
+    for spec in evaluation.get("datasets") or []:
+        if not isinstance(spec, dict) or not isinstance(spec.get("benchmark"), str):
+            continue
+        try:
+            column = get_benchmark(spec["benchmark"]).paper_key
+        except KeyError:
+            continue  # an unknown name: the dataset's own validation says so
+        if column in paper.columns and isinstance(spec.setdefault("inputs", {}), dict):
+            low, high = paper.columns[column]
+            spec["inputs"].setdefault("min_pixels", low)
+            spec["inputs"].setdefault("max_pixels", high)
+    return raw
+
+
+def dataset_params(params: EvalParams, spec: DatasetSpec) -> EvalParams:
+    """One evaluation dataset's parameters: its own `inputs` over the run's (`eval.inputs`)."""
+    if not spec.inputs:
+        return params
+    return dataclasses.replace(params, inputs=tuple(sorted({**dict(params.inputs), **spec.inputs}.items())))
 
 
 def _benchmark_of(spec: DatasetSpec) -> str:

@@ -200,7 +200,7 @@ def read_jsonl_manifest(url: str, **storage_options) -> tuple[list[dict], list[R
 
 def _synthetic_folder(spec: DatasetSpec) -> str:
     held = {"holdout", "holdout_seed", "part"}  # one side or the other of the same scenes
-    return f"datasets/synthetic/{hash_obj(spec.model_dump(exclude={'limit', 'path', 'kind', *held}))}"
+    return f"datasets/synthetic/{hash_obj(spec.model_dump(exclude={'limit', 'path', 'kind', 'inputs', *held}))}"
 
 
 def _synthetic_rows(spec: DatasetSpec, store: Store) -> list[dict]:

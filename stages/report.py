@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sdrpn_core.benchmarks import Benchmark, get_benchmark
-from sdrpn_core.benchmarks.published import PAPER_PROTOCOL, PUBLISHED, paper_protocol
+from sdrpn_core.benchmarks.published import PAPER_PROTOCOL, PUBLISHED, TOKEN_PIXELS, paper_protocol
 from sdrpn_core.data import BadSample, load_image
 from sdrpn_core.methods import METHODS
 from sdrpn_core.visualize import roi_overlay
@@ -47,8 +47,9 @@ def protocol_differences(paper_model: str, column: str, ours: dict | None) -> li
     if not ours:
         return []
     theirs, out = paper_protocol(paper_model, column), []
-    if theirs["tokens"] is not None and theirs["tokens"] != ours.get("image_token_budget"):
-        out.append(f"{theirs['tokens']} image tokens (ours {ours.get('image_token_budget')})")
+    our_tokens = _tokens(ours)
+    if theirs["tokens"] is not None and theirs["tokens"] != our_tokens:
+        out.append(f"{theirs['tokens']} image tokens (ours {our_tokens})")
     if theirs["dtype"] and theirs["dtype"] != str(ours.get("dtype", "")).removeprefix("torch."):
         out.append(f"{theirs['dtype']} (ours {str(ours.get('dtype', '')).removeprefix('torch.')})")
     if theirs["kv_reuse"] is not None and theirs["kv_reuse"] != ours.get("kv_reuse"):
@@ -56,13 +57,24 @@ def protocol_differences(paper_model: str, column: str, ours: dict | None) -> li
     return out
 
 
+def _tokens(ours: dict) -> str:
+    """Our image tokens as the paper states theirs: the pixel range where the adapter has one (Qwen), else the
+    budget."""
+    inputs = ours.get("inputs") or {}
+    if "min_pixels" in inputs and "max_pixels" in inputs:
+        low, high = inputs["min_pixels"] // TOKEN_PIXELS, inputs["max_pixels"] // TOKEN_PIXELS
+        return f"{high:,}" if low == high else f"{low:,}–{high:,}"
+    budget = ours.get("image_token_budget")
+    return f"{budget:,}" if isinstance(budget, int) else str(budget)
+
+
 def _paper_note(paper_model: str, differences: dict[str, list[str]]) -> list[str]:
     """The paper rows' protocol, and each column where it differs from ours (marked † in the table)."""
-    p = PAPER_PROTOCOL.get(paper_model, {})
-    tokens = ", ".join(f"{c} {t}" for c, t in p.get("tokens", {}).items() if c != "*")
+    p = PAPER_PROTOCOL[paper_model]
+    other = ", ".join(f"{c} {p.tokens_of(c)}" for c in p.columns)
     lines = [
-        f"Paper rows: arXiv 2509.16944 Tables 1–2 for {paper_model}, measured at {p.get('tokens', {}).get('*')} "
-        f"image tokens{' (' + tokens + ')' if tokens else ''}, {p.get('dtype')}, pass 2 recomputed."
+        f"Paper rows: arXiv 2509.16944 Tables 1–2 for {paper_model}, measured at {p.tokens_of('*')} image tokens"
+        f"{' (' + other + ')' if other else ''}, {p.dtype} (trained in {p.train_dtype}), pass 2 recomputed."
     ]
     for c, differs in differences.items():
         if differs:
@@ -93,10 +105,24 @@ def results_markdown(rows: list[dict], paper_model: str | None, protocols: dict[
             for c in columns
         ]
         lines.append(f"| {METHOD_NAMES.get(method, method)} (paper, {paper_model}) | " + " | ".join(cells) + " |")
+    preset = _preset_line(protocols)
     if not published:
-        return "\n".join(lines) + "\n\nThe paper reports no numbers for this model.\n"
+        return "\n".join(lines) + "\n\n" + preset + "The paper reports no numbers for this model.\n"
     note = _paper_note(paper_model or "", differences)
-    return "\n".join(lines) + "\n\n" + "\n\n".join(note) + "\n"
+    return "\n".join(lines) + "\n\n" + preset + "\n\n".join(note) + "\n"
+
+
+def _preset_line(protocols: dict[str, dict]) -> str:
+    """Which protocol preset our rows ran under (`protocol:` in the config), as each protocol.json records it."""
+    presets = sorted({str(p.get("protocol_preset", "fast")) for p in protocols.values()})
+    if not presets:
+        return ""
+    says = {
+        "paper": "`paper` (the authors' precision, pass 2 recomputed, their pixel budgets)",
+        "fast": "`fast` (sdrpn's defaults, faster; a paper cell measured otherwise is marked; `protocol: paper` "
+        "runs the authors' settings)",
+    }
+    return "Our rows: protocol preset " + "; ".join(says.get(p, f"`{p}`") for p in presets) + ".\n\n"
 
 
 def _base(column: str) -> str:

@@ -41,6 +41,8 @@ def score_key(dataset: DatasetRef, params: EvalParams, pieces: list[EvalPiece]) 
     scoring = scoring_fingerprint(get_benchmark(dataset.benchmark))
     pieces_fp = hash_obj([p.fingerprint for p in pieces])
     key = {"dataset": dataset.fingerprint, "pieces": pieces_fp, "benchmark": scoring, "gallery": params.gallery}
+    if params.preset != "fast":  # protocol.json names it (fast runs keep the keys they had before presets)
+        key["preset"] = params.preset
     return {**key, "calibration": params.calibrated_by} if params.calibrated_by else key
 
 
@@ -141,7 +143,8 @@ def merge(store: Store, dataset: DatasetRef, params: EvalParams, fp: str, pieces
         errors = [p["error"] for p in gathered.predictions if p["error"]][:3]
         raise ValueError(f"no sample of {dataset.name or dataset.benchmark} could be evaluated: {'; '.join(errors)}")
     scores = _scores(bench, gathered)
-    protocol = {**gathered.protocol, "scoring": scoring_fingerprint(bench)}
+    # the preset is the run's, not the pieces' (the same answers serve a run that set the paper's values by hand)
+    protocol = {**gathered.protocol, "scoring": scoring_fingerprint(bench), "protocol_preset": params.preset}
     calibration = _calibration(store, params.calibrated_by) if params.calibrated_by else None
     if calibration is not None:
         protocol["calibration"] = calibration[0]

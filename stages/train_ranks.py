@@ -87,7 +87,7 @@ def train_here(
     from sdrpn_core.train import Ranks
 
     frame = training_frame(store, labels, params)
-    adapter = load_model(model)
+    adapter = load_model(model, params.dtype)
     if params.inputs:  # e.g. Qwen: the authors' training prompt (a literal "<image>" line, the question as given)
         adapter = adapter.with_inputs(**params.inputs)
     scratch = train_scratch(store, train_fp)
@@ -101,6 +101,7 @@ def train_here(
             "base_model": model.path,
             "base_model_fingerprint": model.fingerprint,
             "base_model_dtype": model.dtype,
+            **({"train_dtype": params.dtype} if params.dtype not in (None, model.dtype) else {}),
         },
         progress=progress,
     )

@@ -229,5 +229,15 @@ def test_results_table_has_the_papers_rows_beside_ours():
     ours = {"image_token_budget": 576, "dtype": "torch.bfloat16", "kv_reuse": True}
     md = results_markdown(rows, "qwen2.5-vl-7b", {"TextVQA": {**ours}, "V*": {**ours}})
     assert "| +SD-RPN (paper, qwen2.5-vl-7b) | 0.57× | 83.5† | 89.5† | – | – |" in md
-    assert "† V*: the paper's cell is at 3072 image tokens (ours 576); pass 2 recomputed (ours: KV reuse)" in md
+    assert "† V*: the paper's cell is at 576–3,072 image tokens (ours 576); pass 2 recomputed (ours: KV reuse)" in md
     assert "† TextVQA: the paper's cell is at pass 2 recomputed (ours: KV reuse)" in md
+    assert "protocol preset `fast`" in md  # a protocol.json without the key: a run from before presets
+    qwen = {"image_token_budget": 3072, "dtype": "bfloat16", "kv_reuse": False, "protocol_preset": "paper"}
+    md = results_markdown(
+        rows, "qwen2.5-vl-7b", {"V*": {**qwen, "inputs": {"min_pixels": 451584, "max_pixels": 2408448}}}
+    )
+    assert "89.5 |" in md and "89.5†" not in md and "protocol preset `paper`" in md  # V* at their pixel range
+    md = results_markdown(
+        rows, "qwen2.5-vl-7b", {"V*": {**qwen, "inputs": {"min_pixels": 1003520, "max_pixels": 2408448}}}
+    )
+    assert "† V*: the paper's cell is at 576–3,072 image tokens (ours 1,280–3,072)" in md

@@ -235,3 +235,19 @@ def test_auto_tau_and_mode_are_calibrated_recorded_released_and_taken_by_predict
     assert main(["calibrate", str(config)]) == 0
     out = capsys.readouterr().out
     assert f"synthetic: τ {chosen['threshold']} / {chosen['mode']}" in out and "curve.png" in out
+
+
+def test_paper_protocol_runs_fp16_with_a_bf16_trained_rpn_and_says_so(tmp_path):
+    """`protocol: paper` on LLaVA: the teacher and the evaluation in fp16, the RPN trained on a bf16 copy of the
+    same model (its checkpoint says both), pass 2 recomputed; protocol.json and the report name the preset."""
+    from flows.pipeline import sdrpn
+
+    root = tmp_path / "store"
+    summary = sdrpn(make_config("llava", str(root), protocol="paper", **{"eval.methods": ["baseline", "sdrpn"]}))
+    protocol = json.loads((Path(summary["eval"][0]) / "protocol.json").read_text())
+    assert (protocol["protocol_preset"], protocol["dtype"], protocol["kv_reuse"]) == ("paper", "float16", False)
+    rpn = json.loads(next((root / "rpn").glob("*/rpn_config.json")).read_text())
+    assert (rpn["base_model_dtype"], rpn["train_dtype"]) == ("float16", "bfloat16")
+    assert rpn["base_model_fingerprint"] == summary["model"]  # the fp16 model it is evaluated with
+    report = next((root / "reports").glob("*/results.md")).read_text()
+    assert "protocol preset `paper`" in report

@@ -3,6 +3,8 @@ docs/method.md §8), to print beside ours when the model is one they report. Thr
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
     "llava-1.5-7b": {
         "baseline": {
@@ -155,27 +157,56 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
     },
 }
 
-# What each paper cell was measured under (the authors' scripts; docs/evaluation-protocol.md): image tokens per
-# column ("*": every other column), the precision, and pass 2 recomputed. A cell whose protocol differs from the
-# run beside it is marked in the report.
-PAPER_PROTOCOL: dict[str, dict] = {
-    "llava-1.5-7b": {"tokens": {"*": 576}, "dtype": "float16", "kv_reuse": False},
-    "llava-1.5-13b": {"tokens": {"*": 576}, "dtype": "float16", "kv_reuse": False},
-    "qwen2.5-vl-3b": {
-        "tokens": {"*": 576, "V*": "1,024–4,096", "HR4K": 4096, "HR8K": 4096},
-        "dtype": "bfloat16",
-        "kv_reuse": False,
-    },
-    "qwen2.5-vl-7b": {
-        "tokens": {"*": 576, "V*": 3072, "HR4K": 4096, "HR8K": 4096},
-        "dtype": "bfloat16",
-        "kv_reuse": False,
-    },
+TOKEN_PIXELS = 28 * 28  # Qwen2.5-VL: one image token per merged 28×28 patch
+QWEN_576 = (576 * TOKEN_PIXELS, 576 * TOKEN_PIXELS)  # min = max = 451,584: every Qwen script's default
+
+
+@dataclass(frozen=True)
+class PaperProtocol:
+    """How the authors measured one model's paper rows (their scripts; docs/evaluation-protocol.md), which is what
+    `protocol: paper` in a config sets: the teacher's and the evaluation's precision, training's, pass 2 recomputed,
+    and the image pixel range (min, max) of each paper column (`columns`, the high-resolution tables), else `pixels`
+    (Qwen's 576 tokens; None: LLaVA's fixed 336 px square, 576 tokens)."""
+
+    dtype: str
+    train_dtype: str = "bfloat16"
+    kv_reuse: bool = False
+    pixels: tuple[int, int] | None = None
+    columns: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def pixels_of(self, column: str) -> tuple[int, int] | None:
+        return self.columns.get(column, self.pixels)
+
+    def tokens_of(self, column: str) -> str:
+        """The image tokens of a column as the paper states them: "576", or a range "1,024–4,096"."""
+        low, high = (t // TOKEN_PIXELS for t in self.pixels_of(column) or (576 * TOKEN_PIXELS,) * 2)
+        return f"{high:,}" if low == high else f"{low:,}–{high:,}"
+
+
+# A cell whose protocol differs from the run beside it is marked in the report. Qwen's high-resolution columns are
+# the authors' `vstar_bench` / `hrbench` runs (7B: V* 576–3,072 tokens, HR-Bench 576–4,096; 3B: 1,024–4,096 both).
+PAPER_PROTOCOL: dict[str, PaperProtocol] = {
+    "llava-1.5-7b": PaperProtocol("float16"),
+    "llava-1.5-13b": PaperProtocol("float16"),
+    "qwen2.5-vl-3b": PaperProtocol(
+        "bfloat16",
+        pixels=QWEN_576,
+        columns={c: (1024 * TOKEN_PIXELS, 4096 * TOKEN_PIXELS) for c in ("V*", "HR4K", "HR8K")},
+    ),
+    "qwen2.5-vl-7b": PaperProtocol(
+        "bfloat16",
+        pixels=QWEN_576,
+        columns={
+            "V*": (576 * TOKEN_PIXELS, 3072 * TOKEN_PIXELS),
+            **{c: (576 * TOKEN_PIXELS, 4096 * TOKEN_PIXELS) for c in ("HR4K", "HR8K")},
+        },
+    ),
 }
 
 
 def paper_protocol(model: str, column: str) -> dict:
-    """The protocol of one paper cell: image tokens, dtype, KV reuse."""
-    p = PAPER_PROTOCOL.get(model, {})
-    tokens = p.get("tokens", {})
-    return {"tokens": tokens.get(column, tokens.get("*")), "dtype": p.get("dtype"), "kv_reuse": p.get("kv_reuse")}
+    """The protocol of one paper cell: image tokens (as stated) and pixel range, dtype, KV reuse (None: unknown)."""
+    p = PAPER_PROTOCOL.get(model)
+    if p is None:
+        return {"tokens": None, "pixels": None, "dtype": None, "kv_reuse": None}
+    return {"tokens": p.tokens_of(column), "pixels": p.pixels_of(column), "dtype": p.dtype, "kv_reuse": p.kv_reuse}
