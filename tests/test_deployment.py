@@ -34,10 +34,41 @@ def _prefect(env, *args, timeout=120, check=True):
     return proc.stdout
 
 
-def _sdrpn(env, *args, ok: bool = True) -> str:
-    proc = subprocess.run([str(BIN / "sdrpn"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
+# `sdrpn` commands, several per process (each process start imports Prefect: seconds of CPU); a command is
+# ("sdrpn", args…) through the CLI's `main`, or ("toggle", active) for what the UI's schedule toggle does (the
+# schedule's `active` set through the API, the variable left as it was)
+SESSION = """
+import asyncio, contextlib, io, json, sys
+from flows.cli import main
+from prefect.client.orchestration import get_client
+
+async def toggle(active):
+    async with get_client() as c:
+        d = await c.read_deployment_by_name("sdrpn/full")
+        for s in d.schedules:
+            await c.update_deployment_schedule(d.id, s.id, active=active)
+
+out = []
+for kind, *args in json.loads(sys.argv[1]):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            rc = asyncio.run(toggle(*args)) if kind == "toggle" else main(list(args))
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+            print(e.code if not isinstance(e.code, int) else "")
+    out.append([rc or 0, buf.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def _session(env, *commands) -> list[tuple[int, str]]:
+    proc = subprocess.run(
+        [sys.executable, "-c", SESSION, json.dumps(commands)], env=env, cwd=ROOT, capture_output=True, text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
 def _check_the_schedule_survives_redeploys(env) -> None:
@@ -47,35 +78,24 @@ def _check_the_schedule_survives_redeploys(env) -> None:
         [str(BIN / "prefect"), "deploy", "--all", "--no-prompt"], env=env, cwd=ROOT, capture_output=True, text=True
     )
     assert first.returncode != 0 and "active" in first.stdout + first.stderr
-    refused = _sdrpn(env, "deploy", ok=False)  # ours names the variable and the fix instead
-    assert "sdrpn_weekly_retrain is not set" in refused and "sdrpn schedule off" in refused
-    assert "not set" in _sdrpn(env, "schedule", "status")
-    assert "not deployed yet" in _sdrpn(env, "schedule", "off")
-    assert "0 3 * * 1 off" in _sdrpn(env, "deploy")
-    assert "0 3 * * 1 off" in _sdrpn(env, "schedule", "status")
-    assert "0 3 * * 1 on" in _sdrpn(env, "schedule", "on")
+    refused, unset, undeployed, deployed, status, on = _session(
+        env, *[("sdrpn", *a) for a in (["deploy"], ["schedule", "status"], ["schedule", "off"], ["deploy"],
+                                       ["schedule", "status"], ["schedule", "on"])]
+    )  # fmt: skip
+    assert refused[0] != 0  # ours names the variable and the fix instead
+    assert "sdrpn_weekly_retrain is not set" in refused[1] and "sdrpn schedule off" in refused[1]
+    assert "not set" in unset[1] and "not deployed yet" in undeployed[1]
+    assert "0 3 * * 1 off" in deployed[1] and "0 3 * * 1 off" in status[1] and "0 3 * * 1 on" in on[1]
+    assert all(rc == 0 for rc, _ in (unset, undeployed, deployed, status, on))
     _prefect(env, "deploy", "--all", "--no-prompt")  # the redeploy that used to switch it off
-    assert "0 3 * * 1 on" in _sdrpn(env, "schedule", "status")
-    _toggle_in_the_ui(env, active=False)
-    status = _sdrpn(env, "schedule", "status")
-    assert "switched in the UI?" in status and "`sdrpn schedule off` keeps it off" in status
-    assert "0 3 * * 1 off" in _sdrpn(env, "schedule", "off")
-    assert "switched in the UI?" not in _sdrpn(env, "schedule", "status")
-
-
-def _toggle_in_the_ui(env, active: bool) -> None:
-    """What the UI's toggle does: the schedule's `active` set through the API, the variable left as it was."""
-    code = (
-        "import asyncio\n"
-        "from prefect.client.orchestration import get_client\n"
-        "async def main():\n"
-        "    async with get_client() as c:\n"
-        "        d = await c.read_deployment_by_name('sdrpn/full')\n"
-        "        for s in d.schedules:\n"
-        f"            await c.update_deployment_schedule(d.id, s.id, active={active})\n"
-        "asyncio.run(main())\n"
-    )
-    subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, timeout=60)
+    kept, _, switched, off, after = _session(
+        env, ("sdrpn", "schedule", "status"), ("toggle", False), ("sdrpn", "schedule", "status"),
+        ("sdrpn", "schedule", "off"), ("sdrpn", "schedule", "status"),
+    )  # fmt: skip
+    assert "0 3 * * 1 on" in kept[1]
+    assert "switched in the UI?" in switched[1] and "`sdrpn schedule off` keeps it off" in switched[1]
+    assert "0 3 * * 1 off" in off[1]
+    assert "switched in the UI?" not in after[1]
 
 
 def test_deployment_run_sdrpn_full(tmp_path):
@@ -114,16 +134,12 @@ def test_deployment_run_sdrpn_full(tmp_path):
         out = _prefect(env, "deployment", "run", "sdrpn/full", "--param", f"config_path={config}")
         assert "sdrpn/full" in out or "Created flow run" in out
         _prefect(env, "worker", "start", "--pool", "sdrpn-process", "--run-once", timeout=400)
-        runs = json.loads(
-            _prefect(
-                env,
-                "api",
-                "POST",
-                "/flow_runs/filter",
-                "--data",
-                json.dumps({"flow_runs": {"deployment_id": {"is_null_": False}}}),
-            )
+        query = json.dumps({"flow_runs": {"deployment_id": {"is_null_": False}}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/flow_runs/filter", query, {"Content-Type": "application/json"}
         )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            runs = json.loads(r.read())
         assert [r["state_type"] for r in runs] == ["COMPLETED"], runs
         assert list((tmp_path / "store" / "eval").glob("*/_COMMITTED.json"))  # the run wrote its report
     finally:
