@@ -58,7 +58,7 @@ def main() -> None:
         rpn = train_flow(cfg)
         store = get_store(cfg.store.settings())
         model_ref = model.resolve_model(cfg.model, store)
-        params = replace(cfg.eval.params(cfg.teacher.preset_obj(), cfg.protocol), threshold="auto", mode="auto")
+        params = replace(cfg.eval.params(cfg.teacher.preset_obj()), threshold="auto", mode="auto")
         scored, held, split = calibrate.calibration_split(cfg.eval.datasets[0], calibration)
         cal_data, eval_data = data.build_manifest(held, store), data.build_manifest(scored, store)
         t0 = time.perf_counter()

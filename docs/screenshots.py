@@ -3,7 +3,7 @@
 The store is a local S3-compatible server (moto), so the report shows its pictures through presigned URLs, as it
 does on a team's bucket.
 
-    python docs/screenshots.py [--out docs/images] [--config configs/default.yaml] [--train-n 160 --eval-n 48]
+    python docs/screenshots.py [--out docs/images] [--config configs/default.yaml] [--train-n N --eval-n N]
 
 Needs Chromium (Debian: `apt-get install chromium`); prints where the pictures went and `RESULT pages=<n>`."""
 
@@ -74,7 +74,7 @@ def _s3_store(cfg, env: dict):
     return cfg.store.model_copy(update={"root": "s3://runs/sdrpn", "endpoint_url": endpoint})
 
 
-def run_and_shoot(out: Path, config: str | None, train_n: int, eval_n: int, chromium: str) -> list[Path]:
+def run_and_shoot(out: Path, config: str | None, train_n: int | None, eval_n: int | None, chromium: str) -> list[Path]:
     from benchmarks._pipeline import pipeline_config
 
     port = _free_port()
@@ -114,8 +114,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "docs" / "images"))
     p.add_argument("--config", default=None)
-    p.add_argument("--train-n", type=int, default=160)
-    p.add_argument("--eval-n", type=int, default=48)
+    # default: the config's own sizes, so the pictures show the README table's numbers
+    p.add_argument("--train-n", type=int, default=None, help="at most this many training scenes")
+    p.add_argument("--eval-n", type=int, default=None, help="at most this many evaluation / calibration scenes")
     args = p.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if chromium is None:

@@ -224,10 +224,11 @@ def _eval(
             spec, params, _ = _calibrated(cfg, model, rpn, spec, params)
         dataset = _samples(spec, settings, f"eval:{spec.benchmark or spec.kind}")
         pieces = plan_pieces(_store(cfg), model, rpn, dataset, params, cfg.eval.shards)
-        found = score.SCORE.find({"store": _store(cfg), "dataset": dataset, "params": params, "pieces": pieces})
+        scoring = {"dataset": dataset, "params": params, "pieces": pieces, "preset": cfg.protocol}
+        found = score.SCORE.find({"store": _store(cfg), **scoring})
         if found is None:  # the answers first; a scored evaluation found needs none of them
             evaluate_flow.with_options(task_runner=runners())(cfg, model, rpn, dataset, params, pieces)
-        ref, was_cached = _run(stage_task(score.SCORE), settings, dataset, params, pieces, found=Found(found))
+        ref, was_cached = _run(stage_task(score.SCORE), settings, **scoring, found=Found(found))
         results.append(ref)
         all_cached &= was_cached
     return results, all_cached

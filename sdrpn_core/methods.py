@@ -47,7 +47,6 @@ class EvalParams:
     protocol: str = "lmms-eval 0.4.0 (the authors' vendored copy)"  # prompts and metrics scored as by this harness
     options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (method, its settings' sorted items)
     calibrated_by: str = ""  # the calibration that chose τ / mode (its fingerprint), set by the flow for `auto`
-    preset: str = "fast"  # the protocol preset the settings came from (`protocol:` in the config): fast or paper
 
     @property
     def calibrated(self) -> bool:
@@ -61,7 +60,6 @@ class EvalParams:
             ("vicrop_layer", self.vicrop_layer >= 0),
             ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1),
             ("mode", self.mode in ("mask", "box", "auto")),
-            ("preset", self.preset in ("fast", "paper")),
         ]:
             if not ok:
                 raise ValueError(f"eval.{name} = {getattr(self, name)!r} is out of range")

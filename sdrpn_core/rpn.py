@@ -42,7 +42,6 @@ class RPNConfig:
     base_model: str = ""  # path or hub id the RPN was trained on
     base_model_fingerprint: str = ""
     base_model_dtype: str = ""  # the dtype the fingerprint was taken with (it is part of it)
-    train_dtype: str = ""  # the backbone's dtype while the RPN trained, where not base_model_dtype
     version: int = 1
 
 

@@ -263,7 +263,8 @@ CALIBRATE = Stage(
     run_name="calibrate[{dataset.benchmark}]",
     progress="calibration of {dataset.benchmark}",
     model_bound=True,
-    # the benchmark's part is by value in the key (its prompts, generation limit and scoring)
-    exclude=BENCHMARK_CODE,
+    # the benchmark's part is by value in the key (its prompts, generation limit and scoring); the config's (the
+    # split, the parameters) too; the report module only encodes the curve's picture
+    exclude=(*BENCHMARK_CODE, "stages.config", "stages.report"),
     key=calibration_key,
 )

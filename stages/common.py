@@ -128,15 +128,12 @@ def read_rejections(ref, store: Store) -> list[dict]:
     return pq.read_table(io.BytesIO(data)).to_pylist()
 
 
-def load_model(ref, dtype: str | None = None):
-    """The adapter for a ModelRef, loaded once per process (tasks in threads share it), in its own dtype or in
-    `dtype` (training's, where the authors' differs from the evaluation's)."""
+def load_model(ref):
+    """The adapter for a ModelRef, loaded once per process (tasks in threads share it)."""
     from sdrpn_core.models import load_adapter
-
-    dtype = dtype or ref.dtype
 
     def load():
         inputs = json.loads(ref.inputs)
-        return load_adapter(ref.path, family=ref.family, dtype=dtype, device=ref.device, inputs=inputs)
+        return load_adapter(ref.path, family=ref.family, dtype=ref.dtype, device=ref.device, inputs=inputs)
 
-    return cached_in_process(ref.fingerprint if dtype == ref.dtype else (ref.fingerprint, dtype), load)
+    return cached_in_process(ref.fingerprint, load)

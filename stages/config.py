@@ -309,18 +309,16 @@ class _EvalBase(_DataclassSection):
             raise ValueError("eval.datasets is empty: name at least one dataset")
         return v
 
-    @field_validator("preset", check_fields=False)
+    @field_validator("protocol", check_fields=False)
     @classmethod
-    def _no_preset(cls, v: str | None) -> None:
-        if v is not None:
-            raise ValueError("the protocol preset is set at the top of the config: `protocol: paper` (or fast)")
+    def _harness(cls, v: str | None) -> None:
+        if v is not None:  # the harness behind the prompts and metrics, not a setting
+            raise ValueError("eval.protocol names the harness; a protocol preset goes at the top: `protocol: paper`")
 
-    def params(self, preset: Preset, protocol: str = "fast") -> EvalParams:
-        """The run's evaluation parameters: the preset's τ, ViCrop layer and model under the chosen fields, named
-        for the config's protocol preset."""
+    def params(self, preset: Preset) -> EvalParams:
+        """The run's evaluation parameters: the preset's τ, ViCrop layer and model under the chosen fields."""
         skip = ("datasets", "paper_model", "shards", "calibration")
         chosen = {k: v for k, v in self.chosen().items() if k not in skip}
-        chosen["preset"] = protocol
         chosen["inputs"] = tuple(sorted((self.inputs or {}).items()))
         chosen["options"] = tuple(sorted((m, tuple(sorted(o.items()))) for m, o in (self.options or {}).items()))
         base = {

@@ -308,5 +308,5 @@ PIECES = Stage(
     model_bound=True,
     # a benchmark enters a piece's key by value (its rows' prompts, its generation limit and τ); its metric never
     exclude=BENCHMARK_CODE,
-    config=lambda cfg, preset: cfg.eval.params(preset, cfg.protocol),
+    config=lambda cfg, preset: cfg.eval.params(preset),
 )

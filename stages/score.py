@@ -36,13 +36,14 @@ from storage.store import Store, StoreError
 log = logging.getLogger(__name__)
 
 
-def score_key(dataset: DatasetRef, params: EvalParams, pieces: list[EvalPiece]) -> dict:
-    """The scored evaluation of `pieces`: their answers, the benchmark's scoring, the gallery's size."""
+def score_key(dataset: DatasetRef, params: EvalParams, pieces: list[EvalPiece], preset: str = "fast") -> dict:
+    """The scored evaluation of `pieces`: their answers, the benchmark's scoring, the gallery's size, and the
+    protocol preset the run names (`protocol:` in the config)."""
     scoring = scoring_fingerprint(get_benchmark(dataset.benchmark))
     pieces_fp = hash_obj([p.fingerprint for p in pieces])
     key = {"dataset": dataset.fingerprint, "pieces": pieces_fp, "benchmark": scoring, "gallery": params.gallery}
-    if params.preset != "fast":  # protocol.json names it (fast runs keep the keys they had before presets)
-        key["preset"] = params.preset
+    if preset != "fast":  # `fast` runs keep the keys they had before presets
+        key["preset"] = preset
     return {**key, "calibration": params.calibrated_by} if params.calibrated_by else key
 
 
@@ -134,8 +135,11 @@ def _calibration(store: Store, fp: str) -> tuple[dict, bytes]:
     return summary, arts.read("calibration", fp, "curve.png")
 
 
-def merge(store: Store, dataset: DatasetRef, params: EvalParams, fp: str, pieces: list[EvalPiece]) -> EvalRef:
-    """The committed pieces → the evaluation's scored predictions, scores, protocol, report and gallery."""
+def merge(
+    store: Store, dataset: DatasetRef, params: EvalParams, fp: str, pieces: list[EvalPiece], preset: str = "fast"
+) -> EvalRef:
+    """The committed pieces → the evaluation's scored predictions, scores, protocol (naming the run's protocol
+    `preset`), report and gallery."""
     bench = get_benchmark(dataset.benchmark)
     manifest = {r["sample_id"]: r for r in read_manifest(dataset, store)}  # read (and verified) once
     gathered = _gather(store, bench, manifest, pieces)
@@ -144,7 +148,7 @@ def merge(store: Store, dataset: DatasetRef, params: EvalParams, fp: str, pieces
         raise ValueError(f"no sample of {dataset.name or dataset.benchmark} could be evaluated: {'; '.join(errors)}")
     scores = _scores(bench, gathered)
     # the preset is the run's, not the pieces' (the same answers serve a run that set the paper's values by hand)
-    protocol = {**gathered.protocol, "scoring": scoring_fingerprint(bench), "protocol_preset": params.preset}
+    protocol = {**gathered.protocol, "scoring": scoring_fingerprint(bench), "protocol_preset": preset}
     calibration = _calibration(store, params.calibrated_by) if params.calibrated_by else None
     if calibration is not None:
         protocol["calibration"] = calibration[0]

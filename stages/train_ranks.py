@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdrpn_core.train import TrainConfig, recipe_record, samples_from_rows, train_rpn
-from stages.common import cache_dir, get_store, load_model
+from stages.common import cache_dir, cached_in_process, get_store, load_model
 from stages.refs import LabelsRef, ModelRef
 from storage.fingerprint import hash_obj
 from storage.labels import label_dataset
@@ -73,6 +73,21 @@ def training_frame(store: Store, labels: LabelsRef, params: TrainConfig) -> pl.D
     return frame
 
 
+def training_model(model: ModelRef, dtype: str | None):
+    """The model to train on: the evaluation's (loaded once per process), or a copy of it in training's own dtype
+    (`train.dtype`: the authors train LLaVA's RPN in bf16 and evaluate it in fp16; the checkpoint's recipe says
+    which, its base model stays the one it is evaluated with)."""
+    if dtype in (None, model.dtype):
+        return load_model(model)
+    from sdrpn_core.models import load_adapter
+
+    def load():
+        inputs = json.loads(model.inputs)
+        return load_adapter(model.path, family=model.family, dtype=dtype, device=model.device, inputs=inputs)
+
+    return cached_in_process((model.fingerprint, dtype), load)
+
+
 def train_here(
     store: Store,
     model: ModelRef,
@@ -87,7 +102,7 @@ def train_here(
     from sdrpn_core.train import Ranks
 
     frame = training_frame(store, labels, params)
-    adapter = load_model(model, params.dtype)
+    adapter = training_model(model, params.dtype)
     if params.inputs:  # e.g. Qwen: the authors' training prompt (a literal "<image>" line, the question as given)
         adapter = adapter.with_inputs(**params.inputs)
     scratch = train_scratch(store, train_fp)
@@ -101,7 +116,6 @@ def train_here(
             "base_model": model.path,
             "base_model_fingerprint": model.fingerprint,
             "base_model_dtype": model.dtype,
-            **({"train_dtype": params.dtype} if params.dtype not in (None, model.dtype) else {}),
         },
         progress=progress,
     )

@@ -59,6 +59,7 @@ def test_each_stage_runs_what_it_imports_and_nothing_of_the_stages_after_it():
     calibrating = closure(CALIBRATE)  # runs before the evaluation: none of its stages' code
     assert {"sdrpn_core.calibrate", "sdrpn_core.infer"} <= calibrating
     assert not {"stages.evaluate", "stages.score"} & calibrating
+    assert "sdrpn_core.train" not in calibrating  # nor the trainer (the config that imports it is keyed by value)
     assert "sdrpn_core.benchmarks.published" in closure(RELEASE)  # the model card prints the paper's rows
     assert "sdrpn_core.infer" not in closure(NANO_BASE) and "sdrpn_core.synthetic.nano" in closure(NANO_BASE)
 

@@ -247,7 +247,8 @@ def test_paper_protocol_runs_fp16_with_a_bf16_trained_rpn_and_says_so(tmp_path):
     protocol = json.loads((Path(summary["eval"][0]) / "protocol.json").read_text())
     assert (protocol["protocol_preset"], protocol["dtype"], protocol["kv_reuse"]) == ("paper", "float16", False)
     rpn = json.loads(next((root / "rpn").glob("*/rpn_config.json")).read_text())
-    assert (rpn["base_model_dtype"], rpn["train_dtype"]) == ("float16", "bfloat16")
+    recipe = json.loads(next((root / "rpn").glob("*/train_recipe.json")).read_text())["recipe"]
+    assert (rpn["base_model_dtype"], recipe["dtype"]) == ("float16", "bfloat16")
     assert rpn["base_model_fingerprint"] == summary["model"]  # the fp16 model it is evaluated with
     report = next((root / "reports").glob("*/results.md")).read_text()
     assert "protocol preset `paper`" in report
