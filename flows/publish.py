@@ -20,7 +20,7 @@ from prefect.events import emit_event
 from stages.config import PipelineConfig
 from stages.promote import summary
 from stages.refs import EvalRef, LabelsRef, ModelRef, RpnRef
-from stages.report import results_rows, write_results
+from stages.report import CALIBRATION_PICTURE, results_rows, write_results
 from storage.artifacts import ArtifactStore
 from storage.champion import Champions
 from storage.store import LINK_LIFETIME_S, Store
@@ -93,14 +93,20 @@ def publish_run(
     galleries = []
     arts = ArtifactStore(store)
     for r in results:
-        galleries.append(arts.read("eval", r.fingerprint, "report.md").decode())
-        if "gallery.png" in arts.manifest("eval", r.fingerprint)["files"]:
-            what = f"{r.benchmark}: RoI overlays of the largest SD-RPN wins, then losses"
-            galleries.append(image(store, "eval", r.fingerprint, "gallery.png", key(cfg, "gallery", r.benchmark), what))
-        if "calibration.png" in arts.manifest("eval", r.fingerprint)["files"]:
+        files, text = (
+            arts.manifest("eval", r.fingerprint)["files"],
+            arts.read("eval", r.fingerprint, "report.md").decode(),
+        )
+        if "calibration.png" in files:  # the report's own link opens only beside it in the store: the artifact's
             what = f"{r.benchmark}: SD-RPN's score and throughput per calibrated τ and mode"
             artifact = key(cfg, "calibration", r.benchmark)
-            galleries.append(image(store, "eval", r.fingerprint, "calibration.png", artifact, what))
+            text = text.replace(
+                CALIBRATION_PICTURE, image(store, "eval", r.fingerprint, "calibration.png", artifact, what)
+            )
+        galleries.append(text)
+        if "gallery.png" in files:
+            what = f"{r.benchmark}: RoI overlays of the largest SD-RPN wins, then losses"
+            galleries.append(image(store, "eval", r.fingerprint, "gallery.png", key(cfg, "gallery", r.benchmark), what))
     stats = labels.stats
     report = [
         f"# SD-RPN run: {cfg.name}",

@@ -259,6 +259,9 @@ def gallery(
     return canvas
 
 
+CALIBRATION_PICTURE = "![calibration curve](calibration.png)"  # beside report.md in the store
+
+
 def calibration_markdown(calibration: dict) -> list[str]:
     """The lines saying how τ and the mode were chosen (`eval.threshold: auto`), with the curve's picture."""
     chosen = calibration["chosen"]
@@ -267,7 +270,7 @@ def calibration_markdown(calibration: dict) -> list[str]:
         f"{calibration['samples']} samples: {calibration['split']} ({chosen['reason']}; "
         f"ids hash {calibration['sample_ids_hash'][:12]}). Score and throughput per τ:",
         "",
-        "![calibration curve](calibration.png)",
+        CALIBRATION_PICTURE,
         "",
     ]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from stages import evaluate as eval_stage
-from tests.flowkit import Calls, make_config
+from tests.flowkit import Calls, _artifacts, make_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api", "flow_cache")]
 
@@ -211,6 +211,8 @@ def test_auto_tau_and_mode_are_calibrated_recorded_released_and_taken_by_predict
     assert chosen["threshold"] in (0.05, 0.3) and len(protocol["calibration"]["curve"]) == 4
     assert "seed 7" in protocol["calibration"]["split"] and protocol["rows"] == 4  # nothing scored was held out
     assert (folder / "calibration.png").exists() and "calibration.png" in (folder / "report.md").read_text()
+    report = _artifacts()["sdrpn-test-report"].data  # the store's relative link, made one the UI can follow
+    assert "](calibration.png)" not in report and str(folder / "calibration.png") in report
     inference = json.loads((Path(summary["release"]) / "inference.json").read_text())
     assert inference["per_benchmark"]["synthetic"]["calibration"] == protocol["calibration"]["fingerprint"]
     assert "calibrated on synthetic" in inference["source"]
