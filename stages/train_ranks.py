@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdrpn_core.train import TrainConfig, recipe_record, samples_from_rows, train_rpn
-from stages.common import cache_dir, cached_in_process, get_store, load_model
+from stages.common import cache_dir, get_store, load_model
 from stages.refs import LabelsRef, ModelRef
 from storage.fingerprint import hash_obj
 from storage.labels import label_dataset
@@ -81,11 +81,9 @@ def training_model(model: ModelRef, dtype: str | None):
         return load_model(model)
     from sdrpn_core.models import load_adapter
 
-    def load():
-        inputs = json.loads(model.inputs)
-        return load_adapter(model.path, family=model.family, dtype=dtype, device=model.device, inputs=inputs)
-
-    return cached_in_process((model.fingerprint, dtype), load)
+    # not kept in the process's cache: freed once trained (the evaluation that follows loads the model's own dtype)
+    inputs = json.loads(model.inputs)
+    return load_adapter(model.path, family=model.family, dtype=dtype, device=model.device, inputs=inputs)
 
 
 def train_here(
