@@ -286,6 +286,47 @@ def test_vicrop_outcome_fields(nano, monkeypatch):
     assert b.token_ids == answer_baseline(adapter, image, Q, max_new_tokens=3).token_ids
 
 
+def test_vicrop_batch_defaults_rows_and_time_share(nano, monkeypatch):
+    """The batch function's own answer limit is the others' 128; images and questions must pair up; each answer's
+    time is its share of the batch's (mutation survivors)."""
+    import time
+
+    from sdrpn_core.infer import answer_vicrop_batch
+
+    adapter, _ = nano
+    images = [random_image(5, (64, 48)), random_image(6, (48, 64))]
+    with pytest.raises(ValueError):
+        answer_vicrop_batch(adapter, images, [Q], layer=1, max_new_tokens=2)
+    t0 = time.perf_counter()
+    (one,) = answer_vicrop_batch(adapter, images[:1], [Q], layer=1, max_new_tokens=2)
+    wall = time.perf_counter() - t0
+    assert 0.5 * wall <= one.seconds["total"] <= wall
+    t0 = time.perf_counter()
+    two = answer_vicrop_batch(adapter, images, [Q, Q], layer=1, max_new_tokens=2)
+    assert sum(a.seconds["total"] for a in two) <= time.perf_counter() - t0
+    monkeypatch.setattr(adapter.model.generation_config, "eos_token_id", 10**6)
+    assert len(answer_vicrop_batch(adapter, images[:1], [Q], layer=1)[0].token_ids) == 128
+
+
+def test_single_row_wrappers_pass_their_settings_on(nano, monkeypatch):
+    """run_pass1 keeps the cache pass 2 reuses unless told not to; run_pass2 answers up to 128 tokens by default;
+    answer_vicrop's window size reaches the window (mutation survivors)."""
+    from sdrpn_core.infer import answer_vicrop, run_pass1, run_pass2
+
+    adapter, rpn = nano
+    image = random_image(8, (64, 48))
+    assert run_pass1(adapter, rpn, image, Q).cache is not None
+    assert run_pass1(adapter, rpn, image, Q, reuse_kv=False).cache is None
+    p1 = run_pass1(adapter, rpn, image, Q)
+    monkeypatch.setattr(adapter.model.generation_config, "eos_token_id", 10**6)
+    assert len(run_pass2(adapter, p1, RoIPlan("none", reason="none"))[0]) == 128
+    small, default = (
+        answer_vicrop(adapter, image, Q, layer=1, max_new_tokens=1, **kw) for kw in ({"window_frac": 0.25}, {})
+    )
+    (y0, x0, y1, x1), (Y0, X0, Y1, X1) = small.roi.plan.boxes[0], default.roi.plan.boxes[0]
+    assert (y1 - y0, x1 - x0) < (Y1 - Y0, X1 - X0)
+
+
 def test_second_round_of_survivors(nano):
     from sdrpn_core.infer import best_window
 
