@@ -52,6 +52,8 @@ def config(tmp: Path, eval_n: int, **train):
     raw = PipelineConfig.from_yaml(DEFAULT_CONFIG).model_dump(mode="json", exclude_none=True)
     raw["train_data"] = {"kind": "jsonl", "path": str(tmp / "incoming" / "*" / "manifest.jsonl")}
     raw["eval"]["datasets"][0]["n"] = eval_n
+    if raw["eval"].get("calibration"):  # as many calibration scenes as evaluation ones, at most (smaller sizes)
+        raw["eval"]["calibration"]["n"] = min(raw["eval"]["calibration"].get("n", eval_n), eval_n)
     raw["eval"]["methods"] = ["baseline", "sdrpn"]
     raw["train"] = {**raw.get("train", {}), **train}
     raw["store"] = {"root": str(tmp / "store")}

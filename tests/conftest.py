@@ -24,6 +24,56 @@ from sdrpn_core.models import LlavaAdapter
 from sdrpn_core.models.tiny import TinyLlavaSpec, TinyQwenSpec, build_tiny_llava, build_tiny_qwen
 from sdrpn_core.presets import get_preset
 
+# The longest tests, in seconds on a 2-core machine (`pytest --durations`, 2026-12-04). xdist's worksteal hands each
+# worker a contiguous share of the collection and steals from the end of a queue, so a long test placed late starts
+# last and decides the suite's time: each worker's share starts with its part of these (longest first, to the least
+# loaded share). A name that no longer matches only loses its place; it never changes what runs.
+LONG_TESTS = {
+    "test_code_change_reruns_what_each_edit_touches": 111,
+    "test_three_weeks_of_retraining": 91,
+    "test_the_nano_default_reads_small_details": 86,
+    "test_deployment_run_sdrpn_full": 80,
+    "test_two_gloo_ranks_train_as_one_process": 77,
+    "test_evaluation_killed_mid_run_resumes": 51,
+    "[scale]": 31,
+    "test_shipped_nano_loads_from_the_artifact_store": 30,
+    "[labels_memory]": 30,
+    "test_full_flow_on_s3[qwen]": 30,
+    "test_killed_cli_does_not_leave_its_temporary_prefect_server": 28,
+    "[rerun]": 29,
+    "test_dask_runner_gives_the_same_rows_as_threads": 25,
+    "[nano_gain]": 25,
+    "[calibrate]": 24,
+    "test_changing_eval_or_label_params_reruns_only_what_depends_on_them": 23,
+    "[teacher_memory]": 23,
+    "test_worker_killed_mid_extraction_then_rerun": 18,
+    "test_full_flow_on_s3[llava]": 20,
+    "[read_memory]": 18,
+}
+
+
+def _cost(item: pytest.Item) -> int:
+    return next((s for name, s in LONG_TESTS.items() if name in item.nodeid), 0)
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselection: the shares are of what runs
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))  # every worker orders the same way
+    if workers < 2 or len(items) < 2 * workers:
+        return
+    shares: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for item in sorted((i for i in items if _cost(i)), key=_cost, reverse=True):
+        k = loads.index(min(loads))
+        shares[k].append(item)
+        loads[k] += _cost(item)
+    rest, left, ordered = iter([i for i in items if not _cost(i)]), len(items), []
+    for k, share in enumerate(shares):  # the scheduler's split: what is left over the workers still to serve
+        size, left = left // (workers - k), left - left // (workers - k)
+        ordered += share + [next(rest) for _ in range(max(0, size - len(share)))]
+    ordered += list(rest)
+    items[:] = ordered
+
 
 @pytest.fixture(autouse=True)
 def _process_state_left_as_found():

@@ -58,10 +58,10 @@ def test_the_nano_default_reads_small_details_with_sd_rpn_and_a_worse_rpn_is_not
     never trained on) with the shipped sdrpn-nano and an RPN trained here on 300 scenes, SD-RPN beats the baseline
     by a wide margin and the oracle crop beats both (full figures: `python benchmarks/nano_gain.py`).
 
-    Then the promotion gate: that RPN is the first, so it is promoted; a retrained one that learned nothing (a
-    learning rate a million times too small) is evaluated, compared on the same samples, rejected: the run ends
-    Completed with the reason, the pointer is unchanged, the challenger's release is kept, the event carries the
-    scores, and `sdrpn eval` keeps evaluating the champion. A rerun does not decide (or announce) again."""
+    Then the promotion gate: that RPN is the first, so it is promoted; a retrained one that learned nothing (two
+    steps at a learning rate a million times too small) is evaluated, compared on the same samples, rejected: the
+    run ends Completed with the reason, the pointer is unchanged, the challenger's release is kept, the event
+    carries the scores, and `sdrpn eval` keeps evaluating the champion. A rerun does not decide (or announce) again."""
     from flows.pipeline import current_rpn, sdrpn
     from stages.common import get_store
     from storage.champion import Champions
@@ -77,7 +77,7 @@ def test_the_nano_default_reads_small_details_with_sd_rpn_and_a_worse_rpn_is_not
     assert champion is not None and first["release"].endswith(champion.release)
 
     t0 = time.time()
-    state = sdrpn(_nano_config(root, lr=1e-9), return_state=True)
+    state = sdrpn(_nano_config(root, lr=1e-9, max_steps=2), return_state=True)
     assert state.name == "Completed" and "REJECTED" in state.message, state.message
     worse = state.result()
     decision = worse["promotion"]
@@ -93,7 +93,7 @@ def test_the_nano_default_reads_small_details_with_sd_rpn_and_a_worse_rpn_is_not
     assert "Rejected" in _artifacts()["sdrpn-default-promotion"].data
 
     calls = Calls(monkeypatch)
-    again = sdrpn(_nano_config(root, lr=1e-9))
+    again = sdrpn(_nano_config(root, lr=1e-9, max_steps=2))
     assert calls.n == {} and again["promotion"]["id"] == decision["id"]  # the recorded decision, not a new one
     assert len(champions.history(first["model"])) == 2 and len(_events("sdrpn.rpn.rejected", t0)) == 1
 
