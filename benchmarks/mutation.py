@@ -5,7 +5,7 @@ keyword argument changed), runs the tests that call that function against each v
 test failed ("killed") or all passed ("survived"). It works on a copy of the repository in a temporary folder,
 so the sources here are never touched.
 
-    python benchmarks/mutation.py [--quick | --only MODULE...] [--keep DIR]   # --quick: roi.py, pseudo_labels.py
+    python benchmarks/mutation.py [--quick | --only MODULE...] [--keep DIR [--checked]]  # --quick: roi, pseudo_labels
 
 Survivors that cannot be killed because they do not change behaviour are listed, with the reason, in
 `benchmarks/mutation_equivalent.json` (keyed by mutant name and the mutated line, so an entry goes stale when
@@ -230,6 +230,9 @@ def main() -> None:
     p = parser(__doc__, "roi.py and pseudo_labels.py only")
     p.add_argument("--keep", type=Path, help="work in this folder and keep it (mutmut browse / show there)")
     p.add_argument("--only", nargs="+", choices=list(MODULES), help="these modules only (while writing tests)")
+    p.add_argument(
+        "--checked", action="store_true", help="with --keep of a run stopped early: report its checked mutants alone"
+    )
     args = p.parse_args()
     if args.smoke:
         return smoke()
@@ -242,9 +245,14 @@ def main() -> None:
             write_config(dest, modules)
             with open(dest / "mutmut.log", "w") as log:
                 mutmut(dest, "run", "--max-children", str(os.cpu_count() or 2), log=log)
-        partial = args.quick or args.only
+        partial = args.quick or args.only or args.checked
         out = SURVIVORS.with_name("mutation_survivors_partial.md") if partial else SURVIVORS
-        counts = report(dest, modules, statuses(dest, modules), out)
+        status = statuses(dest, modules)
+        if args.checked:  # a stopped run: what it did not reach is neither killed nor a survivor
+            unchecked = sum(v == "not checked" for v in status.values())
+            status = {k: v for k, v in status.items() if v != "not checked"}
+            print(f"{unchecked} mutants not checked (the run was stopped): left out of every count below")
+        counts = report(dest, modules, status, out)
     finally:
         if not args.keep:
             shutil.rmtree(dest, ignore_errors=True)
