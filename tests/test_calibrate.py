@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import sdrpn_core.calibrate as core
-from sdrpn_core.calibrate import CalibrationParams, Candidate, CurvePoint, choose, grid, plan_key, sweep
+from sdrpn_core.calibrate import CalibrationParams, Candidate, CurvePoint, Sweep, choose, curve, grid, plan_key, sweep
 from sdrpn_core.infer import answer_sdrpn_batch, plan_for, run_pass1_batch
 from sdrpn_core.methods import EvalParams
 from sdrpn_core.roi import RoIPlan
@@ -101,6 +101,18 @@ def test_the_throughput_floor_excludes_slow_candidates_and_names_the_fastest_whe
     assert choose(points).point == points[0]
     with pytest.raises(ValueError, match=r"floor 0.99× .* fastest is τ 0.9 / box at 0.95×"):
         choose(points, min_relative_throughput=0.99)
+
+
+def test_a_candidate_exactly_at_the_floor_passes_and_an_empty_candidate_costs_nothing():
+    """The floor is inclusive; a candidate that answered nothing has zero throughput, tokens and cropped share; a
+    one-token crop counts as cropped (mutation survivors)."""
+    points = [_point(0.05, "box", 70.0, 0.5, 500), _point(0.2, "box", 60.0, 0.8, 100)]
+    assert choose(points, min_relative_throughput=0.5).point == points[0]
+    c, empty = Candidate(0.1, "box"), Candidate(0.2, "box")
+    sweep = Sweep([c, empty], {c: ["1"], empty: []}, {c: [2.0], empty: []}, {c: [1], empty: []}, ["0"], [1.0])
+    one, none = curve(sweep, lambda texts: 100.0 * len(texts))
+    assert (one.relative_throughput, one.crop_tokens, one.cropped) == (0.5, 1.0, 1.0)
+    assert (none.relative_throughput, none.crop_tokens, none.cropped) == (0.0, 0.0, 0.0)
 
 
 def test_calibration_params_are_checked():

@@ -8,6 +8,7 @@ from PIL import Image
 from sdrpn_core.infer import (
     answer_baseline,
     answer_sdrpn,
+    answer_sdrpn_batch,
     crop_tokens,
     plan_for,
     run_pass1,
@@ -260,6 +261,8 @@ def test_default_answer_length_and_sdrpn_defaults(nano, monkeypatch):
     assert len(answer_vicrop(adapter, image, Q, layer=1).token_ids) == 128
     default = answer_sdrpn(adapter, rpn, image, Q)
     explicit = answer_sdrpn(adapter, rpn, image, Q, threshold=0.15, mode="mask", max_new_tokens=128)
+    (batch,) = answer_sdrpn_batch(adapter, rpn, [image], [Q])  # the batch function's own defaults are the same
+    assert batch.token_ids == explicit.token_ids and batch.roi.plan.boxes == explicit.roi.plan.boxes
     assert default.token_ids == explicit.token_ids and len(default.token_ids) == 128
     assert default.roi.plan.boxes == explicit.roi.plan.boxes and default.roi.plan.kind != "none"
     with pytest.raises(ValueError, match=r"RoI mode 'bxo': choose 'mask' or 'box'"):
