@@ -108,6 +108,8 @@ def test_a_candidate_exactly_at_the_floor_passes_and_an_empty_candidate_costs_no
     one-token crop counts as cropped (mutation survivors)."""
     points = [_point(0.05, "box", 70.0, 0.5, 500), _point(0.2, "box", 60.0, 0.8, 100)]
     assert choose(points, min_relative_throughput=0.5).point == points[0]
+    close = [_point(0.05, "box", 60.4, 0.5, 500), _point(0.2, "box", 60.2, 0.8, 100)]
+    assert choose(close).point == close[0]  # a better score by a fraction of a point is better, not a tie
     c, empty = Candidate(0.1, "box"), Candidate(0.2, "box")
     sweep = Sweep([c, empty], {c: ["1"], empty: []}, {c: [2.0], empty: []}, {c: [1], empty: []}, ["0"], [1.0])
     one, none = curve(sweep, lambda texts: 100.0 * len(texts))
