@@ -46,17 +46,15 @@ def teacher_rows(store) -> int:
 
 
 def config(tmp: Path, eval_n: int, **train):
-    from flows.pipeline import DEFAULT_CONFIG
+    """The default config at `eval_n` evaluation (and at most as many calibration) scenes, its store and cache in
+    `tmp`, trained on the manifests arrived under `tmp/incoming/`."""
+    from benchmarks._pipeline import pipeline_config
     from stages.config import PipelineConfig
 
-    raw = PipelineConfig.from_yaml(DEFAULT_CONFIG).model_dump(mode="json", exclude_none=True)
+    raw = pipeline_config(None, str(tmp), eval_n=eval_n).model_dump(mode="json", exclude_none=True)
     raw["train_data"] = {"kind": "jsonl", "path": str(tmp / "incoming" / "*" / "manifest.jsonl")}
-    raw["eval"]["datasets"][0]["n"] = eval_n
-    if raw["eval"].get("calibration"):  # as many calibration scenes as evaluation ones, at most (smaller sizes)
-        raw["eval"]["calibration"]["n"] = min(raw["eval"]["calibration"].get("n", eval_n), eval_n)
     raw["eval"]["methods"] = ["baseline", "sdrpn"]
     raw["train"] = {**raw.get("train", {}), **train}
-    raw["store"] = {"root": str(tmp / "store")}
     return PipelineConfig.model_validate(raw)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sdrpn_core.benchmarks import Benchmark, get_benchmark
-from sdrpn_core.benchmarks.published import PAPER_PROTOCOL, PUBLISHED, TOKEN_PIXELS, paper_protocol
+from sdrpn_core.benchmarks.published import PAPER_PROTOCOL, PUBLISHED, paper_protocol, tokens_stated
 from sdrpn_core.data import BadSample, load_image
 from sdrpn_core.methods import METHODS
 from sdrpn_core.visualize import roi_overlay
@@ -62,8 +62,7 @@ def _tokens(ours: dict) -> str:
     budget."""
     inputs = ours.get("inputs") or {}
     if "min_pixels" in inputs and "max_pixels" in inputs:
-        low, high = inputs["min_pixels"] // TOKEN_PIXELS, inputs["max_pixels"] // TOKEN_PIXELS
-        return f"{high:,}" if low == high else f"{low:,}–{high:,}"
+        return tokens_stated((inputs["min_pixels"], inputs["max_pixels"]))
     budget = ours.get("image_token_budget")
     return f"{budget:,}" if isinstance(budget, int) else str(budget)
 

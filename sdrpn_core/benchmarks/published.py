@@ -179,8 +179,13 @@ class PaperProtocol:
 
     def tokens_of(self, column: str) -> str:
         """The image tokens of a column as the paper states them: "576", or a range "1,024–4,096"."""
-        low, high = (t // TOKEN_PIXELS for t in self.pixels_of(column) or (576 * TOKEN_PIXELS,) * 2)
-        return f"{high:,}" if low == high else f"{low:,}–{high:,}"
+        return tokens_stated(self.pixels_of(column) or (576 * TOKEN_PIXELS,) * 2)
+
+
+def tokens_stated(pixels: tuple[int, int]) -> str:
+    """A (min, max) pixel range as image tokens, the way the paper states them: "576", or "1,024–4,096"."""
+    low, high = (t // TOKEN_PIXELS for t in pixels)
+    return f"{high:,}" if low == high else f"{low:,}–{high:,}"
 
 
 # A cell whose protocol differs from the run beside it is marked in the report. Qwen's high-resolution columns are
