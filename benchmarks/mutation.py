@@ -77,6 +77,7 @@ def write_config(dest: Path, modules: list[str]) -> None:
     tests = sorted({t for m in modules for t in MODULES[m]})
     lines = ["[mutmut]", "source_paths=" + "\n    ".join(modules)]
     lines += ["pytest_add_cli_args_test_selection=" + "\n    ".join(tests)]
+    lines += ["pytest_add_cli_args=-p\n    benchmarks._mutation_order"]  # each mutant's tests fastest first
     lines += ["also_copy=" + "\n    ".join(p for p in PACKAGES if (dest / p).exists())]
     # torch and polars keep thread pools that a forked worker cannot use: fork each worker from a clean server
     lines += ["process_isolation=forkserver"]
