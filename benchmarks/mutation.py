@@ -55,6 +55,8 @@ MODULES: dict[str, list[str]] = {
     "sdrpn_core/teacher.py": ["tests/test_teacher.py", "tests/test_qwen.py"],
     "storage/sharded.py": ["tests/test_storage.py", "tests/test_sharded.py"],
     "sdrpn_core/calibrate.py": ["tests/test_calibrate.py"],
+    "stages/evaluate.py": ["tests/test_stage_evaluate.py"],
+    "stages/release.py": ["tests/test_stage_release.py"],
 }
 QUICK = ["sdrpn_core/roi.py", "sdrpn_core/pseudo_labels.py"]
 PACKAGES = ["sdrpn_core", "storage", "tasks", "flows", "stages", "benchmarks", "models", "configs"]

@@ -1,0 +1,229 @@
+"""The evaluate stage's functions called directly, without Prefect (the flow tests run them through the flows):
+what a piece's key reads, how rows split into shards, what a piece holds, and that a shard answers only the pieces
+the store lacks. Tiny LLaVA, a random RPN, four synthetic scenes."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, replace
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sdrpn_core.methods import EvalParams
+from stages import evaluate as stage
+from stages.answering import prepare_run, sample_of
+from stages.common import read_manifest
+from stages.config import DatasetSpec, ModelSpec
+from stages.data import build_manifest
+from stages.evaluate import EvalPiece, by_shard, piece_lookup, plan_pieces, shard_of
+from stages.model import resolve_model
+from storage.artifacts import ArtifactStore
+from storage.store import Store, StoreSettings
+from tests.test_calibrate import _random_rpn
+
+PARAMS = EvalParams(methods=("baseline", "sdrpn", "oracle"), threshold=0.3, max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(store, model, rpn, dataset): committed as the flows commit them."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    store = Store(StoreSettings(root=str(tmp / "store")))
+    model = resolve_model(ModelSpec(source="tiny", tiny={"image_size": 32, "patch_size": 8}), store)
+    rpn = _random_rpn(store, model, tmp)
+    data = build_manifest(DatasetSpec(kind="synthetic", n=4, seed=5, canvas=96), store)
+    return SimpleNamespace(store=store, model=model, rpn=rpn, data=data)
+
+
+def _fps(pieces: list[EvalPiece]) -> dict[tuple[str, int], str]:
+    return {(p.method, p.shard): p.fingerprint for p in pieces}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7])
+def test_shards_are_contiguous_cover_every_row_once_and_differ_by_at_most_one(n):
+    rows = [{"i": i} for i in range(5)]
+    shards = [shard_of(rows, k, n) for k in range(n)]
+    assert [r for s in shards for r in s] == rows
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert shard_of(rows, 0, 2) == rows[:2] and shard_of(rows, 1, 2) == rows[2:]
+
+
+def test_pieces_come_in_the_configs_method_order_one_per_shard_and_leave_sdrpn_out_without_an_rpn(world):
+    pieces = plan_pieces(world.store, world.model, world.rpn, world.data, PARAMS, shards=2)
+    assert [(p.method, p.shard, p.n_shards) for p in pieces] == [
+        (m, k, 2) for m in ("baseline", "sdrpn", "oracle") for k in (0, 1)
+    ]
+    assert len({p.fingerprint for p in pieces}) == 6 and {p.benchmark for p in pieces} == {"synthetic"}
+    assert pieces[3].name == "synthetic/sdrpn 2/2"
+    without = plan_pieces(world.store, world.model, None, world.data, PARAMS, shards=2)
+    assert [p.method for p in without] == ["baseline", "baseline", "oracle", "oracle"]
+    # the RPN is in the SD-RPN pieces' keys only
+    assert {k: v for k, v in _fps(pieces).items() if k[0] != "sdrpn"} == _fps(without)
+
+
+@pytest.mark.parametrize(("asked", "made"), [(0, 1), (1, 1), (3, 3), (4, 4), (9, 4)])
+def test_a_benchmark_splits_into_at_least_one_and_at_most_one_shard_per_row(world, asked, made):
+    pieces = plan_pieces(world.store, world.model, None, world.data, replace(PARAMS, methods=("baseline",)), asked)
+    assert [p.shard for p in pieces] == list(range(made)) and {p.n_shards for p in pieces} == {made}
+
+
+@pytest.mark.parametrize(
+    ("change", "moved"),
+    [
+        ({"threshold": 0.6}, {"sdrpn"}),
+        ({"mode": "box"}, {"sdrpn"}),
+        ({"reuse_kv": False}, {"sdrpn"}),
+        ({"default_threshold": 0.2}, {"sdrpn"}),
+        ({"model_key": "llava-1.5-13b"}, {"sdrpn"}),
+        ({"max_new_tokens": 3}, {"baseline", "sdrpn", "oracle"}),
+        ({"batch_size": 2}, {"baseline", "sdrpn", "oracle"}),
+        ({"inputs": (("pad_square", False),)}, {"baseline", "sdrpn", "oracle"}),
+        ({"protocol": "another harness"}, {"baseline", "sdrpn", "oracle"}),
+        ({"gallery": 1}, set()),
+        ({"vicrop_layer": 2}, set()),
+    ],
+)
+def test_a_piece_is_keyed_on_what_its_method_reads(world, change, moved):
+    before = _fps(plan_pieces(world.store, world.model, world.rpn, world.data, PARAMS, shards=2))
+    after = _fps(plan_pieces(world.store, world.model, world.rpn, world.data, replace(PARAMS, **change), shards=2))
+    assert {k[0] for k in before if before[k] != after[k]} == moved
+
+
+def test_vicrop_pieces_key_on_their_layer(world):
+    params = replace(PARAMS, methods=("vicrop", "baseline"))
+    base = _fps(plan_pieces(world.store, world.model, None, world.data, params))
+    other = _fps(plan_pieces(world.store, world.model, None, world.data, replace(params, vicrop_layer=2)))
+    assert other[("vicrop", 0)] != base[("vicrop", 0)] and other[("baseline", 0)] == base[("baseline", 0)]
+
+
+def test_shards_group_each_shards_pieces_in_plan_order(world):
+    pieces = plan_pieces(world.store, world.model, world.rpn, world.data, PARAMS, shards=2)
+    shards = by_shard(pieces)
+    assert [[(p.method, p.shard) for p in s.pieces] for s in shards] == [
+        [("baseline", k), ("sdrpn", k), ("oracle", k)] for k in (0, 1)
+    ]
+    assert shards[1].name == "synthetic 2/2: baseline, sdrpn, oracle"
+
+
+def _predictions(store: Store, fp: str) -> list[dict]:
+    return pq.read_table(io.BytesIO(ArtifactStore(store).read("eval-piece", fp, "predictions.parquet"))).to_pylist()
+
+
+def test_a_shard_answers_once_and_commits_one_piece_per_method(world, monkeypatch):
+    params = replace(PARAMS, max_new_tokens=3)  # keys of their own: the other tests' commits are not found here
+    shard = by_shard(plan_pieces(world.store, world.model, world.rpn, world.data, params, shards=2))[1]
+    assert stage.shard_lookup(world.store, shard) is None
+    answered: list[list[str]] = []
+    real = stage.answer_pieces
+    monkeypatch.setattr(stage, "answer_pieces", lambda *a, **k: answered.append([p.method for p in a[5]]) or real(*a))
+    refs = stage.evaluate_shard(world.store, world.model, world.rpn, world.data, params, shard)
+    assert answered == [["baseline", "sdrpn", "oracle"]]
+    assert [(r.method, r.shard, r.rows) for r in refs] == [(m, 1, 2) for m in ("baseline", "sdrpn", "oracle")]
+    assert stage.shard_lookup(world.store, shard) == refs
+    mine = [r["sample_id"] for r in shard_of(read_manifest(world.data, world.store), 1, 2)]
+    for ref in refs:
+        rows = _predictions(world.store, ref.fingerprint)
+        assert [(r["sample_id"], r["method"]) for r in rows] == [(s, ref.method) for s in mine]
+        assert list(rows[0]) == list(stage.PIECE_COLUMNS)
+        assert all(r["seconds"] > 0 and r["error"] == "" for r in rows)
+    protocols = {ArtifactStore(world.store).read("eval-piece", r.fingerprint, "protocol.json") for r in refs}
+    assert len(protocols) == 1  # one protocol, written beside every piece
+    sdrpn_rows = _predictions(world.store, refs[1].fingerprint)
+    assert all(len(r["roi_map"]) == int(np.prod(r["roi_grid"])) for r in sdrpn_rows)
+    assert all(r["roi_map"] is None and r["roi"] == "" for r in _predictions(world.store, refs[0].fingerprint))
+    # again: everything is found; with one piece gone, that piece alone is answered
+    assert stage.evaluate_shard(world.store, world.model, world.rpn, world.data, params, shard) == refs
+    world.store.rm("eval-piece", refs[2].fingerprint, recursive=True)
+    assert stage.evaluate_shard(world.store, world.model, world.rpn, world.data, params, shard)[:2] == refs[:2]
+    assert answered[1:] == [["oracle"]]
+    assert stage.evaluate_piece(world.store, world.model, world.rpn, world.data, params, shard.pieces[0]) == refs[0]
+
+
+def test_a_piece_whose_marker_lacks_a_row_count_is_answered_again(world, caplog):
+    piece = EvalPiece("synthetic", "baseline", 0, 1, "0123456789abcdef")
+    assert piece_lookup(world.store, piece) is None
+    ArtifactStore(world.store).put_files("eval-piece", piece.fingerprint, {"predictions.parquet": b"x"}, meta={})
+    assert piece_lookup(world.store, piece) is None
+    assert "marker lacks a row count" in caplog.text
+    ArtifactStore(world.store).put_files("eval-piece", "fedcba9876543210", {"a": b"x"}, meta={"rows": 3})
+    found = piece_lookup(world.store, replace(piece, fingerprint="fedcba9876543210", shard=0))
+    assert (found.rows, found.method, found.shard) == (3, "baseline", 0)
+    assert found.url == ArtifactStore(world.store).url("eval-piece", "fedcba9876543210")
+
+
+def test_an_unreadable_image_is_an_error_row_and_the_others_are_answered(world, tmp_path):
+    rows = read_manifest(world.data, world.store)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    rows[1] = {**rows[1], "image": str(tmp_path / "bad.jpg")}
+    rows[2] = {**rows[2], "box": None}  # the oracle crop needs a box: it skips this row
+    run = prepare_run(world.store, world.model, world.rpn, world.data, PARAMS)
+    seen: list[tuple[int, int]] = []
+    out = stage._answer_all(run, rows, "t", lambda done, total: seen.append((done, total)), batch_size=2)
+    errors = [r for r in out if r["method"] == "-"]
+    assert [r["sample_id"] for r in errors] == [rows[1]["sample_id"]] and errors[0]["error"]
+    assert errors[0]["prediction"] == "" and errors[0]["seconds"] == 0.0
+    ids = {m: [r["sample_id"] for r in out if r["method"] == m] for m in ("baseline", "sdrpn", "oracle")}
+    good = [rows[i]["sample_id"] for i in (0, 2, 3)]
+    assert ids == {"baseline": good, "sdrpn": good, "oracle": [good[0], good[2]]}
+    # a batch's seconds are shared equally by its answered rows: (0, bad) then (2, 3)
+    base = {r["sample_id"]: r["seconds"] for r in out if r["method"] == "baseline"}
+    assert base[good[1]] == base[good[2]] != base[good[0]] and min(base.values()) > 0
+    assert seen == [(2, 4), (4, 4)]
+
+
+def test_rows_keep_the_answer_its_roi_and_map_and_an_empty_answer_keeps_the_error():
+    sample = sample_of({"sample_id": "s1", "image": "x", "question": "q", "answers": ["a"]})
+    assert stage._row(sample, "-", None, 0.0, "bad image") == {
+        "sample_id": "s1",
+        "method": "-",
+        "prediction": "",
+        "seconds": 0.0,
+        "roi": "",
+        "roi_map": None,
+        "roi_grid": None,
+        "error": "bad image",
+    }
+    plan = SimpleNamespace(prob=np.arange(6, dtype=np.float64).reshape(2, 3) / 10)
+    roi = SimpleNamespace(plan=plan, pixel_boxes=[(1, 2, 3, 4)])
+    row = stage._row(sample, "sdrpn", SimpleNamespace(text="42", roi=roi), 0.5)
+    assert (row["prediction"], row["seconds"], row["roi"], row["error"]) == ("42", 0.5, "[[1, 2, 3, 4]]", "")
+    assert row["roi_grid"] == [2, 3] and row["roi_map"] == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    blank = SimpleNamespace(plan=SimpleNamespace(prob=None), pixel_boxes=[])
+    no_map = stage._row(sample, "sdrpn", SimpleNamespace(text="", roi=blank), 1.0)
+    assert (no_map["roi"], no_map["roi_map"], no_map["roi_grid"]) == ("[]", None, None)
+
+
+def test_the_protocol_says_what_the_answers_were_made_with(world):
+    params = replace(PARAMS, mode="box", reuse_kv=False, batch_size=2, vicrop_layer=3)
+    run = prepare_run(world.store, world.model, world.rpn, world.data, params)
+    p = stage._protocol(run, world.model, world.rpn, world.data, params)
+    assert (p["benchmark"], p["dataset"], p["rows"]) == ("synthetic", world.data.fingerprint, 4)
+    assert p["rpn"] == world.rpn.fingerprint and p["vicrop_layer"] == 3
+    assert (p["roi_threshold"], p["roi_mode"], p["kv_reuse"], p["batch_size"]) == (0.3, "box", False, 2)
+    assert (p["max_new_tokens"], p["decoding"], p["harness"]) == (2, "greedy", params.protocol)
+    assert (p["model"], p["model_path"], p["family"]) == (world.model.fingerprint, world.model.path, "llava")
+    assert (
+        p["params"] == asdict(params) and p["image_token_budget"] == run.tokens and p["ocr_tokens_in_prompt"] is False
+    )
+    adapter = run.settings.adapter
+    assert p["inputs"] == adapter.describe() and p["prompt_template"] == adapter.prompt_template
+    assert stage._protocol(run, world.model, None, world.data, params)["rpn"] is None
+
+
+def test_an_empty_piece_is_a_parquet_with_the_columns_and_the_metadata_is_kept():
+    empty = pq.read_table(io.BytesIO(stage._parquet([])))
+    assert empty.num_rows == 0 and empty.column_names == list(stage.PIECE_COLUMNS)
+    table = pq.read_table(io.BytesIO(stage._parquet([{"sample_id": "a", "seconds": 1.0}], {"protocol": "{}"})))
+    assert table.to_pylist() == [{"sample_id": "a", "seconds": 1.0}] and table.schema.metadata == {b"protocol": b"{}"}
+    assert pq.read_table(io.BytesIO(stage._parquet([{"sample_id": "a"}]))).schema.metadata is None
+
+
+def test_images_are_read_ahead_on_an_accelerator_only():
+    assert stage._reads_ahead(SimpleNamespace(device=torch.device("cpu"))) is False
+    assert stage._reads_ahead(SimpleNamespace(device=torch.device("cuda"))) is True
+    assert json.loads(json.dumps(stage.SHARED_PARAMS)) == ["max_new_tokens", "inputs", "protocol", "batch_size"]

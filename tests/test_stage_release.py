@@ -1,0 +1,132 @@
+"""The release stage's functions called directly, without Prefect (the flow tests run it through the flows): the
+defaults `predict` takes, the model card, the folder it commits, and every way `fetch_release` finds one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stages import release as stage
+from stages.config import ModelSpec
+from stages.model import resolve_model
+from stages.refs import EvalRef, LabelsRef
+from storage.artifacts import ArtifactStore
+from storage.store import Store, StoreSettings
+from tests.test_calibrate import _random_rpn
+
+
+def _protocol(benchmark: str, tau: float, mode: str, calibration: str = "", **more) -> dict:
+    p = {
+        "benchmark": benchmark,
+        "harness": "lmms-eval",
+        "metric": "accuracy",
+        "roi_threshold": tau,
+        "roi_mode": mode,
+        "max_new_tokens": 8,
+        "kv_reuse": True,
+        "rows": 4,
+        "params": {"inputs": [["max_pixels", 1000]]},
+        **more,
+    }
+    return {**p, "calibration": {"fingerprint": calibration}} if calibration else p
+
+
+def test_predict_takes_the_first_evaluations_settings_and_each_benchmarks_tau_and_mode():
+    protocols = [
+        _protocol("textvqa", 0.15, "mask"),
+        _protocol("vstar", 0.05, "box", calibration="cal1", kv_reuse=False),
+    ]
+    d = stage.inference_defaults(protocols)
+    assert (d["threshold"], d["mode"], d["max_new_tokens"], d["reuse_kv"]) == (0.15, "mask", 8, True)
+    assert d["inputs"] == [["max_pixels", 1000]]
+    assert d["per_benchmark_threshold"] == {"textvqa": 0.15, "vstar": 0.05}
+    assert d["per_benchmark"] == {
+        "textvqa": {"threshold": 0.15, "mode": "mask"},
+        "vstar": {"threshold": 0.05, "mode": "box", "calibration": "cal1"},
+    }
+    assert d["source"] == "evaluation: textvqa, vstar; τ and mode calibrated on vstar"
+    plain = stage.inference_defaults([{**_protocol("docvqa", 0.2, "box"), "params": {}}])
+    assert plain["source"] == "evaluation: docvqa" and plain["inputs"] == [] and plain["mode"] == "box"
+
+
+@pytest.fixture
+def committed(tmp_path):
+    """A store holding a random RPN (with its recipe) and two evaluations of it, as the stages commit them."""
+    store = Store(StoreSettings(root=str(tmp_path / "store")))
+    model = resolve_model(ModelSpec(source="tiny", tiny={"image_size": 32, "patch_size": 8}), store)
+    (tmp_path / "rpn").mkdir()
+    (tmp_path / "rpn" / "train_recipe.json").write_text(json.dumps({"lr": 0.001, "epochs": 2}))
+    rpn = _random_rpn(store, model, tmp_path)
+    arts, evals = ArtifactStore(store), []
+    for i, (bench, tau) in enumerate([("synthetic", 0.3), ("textvqa", 0.15)]):
+        fp = f"{i:016x}"
+        files = {"protocol.json": json.dumps(_protocol(bench, tau, "mask", batch_size=2)).encode()}
+        scores = ({"method": "baseline", "score": 40.0 + i}, {"method": "sdrpn", "score": 60.0 + i})
+        evals.append(EvalRef(fp, arts.put_files("eval", fp, files), scores, bench))
+    labels = LabelsRef("labels0123456789", "", 12, 9, parts=(("synthetic", "part0123"),))
+    return store, model, rpn, labels, evals
+
+
+def test_a_release_holds_the_predictor_its_defaults_scores_and_card(committed):
+    store, model, rpn, labels, evals = committed
+    fp = "release012345678"
+    assert stage.lookup(store, fp) is None
+    url = stage.release(store, model, rpn, labels, evals, fp)
+    assert stage.lookup(store, fp) == url == ArtifactStore(store).url("release", fp)
+    arts = ArtifactStore(store)
+    names = set(arts.manifest("release", fp)["files"])
+    assert {
+        "rpn.safetensors",
+        "rpn_config.json",
+        "train_recipe.json",
+        "inference.json",
+        "scores.json",
+        "README.md",
+    } <= names
+    assert arts.manifest("release", fp)["meta"] == {"rpn": rpn.fingerprint, "model": model.fingerprint,
+                                                  "evals": [e.fingerprint for e in evals]}  # fmt: skip
+    inference = json.loads(arts.read("release", fp, "inference.json"))
+    assert inference["threshold"] == 0.3 and inference["per_benchmark_threshold"] == {"synthetic": 0.3, "textvqa": 0.15}
+    scores = json.loads(arts.read("release", fp, "scores.json"))
+    assert [s["protocol"]["benchmark"] for s in scores] == ["synthetic", "textvqa"]
+    assert scores[1]["scores"] == [{"method": "baseline", "score": 41.0}, {"method": "sdrpn", "score": 61.0}]
+    card = arts.read("release", fp, "README.md").decode()
+    assert card.startswith(f"---\nbase_model: {model.path}\nlibrary_name: sdrpn\n")
+    assert f"- fingerprint: `{model.fingerprint}` (checked when the predictor is loaded)" in card
+    assert "- label set `labels0123456789`: 12 samples, 9 with a labelled token" in card
+    assert "- source `synthetic`: label set `part0123`" in card
+    assert '"lr": 0.001' in card and f"{rpn.steps} optimizer steps, final loss {rpn.final_loss:.4f}." in card
+    assert "| textvqa | lmms-eval | accuracy | 0.15 | mask | 8 | 2 | 4 |" in card
+    assert "| +SD-RPN (ours) | – | 60.0 | 61.0 |" in card  # the scores table
+    assert f"--rpn <this folder> --model {model.path}" in card and "τ 0.3, mode mask, 8 new tokens." in card
+    assert stage.release_key(rpn, evals) == {"release": rpn.fingerprint, "evals": [e.fingerprint for e in evals]}
+
+
+def test_a_release_without_a_recipe_says_so_in_an_empty_block(committed):
+    _, model, rpn, labels, evals = committed
+    one = LabelsRef(labels.fingerprint, "", 12, 9)  # a single source: no parts listed
+    card = stage.model_card(model, rpn, one, {}, evals, [_protocol("synthetic", 0.3, "mask")])
+    assert "```json\n{}\n```" in card and "| synthetic | lmms-eval | accuracy | 0.3 | mask | 8 | 1 | 4 |" in card
+    assert "- source `" not in card
+
+
+def test_a_release_is_found_as_a_folder_a_store_url_or_not_at_all(committed, tmp_path, flow_cache):
+    store, model, rpn, labels, evals = committed
+    folder = stage.release(store, model, rpn, labels, evals, "release012345678")
+    assert stage.fetch_release(folder) == Path(folder)  # a folder is itself
+    url = "file://" + folder  # a store URL: fetched into the cache and verified
+    fetched = stage.fetch_release(url)
+    assert fetched != Path(folder) and (fetched / "README.md").read_bytes() == (Path(folder) / "README.md").read_bytes()
+    assert (stage.fetch_release(url + "/") / "README.md").read_bytes() == (fetched / "README.md").read_bytes()
+    assert str(fetched).startswith(str(tmp_path / "cache"))
+    assert (
+        stage.fetch_release("file://" + ArtifactStore(store).url("rpn", rpn.fingerprint)) / "rpn.safetensors"
+    ).exists()
+    with pytest.raises(FileNotFoundError, match="not an RPN folder"):
+        stage.fetch_release(str(tmp_path))
+    with pytest.raises(ValueError, match="ending in /release/<fp> or /rpn/<fp>"):
+        stage.fetch_release("file://" + ArtifactStore(store).url("eval", evals[0].fingerprint))
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download nobody/nothing"):
+        stage.fetch_release("nobody/nothing")
