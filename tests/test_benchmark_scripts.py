@@ -95,3 +95,27 @@ def test_three_weeks_of_retraining_do_only_the_new_work_and_reject_a_worse_rpn(a
     assert result["week2_teacher_rows"] == result["week2_new_rows"] != "0"
     assert result["week3_promoted"] == "0" and result["champion_unchanged"] == "1"
     assert float(result["week2_over_week1_time"]) > 0
+
+
+def test_mutation_runs_order_each_mutants_tests_fastest_first(tmp_path, monkeypatch):
+    """The mutmut config loads the ordering plugin; it sorts by mutmut's timings (an untimed test last) and leaves
+    the order alone before mutmut has timed anything or when its file is unreadable."""
+    import json
+    from types import SimpleNamespace
+
+    from benchmarks import _mutation_order as order
+    from benchmarks.mutation import MODULES, write_config
+
+    write_config(tmp_path, list(MODULES))
+    assert "pytest_add_cli_args=-p\n    benchmarks._mutation_order\n" in (tmp_path / "setup.cfg").read_text()
+    monkeypatch.chdir(tmp_path)
+    names = ["t.py::slow", "t.py::untimed", "t.py::fast", "t.py::mid"]
+    items = [SimpleNamespace(nodeid=n) for n in names]
+    order.pytest_collection_modifyitems(None, items)
+    assert [i.nodeid for i in items] == names
+    stats = {"duration_by_test": {"t.py::slow": 13.0, "t.py::fast": 0.1, "t.py::mid": 1.0}}
+    (tmp_path / "mutmut-stats.json").write_text(json.dumps(stats))
+    order.pytest_collection_modifyitems(None, items)
+    assert [i.nodeid for i in items] == ["t.py::fast", "t.py::mid", "t.py::slow", "t.py::untimed"]
+    (tmp_path / "mutmut-stats.json").write_text("{not json")
+    assert order.durations() == {}
