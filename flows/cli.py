@@ -12,6 +12,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sdrpn_core.models.base import VLMAdapter
 
 log = logging.getLogger("sdrpn")
 
@@ -202,8 +206,19 @@ def _predict_settings(args: argparse.Namespace, folder: Path) -> dict:
     for key in PREDICT_DEFAULTS:
         if getattr(args, key) not in (None, "auto"):  # `auto`: the release's (calibrated) value
             settings[key] = getattr(args, key)
+    # the input settings it was evaluated with: a τ holds at the pixel budget and prompt it was chosen at
+    settings["inputs"] = [list(pair) for pair in recorded.get("inputs") or []]
+    settings["reuse_kv"] = bool(recorded.get("reuse_kv", True)) and not args.no_kv_reuse
     settings["source"] = source
     return settings
+
+
+def _as_evaluated(adapter: VLMAdapter, inputs: list[list]) -> VLMAdapter:
+    """The adapter with the inputs an evaluation gives it: the family's evaluation settings (Qwen: no square
+    padding, the short-answer prompt), then the release's. `stages.answering.prepare_run` does the same; it is
+    repeated here because a change there would change the evaluation pieces' code version."""
+    overrides = {**adapter.evaluation_inputs, **{str(k): v for k, v in inputs}}
+    return adapter.with_inputs(**overrides) if overrides else adapter
 
 
 def _tau_or_auto(value: str) -> float | str:
@@ -280,11 +295,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     folder = current_release(args) if args.rpn == "current" else fetch_release(args.rpn)
     settings = _predict_settings(args, folder)
-    adapter = _predict_model(args, folder)
+    adapter = _as_evaluated(_predict_model(args, folder), settings["inputs"])
     rpn = RoIPredictor.load(folder, adapter)
     image = load_image(args.image)
-    kwargs = {k: settings[k] for k in ("threshold", "mode", "max_new_tokens")}
-    answer = answer_sdrpn(adapter, rpn, image, args.question, reuse_kv=not args.no_kv_reuse, **kwargs)
+    kwargs = {k: settings[k] for k in ("threshold", "mode", "max_new_tokens", "reuse_kv")}
+    answer = answer_sdrpn(adapter, rpn, image, args.question, **kwargs)
     roi = answer.roi
     print(answer.text)
     log.info(

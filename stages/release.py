@@ -38,13 +38,15 @@ def lookup(store: Store, fp: str) -> str | None:
 
 
 def inference_defaults(protocols: list[dict]) -> dict:
-    """What predict uses unless told otherwise: the settings of the first evaluation, each benchmark's τ and mode
-    beside (`predict --benchmark`), with the calibration that chose them where `auto` did."""
+    """What predict uses unless told otherwise: the settings of the first evaluation, each benchmark's τ, mode and
+    input settings (its pixel budget) beside (`predict --benchmark`), with the calibration that chose them where
+    `auto` did."""
     first = protocols[0]
     per = {
         p["benchmark"]: {
             "threshold": p["roi_threshold"],
             "mode": p["roi_mode"],
+            "inputs": p.get("params", {}).get("inputs", []),
             **({"calibration": p["calibration"]["fingerprint"]} if p.get("calibration") else {}),
         }
         for p in protocols

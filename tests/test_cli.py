@@ -108,7 +108,7 @@ def test_predict_takes_its_defaults_from_the_rpn_and_shows_them_in_help(trained_
     (rpn / "inference.json").write_text(json.dumps(recorded))
     assert main(["predict", str(image), "what is the digit ?", "--rpn", str(rpn), "--out", str(tmp_path / "a")]) == 0
     settings = json.loads((tmp_path / "a" / "answer.json").read_text())["settings"]
-    assert settings == {**recorded, "threshold": 0.99}
+    assert settings == {**recorded, "threshold": 0.99, "inputs": [], "reuse_kv": True}
     args = ["predict", str(image), "q ?", "--rpn", str(rpn), "--out", str(tmp_path / "b"), "--mode", "mask"]
     assert main(args) == 0
     assert json.loads((tmp_path / "b" / "answer.json").read_text())["settings"]["mode"] == "mask"  # the flag wins
@@ -117,6 +117,44 @@ def test_predict_takes_its_defaults_from_the_rpn_and_shows_them_in_help(trained_
         main(["predict", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "inference.json, else 0.15" in text and "(default: sdrpn-predict)" in text
+
+
+def test_predict_answers_with_the_inputs_and_kv_reuse_the_release_was_evaluated_with(
+    trained_rpn, tmp_path, monkeypatch
+):
+    """The family's evaluation inputs (Qwen: no square padding, fetch resize), then the release's, and with
+    `--benchmark` that benchmark's (its pixel budget): a τ holds at the budget it was chosen at."""
+    import shutil
+
+    import sdrpn_core.infer as infer
+
+    folder, image = trained_rpn
+    rpn = tmp_path / "rpn"
+    shutil.copytree(folder, rpn)
+    qwen = json.loads((rpn / "rpn_config.json").read_text())["family"] != "llava"
+    budget = [["max_pixels", 25088]] if qwen else []  # LLaVA's input is fixed: it has no settings to give
+    per = {"vstar": {"threshold": 0.05, "mode": "box", "inputs": budget}}
+    recorded = {"threshold": 0.5, "max_new_tokens": 2, "reuse_kv": False, "inputs": [], "per_benchmark": per}
+    (rpn / "inference.json").write_text(json.dumps(recorded))
+    seen, real = [], infer.answer_sdrpn
+    monkeypatch.setattr(infer, "answer_sdrpn", lambda a, *x, **kw: seen.append((a.describe(), kw)) or real(a, *x, **kw))
+    args = ["predict", str(image), "q ?", "--rpn", str(rpn)]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--benchmark", "vstar", "--out", str(tmp_path / "b")]) == 0
+    assert main([*args, "--benchmark", "vstar", "--no-kv-reuse", "--out", str(tmp_path / "c")]) == 0
+    (plain, kw), (vstar, kw_vstar), _ = seen
+    assert (kw["threshold"], kw["reuse_kv"], kw_vstar["threshold"], kw_vstar["mode"]) == (0.5, False, 0.05, "box")
+    if qwen:
+        assert (plain["pad_square"], plain["fetch_resize"], plain["max_pixels"]) == (False, True, 12544)
+        assert (vstar["pad_square"], vstar["max_pixels"]) == (False, 25088)
+    else:
+        assert plain == vstar
+    settings = json.loads((tmp_path / "b" / "answer.json").read_text())["settings"]
+    assert settings["inputs"] == budget and settings["reuse_kv"] is False
+    (rpn / "inference.json").write_text(json.dumps({**recorded, "reuse_kv": True}))
+    assert main([*args, "--no-kv-reuse", "--out", str(tmp_path / "d")]) == 0
+    assert main([*args, "--out", str(tmp_path / "e")]) == 0
+    assert [kw["reuse_kv"] for _, kw in seen[3:]] == [False, True]  # the flag wins over the release
 
 
 def test_predict_refuses_another_base_model(trained_rpn, tmp_path):

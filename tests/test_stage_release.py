@@ -33,22 +33,21 @@ def _protocol(benchmark: str, tau: float, mode: str, calibration: str = "", **mo
     return {**p, "calibration": {"fingerprint": calibration}} if calibration else p
 
 
-def test_predict_takes_the_first_evaluations_settings_and_each_benchmarks_tau_and_mode():
-    protocols = [
-        _protocol("textvqa", 0.15, "mask"),
-        _protocol("vstar", 0.05, "box", calibration="cal1", kv_reuse=False),
-    ]
+def test_predict_takes_the_first_evaluations_settings_and_each_benchmarks_tau_mode_and_inputs():
+    vstar = _protocol("vstar", 0.05, "box", calibration="cal1", kv_reuse=False, params={"inputs": [["max_pixels", 9]]})
+    protocols = [_protocol("textvqa", 0.15, "mask"), vstar]
     d = stage.inference_defaults(protocols)
     assert (d["threshold"], d["mode"], d["max_new_tokens"], d["reuse_kv"]) == (0.15, "mask", 8, True)
     assert d["inputs"] == [["max_pixels", 1000]]
     assert d["per_benchmark_threshold"] == {"textvqa": 0.15, "vstar": 0.05}
     assert d["per_benchmark"] == {
-        "textvqa": {"threshold": 0.15, "mode": "mask"},
-        "vstar": {"threshold": 0.05, "mode": "box", "calibration": "cal1"},
+        "textvqa": {"threshold": 0.15, "mode": "mask", "inputs": [["max_pixels", 1000]]},
+        "vstar": {"threshold": 0.05, "mode": "box", "inputs": [["max_pixels", 9]], "calibration": "cal1"},
     }
     assert d["source"] == "evaluation: textvqa, vstar; τ and mode calibrated on vstar"
     plain = stage.inference_defaults([{**_protocol("docvqa", 0.2, "box"), "params": {}}])
     assert plain["source"] == "evaluation: docvqa" and plain["inputs"] == [] and plain["mode"] == "box"
+    assert plain["per_benchmark"] == {"docvqa": {"threshold": 0.2, "mode": "box", "inputs": []}}
 
 
 @pytest.fixture
