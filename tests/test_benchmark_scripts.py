@@ -119,3 +119,17 @@ def test_mutation_runs_order_each_mutants_tests_fastest_first(tmp_path, monkeypa
     assert [i.nodeid for i in items] == ["t.py::fast", "t.py::mid", "t.py::slow", "t.py::untimed"]
     (tmp_path / "mutmut-stats.json").write_text("{not json")
     assert order.durations() == {}
+
+
+def test_mutation_runs_hash_the_stages_code_once_before_forking():
+    """The fork server computes the code version of every imported stage (cached), so mutant processes inherit
+    them instead of hashing mutmut's large mutated files again."""
+    import stages.evaluate  # a stage module the collected tests import
+    from benchmarks._mutation_order import warm_code_versions
+    from stages.code import _module_hash
+
+    assert warm_code_versions() >= 1
+    assert _module_hash.cache_info().currsize >= 1
+    before = _module_hash.cache_info().misses
+    stages.evaluate.PIECES.code_version()
+    assert _module_hash.cache_info().misses == before  # nothing hashed again
