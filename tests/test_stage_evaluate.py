@@ -17,6 +17,7 @@ import torch
 from sdrpn_core.methods import EvalParams
 from stages import evaluate as stage
 from stages.answering import prepare_run, sample_of
+from stages.code import library_versions
 from stages.common import read_manifest
 from stages.config import DatasetSpec, ModelSpec
 from stages.data import build_manifest
@@ -114,34 +115,67 @@ def _predictions(store: Store, fp: str) -> list[dict]:
     return pq.read_table(io.BytesIO(ArtifactStore(store).read("eval-piece", fp, "predictions.parquet"))).to_pylist()
 
 
-def test_a_shard_answers_once_and_commits_one_piece_per_method(world, monkeypatch):
-    params = replace(PARAMS, max_new_tokens=3)  # keys of their own: the other tests' commits are not found here
+def test_a_shard_answers_once_and_commits_one_piece_per_method(world, monkeypatch, caplog):
+    # batch 2 (the shard's two rows together); keys of their own: the other tests' commits are not found here
+    params = replace(PARAMS, max_new_tokens=3, batch_size=2)
     shard = by_shard(plan_pieces(world.store, world.model, world.rpn, world.data, params, shards=2))[1]
     assert stage.shard_lookup(world.store, shard) is None
     answered: list[list[str]] = []
-    real = stage.answer_pieces
-    monkeypatch.setattr(stage, "answer_pieces", lambda *a, **k: answered.append([p.method for p in a[5]]) or real(*a))
-    refs = stage.evaluate_shard(world.store, world.model, world.rpn, world.data, params, shard)
-    assert answered == [["baseline", "sdrpn", "oracle"]]
+    real, real_prepare = stage.answer_pieces, stage.prepare_run
+    monkeypatch.setattr(stage, "answer_pieces", lambda *a: answered.append([p.method for p in a[5]]) or real(*a))
+    prepared: list[tuple[str, ...]] = []
+    monkeypatch.setattr(stage, "prepare_run", lambda *a: prepared.append(a[4].methods) or real_prepare(*a))
+    seen: list[tuple[int, int]] = []
+    caplog.set_level("INFO", logger=stage.log.name)
+    args = (world.store, world.model, world.rpn, world.data, params)
+    refs = stage.evaluate_shard(*args, shard, lambda done, total: seen.append((done, total)))
+    assert answered == [["baseline", "sdrpn", "oracle"]] and seen == [(2, 2)]
+    assert "evaluate[synthetic 2/2: baseline, sdrpn, oracle]: 2/2" in caplog.text
+    assert "pieces in the store" not in caplog.text  # none was: nothing to say
     assert [(r.method, r.shard, r.rows) for r in refs] == [(m, 1, 2) for m in ("baseline", "sdrpn", "oracle")]
     assert stage.shard_lookup(world.store, shard) == refs
     mine = [r["sample_id"] for r in shard_of(read_manifest(world.data, world.store), 1, 2)]
+    arts = ArtifactStore(world.store)
     for ref in refs:
         rows = _predictions(world.store, ref.fingerprint)
         assert [(r["sample_id"], r["method"]) for r in rows] == [(s, ref.method) for s in mine]
         assert list(rows[0]) == list(stage.PIECE_COLUMNS)
-        assert all(r["seconds"] > 0 and r["error"] == "" for r in rows)
-    protocols = {ArtifactStore(world.store).read("eval-piece", r.fingerprint, "protocol.json") for r in refs}
+        assert all(r["error"] == "" for r in rows) and rows[0]["seconds"] == rows[1]["seconds"] > 0  # one batch
+        assert arts.manifest("eval-piece", ref.fingerprint)["meta"] == {
+            "method": ref.method, "shard": 1, "of": 2, "rows": 2
+        }  # fmt: skip
+    protocols = {arts.read("eval-piece", r.fingerprint, "protocol.json") for r in refs}
     assert len(protocols) == 1  # one protocol, written beside every piece
+    protocol = json.loads(protocols.pop())
+    assert (protocol["rpn"], protocol["benchmark"], protocol["batch_size"]) == (world.rpn.fingerprint, "synthetic", 2)
     sdrpn_rows = _predictions(world.store, refs[1].fingerprint)
     assert all(len(r["roi_map"]) == int(np.prod(r["roi_grid"])) for r in sdrpn_rows)
     assert all(r["roi_map"] is None and r["roi"] == "" for r in _predictions(world.store, refs[0].fingerprint))
-    # again: everything is found; with one piece gone, that piece alone is answered
-    assert stage.evaluate_shard(world.store, world.model, world.rpn, world.data, params, shard) == refs
+    # again: everything is found; with one piece gone, that piece alone is answered, its method alone run
+    assert stage.evaluate_shard(*args, shard) == refs and len(answered) == 1
     world.store.rm("eval-piece", refs[2].fingerprint, recursive=True)
-    assert stage.evaluate_shard(world.store, world.model, world.rpn, world.data, params, shard)[:2] == refs[:2]
-    assert answered[1:] == [["oracle"]]
-    assert stage.evaluate_piece(world.store, world.model, world.rpn, world.data, params, shard.pieces[0]) == refs[0]
+    caplog.clear()
+    assert stage.evaluate_shard(*args, shard)[:2] == refs[:2]
+    assert answered[1:] == [["oracle"]] and prepared[1:] == [("oracle",)]
+    assert "evaluate[synthetic 2/2: baseline, sdrpn, oracle]: 2 of 3 pieces in the store" in caplog.text
+    assert stage.evaluate_piece(*args, shard.pieces[0]) == refs[0]
+    world.store.rm("eval-piece", refs[1].fingerprint, recursive=True)
+    again = stage.evaluate_piece(*args, shard.pieces[1])  # a missing piece: answered with the RPN
+    assert (again.method, again.fingerprint) == ("sdrpn", refs[1].fingerprint) and prepared[2:] == [("sdrpn",)]
+    assert _predictions(world.store, again.fingerprint)[0]["roi_grid"] is not None
+
+
+def test_an_unreadable_images_error_row_goes_to_every_piece(world, tmp_path):
+    data = build_manifest(DatasetSpec(kind="synthetic", n=2, seed=6, canvas=96), world.store)
+    rows = read_manifest(data, world.store)
+    with open(rows[0]["image"], "wb") as f:  # the image breaks after the manifest was made
+        f.write(b"not an image")
+    params = replace(PARAMS, methods=("baseline", "oracle"))
+    pieces = plan_pieces(world.store, world.model, None, data, params)
+    refs = stage.answer_pieces(world.store, world.model, None, data, params, pieces)
+    for ref in refs:
+        got = [(r["sample_id"], r["method"], bool(r["error"])) for r in _predictions(world.store, ref.fingerprint)]
+        assert got == [(rows[0]["sample_id"], "-", True), (rows[1]["sample_id"], ref.method, False)]
 
 
 def test_a_piece_whose_marker_lacks_a_row_count_is_answered_again(world, caplog):
@@ -198,9 +232,11 @@ def test_rows_keep_the_answer_its_roi_and_map_and_an_empty_answer_keeps_the_erro
     assert (no_map["roi"], no_map["roi_map"], no_map["roi_grid"]) == ("[]", None, None)
 
 
-def test_the_protocol_says_what_the_answers_were_made_with(world):
+def test_the_protocol_says_what_the_answers_were_made_with(world, monkeypatch):
     params = replace(PARAMS, mode="box", reuse_kv=False, batch_size=2, vicrop_layer=3)
     run = prepare_run(world.store, world.model, world.rpn, world.data, params)
+    adapter, bench = run.settings.adapter, run.bench
+    monkeypatch.setattr(adapter.model.generation_config, "repetition_penalty", 1.05)
     p = stage._protocol(run, world.model, world.rpn, world.data, params)
     assert (p["benchmark"], p["dataset"], p["rows"]) == ("synthetic", world.data.fingerprint, 4)
     assert p["rpn"] == world.rpn.fingerprint and p["vicrop_layer"] == 3
@@ -210,8 +246,17 @@ def test_the_protocol_says_what_the_answers_were_made_with(world):
     assert (
         p["params"] == asdict(params) and p["image_token_budget"] == run.tokens and p["ocr_tokens_in_prompt"] is False
     )
-    adapter = run.settings.adapter
     assert p["inputs"] == adapter.describe() and p["prompt_template"] == adapter.prompt_template
+    assert (p["repetition_penalty"], p["pads_to_square"], p["libraries"]) == (1.05, True, library_versions())
+    assert (p["dtype"], p["device"]) == (world.model.dtype, world.model.device) == ("float32", "cpu")
+    assert p["attn_implementation"] == adapter.model.config.text_config._attn_implementation
+    assert (p["rejected"], p["warnings"]) == (world.data.rejected, list(world.data.warnings))
+    assert (p["metric"], p["post_prompt"], p["answer_format"]) == (
+        bench.metric_name,
+        bench.post_prompt,
+        bench.answer_format,
+    )
+    assert p["differences_from_harness"] == bench.notes
     assert stage._protocol(run, world.model, None, world.data, params)["rpn"] is None
 
 
