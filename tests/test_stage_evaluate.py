@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from dataclasses import asdict, replace
 from types import SimpleNamespace
 
@@ -226,7 +227,7 @@ def test_rows_keep_the_answer_its_roi_and_map_and_an_empty_answer_keeps_the_erro
     roi = SimpleNamespace(plan=plan, pixel_boxes=[(1, 2, 3, 4)])
     row = stage._row(sample, "sdrpn", SimpleNamespace(text="42", roi=roi), 0.5)
     assert (row["prediction"], row["seconds"], row["roi"], row["error"]) == ("42", 0.5, "[[1, 2, 3, 4]]", "")
-    assert row["roi_grid"] == [2, 3] and row["roi_map"] == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    assert row["roi_grid"] == [2, 3] and row["roi_map"] == np.float32([0, 0.1, 0.2, 0.3, 0.4, 0.5]).tolist()  # float32
     blank = SimpleNamespace(plan=SimpleNamespace(prob=None), pixel_boxes=[])
     no_map = stage._row(sample, "sdrpn", SimpleNamespace(text="", roi=blank), 1.0)
     assert (no_map["roi"], no_map["roi_map"], no_map["roi_grid"]) == ("[]", None, None)
@@ -272,3 +273,54 @@ def test_images_are_read_ahead_on_an_accelerator_only():
     assert stage._reads_ahead(SimpleNamespace(device=torch.device("cpu"))) is False
     assert stage._reads_ahead(SimpleNamespace(device=torch.device("cuda"))) is True
     assert json.loads(json.dumps(stage.SHARED_PARAMS)) == ["max_new_tokens", "inputs", "protocol", "batch_size"]
+
+
+def test_a_pieces_key_is_exactly_its_inputs_settings_prompts_and_code(world):
+    """The key's layout is a promise to every store: changing it re-answers every user's evaluations. Restated
+    here, so that a change to it is a decision, not an accident."""
+    from sdrpn_core.benchmarks import get_benchmark
+    from sdrpn_core.methods import get_method
+    from stages.code import function_fingerprint
+    from storage.fingerprint import hash_obj, stage_fingerprint
+
+    bench, rows = get_benchmark("synthetic"), read_manifest(world.data, world.store)
+    pieces = plan_pieces(world.store, world.model, world.rpn, world.data, PARAMS, shards=2)
+    assert [p.n_shards for p in plan_pieces(world.store, world.model, None, world.data, PARAMS)] == [1, 1]  # default
+    for piece in pieces:
+        method = get_method(piece.method)
+        used = {k: getattr(PARAMS, k) for k in (*stage.SHARED_PARAMS, *method.depends_on)}
+        used |= {"options": method.options_of(PARAMS), "answer": function_fingerprint(method.answer)}
+        used["benchmark"] = {"max_new_tokens": bench.max_new_tokens}
+        if method.needs_rpn:
+            used["benchmark"]["thresholds"] = bench.thresholds
+        prompts = hash_obj([bench.prompt(sample_of(r)) for r in shard_of(rows, piece.shard, 2)])
+        rpn = world.rpn.fingerprint if method.needs_rpn else ""
+        inputs = {"model": world.model.fingerprint, "dataset": world.data.fingerprint, "rpn": rpn}
+        where = {"method": piece.method, "shard": piece.shard, "of": 2, "prompts": prompts, **used}
+        assert piece.fingerprint == stage_fingerprint("eval-piece", inputs, where, code=stage.PIECES.code_version())
+
+
+def test_answering_logs_each_methods_running_score_times_each_row_and_reads_inline_on_the_cpu(
+    world, caplog, monkeypatch
+):
+    rows = read_manifest(world.data, world.store)[:2]
+    run = prepare_run(world.store, world.model, None, world.data, replace(PARAMS, methods=("baseline",)))
+    first = stage._answer_all(run, rows, "t", None)  # batch 1 by default: each row timed alone
+    assert first[0]["seconds"] != first[1]["seconds"]
+    right = [{**r, "answers": [a["prediction"]]} for r, a in zip(rows, first, strict=True)]  # every answer right
+    backgrounds = []
+    real = stage.read_ahead
+    monkeypatch.setattr(stage, "read_ahead", lambda *a, **k: backgrounds.append(k["background"]) or real(*a, **k))
+    caplog.set_level("INFO", logger=stage.log.name)
+    t0 = time.perf_counter()
+    out = stage._answer_all(run, right, "answering", None, batch_size=2)
+    elapsed = time.perf_counter() - t0
+    assert "answering: 2/2" in caplog.text and " baseline=100.0" in caplog.text and backgrounds == [False]
+    assert 0 < sum(r["seconds"] for r in out) <= elapsed  # each row its share of its batch, no more
+
+
+def test_a_method_with_nothing_to_answer_does_not_stop_the_others(world):
+    rows = [{**r, "box": None} for r in read_manifest(world.data, world.store)[:2]]  # the oracle needs a box
+    run = prepare_run(world.store, world.model, None, world.data, replace(PARAMS, methods=("oracle", "baseline")))
+    out = stage._answer_all(run, rows, "t", None)
+    assert [r["method"] for r in out] == ["baseline", "baseline"]
