@@ -372,3 +372,13 @@ def test_bf16_logits_are_penalised_and_compared_in_fp32_as_generate_does(nano, m
     packed = Packed(torch.zeros(1, 4, 8), torch.arange(4)[None], torch.ones(1, 4, dtype=torch.long))
     (tokens,) = greedy(adapter, None, logits.clone(), packed, 1, [prompt])
     assert reference == b and tokens == [b]
+
+
+def test_the_best_window_never_leaves_the_map_whatever_the_scores():
+    """Totals from a cumulative sum: a window of negative scores next to the edge must not lose to a window that
+    hangs over it."""
+    from sdrpn_core.infer import best_window
+
+    rows = np.array([[0.0, 0.0], [-10.0, -10.0], [5.0, 5.0]])
+    assert best_window(rows, 2) == (0, 1, 2, 3)
+    assert best_window(rows.T.copy(), 2) == (1, 0, 3, 2)

@@ -226,3 +226,12 @@ def test_second_round_of_survivors():
     assert normalize_vqa_answer("x,y") == "xy" and normalize_vqa_answer("x?y") == "xy"
     assert hrbench_letter("Failed to obtain answer via API. A", {"A": "cat", "B": "dog"}) is None
     assert hrbench_letter("A", {"A": "cat", "B": "dog"}) == "A"
+
+
+def test_newlines_and_tabs_are_spaces_when_punctuation_is_judged():
+    """EvalAI replaces them before deciding whether punctuation sits next to a space (then it is deleted)."""
+    from sdrpn_core.metrics import normalize_vqa_answer
+
+    assert (
+        normalize_vqa_answer("a-b\n-c") == normalize_vqa_answer("a-b\t-c") == normalize_vqa_answer("a-b -c") == "ab c"
+    )

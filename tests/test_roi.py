@@ -349,3 +349,12 @@ def test_small_vertical_lines_grow_by_their_own_height_and_the_default_area_cap_
         big = np.zeros((20, 20), dtype=bool)
         big.flat[np.arange(20 * 20)[:cells]] = True  # a solid block of `cells` cells (rows of 20)
         assert bool(component_boxes(big)) == kept, cells
+
+
+def test_the_qwen_sink_strips_are_zero_not_undefined_on_a_large_map():
+    """On maps over 768 cells the strips are zeroed: the blurred map stays finite next to them."""
+    from sdrpn_core.roi import plan_roi_union
+
+    plan = plan_roi_union(np.full((32, 32), 3.0), (32, 32), threshold=0.5)
+    assert np.all(np.isfinite(plan.prob)) and plan.prob[0, 1] < plan.prob[16, 16]
+    assert plan.region[1, 4] and plan.boxes == ((0, 0, 32, 32),)  # next to a strip: dimmed, still in the union

@@ -215,3 +215,13 @@ def test_quarantined_by_key_and_despite_a_corrupt_shard(local):
     corrupt(local, ds, first.shard)
     fresh = dataset(local)
     assert fresh.quarantined().column("id").to_pylist() == ["y", "z"]
+
+
+def test_a_commit_retired_between_listing_and_reading_is_skipped_not_the_rest(local, monkeypatch):
+    """Another process may retire a record after this one listed them: it is passed over, the later ones read."""
+    ds = dataset(local)
+    ds.write(rows(["a"]))
+    ds.write(rows(["b"]))
+    real = local.ls
+    monkeypatch.setattr(local, "ls", lambda *parts: ["0-retired-meanwhile.json", *real(*parts)])
+    assert sorted(i for c in ds.iter_commits() for i in c.ids) == ["a", "b"]

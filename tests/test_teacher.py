@@ -108,7 +108,7 @@ def test_preset_outside_the_model_fails_at_start_naming_index_and_size(tiny_vlm,
         extract_teacher_maps(tiny_vlm, samples_for(images), bad_head)
 
 
-def test_bad_samples_are_recorded_and_skipped(tiny_vlm, tiny_preset, tmp_path, images):
+def test_bad_samples_are_recorded_and_skipped(tiny_vlm, tiny_preset, tmp_path, images, caplog):
     good = tmp_path / "good.png"
     images[0].save(good)
     truncated = tmp_path / "truncated.png"
@@ -123,8 +123,10 @@ def test_bad_samples_are_recorded_and_skipped(tiny_vlm, tiny_preset, tmp_path, i
         Sample("empty-q", str(good), "   "),
         Sample("ok2", images[1], "and this ?"),
     ]
+    caplog.set_level("INFO", logger=teacher_mod.log.name)
     out = extract_teacher_maps(tiny_vlm, samples, tiny_preset, batch_size=4, max_new_tokens=3)
     assert [r.sample_id for r in out.records] == ["ok1", "ok2"]
+    assert "teacher: 6/6 (" in caplog.text and " rejected=4" in caplog.text  # the progress line counts them
     reasons = {r.sample_id: r.reason for r in out.rejected}
     assert set(reasons) == {"missing", "truncated", "text", "empty-q"}
     assert "not found" in reasons["missing"] and "nope.jpg" in reasons["missing"]
@@ -487,3 +489,10 @@ def test_reference_is_greedy_restores_an_eager_model_and_handles_an_empty_sink_s
         tiny_vlm.model.set_attn_implementation({"text_config": previous})
     assert torch.equal(gen, gen2) and torch.allclose(g, greedy_g, atol=1e-6)
     np.testing.assert_allclose(out.records[0].grounding, greedy_g[0].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_capture_function_outside_a_capture_only_runs_the_models_kernel():
+    """Installed for the whole process: a thread that is not capturing passes straight through."""
+    assert not teacher_mod._ACTIVE.stack
+    ran = teacher_mod.capture_attention(lambda *a, **k: ("kernel", a[1:], k), object(), "q", "k", "v", None, scaling=1)
+    assert ran == ("kernel", ("q", "k", "v", None), {"scaling": 1})
