@@ -111,13 +111,13 @@ def test_save_load_round_trip(tiny_vlm, rpn, batch, tmp_path):
 def test_load_refuses_another_grid_family_and_fingerprint(tiny_llava, tiny_qwen, tmp_path):
     other_model, other_proc = build_tiny_llava(TinyLlavaSpec(image_size=48))
     other = LlavaAdapter(other_model, other_proc)
-    RoIPredictor.from_adapter(other, K=1, T=2, base_model_fingerprint="abc123").save(tmp_path / "o")
+    RoIPredictor.from_adapter(other, K=1, T=2, base_model_fingerprint="0123456789abcdef").save(tmp_path / "o")
     with pytest.raises(AdapterError, match="grid"):
         RoIPredictor.load(tmp_path / "o", tiny_llava)
     with pytest.raises(AdapterError, match="qwen2_5_vl"):
         RoIPredictor.load(tmp_path / "o", tiny_qwen)
-    with pytest.raises(AdapterError, match="base model abc123"):
-        RoIPredictor.load(tmp_path / "o", other, check_fingerprint="fff000")
+    with pytest.raises(AdapterError, match=r"base model 0123456789ab, not on this one \(fedcba987654\)$"):
+        RoIPredictor.load(tmp_path / "o", other, check_fingerprint="fedcba9876543210")
     with pytest.raises(FileNotFoundError, match=r"rpn_config\.json"):
         RoIPredictor.load(tmp_path, tiny_llava)
 
@@ -209,8 +209,10 @@ def test_released_checkpoints_load_and_predict_as_the_authors_forward(tiny_vlm, 
     with pytest.raises(AdapterError, match="says twig_T=3, not 2"):
         RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm, K=1, T=2)
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(AdapterError, match="does not match K=1, T=2"):
+    with pytest.raises(AdapterError, match="does not match K=1, T=2") as mismatch:
         RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm, K=1, T=2)
+    unexpected = str(mismatch.value).rsplit("unexpected ", 1)[1]
+    assert unexpected.count("twig_layers.2.") == 4  # the first four of the third layer's keys, no more
     with pytest.raises(AdapterError, match="twig_K is not in"):
         RoIPredictor.from_authors_checkpoint(tmp_path, tiny_vlm)
     (tmp_path / "config.json").unlink()  # no config at all: K and T must be given
