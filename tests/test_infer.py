@@ -382,3 +382,10 @@ def test_the_best_window_never_leaves_the_map_whatever_the_scores():
     rows = np.array([[0.0, 0.0], [-10.0, -10.0], [5.0, 5.0]])
     assert best_window(rows, 2) == (0, 1, 2, 3)
     assert best_window(rows.T.copy(), 2) == (1, 0, 3, 2)
+
+
+def test_vicrop_refuses_images_and_questions_that_do_not_pair(tiny_llava):
+    from sdrpn_core.infer import answer_vicrop_batch
+
+    with pytest.raises(ValueError, match="zip"):
+        answer_vicrop_batch(tiny_llava, [random_image(0), random_image(1)], ["q ?"], layer=1, max_new_tokens=1)

@@ -324,3 +324,13 @@ def test_a_method_with_nothing_to_answer_does_not_stop_the_others(world):
     run = prepare_run(world.store, world.model, None, world.data, replace(PARAMS, methods=("oracle", "baseline")))
     out = stage._answer_all(run, rows, "t", None)
     assert [r["method"] for r in out] == ["baseline", "baseline"]
+
+
+def test_a_method_that_loses_an_answer_is_an_error_not_a_shorter_piece(world, monkeypatch):
+    """A plugin method must give one answer per image: fewer would silently drop rows from the scores."""
+    from sdrpn_core.methods import METHODS, EvalMethod
+
+    monkeypatch.setitem(METHODS, "short", EvalMethod("short", lambda settings, images, *_: [], "+short"))
+    run = prepare_run(world.store, world.model, None, world.data, replace(PARAMS, methods=("short",)))
+    with pytest.raises(ValueError, match="zip"):
+        stage._answer_all(run, read_manifest(world.data, world.store)[:2], "t", None)

@@ -32,8 +32,10 @@ def samples_for(images):
     return [Sample(f"s{i}", im, q) for i, (im, q) in enumerate(zip(images, QUESTIONS, strict=False))]
 
 
-def test_maps_equal_output_attentions_reference(tiny_vlm, tiny_preset, images, early_eos):
+def test_maps_equal_output_attentions_reference(tiny_vlm, tiny_preset, images, early_eos, monkeypatch):
     kw = {"eos_token_id": early_eos}
+    # both decode greedily even where the model's own generation config samples
+    monkeypatch.setattr(tiny_vlm.model.generation_config, "do_sample", True)
     out = extract_teacher_maps(
         tiny_vlm, samples_for(images), tiny_preset, batch_size=4, max_new_tokens=MAX_NEW, generation_kwargs=kw
     )
