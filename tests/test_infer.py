@@ -389,3 +389,27 @@ def test_vicrop_refuses_images_and_questions_that_do_not_pair(tiny_llava):
 
     with pytest.raises(ValueError, match="zip"):
         answer_vicrop_batch(tiny_llava, [random_image(0), random_image(1)], ["q ?"], layer=1, max_new_tokens=1)
+
+
+def test_vicrops_map_is_scaled_to_one_whatever_its_range(tiny_llava, monkeypatch):
+    """A relative-attention map below 1 everywhere (the question looked at the image less than the generic
+    prompt did) is still shown on the 0..1 scale."""
+    import sdrpn_core.infer as infer
+
+    monkeypatch.setattr(infer, "vicrop_map", lambda *a: np.full(tiny_llava.grid, 0.25))
+    answer = infer.answer_vicrop_batch(tiny_llava, [random_image(0)], ["q ?"], layer=1, max_new_tokens=1)[0]
+    assert answer.roi.plan.prob.max() == 1.0 and answer.roi.plan.kind == "box"
+
+
+def test_a_roi_in_the_square_padding_crops_nothing_and_says_why(nano):
+    adapter, rpn = nano
+    if not adapter.pads_to_square:
+        pytest.skip("only a padded square has an outside")
+    image = random_image(3, (96, 24))  # a 4:1 strip: the square's top and bottom rows are padding
+    plan = plan_for(adapter, hand_map((0, 2, 1, 5)), 0.5)
+    assert plan.kind != "none", plan.reason
+    for reuse in (True, False):
+        tokens, roi = run_pass2(adapter, run_pass1(adapter, rpn, image, Q, reuse_kv=reuse), plan, max_new_tokens=3)
+        assert (roi.plan.kind, roi.pixel_boxes, roi.n_crop_tokens) == ("none", [], 0)
+        assert roi.plan.reason == "RoI lies in the square padding, outside the image" and roi.plan.prob is plan.prob
+        assert tokens == answer_baseline(adapter, image, Q, max_new_tokens=3).token_ids  # nothing inserted
