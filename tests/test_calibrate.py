@@ -5,6 +5,7 @@ never touches a scored sample, and a stage that re-scores a stored sweep instead
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -228,3 +229,29 @@ def test_scores_a_billionth_apart_tie_and_the_reason_says_so():
         "best score 50.40 of 2 candidates (tied with 1: fewest crop tokens, then larger τ); "
         "1 below the floor 0.5× of the baseline's throughput"
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "good"),
+    [
+        ("thresholds", (0.0,), (0.01, 0.99)),
+        ("thresholds", (1.0,), (0.5,)),
+        ("n", 0, 1),
+        ("fraction", 0.0, 0.01),
+        ("fraction", 1.0, 0.99),
+        ("min_relative_throughput", 0.0, 0.01),
+    ],
+)
+def test_calibration_settings_take_their_open_ranges(field, bad, good):
+    assert getattr(CalibrationParams(**{field: good}), field) == good
+    with pytest.raises(ValueError, match=rf"^eval\.calibration\.{field} = {re.escape(repr(bad))} is out of range$"):
+        CalibrationParams(**{field: bad})
+
+
+def test_an_answer_without_a_roi_inserts_no_crop_tokens():
+    from sdrpn_core.infer import Answer
+
+    c = Candidate(0.5, "box")
+    result = Sweep([c], {c: []}, {c: []}, {c: []})
+    result.add(c, Answer("7", [1]), 0.5)
+    assert (result.texts[c], result.seconds[c], result.crop_tokens[c]) == (["7"], [0.5], [0])

@@ -413,3 +413,11 @@ def test_a_roi_in_the_square_padding_crops_nothing_and_says_why(nano):
         assert (roi.plan.kind, roi.pixel_boxes, roi.n_crop_tokens) == ("none", [], 0)
         assert roi.plan.reason == "RoI lies in the square padding, outside the image" and roi.plan.prob is plan.prob
         assert tokens == answer_baseline(adapter, image, Q, max_new_tokens=3).token_ids  # nothing inserted
+
+
+def test_each_row_of_a_batch_is_charged_an_equal_share_of_its_time(tiny_llava):
+    from sdrpn_core.infer import answers_of
+
+    two = answers_of(tiny_llava, [[5], [6]], {"pass1": 1.0, "pass2": 4.0})
+    assert [a.seconds for a in two] == [{"pass1": 0.5, "pass2": 2.0}] * 2
+    assert answers_of(tiny_llava, [[5]], {"pass2": 4.0})[0].seconds == {"pass2": 4.0}
