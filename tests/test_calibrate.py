@@ -220,11 +220,11 @@ def test_the_curve_scores_each_candidate_and_prices_it_against_the_baseline():
 
 def test_scores_a_billionth_apart_tie_and_the_reason_says_so():
     """Scores equal to nine decimals are a tie (float noise from averaging); the tie goes to fewer crop tokens."""
-    a = CurvePoint(0.1, "box", 50.4 + 4e-10, 1.0, 40.0, 1.0)
-    b = CurvePoint(0.5, "box", 50.4, 1.0, 20.0, 1.0)
+    a = CurvePoint(0.1, "box", 50.4 + 4e-10, 1.0, 20.0, 1.0)
+    b = CurvePoint(0.5, "box", 50.4, 1.0, 40.0, 1.0)
     c = CurvePoint(0.9, "box", 10.0, 0.2, 0.0, 0.0)
-    choice = choose([a, b, c], 0.5)
-    assert choice.point == b and choice.floor == 0.5 and choice.excluded == (c,)
+    choice = choose([b, a, c], 0.5)
+    assert choice.point == a and choice.floor == 0.5 and choice.excluded == (c,)
     assert choice.reason == (
         "best score 50.40 of 2 candidates (tied with 1: fewest crop tokens, then larger τ); "
         "1 below the floor 0.5× of the baseline's throughput"
