@@ -245,7 +245,10 @@ def test_the_protocol_says_what_the_answers_were_made_with(world, monkeypatch):
     assert (p["max_new_tokens"], p["decoding"], p["harness"]) == (2, "greedy", params.protocol)
     assert (p["model"], p["model_path"], p["family"]) == (world.model.fingerprint, world.model.path, "llava")
     assert (
-        p["params"] == asdict(params) and p["image_token_budget"] == run.tokens and p["ocr_tokens_in_prompt"] is False
+        p["params"] == asdict(params)
+        and p["image_token_budget"] == run.tokens
+        and p["ocr_tokens_in_prompt"] is False
+        and p["published_rows"] == run.bench.published_rows
     )
     assert p["inputs"] == adapter.describe() and p["prompt_template"] == adapter.prompt_template
     assert (p["repetition_penalty"], p["pads_to_square"], p["libraries"]) == (1.05, True, library_versions())
@@ -307,7 +310,7 @@ def test_answering_logs_each_methods_running_score_times_each_row_and_reads_inli
     run = prepare_run(world.store, world.model, None, world.data, replace(PARAMS, methods=("baseline",)))
     first = stage._answer_all(run, rows, "t", None)  # batch 1 by default: each row timed alone
     assert first[0]["seconds"] != first[1]["seconds"]
-    right = [{**r, "answers": [a["prediction"]]} for r, a in zip(rows, first, strict=True)]  # every answer right
+    right = [{**rows[0], "answers": [first[0]["prediction"]]}, {**rows[1], "answers": ["not what it says"]}]
     backgrounds = []
     real = stage.read_ahead
     monkeypatch.setattr(stage, "read_ahead", lambda *a, **k: backgrounds.append(k["background"]) or real(*a, **k))
@@ -315,7 +318,7 @@ def test_answering_logs_each_methods_running_score_times_each_row_and_reads_inli
     t0 = time.perf_counter()
     out = stage._answer_all(run, right, "answering", None, batch_size=2)
     elapsed = time.perf_counter() - t0
-    assert "answering: 2/2" in caplog.text and " baseline=100.0" in caplog.text and backgrounds == [False]
+    assert "answering: 2/2" in caplog.text and " baseline=50.0" in caplog.text and backgrounds == [False]
     assert 0 < sum(r["seconds"] for r in out) <= elapsed  # each row its share of its batch, no more
 
 
