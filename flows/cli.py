@@ -217,7 +217,7 @@ def _as_evaluated(adapter: VLMAdapter, inputs: list[list]) -> VLMAdapter:
     """The adapter with the inputs an evaluation gives it: the family's evaluation settings (Qwen: no square
     padding, the short-answer prompt), then the release's. `stages.answering.prepare_run` does the same; it is
     repeated here because a change there would change the evaluation pieces' code version."""
-    overrides = {**adapter.evaluation_inputs, **{str(k): v for k, v in inputs}}
+    overrides = {**adapter.evaluation_inputs, **dict(inputs)}
     return adapter.with_inputs(**overrides) if overrides else adapter
 
 
